@@ -1,0 +1,214 @@
+"""
+The run's config: one frozen dataclass for every script, and one loader.
+
+A config file is a plain Python file of assignments (see configs/). Every script
+takes `CONFIG [--key=value ...]`:
+
+    python train.py configs/tiny.py --lr=1e-3 --n_layer=6
+
+The file runs in a namespace of its own (never in our globals). Every key, from
+the file or the command line, must name a field of Config or of model.ModelConfig
+(those override the preset named by `model`); an unknown key is an error that names
+the closest valid one. Types are checked: an int widens to a float, nothing else is
+converted. The result is frozen, prints as `key = value` lines, and round-trips
+through JSON so that it is saved with every run.
+"""
+
+import ast
+import difflib
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, fields, replace
+
+from model import PRESETS, ModelConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Config:
+    # model: a preset name of model.PRESETS; any ModelConfig field given as a key overrides it
+    model: ModelConfig = PRESETS["tiny"]
+    # data
+    data_dir: str = "data/tiny"  # where data.py writes the tokenizer, manifest and chunks
+    seq_len: int = 256  # tokens per training sequence (chunks store seq_len + 1)
+    n_chunks: int = 8  # the training data is split into this many chunks, one checkpoint each
+    seed: int = 1337  # data shuffle, chunk order inside a chunk, and init
+    # run
+    out_dir: str = "runs/tiny"
+    # batch: sequences per optimizer step over all ranks, and per forward pass on one rank;
+    # gradient accumulation = global_batch_size / (micro_batch_size * world size)
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    # optimizer: AdamW
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 20
+    lr_schedule: str = "cosine"  # "cosine" | "linear" decay to min_lr after warmup
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # on the global gradient norm; 0 disables
+    # system
+    dtype: str = "auto"  # "auto" (bf16 autocast on GPUs that have it, else float32) | "float32" | "bfloat16"
+    parallel: str = "ddp"  # "ddp" | "fsdp" when launched with torchrun
+    compile: bool = False  # torch.compile the model (GPU runs)
+
+    def __post_init__(self):
+        choices = {"lr_schedule": ("cosine", "linear"), "dtype": ("auto", "float32", "bfloat16"),
+                   "parallel": ("ddp", "fsdp")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r}: must be one of {', '.join(map(repr, allowed))}")
+        if self.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"seq_len={self.seq_len} is longer than the model's max_seq_len="
+                              f"{self.model.max_seq_len}; raise max_seq_len or lower seq_len")
+
+
+RUN_KEYS = {f.name: f for f in fields(Config) if f.name != "model"}
+MODEL_KEYS = {f.name: f for f in fields(ModelConfig)}
+assert not set(RUN_KEYS) & set(MODEL_KEYS), "Config and ModelConfig must not share a key name"
+
+
+# -----------------------------------------------------------------------------
+# type checking
+
+
+def _type_name(t):
+    return getattr(t, "__name__", None) or str(t).replace("typing.", "")
+
+
+def _check(key, value, annotation):
+    """Return value if it fits annotation (an int widens to a float), else raise ConfigError."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check(key, value, arg)
+            except ConfigError:
+                pass
+    elif annotation is type(None):
+        if value is None:
+            return value
+    elif origin is tuple:
+        if isinstance(value, (tuple, list)):
+            elem = args[0] if args else typing.Any
+            return tuple(_check(key, v, elem) for v in value)
+    elif annotation is typing.Any:
+        return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+        return value
+    hint = " (write True or False)" if annotation is bool else ""
+    raise ConfigError(f"{key}: expected {_type_name(annotation)}, got {type(value).__name__} {value!r}{hint}")
+
+
+def _unknown(key, where):
+    valid = ["model", *RUN_KEYS, *MODEL_KEYS]
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else "; see config.py and model.ModelConfig for valid keys"
+    return ConfigError(f"unknown config key {key!r} {where}{hint}")
+
+
+# -----------------------------------------------------------------------------
+# building a Config
+
+
+def config_from_dict(values, where="", base=None):
+    """A Config from {key: value}: keys checked and typed, model keys override the preset."""
+    base = base or Config()
+    run, model = {}, {}
+    preset = values.get("model")
+    if preset is not None:
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise ConfigError(f"model={preset!r} {where}: must be one of {', '.join(map(repr, PRESETS))}")
+    for key, value in values.items():
+        if key == "model":
+            continue
+        if key in RUN_KEYS:
+            run[key] = _check(key, value, RUN_KEYS[key].type)
+        elif key in MODEL_KEYS:
+            model[key] = _check(key, value, MODEL_KEYS[key].type)
+        else:
+            raise _unknown(key, where)
+    try:
+        model_cfg = replace(PRESETS[preset] if preset else base.model, **model)
+    except ValueError as e:
+        raise ConfigError(f"{e} {where}") from None
+    return replace(base, model=model_cfg, **run)
+
+
+def parse_overrides(args):
+    """['--lr=1e-3', '--out_dir=runs/x'] -> {'lr': 0.001, 'out_dir': 'runs/x'}."""
+    out = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"bad argument {arg!r}: overrides are written --key=value")
+        key, raw = arg[2:].split("=", 1)
+        annotation = RUN_KEYS[key].type if key in RUN_KEYS else MODEL_KEYS[key].type if key in MODEL_KEYS else None
+        if annotation is str or key == "model":
+            out[key] = raw  # paths and names need no quotes
+            continue
+        try:
+            out[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            out[key] = raw  # left as text; the type check says what was expected
+    return out
+
+
+def read_config_file(path):
+    """The assignments of a config file, run in a namespace of its own."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    namespace = {"__file__": path, "__name__": "__config__"}
+    exec(compile(source, path, "exec"), namespace)
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+
+
+def load_config(argv):
+    """argv = [CONFIG, --key=value, ...] -> a frozen Config."""
+    if not argv or argv[0].startswith("--"):
+        raise ConfigError("usage: SCRIPT CONFIG [--key=value ...], e.g. configs/tiny.py")
+    path, overrides = argv[0], argv[1:]
+    cfg = config_from_dict(read_config_file(path), where=f"in {path}")
+    return config_from_dict(parse_overrides(overrides), where="on the command line", base=cfg)
+
+
+# -----------------------------------------------------------------------------
+# printing and saving
+
+
+def config_to_dict(cfg):
+    """Flat {key: value}, every model field spelled out, so that config_from_dict reloads it."""
+    out = {k: getattr(cfg, k) for k in RUN_KEYS}
+    out.update(asdict(cfg.model))
+    return out
+
+
+def format_config(cfg):
+    return "\n".join(f"{k} = {v!r}" for k, v in config_to_dict(cfg).items())
+
+
+def save_config(cfg, path):
+    """Write the config as JSON, atomically (a crash never leaves half a file)."""
+    import os
+
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(config_to_dict(cfg), f, indent=2)
+    os.replace(tmp, path)
+
+
+def load_saved_config(path):
+    with open(path) as f:
+        values = json.load(f)
+    return config_from_dict(values, where=f"in {path}")

@@ -1,0 +1,294 @@
+"""model.py against the Hugging Face reference implementations, and its own invariants."""
+
+import math
+import os
+
+import pytest
+import torch
+
+from model import PRESETS, ModelConfig, Transformer, load_hf, save_hf
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(vocab_size=128, dim=64, n_layer=2, n_head=4, intermediate_size=96, max_seq_len=64)
+# LayerNorm + biases + 25% partial rotary: CrystalCoder without muP, the StableLM layout
+STABLELM = dict(SMALL, norm="layernorm", norm_eps=1e-5, norm_bias=True, qkv_bias=True, rotary_pct=0.25)
+# CrystalCoder's full architecture at a tiny width: muP on, biases everywhere, tied
+CRYSTAL = dict(STABLELM, proj_bias=True, tie_embeddings=True, init_std=0.073, mup=True,
+               mup_width_scale=0.25, mup_embeddings_scale=14.6, mup_output_alpha=2.22)
+
+
+def build(seed=0, **kw):
+    model = Transformer(ModelConfig(**kw))
+    model.init_weights(seed)
+    return model.eval()
+
+
+def perturb_(model, seed=0, std=0.05):
+    """Random values in every parameter (biases and norms too), so every path is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def assert_close(a, b, tol=1e-5):
+    diff = (a - b).abs()
+    assert diff.max().item() <= tol, f"max abs diff {diff.max().item():.3g}, mean {diff.mean().item():.3g}"
+
+
+def idx_batch(vocab, B=3, T=20, seed=1):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_logits(hf_model, idx):
+    with torch.no_grad():
+        return hf_model(input_ids=idx).logits
+
+
+def load_reference(path, cls):
+    return cls.from_pretrained(path, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+# -----------------------------------------------------------------------------
+# equality with Hugging Face, both directions of conversion
+
+
+@pytest.mark.parametrize("n_kv_head,tie", [(None, False), (2, True)], ids=["mha-untied", "gqa-tied"])
+def test_llama_equals_hf_both_directions(tmp_path, n_kv_head, tie):
+    kw = dict(SMALL, n_kv_head=n_kv_head, tie_embeddings=tie)
+    ours = perturb_(build(**kw))
+    idx = idx_batch(kw["vocab_size"])
+
+    # ours -> HF
+    save_hf(ours, tmp_path / "out")
+    ref = load_reference(tmp_path / "out", transformers.LlamaForCausalLM)
+    assert type(ref).__name__ == "LlamaForCausalLM"
+    assert_close(ours(idx)[0], hf_logits(ref, idx))
+
+    # HF (its own random init) -> ours
+    hf_cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=n_kv_head or 4,
+                                      tie_word_embeddings=tie, rms_norm_eps=1e-6)
+    torch.manual_seed(3)
+    ref2 = transformers.LlamaForCausalLM(hf_cfg).eval()
+    ref2.save_pretrained(tmp_path / "hf")
+    back = load_hf(tmp_path / "hf").eval()
+    assert back.config.kv_heads == (n_kv_head or 4) and back.config.tie_embeddings == tie
+    assert_close(back(idx)[0], hf_logits(ref2, idx))
+
+
+def test_stablelm_partial_rotary_equals_hf_both_directions(tmp_path):
+    ours = perturb_(build(**STABLELM))
+    assert ours.config.rot_dim == 4  # 25% of a 16-dim head
+    idx = idx_batch(128)
+    save_hf(ours, tmp_path / "out")
+    ref = load_reference(tmp_path / "out", transformers.StableLmForCausalLM)
+    assert_close(ours(idx)[0], hf_logits(ref, idx))
+
+    hf_cfg = transformers.StableLmConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=4, use_qkv_bias=True,
+                                         partial_rotary_factor=0.25, layer_norm_eps=1e-5)
+    torch.manual_seed(4)
+    ref2 = perturb_(transformers.StableLmForCausalLM(hf_cfg), seed=5).eval()  # nonzero biases and norms
+    ref2.save_pretrained(tmp_path / "hf")
+    back = load_hf(tmp_path / "hf").eval()
+    assert back.config.rotary_pct == 0.25 and back.config.norm == "layernorm"
+    assert_close(back(idx)[0], hf_logits(ref2, idx))
+
+
+def test_mup_forward_equals_stablelm_with_folded_multipliers(tmp_path):
+    """muP's three multipliers, folded into the weights of a plain model, give the same logits:
+    embedding x 14.6, lm_head x (2.22 * width_scale), and q_proj / sqrt(d_head) turns
+    1/sqrt(d) attention scaling into muP's 1/d."""
+    mup = perturb_(build(**dict(CRYSTAL, proj_bias=False, tie_embeddings=False)))
+    cfg = mup.config
+    plain = Transformer(ModelConfig(**dict(STABLELM)))
+    sd = {k: v.clone() for k, v in mup.state_dict().items()}
+    sd["tok_emb.weight"] *= cfg.mup_embeddings_scale
+    sd["lm_head.weight"] *= cfg.mup_output_alpha * cfg.mup_width_scale
+    for k in sd:
+        if ".attn.wq." in k:
+            sd[k] /= math.sqrt(cfg.head_dim)
+    plain.load_state_dict(sd)
+    idx = idx_batch(128)
+    assert_close(mup(idx)[0], plain.eval()(idx)[0], tol=1e-4)
+    # and the multipliers matter: without them the logits differ
+    plain.load_state_dict(mup.state_dict())
+    assert (mup(idx)[0] - plain(idx)[0]).abs().max() > 1e-2
+
+
+def test_crystalcoder_refuses_hf_export(tmp_path):
+    model = build(**CRYSTAL)
+    with pytest.raises(ValueError, match="muP"):
+        save_hf(model, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")  # nothing written
+
+
+# -----------------------------------------------------------------------------
+# shapes and counts
+
+
+def test_amber_7b_on_meta_has_exact_param_count_and_no_memory():
+    with torch.device("meta"):
+        model = Transformer(PRESETS["amber_7b"])
+    assert model.num_params() == 6_738_415_616  # paper / LLaMA-7B
+    assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def test_crystalcoder_param_count_by_hand():
+    V, d, L, ff = 32032, 4096, 32, 10922
+    attn = 4 * d * d + 4 * d  # q, k, v, o with biases
+    mlp = 3 * d * ff + 2 * ff + d  # gate, up, down with biases
+    norms = 2 * 2 * d  # two LayerNorms with gain and bias
+    expected = V * d + L * (attn + mlp + norms) + 2 * d  # tied embedding, final LayerNorm
+    with torch.device("meta"):
+        model = Transformer(PRESETS["crystalcoder_7b"])
+    assert model.num_params() == expected == 6_575_278_720
+
+
+def test_flops_give_the_papers_mfu():
+    """AMBER: 582.4k tokens/s on 224 A100s (312 TFLOP/s bf16) is about 36% MFU (paper)."""
+    with torch.device("meta"):
+        model = Transformer(PRESETS["amber_7b"])
+    mfu = 582.4e3 / 224 * model.flops_per_token(2048) / 312e12
+    assert 0.35 < mfu < 0.37, mfu
+
+
+def test_init_on_meta_equals_init_on_cpu_and_follows_the_std_table():
+    cfg = ModelConfig(**dict(CRYSTAL, n_layer=4))
+    a = Transformer(cfg)
+    a.init_weights(seed=7)
+    with torch.device("meta"):
+        b = Transformer(cfg)
+    b.to_empty(device="cpu")
+    b.init_weights(seed=7)
+    b.lm_head.weight = b.tok_emb.weight  # to_empty keeps the tie; make sure it is so
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    c = Transformer(cfg)
+    c.init_weights(seed=8)
+    assert not torch.equal(a.tok_emb.weight, c.tok_emb.weight)
+    # truncated normal at +-2 std has std 0.8796 of the untruncated one
+    t = 0.8796
+    hidden = cfg.init_std * math.sqrt(cfg.mup_width_scale)
+    for w, std in [(a.tok_emb.weight, cfg.init_std), (a.layers[0].attn.wq.weight, hidden),
+                   (a.layers[0].mlp.w_down.weight, hidden / math.sqrt(2 * cfg.n_layer))]:
+        assert abs(w.std().item() / (std * t) - 1) < 0.1, (w.std().item(), std * t)
+    assert a.layers[0].attn.wq.bias.abs().sum() == 0 and torch.all(a.layers[0].attn_norm.weight == 1)
+
+
+def test_param_groups_mup_multipliers_and_no_decay():
+    model = build(**CRYSTAL)
+    groups = {g["name"]: g for g in model.param_groups(weight_decay=0.1)}
+    ids = [id(p) for g in groups.values() for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())  # each parameter exactly once
+    assert groups["hidden"]["lr_mult"] == 0.25 and groups["hidden"]["weight_decay"] == 0.1
+    assert groups["embedding"]["lr_mult"] == 1.0 and groups["embedding"]["params"] == [model.tok_emb.weight]
+    assert groups["no_decay"]["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith("bias") or "norm" in names[id(p)] for p in groups["no_decay"]["params"])
+    assert all(p.ndim == 2 for p in groups["hidden"]["params"])
+    plain = build(**SMALL)
+    assert all(g["lr_mult"] == 1.0 for g in plain.param_groups(0.1))
+
+
+# -----------------------------------------------------------------------------
+# forward invariants
+
+
+@pytest.mark.parametrize("kw", [SMALL, CRYSTAL], ids=["amber", "crystalcoder"])
+def test_causality(kw):
+    model = perturb_(build(**kw))
+    idx = idx_batch(128, B=2, T=16)
+    t = 9
+    changed = idx.clone()
+    changed[:, t + 1] = (changed[:, t + 1] + 1) % 128
+    a, b = model(idx)[0], model(changed)[0]
+    assert torch.equal(a[:, : t + 1], b[:, : t + 1])
+    assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().max() > 1e-4  # the later positions do see it
+
+
+def test_loss_ignores_minus_one_targets():
+    model = build(**SMALL)
+    idx = idx_batch(128, B=2, T=10)
+    targets = idx_batch(128, B=2, T=10, seed=2)
+    targets[0, 3:] = -1
+    logits, loss = model(idx, targets)
+    logp = torch.log_softmax(logits, -1)
+    keep = targets != -1
+    manual = -logp[keep].gather(-1, targets[keep][:, None]).mean()
+    assert torch.allclose(loss, manual, atol=1e-6)
+
+
+def test_bf16_autocast_stays_close_to_float32():
+    model = perturb_(build(**dict(CRYSTAL, n_layer=1)))
+    idx = idx_batch(128, B=2, T=12)
+    with torch.no_grad():
+        ref = model(idx)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(idx)[0]
+    assert low.dtype == torch.bfloat16
+    rel = (low.float() - ref).abs().max() / ref.abs().max()
+    assert rel < 0.03, f"bf16 relative error {rel:.3g}"
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def sharpened(kw, seed=0):
+    """Random init gives nearly tied logits, where argmax flips on 1e-7 noise; scale the
+    head up so that greedy choices are well separated."""
+    model = perturb_(build(seed=seed, **kw))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    return model
+
+
+def greedy_without_cache(model, idx, n):
+    for _ in range(n):
+        logits, _ = model(idx)
+        idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+    return idx
+
+
+@pytest.mark.parametrize("kw", [dict(SMALL, n_kv_head=2), CRYSTAL], ids=["amber-gqa", "crystalcoder"])
+def test_cached_greedy_equals_uncached(kw):
+    model = sharpened(kw)
+    idx = idx_batch(128, B=4, T=7, seed=9)  # four different prompts
+    out = model.generate(idx, 15)
+    assert out.shape == (4, 22) and torch.equal(out[:, :7], idx)
+    assert torch.equal(out, greedy_without_cache(model, idx, 15))
+    assert torch.equal(model.generate(idx, 15, temperature=0.7, top_k=1), out)  # top-1 sampling is greedy
+    assert len({tuple(r) for r in out[:, 7:].tolist()}) > 1  # the prompts do lead to different text
+
+
+def test_cached_greedy_equals_hf_generate(tmp_path):
+    kw = dict(SMALL, n_kv_head=2)
+    model = sharpened(kw)
+    save_hf(model, tmp_path / "m")
+    ref = load_reference(tmp_path / "m", transformers.LlamaForCausalLM)
+    idx = idx_batch(128, B=4, T=7, seed=9)
+    ours = model.generate(idx, 15)
+    with torch.no_grad():
+        theirs = ref.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=15,
+                              min_new_tokens=15, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, theirs)
+
+
+def test_cache_chunked_prefill_matches_full_forward():
+    """Feeding a prompt through the cache in two chunks (T > 1 after cached keys) gives the
+    logits of one full forward: the explicit mask path."""
+    from model import KVCache
+
+    model = perturb_(build(**CRYSTAL))
+    cfg = model.config
+    idx = idx_batch(128, B=2, T=12)
+    cache = [KVCache(2, cfg.kv_heads, 12, cfg.head_dim) for _ in range(cfg.n_layer)]
+    with torch.no_grad():
+        first, _ = model(idx[:, :5], cache=cache, pos=0)
+        second, _ = model(idx[:, 5:], cache=cache, pos=5)
+        full, _ = model(idx)
+    assert_close(torch.cat((first, second), 1), full, tol=1e-5)
