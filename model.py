@@ -169,18 +169,16 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_head * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wk = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        # query, key and value projections fused in one matmul (rows: q, then k, then v)
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=cfg.proj_bias)
         # muP scales attention logits by 1/d_head instead of 1/sqrt(d_head) (Yang et al. 2022, §4)
         self.scale = 1.0 / cfg.head_dim if cfg.mup else 1.0 / math.sqrt(cfg.head_dim)
 
     def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        qkv = self.wqkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh|nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, pos)  # (B, nkv, pos + T, hs)
@@ -197,16 +195,16 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020): w_down(silu(w_gate x) * w_up x)."""
+    """SwiGLU (Shazeer 2020): w_down(silu(gate x) * up x), gate and up fused in one matmul."""
 
     def __init__(self, cfg):
         super().__init__()
-        self.w_gate = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.proj_bias)
-        self.w_up = nn.Linear(cfg.dim, cfg.intermediate_size, bias=cfg.proj_bias)
+        self.w_gate_up = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=cfg.proj_bias)  # rows: gate, then up
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.proj_bias)
 
     def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)  # (B, T, ff) each
+        return self.w_down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -222,6 +220,52 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache=None, pos=0):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
         return x + self.mlp(self.mlp_norm(x))
+
+
+CE_CHUNK_ELEMENTS = 2**21  # logits per chunk of the loss: 8 MB in float32
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = (x @ weight.T) * scale against targets, where
+    targets of -1 never count, computed in row chunks of CE_CHUNK_ELEMENTS logits.
+
+    The forward pass also computes both gradients, chunk by chunk (d loss / d logits
+    = softmax - onehot, divided by the number of counted targets), so that neither the
+    logits nor their gradient are ever held whole; backward only scales them. Logits,
+    softmax and loss are float32 even under bf16 autocast. x (N, C), weight (V, C),
+    targets (N,). The loss is 0 when no target counts.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, scale):
+        n_counted = (targets != -1).sum().clamp(min=1)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 inputs
+        dx = torch.empty_like(x) if want_grad else None
+        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad else None
+        total = torch.zeros((), dtype=acc, device=x.device)
+        rows = max(1, CE_CHUNK_ELEMENTS // weight.shape[0])
+        for s in range(0, x.shape[0], rows):
+            xs, ts = x[s : s + rows], targets[s : s + rows]
+            counted, safe = ts != -1, ts.clamp(min=0)[:, None]
+            logits = (xs @ weight.t()).to(acc) * scale  # (r, V)
+            lse = torch.logsumexp(logits, dim=-1)  # (r,)
+            total += ((lse - logits.gather(1, safe).squeeze(1)) * counted).sum()
+            if want_grad:
+                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g.scatter_add_(1, safe, -torch.ones_like(safe, dtype=g.dtype))  # - onehot
+                g.mul_(counted[:, None] * (scale / n_counted))
+                g = g.to(x.dtype)  # the matmuls run in x's precision (or autocast's)
+                dx[s : s + rows] = g @ weight
+                dw += g.t() @ xs
+        ctx.save_for_backward(dx, dw)
+        ctx.weight_dtype = weight.dtype
+        return total / n_counted
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dx, dw = ctx.saved_tensors
+        return dx * grad_loss, (dw * grad_loss).to(ctx.weight_dtype), None, None
 
 
 # -----------------------------------------------------------------------------
@@ -245,7 +289,8 @@ class Transformer(nn.Module):
     def forward(self, idx, targets=None, cache=None, pos=0, last_only=False):
         """idx (B, T) token ids -> (logits (B, T, V), loss or None).
 
-        targets (B, T): the mean cross-entropy over positions whose target is not -1.
+        targets (B, T): return (None, the mean cross-entropy over positions whose target
+        is not -1) without materializing the logits; call without targets for logits.
         cache: a list of KVCache, one per layer, holding positions [0, pos).
         last_only: compute the logits of the last position only (generation).
         """
@@ -260,14 +305,16 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:, :]
+        if targets is not None:
+            # training: the loss straight from the hidden states, chunk by chunk, so the
+            # (B, T, V) logits never exist at once (at 7B: 2.6 GB per micro batch and its gradient)
+            loss = LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
+                                            self.logit_mult)
+            return None, loss
         logits = self.lm_head(x)  # (B, T, V)
         if self.logit_mult != 1.0:
             logits = logits * self.logit_mult
-        loss = None
-        if targets is not None:
-            # in float32 even under autocast; targets of -1 (padding, masked) never count
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, None
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None):
@@ -298,7 +345,7 @@ class Transformer(nn.Module):
             tensor                                   std
             tok_emb (and the tied head)              init_std
             lm_head, untied                          init_std
-            wq, wk, wv, w_gate, w_up                 init_std * sqrt(mup_width_scale)   (muP; else init_std)
+            wqkv, w_gate_up                          init_std * sqrt(mup_width_scale)   (muP; else init_std)
             wo, w_down (write into the residual)     the above / sqrt(2 * n_layer)
             biases                                   0
             norm gains / norm biases                 1 / 0
@@ -382,32 +429,39 @@ def sample(logits, temperature=0.0, top_k=None, generator=None):
 # -----------------------------------------------------------------------------
 # Conversion to and from the Hugging Face layouts
 
-# our module names -> Hugging Face's, inside model.layers.{i}
+# our module -> the Hugging Face modules it holds, inside model.layers.{i}; a fused
+# matrix of ours is the row-wise concatenation of theirs, in this order
 _HF_LAYER = {
-    "attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-    "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
-    "attn.wo": "self_attn.o_proj",
-    "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj", "mlp.w_down": "mlp.down_proj",
+    "attn_norm": ["input_layernorm"], "mlp_norm": ["post_attention_layernorm"],
+    "attn.wqkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "attn.wo": ["self_attn.o_proj"],
+    "mlp.w_gate_up": ["mlp.gate_proj", "mlp.up_proj"], "mlp.w_down": ["mlp.down_proj"],
 }
 _HF_TOP = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
 
 
-def to_hf_name(name):
+def _hf_parts(cfg, name):
+    """Our tensor name -> [(HF tensor name, rows)], the HF tensors it concatenates."""
     m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m:
-        return f"model.layers.{m[1]}.{_HF_LAYER[m[2]]}.{m[3]}"
-    module, param = name.rsplit(".", 1)
-    return f"{_HF_TOP[module]}.{param}"
+    if not m:
+        module, param = name.rsplit(".", 1)
+        return [(f"{_HF_TOP[module]}.{param}", None)]
+    layer, module, param = m.groups()
+    rows = {"attn.wqkv": [cfg.n_head * cfg.head_dim] + [cfg.kv_heads * cfg.head_dim] * 2,
+            "mlp.w_gate_up": [cfg.intermediate_size] * 2}.get(module, [None])
+    return [(f"model.layers.{layer}.{hf}.{param}", r) for hf, r in zip(_HF_LAYER[module], rows)]
 
 
-def from_hf_name(name):
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
-    if m:
-        ours = {v: k for k, v in _HF_LAYER.items()}.get(m[2])
-        return ours and f"layers.{m[1]}.{ours}.{m[3]}"
-    module, param = name.rsplit(".", 1)
-    ours = {v: k for k, v in _HF_TOP.items()}.get(module)
-    return ours and f"{ours}.{param}"
+def to_hf_state_dict(model):
+    """Our weights under Hugging Face names, fused matrices split, float32 on the CPU."""
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue  # HF re-ties it from embed_tokens
+        parts = _hf_parts(model.config, name)
+        pieces = t.split([r for _, r in parts]) if len(parts) > 1 else [t]
+        for (hf_name, _), piece in zip(parts, pieces):
+            out[hf_name] = piece.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    return out
 
 
 def hf_config(cfg: ModelConfig, bos_token_id=None, eos_token_id=None):
@@ -495,11 +549,7 @@ def save_hf(model, out_dir, max_shard_bytes=5 * 2**30, bos_token_id=None, eos_to
     from safetensors.torch import save_file
 
     config = hf_config(model.config, bos_token_id, eos_token_id)  # refuses before anything is written
-    tensors = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_embeddings:
-            continue  # HF re-ties it from embed_tokens
-        tensors[to_hf_name(name)] = t.detach().to(torch.float32).contiguous().cpu()
+    tensors = to_hf_state_dict(model)
     shards, size = [{}], 0
     for name, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -566,22 +616,22 @@ def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
         cfg = model_config_from_hf(json.load(f))
     with torch.device("meta"):
         model = Transformer(cfg)
+    theirs = {name: t for name, t in _read_hf_tensors(hf_dir) if not name.endswith("rotary_emb.inv_freq")}
     state = {}
-    for name, t in _read_hf_tensors(hf_dir):
-        ours = from_hf_name(name)
-        if ours is None:
-            if name.endswith("rotary_emb.inv_freq"):
-                continue  # older HF checkpoints store the rotary table; we compute it
-            raise ValueError(f"{hf_dir}: unexpected tensor {name!r} for a {cfg.norm} model")
-        state[ours] = t.to(device=device, dtype=dtype)
+    for name in model.state_dict():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        parts = _hf_parts(cfg, name)
+        missing = [hf for hf, _ in parts if hf not in theirs]
+        if missing:
+            raise ValueError(f"{hf_dir}: tensor {missing[0]!r} is missing for a model of this config.json")
+        state[name] = torch.cat([theirs.pop(hf) for hf, _ in parts]).to(device=device, dtype=dtype)
     if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
+        theirs.pop("lm_head.weight", None)  # some tied checkpoints store the head anyway
+    if theirs:
+        raise ValueError(f"{hf_dir}: unexpected tensors {sorted(theirs)[:5]} for a model of this config.json")
+    if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
-    expected = set(model.state_dict())
-    missing, extra = expected - set(state), set(state) - expected
-    if missing or extra:
-        raise ValueError(f"{hf_dir}: tensors do not match the config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(extra)[:5]}")
     model.load_state_dict(state, assign=True, strict=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight  # assign=True replaced the shared Parameter

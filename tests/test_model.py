@@ -108,9 +108,10 @@ def test_mup_forward_equals_stablelm_with_folded_multipliers(tmp_path):
     sd = {k: v.clone() for k, v in mup.state_dict().items()}
     sd["tok_emb.weight"] *= cfg.mup_embeddings_scale
     sd["lm_head.weight"] *= cfg.mup_output_alpha * cfg.mup_width_scale
+    q_rows = cfg.n_head * cfg.head_dim  # wqkv holds q, then k, then v
     for k in sd:
-        if ".attn.wq." in k:
-            sd[k] /= math.sqrt(cfg.head_dim)
+        if ".attn.wqkv." in k:
+            sd[k][:q_rows] /= math.sqrt(cfg.head_dim)
     plain.load_state_dict(sd)
     idx = idx_batch(128)
     assert_close(mup(idx)[0], plain.eval()(idx)[0], tol=1e-4)
@@ -173,10 +174,10 @@ def test_init_on_meta_equals_init_on_cpu_and_follows_the_std_table():
     # truncated normal at +-2 std has std 0.8796 of the untruncated one
     t = 0.8796
     hidden = cfg.init_std * math.sqrt(cfg.mup_width_scale)
-    for w, std in [(a.tok_emb.weight, cfg.init_std), (a.layers[0].attn.wq.weight, hidden),
+    for w, std in [(a.tok_emb.weight, cfg.init_std), (a.layers[0].attn.wqkv.weight, hidden),
                    (a.layers[0].mlp.w_down.weight, hidden / math.sqrt(2 * cfg.n_layer))]:
         assert abs(w.std().item() / (std * t) - 1) < 0.1, (w.std().item(), std * t)
-    assert a.layers[0].attn.wq.bias.abs().sum() == 0 and torch.all(a.layers[0].attn_norm.weight == 1)
+    assert a.layers[0].attn.wqkv.bias.abs().sum() == 0 and torch.all(a.layers[0].attn_norm.weight == 1)
 
 
 def test_param_groups_mup_multipliers_and_no_decay():
@@ -210,16 +211,39 @@ def test_causality(kw):
     assert (a[:, t + 1 :] - b[:, t + 1 :]).abs().max() > 1e-4  # the later positions do see it
 
 
-def test_loss_ignores_minus_one_targets():
-    model = build(**SMALL)
-    idx = idx_batch(128, B=2, T=10)
-    targets = idx_batch(128, B=2, T=10, seed=2)
+@pytest.mark.parametrize("chunk", [2**21, 300], ids=["one-chunk", "uneven-chunks"])
+def test_chunked_loss_and_grads_equal_plain_cross_entropy(monkeypatch, chunk):
+    """The fused, chunked loss gives the loss and every gradient of F.cross_entropy on the
+    full logits (muP logit multiplier and tied head included); -1 targets never count."""
+    import model as model_module
+
+    monkeypatch.setattr(model_module, "CE_CHUNK_ELEMENTS", chunk)  # 300 // 128 = 2 rows a chunk
+    model = perturb_(build(**CRYSTAL))
+    idx = idx_batch(128, B=2, T=11)
+    targets = idx_batch(128, B=2, T=11, seed=2)
     targets[0, 3:] = -1
-    logits, loss = model(idx, targets)
-    logp = torch.log_softmax(logits, -1)
-    keep = targets != -1
-    manual = -logp[keep].gather(-1, targets[keep][:, None]).mean()
-    assert torch.allclose(loss, manual, atol=1e-6)
+    _, loss = model(idx, targets)
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits, _ = model(idx)
+    ref = torch.nn.functional.cross_entropy(logits.view(-1, 128), targets.view(-1), ignore_index=-1)
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-6), (loss.item(), ref.item())
+    for n, p in model.named_parameters():
+        assert_close(ours[n], p.grad, tol=1e-6)
+    targets[:] = -1
+    assert model(idx, targets)[1].item() == 0.0  # nothing counts: zero, not NaN
+
+
+def test_linear_cross_entropy_gradcheck():
+    from model import LinearCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    t = torch.tensor([1, -1, 3, 10, 0, -1, 4])
+    assert torch.autograd.gradcheck(lambda x, w: LinearCrossEntropy.apply(x, w, t, 0.7), (x, w))
 
 
 def test_bf16_autocast_stays_close_to_float32():

@@ -1,0 +1,144 @@
+"""
+Benchmark of model.py against transformers on this machine, in float32.
+
+    python bench.py [CONFIG] [--key=value ...]     # default configs/tiny.py
+
+Times, in one run and on the same weights and batch:
+  1. one training step (forward + backward + AdamW) of our model and of
+     transformers.LlamaForCausalLM, as tokens/s, their ratio, and the share of this
+     machine's measured float32 matmul rate that our step reaches (MFU here);
+  2. greedy generation of NEW_TOKENS tokens for GEN_BATCH prompts of PROMPT_LEN
+     tokens: ours with its KV cache against transformers `generate` with and without
+     its cache.
+Rounds alternate between the contenders, and medians are reported, because this
+machine is shared and noisy: read the ratios, not the absolute times.
+Needs requirements-dev.txt (transformers).
+"""
+
+import statistics
+import sys
+import time
+
+import torch
+
+from config import ConfigError, load_config
+from model import Transformer, hf_config, to_hf_state_dict
+
+BATCH = 8  # sequences per training step (of the config's seq_len)
+ROUNDS = 5  # alternating timing rounds
+STEPS = 3  # training steps per round and contender
+GEN_BATCH, PROMPT_LEN, NEW_TOKENS = 32, 32, 32
+
+
+def matmul_rate(n=1024, reps=10):
+    """float32 FLOP/s of a square matmul on this machine (the best of 3 timings)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * reps / best
+
+
+def hf_copy(model):
+    """transformers.LlamaForCausalLM holding exactly our weights."""
+    import transformers
+
+    hf = dict(hf_config(model.config))
+    for key in ("architectures", "model_type", "torch_dtype"):
+        hf.pop(key)
+    ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**hf))
+    ref.load_state_dict(to_hf_state_dict(model), strict=not model.config.tie_embeddings)
+    return ref
+
+
+def timed(fn, n):
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
+
+
+def main(cfg):
+    torch.manual_seed(0)
+    ours = Transformer(cfg.model)
+    ours.init_weights(cfg.seed)
+    ref = hf_copy(ours)
+    T = cfg.seq_len
+    idx = torch.randint(0, cfg.model.vocab_size, (BATCH, T + 1))
+    x, y = idx[:, :-1], idx[:, 1:]
+    print(f"model {cfg.model.n_layer}L x {cfg.model.dim}, {ours.num_params():,} params; "
+          f"batch {BATCH} x {T}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    # the same function on the same weights before timing anything
+    with torch.no_grad():
+        diff = (ours(x)[0] - ref(input_ids=x).logits).abs().max().item()
+    print(f"max |logits ours - transformers| = {diff:.2e}")
+
+    # 1. training step
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1)
+
+    def step_ours():
+        _, loss = ours(x, y)
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def step_ref():
+        logits = ref(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+        loss.backward()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+
+    ours.train(), ref.train()
+    step_ours(), step_ref()  # warm up
+    t_ours, t_ref = [], []
+    for _ in range(ROUNDS):
+        t_ours.append(timed(step_ours, STEPS))
+        t_ref.append(timed(step_ref, STEPS))
+    rate = matmul_rate()
+    tok_ours, tok_ref = BATCH * T / statistics.median(t_ours), BATCH * T / statistics.median(t_ref)
+    mfu = tok_ours * ours.flops_per_token(T) / rate
+    print(f"float32 matmul rate      {rate / 1e9:.1f} GFLOP/s (1024 x 1024, best of 3)")
+    print(f"train step, ours         {tok_ours:9.0f} tok/s   MFU {100 * mfu:.0f}% of the matmul rate")
+    print(f"train step, transformers {tok_ref:9.0f} tok/s   MFU {100 * tok_ref * ours.flops_per_token(T) / rate:.0f}%")
+    print(f"train step ratio         {tok_ours / tok_ref:.2f}x (ours / transformers)")
+
+    # 2. greedy generation
+    ours.eval(), ref.eval()
+    prompts = torch.randint(0, cfg.model.vocab_size, (GEN_BATCH, PROMPT_LEN))
+    mask = torch.ones_like(prompts)
+
+    def gen_ours():
+        return ours.generate(prompts, NEW_TOKENS)
+
+    def gen_ref(use_cache):
+        return ref.generate(prompts, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
+                            min_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0, use_cache=use_cache)
+
+    with torch.no_grad():
+        gen_ours(), gen_ref(True)  # warm up
+        g_ours, g_ref, g_nocache = [], [], []
+        for _ in range(ROUNDS):
+            g_ours.append(timed(gen_ours, 1))
+            g_ref.append(timed(lambda: gen_ref(True), 1))
+            g_nocache.append(timed(lambda: gen_ref(False), 1))
+    n = GEN_BATCH * NEW_TOKENS
+    s_ours, s_ref, s_nc = (n / statistics.median(t) for t in (g_ours, g_ref, g_nocache))
+    print(f"generate {GEN_BATCH} x ({PROMPT_LEN} + {NEW_TOKENS}) greedy:")
+    print(f"  ours, KV cache                {s_ours:9.0f} new tok/s")
+    print(f"  transformers, cache           {s_ref:9.0f} new tok/s   ours {s_ours / s_ref:.2f}x")
+    print(f"  transformers, no cache        {s_nc:9.0f} new tok/s   ours {s_ours / s_nc:.2f}x")
+
+
+if __name__ == "__main__":
+    try:
+        cfg = load_config(sys.argv[1:] or ["configs/tiny.py"])
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    main(cfg)

@@ -1,0 +1,90 @@
+"""The config loader: typos are caught and named, types are checked, configs round-trip."""
+
+import dataclasses
+import glob
+import os
+
+import pytest
+
+from config import Config, ConfigError, config_to_dict, load_config, load_saved_config, save_config
+from model import PRESETS
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+
+
+def write(tmp_path, text, name="c.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_typo_in_file_names_the_right_key(tmp_path):
+    path = write(tmp_path, "model = 'tiny'\nwarmup_step = 10\n")
+    with pytest.raises(ConfigError, match=r"'warmup_step'.*c\.py.*did you mean 'warmup_steps'"):
+        load_config([path])
+
+
+def test_typo_on_command_line_names_the_right_key(tmp_path):
+    path = write(tmp_path, "model = 'tiny'\n")
+    with pytest.raises(ConfigError, match=r"'n_layr'.*command line.*did you mean 'n_layer'"):
+        load_config([path, "--n_layr=3"])
+
+
+def test_int_widens_to_float_and_nothing_else_is_coerced(tmp_path):
+    path = write(tmp_path, "model = 'tiny'\n")
+    cfg = load_config([path, "--lr=1", "--n_layer=6", "--out_dir=runs/x1"])
+    assert cfg.lr == 1.0 and type(cfg.lr) is float
+    assert cfg.model.n_layer == 6 and cfg.model.dim == PRESETS["tiny"].dim  # override on top of the preset
+    assert cfg.out_dir == "runs/x1"
+    with pytest.raises(ConfigError, match=r"n_layer: expected int, got str 'abc'"):
+        load_config([path, "--n_layer=abc"])
+    with pytest.raises(ConfigError, match=r"n_layer: expected int, got float"):
+        load_config([path, "--n_layer=2.5"])
+    with pytest.raises(ConfigError, match=r"tie_embeddings: expected bool.*True or False"):
+        load_config([path, "--tie_embeddings=1"])
+    with pytest.raises(ConfigError, match=r"warmup_steps: expected int, got str"):
+        load_config([write(tmp_path, "warmup_steps = '10'\n", "d.py")])
+
+
+def test_bad_values_and_usage(tmp_path):
+    path = write(tmp_path, "model = 'tiny'\n")
+    with pytest.raises(ConfigError, match="model='llama'.*'amber_7b'"):
+        load_config([path, "--model=llama"])
+    with pytest.raises(ConfigError, match="lr_schedule='step'"):
+        load_config([path, "--lr_schedule=step"])
+    with pytest.raises(ConfigError, match="dim=100 is not divisible by n_head=8"):
+        load_config([path, "--dim=100"])
+    with pytest.raises(ConfigError, match="--key=value"):
+        load_config([path, "--lr", "1e-3"])
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config([str(tmp_path / "missing.py")])
+    with pytest.raises(ConfigError, match="usage"):
+        load_config([])
+
+
+def test_file_runs_in_its_own_namespace(tmp_path):
+    path = write(tmp_path, "import math\n_scratch = 3\nlr = math.sqrt(1e-6)\n")
+    cfg = load_config([path])
+    assert cfg.lr == pytest.approx(1e-3)
+    import config
+
+    assert not hasattr(config, "lr") and not hasattr(config, "_scratch")
+
+
+def test_config_is_frozen_printable_and_round_trips(tmp_path):
+    cfg = load_config([os.path.join(CONFIGS, "crystalcoder_7b.py"), "--lr=0.02"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0
+    save_config(cfg, tmp_path / "config.json")
+    assert load_saved_config(tmp_path / "config.json") == cfg
+    assert "mup_width_scale = 0.0625" in "\n".join(f"{k} = {v!r}" for k, v in config_to_dict(cfg).items())
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(CONFIGS, "*.py"))), ids=os.path.basename)
+def test_shipped_configs_load(path):
+    cfg = load_config([path])
+    assert isinstance(cfg, Config)
+    if "amber_7b" in path:
+        assert cfg.model == PRESETS["amber_7b"] and cfg.global_batch_size == 2240 and cfg.n_chunks == 360
+    if "crystalcoder_7b" in path:
+        assert cfg.model == PRESETS["crystalcoder_7b"] and cfg.lr == 0.012 and cfg.global_batch_size == 2112
