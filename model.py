@@ -111,10 +111,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # statistics in float32 even under bf16 autocast, as LLaMA and Hugging Face do
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # x / sqrt(mean(x^2) + eps) * weight; PyTorch's fused kernel keeps the statistics in
+        # float32 for bf16 inputs, as LLaMA and Hugging Face do
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
 def make_norm(cfg):
@@ -124,50 +123,53 @@ def make_norm(cfg):
 
 
 def rope_tables(cfg, positions):
-    """cos and sin, (T, rot_dim), float32, for integer positions (T,).
+    """Rotary tables (cos, sin), each (T, rot_dim) float32, for integer positions (T,).
 
-    Computed on the fly and never stored as a buffer, so neither model.to(bfloat16)
-    nor autocast can lower their precision (AMBER lesson: bf16 RoPE tables lose
-    position accuracy). Same convention as Hugging Face Llama: frequencies for the
-    first and second half of the rotated dims are the same (rotate_half layout).
+    Hugging Face Llama's convention (rotate_half): dims i and i + rot_dim/2 form a
+    pair rotated by angle position * theta^(-2i / rot_dim). The sign of the rotation
+    is folded into sin: its first half is negated, so apply_rope needs no negation.
+    Computed on the fly and never stored as a module buffer, so neither
+    model.to(bfloat16) nor autocast lowers their precision (AMBER's lesson).
     """
     d = cfg.rot_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.int64).float() / d))
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (T, d)
-    return emb.cos(), emb.sin()
+    return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the first rot_dim dims of every head of x (B, nh, T, hs), in float32."""
+    """Rotate the first rot_dim dims of every head of x (B, nh, T, hs), in float32:
+    x * cos + rotate_half(x) * sin, with rotate_half(x1, x2) = (-x2, x1)."""
     d = cos.shape[-1]
-    xr, xpass = x[..., :d].float(), x[..., d:]
-    x1, x2 = xr[..., : d // 2], xr[..., d // 2 :]
-    rotated = torch.cat((-x2, x1), dim=-1)
-    out = (xr * cos + rotated * sin).to(x.dtype)
-    return out if xpass.shape[-1] == 0 else torch.cat((out, xpass), dim=-1)
+    xr = x[..., :d].float()
+    out = torch.addcmul(xr * cos, xr.roll(d // 2, dims=-1), sin).to(x.dtype)  # roll: (x2, x1)
+    return out if d == x.shape[-1] else torch.cat((out, x[..., d:]), dim=-1)
 
 
 class KVCache:
-    """Keys and values of one layer for positions [0, max_len), filled as generation goes."""
+    """Keys and values of every layer for positions [0, max_len), filled as generation
+    goes, and the rotary tables of those positions, computed once."""
 
-    def __init__(self, batch, n_kv_head, max_len, head_dim):
-        self.shape = (batch, n_kv_head, max_len, head_dim)
-        self.k = self.v = None  # allocated on first use, in the dtype of the keys (bf16 under autocast)
+    def __init__(self, cfg, batch, max_len, device=None):
+        self.shape = (batch, cfg.kv_heads, max_len, cfg.head_dim)
+        self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer  # allocated on first use
+        self.cos, self.sin = rope_tables(cfg, torch.arange(max_len, device=device))
 
-    def update(self, k, v, pos):
-        if self.k is None:
-            self.k = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
+    def update(self, layer, k, v, pos):
+        """Store k, v (B, nkv, T, hs) at [pos, pos + T); return all keys and values up to pos + T."""
+        if self.k[layer] is None:  # in the dtype of the keys: bf16 under autocast
+            self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
+            self.v[layer] = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
         T = k.shape[2]
-        self.k[:, :, pos : pos + T] = k
-        self.v[:, :, pos : pos + T] = v
-        return self.k[:, :, : pos + T], self.v[:, :, : pos + T]
+        self.k[layer][:, :, pos : pos + T] = k
+        self.v[layer][:, :, pos : pos + T] = v
+        return self.k[layer][:, :, : pos + T], self.v[layer][:, :, : pos + T]
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
+        self.layer = layer  # which slot of a KVCache is ours
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         # query, key and value projections fused in one matmul (rows: q, then k, then v)
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
@@ -178,10 +180,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache=None, pos=0):
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (B, nh|nkv, T, hs)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qk = apply_rope(qkv[:, : self.n_head + self.n_kv_head], cos, sin)  # queries and keys in one go
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
+        v = qkv[:, self.n_head + self.n_kv_head :]  # (B, nkv, T, hs)
         if cache is not None:
-            k, v = cache.update(k, v, pos)  # (B, nkv, pos + T, hs)
+            k, v = cache.update(self.layer, k, v, pos)  # (B, nkv, pos + T, hs)
         # causal mask: the flag when queries and keys start together (flash attention on a GPU);
         # an explicit mask when a chunk of T > 1 queries follows cached keys
         mask, causal = None, T > 1
@@ -210,10 +213,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, layer):
         super().__init__()
         self.attn_norm = make_norm(cfg)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
@@ -248,11 +251,16 @@ class LinearCrossEntropy(torch.autograd.Function):
         for s in range(0, x.shape[0], rows):
             xs, ts = x[s : s + rows], targets[s : s + rows]
             counted, safe = ts != -1, ts.clamp(min=0)[:, None]
-            logits = (xs @ weight.t()).to(acc) * scale  # (r, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (r,)
-            total += ((lse - logits.gather(1, safe).squeeze(1)) * counted).sum()
+            logits = (xs @ weight.t()).to(acc)  # (r, V); every step below is in place
+            if scale != 1.0:
+                logits.mul_(scale)
+            target_logit = logits.gather(1, safe).squeeze(1)  # (r,)
+            peak = logits.amax(dim=-1, keepdim=True)  # (r, 1)
+            sumexp = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(l - peak)
+            lse = (peak + sumexp.log()).squeeze(1)  # log-sum-exp, (r,)
+            total += ((lse - target_logit) * counted).sum()
             if want_grad:
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                g = logits.div_(sumexp)  # softmax
                 g.scatter_add_(1, safe, -torch.ones_like(safe, dtype=g.dtype))  # - onehot
                 g.mul_(counted[:, None] * (scale / n_counted))
                 g = g.to(x.dtype)  # the matmuls run in x's precision (or autocast's)
@@ -277,7 +285,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -291,17 +299,19 @@ class Transformer(nn.Module):
 
         targets (B, T): return (None, the mean cross-entropy over positions whose target
         is not -1) without materializing the logits; call without targets for logits.
-        cache: a list of KVCache, one per layer, holding positions [0, pos).
+        cache: a KVCache holding positions [0, pos); this call appends positions [pos, pos + T).
         last_only: compute the logits of the last position only (generation).
         """
         B, T = idx.shape
-        positions = torch.arange(pos, pos + T, device=idx.device)
-        cos, sin = rope_tables(self.config, positions)  # (T, rot_dim) float32
+        if cache is not None:
+            cos, sin = cache.cos[pos : pos + T], cache.sin[pos : pos + T]  # (T, rot_dim) float32
+        else:
+            cos, sin = rope_tables(self.config, torch.arange(T, device=idx.device))
         x = self.tok_emb(idx)  # (B, T, C)
         if self.emb_mult != 1.0:
             x = x * self.emb_mult
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache[i] if cache is not None else None, pos)
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, pos)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:, :]
@@ -325,7 +335,7 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         cfg = self.config
-        cache = [KVCache(B, cfg.kv_heads, T + max_new_tokens, cfg.head_dim) for _ in self.layers]
+        cache = KVCache(cfg, B, T + max_new_tokens, idx.device)
         out = torch.empty(B, max_new_tokens, dtype=idx.dtype, device=idx.device)
         logits, _ = self(idx, cache=cache, pos=0, last_only=True)  # prefill the whole prompt at once
         for i in range(max_new_tokens):

@@ -310,7 +310,7 @@ def test_cache_chunked_prefill_matches_full_forward():
     model = perturb_(build(**CRYSTAL))
     cfg = model.config
     idx = idx_batch(128, B=2, T=12)
-    cache = [KVCache(2, cfg.kv_heads, 12, cfg.head_dim) for _ in range(cfg.n_layer)]
+    cache = KVCache(cfg, 2, 12)
     with torch.no_grad():
         first, _ = model(idx[:, :5], cache=cache, pos=0)
         second, _ = model(idx[:, 5:], cache=cache, pos=5)
