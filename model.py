@@ -364,6 +364,8 @@ class Transformer(nn.Module):
         0.073, 0.01825 and 0.00228125, its released values.
         """
         cfg = self.config
+        if cfg.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+            self.lm_head.weight = self.tok_emb.weight  # module.to_empty() unties shared parameters
         device = self.tok_emb.weight.device
         g = torch.Generator(device=device).manual_seed(seed)
         hidden_std = cfg.init_std * math.sqrt(cfg.mup_width_scale if cfg.mup else 1.0)

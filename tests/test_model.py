@@ -165,7 +165,7 @@ def test_init_on_meta_equals_init_on_cpu_and_follows_the_std_table():
         b = Transformer(cfg)
     b.to_empty(device="cpu")
     b.init_weights(seed=7)
-    b.lm_head.weight = b.tok_emb.weight  # to_empty keeps the tie; make sure it is so
+    assert b.lm_head.weight is b.tok_emb.weight  # to_empty unties; init_weights ties again
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), name
     c = Transformer(cfg)
@@ -246,16 +246,36 @@ def test_linear_cross_entropy_gradcheck():
     assert torch.autograd.gradcheck(lambda x, w: LinearCrossEntropy.apply(x, w, t, 0.7), (x, w))
 
 
-def test_bf16_autocast_stays_close_to_float32():
-    model = perturb_(build(**dict(CRYSTAL, n_layer=1)))
+@pytest.mark.parametrize("kw", [SMALL, CRYSTAL], ids=["amber", "crystalcoder"])
+def test_bf16_autocast_stays_close_to_float32(kw):
+    model = perturb_(build(**dict(kw, n_layer=1)))
     idx = idx_batch(128, B=2, T=12)
     with torch.no_grad():
         ref = model(idx)[0]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(idx)[0]
-    assert low.dtype == torch.bfloat16
+            _, loss = model(idx, idx)
+    assert low.dtype == torch.bfloat16 and loss.dtype == torch.float32
     rel = (low.float() - ref).abs().max() / ref.abs().max()
     assert rel < 0.03, f"bf16 relative error {rel:.3g}"
+
+
+def test_rope_tables_and_rotation_stay_float32_under_autocast():
+    """bf16 has 8 bits of mantissa: an angle of position 2000 stored in bf16 is off by up
+    to 4 radians. The tables are float32 and the rotation runs in float32 even under
+    autocast; only its result is rounded to the input's dtype."""
+    from model import apply_rope, rope_tables
+
+    cfg = ModelConfig(**SMALL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos, sin = rope_tables(cfg, torch.arange(1990, 2010))
+        assert cos.dtype == sin.dtype == torch.float32
+        q = torch.randn(2, 4, 20, cfg.head_dim).to(torch.bfloat16)
+        out = apply_rope(q, cos, sin)
+    exact = apply_rope(q.float(), cos, sin)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, exact.to(torch.bfloat16))
+    # the rotation preserves each pair's norm: a check on the tables themselves
+    assert_close(exact.norm(dim=-1), q.float().norm(dim=-1), tol=1e-4)
 
 
 # -----------------------------------------------------------------------------
