@@ -19,7 +19,7 @@ import difflib
 import json
 import types
 import typing
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from model import PRESETS, ModelConfig
 
@@ -32,11 +32,15 @@ class ConfigError(ValueError):
 class Config:
     # model: a preset name of model.PRESETS; any ModelConfig field given as a key overrides it
     model: ModelConfig = PRESETS["tiny"]
-    # data
+    # data (data.py): the mix, {source name: source spec}, see data.py for a spec's keys
+    sources: dict = field(default_factory=dict)
+    tokenizer: str = "train"  # "train" (SentencePiece BPE on the sources) | a .model path | "tiktoken:NAME"
+    val_fraction: float = 0.01  # share of each source's documents held out for validation
     data_dir: str = "data/tiny"  # where data.py writes the tokenizer, manifest and chunks
     seq_len: int = 256  # tokens per training sequence (chunks store seq_len + 1)
     n_chunks: int = 8  # the training data is split into this many chunks, one checkpoint each
-    seed: int = 1337  # data shuffle, chunk order inside a chunk, and init
+    seed: int = 1337  # data shuffle, order inside a chunk, and init
+    num_workers: int = 0  # tokenizer processes; 0 means one per CPU core
     # run
     out_dir: str = "runs/tiny"
     # batch: sequences per optimizer step over all ranks, and per forward pass on one rank;
@@ -64,6 +68,12 @@ class Config:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: must be one of {', '.join(map(repr, allowed))}")
+        try:  # sources are saved with every run: plain JSON only (tuples become lists)
+            object.__setattr__(self, "sources", json.loads(json.dumps(self.sources)))
+        except TypeError as e:
+            raise ConfigError(f"sources: must hold only str, numbers, lists and dicts ({e})") from None
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction={self.val_fraction}: must be in [0, 1)")
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError(f"seq_len={self.seq_len} is longer than the model's max_seq_len="
                               f"{self.model.max_seq_len}; raise max_seq_len or lower seq_len")

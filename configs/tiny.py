@@ -4,7 +4,15 @@
 
 model = "tiny"  # model.PRESETS["tiny"]: dim 256, 4 layers, 8 heads, SwiGLU 704, vocab 4096
 
-# data
+# data: a small "web + books + code" mix that installs with requirements.txt, no download.
+# weight = epochs over a source (0.5: a seeded half of its documents)
+sources = {
+    "code": {"builtin": "python_stdlib", "weight": 0.5},  # the standard library's .py files, tests left out
+    "books": {"builtin": "kjv", "weight": 1.0},  # King James Bible, one document per chapter
+    "docs": {"builtin": "pydoc_topics", "weight": 1.0},  # Python's documentation topics: prose
+}
+tokenizer = "train"  # a SentencePiece BPE of vocab_size tokens, trained on a sample of the sources
+val_fraction = 0.02  # of each source's documents
 data_dir = "data/tiny"
 seq_len = 256
 n_chunks = 8  # 8 checkpoints over the run, as AMBER's 360 over its

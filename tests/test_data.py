@@ -1,0 +1,360 @@
+"""data.py: deterministic preparation, nothing lost or leaked, world-size independent
+batches, exact resume, and clear errors that leave no half-written data dir."""
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+
+import data
+from config import config_from_dict
+from data import ChunkReader, DataError, load_manifest, prepare, split_and_pack
+
+WORDS = None
+
+
+def words():
+    global WORDS
+    if WORDS is None:  # a made-up vocabulary, seeded: no real text is copied into the tests
+        rng = random.Random(0)
+        WORDS = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 8)))
+                 for _ in range(300)]
+    return WORDS
+
+
+def make_text(rng, n_words):
+    return " ".join(rng.choice(words()) for _ in range(n_words))
+
+
+def make_corpus(root, n_files=30, seed=0):
+    """A folder of text files, a folder of code, and a JSON-lines file with grouped rows."""
+    rng = random.Random(seed)
+    (root / "txt").mkdir(parents=True)
+    for i in range(n_files):
+        (root / "txt" / f"doc{i:03d}.txt").write_text(make_text(rng, rng.randint(50, 400)) + "\n")
+    (root / "code" / "pkg").mkdir(parents=True)
+    (root / "code" / "tests").mkdir()
+    for i in range(10):
+        body = "\n".join(f"    x{j} = {rng.randint(0, 999)}  # {make_text(rng, 5)}" for j in range(20))
+        (root / "code" / "pkg" / f"m{i}.py").write_text(f"def f{i}():\n{body}\n    return x0\n")
+    (root / "code" / "tests" / "test_skip.py").write_text("SKIPPED = True\n")
+    with open(root / "rows.jsonl", "w") as f:
+        for book in range(6):
+            for verse in range(5):
+                f.write(json.dumps({"book": book, "verse": verse, "text": make_text(rng, 30)}) + "\n")
+    return root
+
+
+def make_cfg(root, out="out", **kw):
+    values = dict(
+        sources={
+            "web": {"path": str(root / "txt"), "format": "text"},
+            "code": {"path": str(root / "code"), "format": "code", "exclude": ["tests/*"], "weight": 2.0},
+            "books": {"path": str(root / "rows.jsonl"), "format": "jsonl", "group_by": ["book"]},
+        },
+        vocab_size=400, seq_len=32, max_seq_len=32, n_chunks=4, val_fraction=0.1, seed=5, num_workers=1,
+        global_batch_size=8, micro_batch_size=2, data_dir=str(root / out))
+    values.update(kw)
+    return config_from_dict(values)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus):
+    cfg = make_cfg(corpus, "prepared")
+    prepare(cfg, progress=False)
+    return cfg
+
+
+def files_of(folder):
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+def all_rows(cfg):
+    manifest = load_manifest(cfg.data_dir)
+    rows = [np.load(os.path.join(cfg.data_dir, c["file"])) for c in manifest["chunks"]]
+    return manifest, rows
+
+
+# -----------------------------------------------------------------------------
+# preparation
+
+
+def test_prepare_is_byte_identical_on_rerun_and_seed_changes_the_order(corpus, prepared):
+    again = make_cfg(corpus, "again", num_workers=2)  # worker processes give the same bytes as one
+    prepare(again, progress=False)
+    assert files_of(prepared.data_dir) == files_of(again.data_dir)
+    other = make_cfg(corpus, "other_seed", seed=6)
+    prepare(other, progress=False)
+    a, b = files_of(prepared.data_dir), files_of(other.data_dir)
+    assert a["chunk_000.npy"] != b["chunk_000.npy"]
+    # a finished data dir is not rebuilt; one built with another config is refused
+    before = os.path.getmtime(os.path.join(prepared.data_dir, "manifest.json"))
+    prepare(prepared, progress=False)
+    assert os.path.getmtime(os.path.join(prepared.data_dir, "manifest.json")) == before
+    with pytest.raises(DataError, match="another config"):
+        prepare(make_cfg(corpus, "prepared", seed=7), progress=False)
+
+
+def test_every_sequence_in_exactly_one_chunk_and_counts_add_up(prepared):
+    manifest, rows = all_rows(prepared)
+    L = prepared.seq_len + 1
+    sizes = [len(r) for r in rows]
+    assert max(sizes) - min(sizes) <= 1  # split evenly
+    assert sum(sizes) == manifest["totals"]["train_sequences"] == sum(s["train_sequences"] for s in manifest["sources"])
+    train = np.concatenate(rows)
+    src_ids = np.concatenate([np.load(os.path.join(prepared.data_dir, c["sources_file"])) for c in manifest["chunks"]])
+    # in the sources read once (weight 1) no two packed sequences of this corpus are equal,
+    # so equal rows would be a sequence written twice
+    once = train[src_ids != 1]
+    assert len({r.tobytes() for r in once}) == len(once)
+    val = np.load(os.path.join(prepared.data_dir, "val.npy"))
+    assert not {r.tobytes() for r in val} & {r.tobytes() for r in train}
+    for s in manifest["sources"]:
+        in_chunks = sum(c["tokens_per_source"][s["name"]] for c in manifest["chunks"])
+        assert in_chunks == s["train_tokens"] == s["train_sequences"] * L
+        assert s["val_documents"] >= 1 and s["train_documents"] + s["val_documents"] == s["documents"]
+    assert np.bincount(src_ids).tolist() == [s["train_sequences"] for s in manifest["sources"]]
+    code = manifest["sources"][1]
+    assert code["documents"] == 10 and all("tests/" not in f["path"] for f in code["files"])  # exclude works
+    assert manifest["sources"][2]["documents"] == 6  # jsonl rows grouped by book
+    assert manifest["totals"]["train_tokens"] == manifest["totals"]["train_sequences"] * L
+
+
+def test_split_and_pack_never_leaks_validation_and_loses_only_the_tail():
+    # documents whose tokens are unique ids, so every token says where it came from
+    rng = np.random.default_rng(0)
+    docs, start = [], 0
+    for _ in range(50):
+        n = int(rng.integers(5, 60))
+        docs.append(np.arange(start, start + n, dtype=np.uint32))
+        start += n
+    L = 16
+    for weight in (1.0, 2.0, 0.5):
+        train, val, val_docs, dropped = split_and_pack(docs, 0.1, weight, [3, 1], L)
+        assert len(val_docs) == 5
+        val_ids = np.concatenate([docs[d] for d in val_docs])
+        assert not np.isin(val_ids, train).any()  # no validation token is ever trained on
+        assert np.isin(val.ravel(), val_ids).all()
+        train_ids = np.concatenate([d for i, d in enumerate(docs) if i not in set(val_docs.tolist())])
+        counts = np.bincount(train.ravel(), minlength=start)[train_ids]
+        assert dropped < L
+        if weight == 0.5:  # a seeded half of the documents, each whole or not at all
+            assert abs(train.size + dropped - len(train_ids) / 2) <= 60 and set(counts.tolist()) <= {0, 1}
+        else:  # every training token `weight` times, except those of the dropped tail
+            assert train.size + dropped == weight * len(train_ids)
+            assert (counts == weight).sum() >= len(train_ids) - dropped and counts.max() == weight
+    # the same seed gives the same packing; another seed another
+    a, b, c = split_and_pack(docs, 0.1, 1.0, [3, 1], L), split_and_pack(docs, 0.1, 1.0, [3, 1], L), \
+        split_and_pack(docs, 0.1, 1.0, [4, 1], L)
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
+
+
+def test_tokenizer_round_trips_code_and_prose(prepared, corpus):
+    tok = data.load_tokenizer(prepared.data_dir)
+    text = (corpus / "code" / "pkg" / "m3.py").read_text() + "\n\tindented  twice \n"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.vocab_size == 400 and tok.eos_id == 2
+
+
+# -----------------------------------------------------------------------------
+# reading
+
+
+def step_contents(cfg, chunk, step, world_size, micro):
+    """All sequences that `step` trains on, gathered over ranks and micro-batches, sorted."""
+    got = []
+    for rank in range(world_size):
+        reader = ChunkReader(cfg.data_dir, chunk, cfg.seed, cfg.global_batch_size, micro, rank, world_size)
+        for m in range(reader.accum):
+            x, y = reader.batch(step, m)
+            assert x.shape == (micro, cfg.seq_len) and np.array_equal(x[:, 1:], y[:, :-1])
+            got += [np.concatenate([r[:1], s]).tolist() for r, s in zip(x.numpy(), y.numpy())]
+    return sorted(got)
+
+
+def test_steps_do_not_depend_on_world_size_or_micro_batch(prepared):
+    for chunk in (0, 3):
+        reader = ChunkReader(prepared.data_dir, chunk, prepared.seed, 8, 8)
+        assert reader.steps >= 2
+        for step in (0, reader.steps - 1):
+            ref = sorted(reader.tokens[reader.step_rows(step)].tolist())
+            for world_size, micro in [(1, 8), (1, 2), (2, 4), (2, 1), (4, 2), (4, 1)]:
+                assert step_contents(prepared, chunk, step, world_size, micro) == ref
+    # the order inside a chunk is a function of (seed, chunk) alone
+    a = ChunkReader(prepared.data_dir, 1, prepared.seed, 8, 2).order
+    assert np.array_equal(a, ChunkReader(prepared.data_dir, 1, prepared.seed, 8, 4, 1, 2).order)
+    assert not np.array_equal(a, ChunkReader(prepared.data_dir, 1, prepared.seed + 1, 8, 2).order)
+
+
+def test_resume_mid_chunk_gives_the_remaining_batches(prepared):
+    full = [(x.clone(), y.clone()) for x, y in ChunkReader(prepared.data_dir, 2, prepared.seed, 8, 2)]
+    reader = ChunkReader(prepared.data_dir, 2, prepared.seed, 8, 2)
+    first = [next(reader) for _ in range(7)]  # mid-step: 7 micro-batches of 4 per step
+    state = json.loads(json.dumps(reader.state_dict()))  # survives a JSON round trip
+    resumed = ChunkReader(prepared.data_dir, 2, prepared.seed, 8, 2)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(first) + len(rest) == len(full)
+    for (x, y), (fx, fy) in zip(first + rest, full):
+        assert (x == fx).all() and (y == fy).all()
+    # mid-step state needs the same split; another seed is refused
+    with pytest.raises(DataError, match="same micro_batch_size"):
+        ChunkReader(prepared.data_dir, 2, prepared.seed, 8, 4).load_state_dict(state)
+    with pytest.raises(DataError, match="seed"):
+        ChunkReader(prepared.data_dir, 2, prepared.seed + 1, 8, 2).load_state_dict(state)
+
+
+def test_inspect_prints_the_rows_of_a_step(prepared, capsys):
+    cfg_file = os.path.join(os.path.dirname(prepared.data_dir), "cfg_inspect.py")
+    with open(cfg_file, "w") as f:
+        f.write("".join(f"{k} = {getattr(prepared, k)!r}\n" for k in
+                        ("sources", "seq_len", "n_chunks", "seed", "val_fraction", "data_dir", "global_batch_size")))
+        f.write("vocab_size = 400\nmax_seq_len = 32\n")
+    data.main(["inspect", cfg_file, "--chunk=1", "--step=1"])
+    out = capsys.readouterr().out.splitlines()
+    reader = ChunkReader(prepared.data_dir, 1, prepared.seed, 8, 8)
+    rows = [int(line.split()[2]) for line in out[1:]]
+    assert rows == reader.step_rows(1).tolist()
+    names = {s["id"]: s["name"] for s in load_manifest(prepared.data_dir)["sources"]}
+    assert [line.split()[3] for line in out[1:]] == [names[reader.sources[r]] for r in rows]
+
+
+# -----------------------------------------------------------------------------
+# other formats
+
+
+def test_parquet_and_hf_disk_sources(tmp_path, corpus):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rng = random.Random(1)
+    table = pa.table({"content": [make_text(rng, 40) for _ in range(12)], "n": list(range(12))})
+    pq.write_table(table, tmp_path / "t.parquet")
+    (tmp_path / "hf").mkdir()
+    with pa.OSFile(str(tmp_path / "hf" / "data-00000-of-00001.arrow"), "wb") as f:
+        with pa.ipc.new_stream(f, table.schema) as w:
+            w.write_table(table)
+    cfg = make_cfg(corpus, "fmt", sources={
+        "pq": {"path": str(tmp_path / "t.parquet"), "format": "parquet", "text_key": "content"},
+        "hf": {"path": str(tmp_path / "hf"), "format": "hf_disk", "text_key": "content"}}, n_chunks=2)
+    manifest = prepare(cfg, progress=False)
+    pq_src, hf_src = manifest["sources"]
+    assert pq_src["documents"] == hf_src["documents"] == 12 and pq_src["tokens"] == hf_src["tokens"]
+
+
+def test_tiktoken_offline_error_and_a_local_encoding(tmp_path, corpus, monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken")
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(DataError, match="TIKTOKEN_CACHE_DIR"):
+        prepare(make_cfg(corpus, "tk", tokenizer="tiktoken:cl100k_base"), progress=False)
+    assert not os.path.exists(corpus / "tk")
+    # a byte-level encoding built here stands in for a downloaded one
+    ranks = {bytes([i]): i for i in range(256)}
+    enc = tiktoken.Encoding("bytes", pat_str=r"\S+|\s+", mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 256})
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: enc)
+    manifest = prepare(make_cfg(corpus, "tk2", tokenizer="tiktoken:bytes"), progress=False)
+    assert manifest["tokenizer"] == {"kind": "tiktoken", "name": "bytes", "file": None, "sha256": None,
+                                     "vocab_size": 257, "eos_id": 256}
+    web = manifest["sources"][0]
+    assert web["tokens"] == sum(f["bytes"] for f in web["files"]) + web["documents"]  # bytes + one EOS each
+
+
+def test_convert_amber_release_format(tmp_path):
+    src = tmp_path / "amber"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for c in (0, 1, 10):  # numeric order: 0, 1, 10, not 0, 1, 10 as strings would sort "10" before "2"
+        with open(src / f"train_{c}.jsonl", "w") as f:
+            for i in range(5):
+                ids = rng.integers(0, 32000, 9).tolist()
+                if c == 10 and i == 0:
+                    ids[0] = 70000  # an id above 65,535 switches the chunk dtype to uint32
+                f.write(json.dumps({"token_ids": ids, "source": ["arxiv", "c4"][i % 2]}) + "\n")
+    manifest = data.convert_amber(str(src), str(tmp_path / "out"))
+    assert len(manifest["chunks"]) == 3 and manifest["seq_len"] == 8 and manifest["dtype"] == "uint32"
+    tokens, sources = data.open_split(str(tmp_path / "out"), manifest["chunks"][2])
+    first = json.loads((src / "train_10.jsonl").read_text().splitlines()[0])
+    assert tokens[0].tolist() == first["token_ids"] and sources.tolist() == [0, 1, 0, 1, 0]
+    reader = ChunkReader(str(tmp_path / "out"), 1, 0, 4, 2)
+    assert reader.steps == 1 and reader.batch(0, 0)[0].shape == (2, 8)
+
+
+# -----------------------------------------------------------------------------
+# bad input: a clear error and nothing that looks valid left behind
+
+
+def no_leftovers(root, name):
+    return not any(p.startswith(name) for p in os.listdir(root))
+
+
+def test_missing_and_empty_sources(corpus, tmp_path):
+    cfg = make_cfg(corpus, "bad1", sources={"web": {"path": str(corpus / "nope" / "*.txt"), "format": "text"}})
+    with pytest.raises(DataError, match=r"source 'web'.*nope.*does not exist"):
+        prepare(cfg, progress=False)
+    assert no_leftovers(corpus, "bad1")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("   \n")
+    cfg = make_cfg(corpus, "bad2", sources={"e": {"path": str(tmp_path / "empty"), "format": "text"}})
+    with pytest.raises(DataError, match="source 'e'.*no text"):
+        prepare(cfg, progress=False)
+    assert no_leftovers(corpus, "bad2")
+    cfg = make_cfg(corpus, "bad3", sources={"w": {"path": str(corpus / "txt"), "fromat": "text"}})
+    with pytest.raises(DataError, match="'fromat'.*did you mean 'format'"):
+        prepare(cfg, progress=False)
+
+
+def test_invalid_utf8_is_replaced_and_counted(corpus, tmp_path):
+    (tmp_path / "u").mkdir()
+    rng = random.Random(3)
+    for i in range(4):
+        text = make_text(rng, 100).encode()
+        (tmp_path / "u" / f"{i}.txt").write_bytes(text[:50] + b"\xff\xfe" + text[50:] if i == 2 else text)
+    manifest = prepare(make_cfg(corpus, "utf", sources={"u": {"path": str(tmp_path / "u"), "format": "text"}},
+                                n_chunks=2), progress=False)
+    files = manifest["sources"][0]["files"]
+    assert [f["replaced_bytes"] for f in files] == [0, 0, 2, 0] and manifest["sources"][0]["replaced_bytes"] == 2
+
+
+def test_more_chunks_than_sequences(corpus):
+    with pytest.raises(DataError, match="cannot fill n_chunks=100000"):
+        prepare(make_cfg(corpus, "many", n_chunks=100000), progress=False)
+    assert no_leftovers(corpus, "many")
+
+
+def test_tampered_chunk_is_refused(prepared, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(prepared.data_dir, copy)
+    arr = np.load(copy / "chunk_001.npy")
+    arr[0, 0] += 1
+    np.save(copy / "chunk_001.npy", arr)
+    with pytest.raises(DataError, match="chunk_001.npy: sha256 does not match"):
+        ChunkReader(str(copy), 1, prepared.seed, 8, 2)
+    ChunkReader(str(copy), 0, prepared.seed, 8, 2)  # the others still read
+
+
+def test_tokenizer_vocab_larger_than_the_model_is_refused(prepared, corpus):
+    cfg = make_cfg(corpus, "vocab", tokenizer=os.path.join(prepared.data_dir, "tokenizer.model"), vocab_size=300)
+    with pytest.raises(DataError, match="tokenizer has 400 tokens but the model's vocab_size is 300"):
+        prepare(cfg, progress=False)
+    assert no_leftovers(corpus, "vocab")
+    from model import ModelConfig
+
+    with pytest.raises(DataError, match="vocab_size is 300"):
+        data.check_vocab(load_manifest(prepared.data_dir), ModelConfig(vocab_size=300, dim=64, n_head=4))
+
+
+def test_token_dtype_switches_above_65535():
+    assert data.token_dtype(65535) == np.uint16 and data.token_dtype(65536) == np.uint32
