@@ -1,9 +1,10 @@
 """
 Benchmark of model.py against transformers on this machine, in float32.
 
-    python bench.py [CONFIG] [--key=value ...]     # default configs/tiny.py
+    python bench.py [model] [CONFIG] [--key=value ...]    # default configs/tiny.py
+    python bench.py data [CONFIG] [--key=value ...]
 
-Times, in one run and on the same weights and batch:
+`model` times, in one run and on the same weights and batch:
   1. one training step (forward + backward + AdamW) of our model and of
      transformers.LlamaForCausalLM, as tokens/s, their ratio, and the share of this
      machine's measured float32 matmul rate that our step reaches (MFU here);
@@ -13,6 +14,10 @@ Times, in one run and on the same weights and batch:
 Rounds alternate between the contenders, and medians are reported, because this
 machine is shared and noisy: read the ratios, not the absolute times.
 Needs requirements-dev.txt (transformers).
+
+`data` prepares the config's data dir if needed, then times the tokenization of
+all its sources with 1 and 2 worker processes, and the reader's time per
+optimizer step against the time of that training step.
 """
 
 import statistics
@@ -136,9 +141,62 @@ def main(cfg):
     print(f"  transformers, no cache        {s_nc:9.0f} new tok/s   ours {s_ours / s_nc:.2f}x")
 
 
+def bench_data(cfg):
+    """Tokenization throughput with 1 and 2 worker processes, and the reader's time per step."""
+    import multiprocessing
+
+    import numpy as np
+
+    import data
+
+    manifest = data.prepare(cfg, progress=False)  # nothing to do when already prepared
+    tok = data.load_tokenizer(cfg.data_dir, manifest)
+    docs = [d for name, spec in cfg.sources.items()
+            for d in data._source_documents(data.resolve_source(name, spec), [])]
+    n_bytes = sum(len(d.encode()) for d in docs)
+    print(f"{len(docs):,} documents, {n_bytes / 1e6:.1f} MB; tokenizer {tok.kind}, vocab {tok.vocab_size}")
+    dtype = data.token_dtype(tok.vocab_size)
+    ctx = multiprocessing.get_context("fork")
+    for workers in (1, 2):
+        with ctx.Pool(workers, data._init_worker, (tok.kind, tok.blob, tok.name, dtype)) as pool:
+            pool.map(data._encode, docs[:workers])  # start-up, outside the timing
+            t0 = time.perf_counter()
+            n_tokens = sum(len(a) for a in pool.imap(data._encode, docs, chunksize=8))
+            dt = time.perf_counter() - t0
+        print(f"tokenize, {workers} worker process{'es' if workers > 1 else ''}: {n_bytes / dt / 1e6:6.2f} MB/s "
+              f"{n_tokens / dt:10,.0f} tok/s")
+
+    # the reader's share of a training step of this config (one process, float32)
+    reader = data.ChunkReader(cfg.data_dir, 0, cfg.seed, cfg.global_batch_size, cfg.micro_batch_size)
+    steps = min(reader.steps, 20)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        for micro in range(reader.accum):
+            reader.batch(step, micro)
+    t_read = (time.perf_counter() - t0) / steps
+    model = Transformer(cfg.model)
+    model.init_weights(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step():
+        for micro in range(reader.accum):
+            x, y = reader.batch(0, micro)
+            _, loss = model(x, y)
+            (loss / reader.accum).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    train_step()
+    t_step = statistics.median(timed(train_step, 1) for _ in range(3))
+    print(f"reader: {t_read * 1e3:.3f} ms per step of {cfg.global_batch_size} x {cfg.seq_len + 1} tokens "
+          f"({reader.accum} micro-batches), {100 * t_read / t_step:.3f}% of a {t_step:.2f} s training step")
+
+
 if __name__ == "__main__":
+    args = sys.argv[1:]
+    mode = args.pop(0) if args and args[0] in ("model", "data") else "model"
     try:
-        cfg = load_config(sys.argv[1:] or ["configs/tiny.py"])
+        cfg = load_config(args or ["configs/tiny.py"])
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    main(cfg)
+    bench_data(cfg) if mode == "data" else main(cfg)

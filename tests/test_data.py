@@ -150,6 +150,11 @@ def test_split_and_pack_never_leaks_validation_and_loses_only_the_tail():
         else:  # every training token `weight` times, except those of the dropped tail
             assert train.size + dropped == weight * len(train_ids)
             assert (counts == weight).sum() >= len(train_ids) - dropped and counts.max() == weight
+        if weight == 2.0:  # each epoch in its own shuffled document order
+            starts = {int(d[0]): i for i, d in enumerate(docs)}
+            seen = [starts[t] for t in train.ravel().tolist() if t in starts]
+            half = len(docs) - len(val_docs)
+            assert seen[:half] != seen[half : 2 * half] and seen[:half] != sorted(seen[:half])
     # the same seed gives the same packing; another seed another
     a, b, c = split_and_pack(docs, 0.1, 1.0, [3, 1], L), split_and_pack(docs, 0.1, 1.0, [3, 1], L), \
         split_and_pack(docs, 0.1, 1.0, [4, 1], L)
