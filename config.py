@@ -41,8 +41,18 @@ class Config:
     n_chunks: int = 8  # the training data is split into this many chunks, one checkpoint each
     seed: int = 1337  # data shuffle, order inside a chunk, and init
     num_workers: int = 0  # tokenizer processes; 0 means one per CPU core
-    # run
+    # run (train.py): checkpoints after every chunk, metrics, the ledger of events
     out_dir: str = "runs/tiny"
+    ckpt_interval: int = 0  # optimizer steps between rolling mid-chunk checkpoints; 0: after each chunk only
+    val_interval: int = 0  # optimizer steps between validation losses; 0: at every checkpoint only
+    val_sequences: int = 64  # held-out sequences per validation (the first ones of the val split)
+    nan_policy: str = "skip_chunk"  # non-finite loss or grad norm: "skip_chunk" (roll back, skip, replace) | "stop"
+    nan_test_chunks: tuple[int, ...] = ()  # tests only: chunks whose loss is forced to NaN wherever they are
+    init_from: str = ""  # start a new run from another run's checkpoint (weights and AdamW state), new data
+    wandb_project: str = ""  # also log to Weights & Biases under this project (needs wandb installed)
+    peak_flops: float = 0.0  # per device, for MFU; 0: a known GPU's bf16 peak, or the measured float32 matmul rate
+    dry_run: bool = False  # print the plan (memory, steps, time) without allocating the model
+    dry_run_sequences_per_chunk: int = 0  # for the plan when the data dir is not prepared (AMBER: 1,706,976)
     # batch: sequences per optimizer step over all ranks, and per forward pass on one rank;
     # gradient accumulation = global_batch_size / (micro_batch_size * world size)
     global_batch_size: int = 32
@@ -61,10 +71,11 @@ class Config:
     dtype: str = "auto"  # "auto" (bf16 autocast on GPUs that have it, else float32) | "float32" | "bfloat16"
     parallel: str = "ddp"  # "ddp" | "fsdp" when launched with torchrun
     compile: bool = False  # torch.compile the model (GPU runs)
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
 
     def __post_init__(self):
         choices = {"lr_schedule": ("cosine", "linear"), "dtype": ("auto", "float32", "bfloat16"),
-                   "parallel": ("ddp", "fsdp")}
+                   "parallel": ("ddp", "fsdp"), "nan_policy": ("skip_chunk", "stop")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: must be one of {', '.join(map(repr, allowed))}")

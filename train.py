@@ -1,0 +1,663 @@
+"""
+The pre-training run: a loop over data chunks, one checkpoint after each.
+
+    python train.py CONFIG [--key=value ...]                 one process (CPU or one GPU)
+    torchrun --nproc_per_node=N train.py CONFIG              data parallel: DDP, or FSDP2 (parallel="fsdp")
+    python train.py CONFIG --dry_run=True                    the plan, without allocating the model
+
+Running the same command again resumes from the newest complete checkpoint, and
+a resumed run is bitwise identical to an uninterrupted one on a CPU. The run dir
+(out_dir) holds:
+
+    config.json, run.json      the resolved config; git commit, versions, devices
+    metrics.jsonl              one line per optimizer step (+ validation lines)
+    ledger.jsonl               events: start, resume, checkpoint, skipped chunk, finish
+    ckpt_000 ... ckpt_N        after schedule position c: model.safetensors (float32),
+                               optimizer.pt (AdamW state; a torch.distributed.checkpoint
+                               folder `optimizer/` under FSDP), state.json, rng_rank*.pt
+    ckpt_rolling               the newest mid-chunk checkpoint, when ckpt_interval > 0
+
+Tests inject faults with the environment variable LLM360_FAULT: "step:N" kills
+the process (SIGKILL) after optimizer step N, "save:N" in the middle of writing
+the N-th checkpoint.
+"""
+
+import json
+import math
+import os
+import platform
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+from config import ConfigError, config_to_dict, format_config, load_config, save_config
+from model import Transformer
+
+# -----------------------------------------------------------------------------
+# distributed setup
+
+
+def init_distributed():
+    """(rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; the
+    backend is NCCL on CUDA and gloo on CPU, so every mode runs on a laptop too."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world_size, device
+
+
+def print0(*args, rank=0, **kwargs):
+    if rank == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(x, world_size):
+    if world_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def barrier(world_size):
+    if world_size > 1:
+        dist.barrier()
+
+
+# -----------------------------------------------------------------------------
+# the schedule
+
+
+def get_lr(step, cfg, total_steps):
+    """LR at optimizer step `step` (0-based): linear warmup from 0 to cfg.lr over
+    warmup_steps, then cosine (AMBER) or linear (CrystalCoder) decay to min_lr at
+    total_steps, and min_lr after that."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if step >= total_steps:
+        return cfg.min_lr
+    progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+    if cfg.lr_schedule == "cosine":
+        return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    return cfg.lr - progress * (cfg.lr - cfg.min_lr)
+
+
+def chunk_steps(manifest, chunk, global_batch_size):
+    return manifest["chunks"][chunk]["sequences"] // global_batch_size
+
+
+def grad_accum(cfg, world_size):
+    per_step = cfg.micro_batch_size * world_size
+    if cfg.global_batch_size % per_step:
+        raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size x world "
+                          f"size = {cfg.micro_batch_size} x {world_size}; change global_batch_size or micro_batch_size")
+    return cfg.global_batch_size // per_step
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def _fault(kind, n):
+    """Tests: SIGKILL this process at a given point (LLM360_FAULT="step:N" or "save:N")."""
+    if os.environ.get("LLM360_FAULT") == f"{kind}:{n}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def full_state_dict(raw_model, fsdp):
+    """Float32 CPU tensors of every parameter; the tied output head is stored once."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = raw_model.state_dict()
+    if raw_model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(path, raw_model, optimizer, state, cfg, rank, world_size, fsdp, n_saved):
+    """Write a checkpoint folder atomically: everything into path.tmp, then one rename."""
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(world_size)
+    model_sd = full_state_dict(raw_model, fsdp)  # collective under FSDP
+    if rank == 0:
+        save_file(model_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        dcp.save(get_optimizer_state_dict(raw_model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
+    elif rank == 0:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               os.path.join(tmp, f"rng_rank{rank}.pt"))
+    _fault("save", n_saved)
+    barrier(world_size)
+    if rank == 0:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state | {"config": config_to_dict(cfg), "world_size": world_size}, f, indent=1)
+        if os.path.exists(path):  # the rolling checkpoint: replace the previous one
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    barrier(world_size)
+
+
+def find_checkpoint(out_dir, chunk_ends_only=False):
+    """The newest complete checkpoint of a run dir, or None. Folders without state.json,
+    and *.tmp folders, are incomplete and never taken. chunk_ends_only: leave out the
+    rolling mid-chunk checkpoint."""
+    best, best_key = None, None
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        path = os.path.join(out_dir, name)
+        if not name.startswith("ckpt_") or name.endswith(".tmp") or not os.path.exists(os.path.join(path, "state.json")):
+            continue
+        if chunk_ends_only and name == "ckpt_rolling":
+            continue
+        with open(os.path.join(path, "state.json")) as f:
+            st = json.load(f)
+        key = (st["pos"], st["step"])  # positions only grow; a rolling checkpoint is ahead of the last chunk's
+        if best_key is None or key > best_key:
+            best, best_key = path, key
+    return best
+
+
+def load_model(ckpt_dir, device="cpu"):
+    """The Transformer of a checkpoint folder (for evaluate.py and memorize.py)."""
+    from safetensors.torch import load_file
+
+    from config import config_from_dict
+
+    with open(os.path.join(ckpt_dir, "state.json")) as f:
+        cfg = config_from_dict(json.load(f)["config"])
+    model = Transformer(cfg.model)
+    _load_weights(model, load_file(os.path.join(ckpt_dir, "model.safetensors")), ckpt_dir)
+    return model.to(device)
+
+
+def _load_weights(model, sd, where):
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]:
+        raise ConfigError(f"{where}: weights do not fit this model (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}); it was saved by a model of another shape")
+
+
+def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True):
+    from safetensors.torch import load_file
+
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if raw_model.config.tie_embeddings:
+            sd["lm_head.weight"] = sd["tok_emb.weight"]
+        set_model_state_dict(raw_model, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        with torch.no_grad():
+            _load_weights(raw_model, sd, path)
+    if load_optimizer:
+        if fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+            osd = get_optimizer_state_dict(raw_model, optimizer)
+            dcp.load(osd, checkpoint_id=os.path.join(path, "optimizer"))
+            set_optimizer_state_dict(raw_model, optimizer, osd)
+        else:
+            optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    rng_path = os.path.join(path, f"rng_rank{rank}.pt")
+    if os.path.exists(rng_path):
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+def check_resumable(state, cfg, data_sha, path):
+    """Refuse to resume with another model shape or another data manifest."""
+    saved = state["config"]
+    changed = [f.name for f in fields(cfg.model) if saved.get(f.name) != getattr(cfg.model, f.name)]
+    if changed:
+        raise ConfigError(f"{path} was trained with another model shape ({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); "
+                          "use another out_dir, or init_from to start a new run from it")
+    if state["data_manifest_sha256"] != data_sha:
+        raise ConfigError(f"{path} was trained on other data (manifest sha256 {state['data_manifest_sha256'][:12]}..., "
+                          f"now {data_sha[:12]}...); use another out_dir, or init_from to continue on new data")
+
+
+# -----------------------------------------------------------------------------
+# metrics and the ledger
+
+
+class RunLog:
+    """metrics.jsonl and ledger.jsonl of the run dir, written by rank 0, line by line."""
+
+    def __init__(self, out_dir, rank, wandb_project="", cfg=None):
+        self.rank = rank
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.ledger_path = os.path.join(out_dir, "ledger.jsonl")
+        self.wandb = None
+        if rank == 0 and wandb_project:
+            import wandb  # optional: only when asked for
+
+            self.wandb = wandb.init(project=wandb_project, config=config_to_dict(cfg))
+
+    def _append(self, path, record):
+        if self.rank == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+
+    def metric(self, record):
+        self._append(self.metrics_path, record)
+        if self.wandb:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+
+    def event(self, event, **fields):
+        self._append(self.ledger_path, {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields})
+
+    def metrics_lines(self):
+        if not os.path.exists(self.metrics_path):
+            return 0
+        with open(self.metrics_path) as f:
+            return sum(1 for _ in f)
+
+    def truncate_metrics(self, n_lines):
+        """On resume: keep the lines the checkpoint had seen, drop those written after it."""
+        if self.rank != 0 or not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            lines = f.readlines()[:n_lines]
+        tmp = self.metrics_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, self.metrics_path)
+
+
+def run_info(device, world_size):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    import sentencepiece
+
+    return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "sentencepiece": sentencepiece.__version__, "world_size": world_size,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "host": platform.node()}
+
+
+GPU_BF16_PEAK = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12}
+
+
+def peak_flops(cfg, device, dtype):
+    """FLOP/s of one device for MFU: the config's, a known GPU's bf16 peak, or the measured
+    float32 matmul rate of this machine (CPU)."""
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_BF16_PEAK.items():
+            if key in name:
+                return flops
+    n = 1024
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * 5 / (time.perf_counter() - t0)
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
+
+
+@torch.no_grad()
+def validation_loss(model, manifest, cfg, rank, world_size, device, autocast):
+    """Mean loss over the first val_sequences sequences of the held-out split, split over ranks."""
+    if not manifest.get("val") or manifest["val"]["sequences"] == 0:
+        return None
+    tokens, _ = data.open_split(cfg.data_dir, manifest["val"], verify=False)
+    per_round = world_size * cfg.micro_batch_size  # every rank runs the same number of forwards (FSDP)
+    n = min(cfg.val_sequences, len(tokens)) // per_round * per_round
+    if n == 0:
+        return None
+    rows = np.arange(n)[rank::world_size]
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    model.eval()
+    for i in range(0, len(rows), cfg.micro_batch_size):
+        seqs = torch.from_numpy(tokens[rows[i : i + cfg.micro_batch_size]].astype(np.int64)).to(device)
+        with autocast:
+            _, loss = model(seqs[:, :-1], seqs[:, 1:])
+        total += torch.tensor([loss.item() * seqs[:, 1:].numel(), seqs[:, 1:].numel()], device=device)
+    model.train()
+    all_reduce_sum(total, world_size)
+    return (total[0] / total[1]).item()
+
+
+# -----------------------------------------------------------------------------
+# the plan
+
+
+def plan(cfg, world_size):
+    """--dry_run: what the run will cost, from the meta-device model and the config."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    n = model.num_params()
+    G, T = cfg.global_batch_size, cfg.seq_len
+    manifest_path = os.path.join(cfg.data_dir, "manifest.json")
+    if os.path.exists(manifest_path):
+        manifest = data.load_manifest(cfg.data_dir)
+        steps = [chunk_steps(manifest, c, G) for c in range(len(manifest["chunks"]))]
+        source = f"from {manifest_path}"
+    elif cfg.dry_run_sequences_per_chunk:
+        steps = [cfg.dry_run_sequences_per_chunk // G] * cfg.n_chunks
+        source = f"from dry_run_sequences_per_chunk={cfg.dry_run_sequences_per_chunk:,}"
+    else:
+        raise ConfigError(f"{manifest_path} not found: prepare the data, or set dry_run_sequences_per_chunk")
+    # the world size the config is laid out for: one micro-batch per device, no accumulation
+    planned_world = world_size if world_size > 1 else max(1, G // cfg.micro_batch_size)
+    accum = G // (cfg.micro_batch_size * planned_world)
+    fsdp = cfg.parallel == "fsdp"
+    d, L = cfg.model.dim, cfg.model.n_layer
+    states = 16 * n / (planned_world if fsdp else 1)  # fp32 weights, grads, AdamW exp_avg and exp_avg_sq
+    act_per_layer = (2 if cfg.activation_checkpointing else 34) * cfg.micro_batch_size * T * d  # bf16 bytes
+    fpt = model.flops_per_token(T)
+    total_tokens = sum(steps) * G * T
+    gb = 2**30
+    lines = [
+        f"model            {n:,} parameters, {fpt / 1e9:.2f} GFLOP per token (training)",
+        f"batch            {G:,} sequences x {T:,} tokens = {G * T:,} tokens per step; micro-batch "
+        f"{cfg.micro_batch_size} on {planned_world} devices, {accum} accumulation step(s)",
+        f"data             {len(steps)} chunks, {min(steps):,}-{max(steps):,} steps per chunk ({source}), "
+        f"{sum(steps):,} steps, {total_tokens / 1e9:,.2f}B tokens",
+        f"memory/device    weights + grads + AdamW {states / gb:.1f} GiB ({'sharded by FSDP' if fsdp else 'replicated'}), "
+        f"activations ~{act_per_layer * L / gb:.1f} GiB ({'checkpointed' if cfg.activation_checkpointing else 'kept'}; "
+        "Korthikanti et al. 2022, flash attention)",
+    ]
+    for name, flops in [("A100 bf16", 312e12), ("H100 bf16", 989e12)]:
+        seconds = total_tokens * fpt / (planned_world * flops * 0.36)
+        lines.append(f"time at 36% MFU  {seconds / 86400:,.1f} days on {planned_world} x {name}")
+    print("\n".join(lines))
+    return {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T, "planned_world": planned_world}
+
+
+# -----------------------------------------------------------------------------
+# the run
+
+
+def main(cfg):
+    rank, world_size, device = init_distributed()
+    try:
+        return _run(cfg, rank, world_size, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(cfg, rank, world_size, device):
+    if cfg.dry_run:
+        return plan(cfg, world_size) if rank == 0 else None
+    accum = grad_accum(cfg, world_size)
+    fsdp = cfg.parallel == "fsdp" and world_size > 1
+    if device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    elif cfg.dtype == "bfloat16":
+        dtype = torch.bfloat16  # asked for explicitly (on a CPU: slow, for tests)
+    else:
+        dtype = torch.float32
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not fsdp else nullcontext()
+
+    # data: the main job prepares the built-in corpus when it is not there yet
+    if rank == 0 and not os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
+        if not cfg.sources:
+            raise data.DataError(f"{cfg.data_dir} is not prepared and the config has no sources; "
+                                 "run `python data.py CONFIG` with a config that has them")
+        data.prepare(cfg)
+    barrier(world_size)
+    manifest = data.load_manifest(cfg.data_dir)
+    data.check_vocab(manifest, cfg.model, where=f"{cfg.data_dir}: ")
+    data_sha = data.manifest_sha256(cfg.data_dir)
+    if manifest["seq_len"] != cfg.seq_len:
+        raise ConfigError(f"{cfg.data_dir} holds sequences of {manifest['seq_len']} tokens, the config asks for "
+                          f"seq_len={cfg.seq_len}; prepare another data_dir")
+
+    # the run dir and what it already holds
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    barrier(world_size)
+    log = RunLog(cfg.out_dir, rank, cfg.wandb_project, cfg)
+    resume = find_checkpoint(cfg.out_dir)
+    if resume:
+        with open(os.path.join(resume, "state.json")) as f:
+            saved = json.load(f)
+        check_resumable(saved, cfg, data_sha, resume)
+        if saved["pos"] >= len(saved["schedule"]) and saved.get("finished"):
+            print0(f"{cfg.out_dir} has finished its schedule ({saved['step']} steps); nothing to do", rank=rank)
+            return saved
+
+    # model: built on the meta device, sharded (FSDP) before it is materialized
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    with torch.device("meta"):
+        raw_model = Transformer(cfg.model)
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)  # master weights stay fp32
+        for block in raw_model.layers:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(raw_model, mp_policy=mp)
+    raw_model.to_empty(device=device)
+    raw_model.init_weights(cfg.seed)
+    if cfg.activation_checkpointing:
+        from functools import partial
+
+        from torch.utils.checkpoint import checkpoint
+
+        for block in raw_model.layers:  # parameter names stay as they are
+            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+    model = raw_model
+    if world_size > 1 and not fsdp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        model = torch.compile(model)
+    groups = raw_model.param_groups(cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                                  fused=device.type == "cuda")
+    params = [p for g in groups for p in g["params"]]
+
+    # the state of the run: where in the schedule, and what happened
+    state = {"step": 0, "tokens": 0, "pos": 0, "schedule": list(range(len(manifest["chunks"]))),
+             "skipped": [], "reader": None, "data_manifest_sha256": data_sha, "metrics_lines": 0}
+    if cfg.n_chunks != len(manifest["chunks"]):
+        raise ConfigError(f"n_chunks={cfg.n_chunks} but {cfg.data_dir} has {len(manifest['chunks'])} chunks")
+    if resume:
+        state = load_checkpoint(resume, raw_model, optimizer, rank, fsdp)
+        log.truncate_metrics(state["metrics_lines"])
+        log.event("resume", checkpoint=os.path.basename(resume), step=state["step"], pos=state["pos"])
+        print0(f"resuming from {resume}: step {state['step']}, schedule position {state['pos']}", rank=rank)
+    else:
+        if cfg.init_from:
+            if not os.path.exists(os.path.join(cfg.init_from, "state.json")):
+                raise ConfigError(f"init_from={cfg.init_from!r} is not a checkpoint folder (no state.json)")
+            with open(os.path.join(cfg.init_from, "state.json")) as f:
+                check_resumable(json.load(f) | {"data_manifest_sha256": data_sha}, cfg, data_sha, cfg.init_from)
+            load_checkpoint(cfg.init_from, raw_model, optimizer, rank, fsdp)
+            log.event("init_from", checkpoint=os.path.abspath(cfg.init_from))
+        if rank == 0:
+            save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
+            with open(os.path.join(cfg.out_dir, "run.json"), "w") as f:
+                json.dump(run_info(device, world_size), f, indent=1)
+        log.event("start", world_size=world_size, parallel="fsdp" if fsdp else "ddp" if world_size > 1 else "single")
+    info = run_info(device, world_size)
+    print0(f"git {info['git_commit'][:12]} | torch {info['torch']} | {world_size} x {info['device']} | "
+           f"{'FSDP2' if fsdp else 'DDP' if world_size > 1 else 'one process'} | {dtype}", rank=rank)
+    print0(format_config(cfg), rank=rank)
+    # the LR schedule spans the planned chunks; replacement chunks fill the steps of skipped ones
+    total_steps = sum(chunk_steps(manifest, c, cfg.global_batch_size) for c in range(len(manifest["chunks"])))
+    flops_per_token = raw_model.flops_per_token(cfg.seq_len)
+    peak = peak_flops(cfg, device, dtype)
+    tokens_per_step = cfg.global_batch_size * cfg.seq_len
+    n_saved = 0
+    from tqdm import tqdm
+
+    # -------------------------------------------------------------------------
+    while state["pos"] < len(state["schedule"]):
+        pos, chunk = state["pos"], state["schedule"][state["pos"]]
+        reader = data.ChunkReader(cfg.data_dir, chunk, cfg.seed, cfg.global_batch_size, cfg.micro_batch_size,
+                                  rank, world_size, manifest=manifest)
+        if state["reader"]:
+            reader.load_state_dict(state["reader"])
+        bar = tqdm(total=reader.steps, initial=reader.step, desc=f"chunk {chunk} ({pos + 1}/{len(state['schedule'])})",
+                   disable=rank != 0, leave=False, dynamic_ncols=True)
+        nonfinite = None
+        while reader.step < reader.steps:
+            t0 = time.perf_counter()
+            lr = get_lr(state["step"], cfg, total_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_mult"]
+            loss_sum = torch.zeros((), device=device)
+            for micro in range(accum):
+                x, y = next(reader)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                last = micro == accum - 1  # gradients are reduced across ranks on the last micro-batch only
+                if fsdp:
+                    model.set_requires_gradient_sync(last)
+                sync = model.no_sync() if (world_size > 1 and not fsdp and not last) else nullcontext()
+                with sync, autocast:
+                    _, loss = model(x, y)
+                    if chunk in cfg.nan_test_chunks:
+                        loss = loss * float("nan")  # tests: this chunk diverges wherever it is placed
+                    (loss / accum).backward()
+                loss_sum += loss.detach()
+            # the true global gradient norm (DTensor-aware under FSDP), clipped when grad_clip > 0
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            loss_avg = (all_reduce_sum(loss_sum, world_size) / (accum * world_size)).item()
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            if not (math.isfinite(loss_avg) and math.isfinite(norm)):  # the same values on every rank
+                nonfinite = {"step": state["step"], "loss": loss_avg, "grad_norm": norm}
+                optimizer.zero_grad(set_to_none=True)
+                break
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            state["step"] += 1
+            state["tokens"] += tokens_per_step
+            record = {"step": state["step"], "pos": pos, "chunk": chunk, "chunk_step": reader.step,
+                      "tokens": state["tokens"], "loss": loss_avg, "grad_norm": norm, "lr": lr,
+                      "step_time": dt, "tok_per_s": tokens_per_step / dt,
+                      "tok_per_s_device": tokens_per_step / dt / world_size,
+                      "mfu": tokens_per_step / dt / world_size * flops_per_token / peak,
+                      "peak_mem_gb": peak_memory_gb(device)}
+            if cfg.val_interval and state["step"] % cfg.val_interval == 0:
+                record["val_loss"] = validation_loss(model, manifest, cfg, rank, world_size, device, autocast)
+            log.metric(record)
+            bar.update(1)
+            if rank == 0:
+                bar.write(f"step {state['step']:6d} | chunk {chunk} | loss {loss_avg:.4f} | lr {lr:.2e} | "
+                          f"norm {norm:.3f} | tok/s {record['tok_per_s']:,.0f} | mfu {100 * record['mfu']:.0f}%"
+                          + (f" | val {record['val_loss']:.4f}" if record.get("val_loss") else ""))
+            _fault("step", state["step"])
+            if cfg.ckpt_interval and state["step"] % cfg.ckpt_interval == 0 and reader.step < reader.steps:
+                state["reader"], state["metrics_lines"] = reader.state_dict(), log.metrics_lines()
+                n_saved += 1
+                save_checkpoint(os.path.join(cfg.out_dir, "ckpt_rolling"), raw_model, optimizer, state, cfg, rank,
+                                world_size, fsdp, n_saved)
+        bar.close()
+
+        if nonfinite:
+            log.event("nonfinite", chunk=chunk, pos=pos, **nonfinite)
+            last_good = find_checkpoint(cfg.out_dir, chunk_ends_only=True)  # a state without this chunk
+            where = os.path.basename(last_good) if last_good else "the initial weights"
+            if cfg.nan_policy == "stop":
+                raise SystemExit(f"error: non-finite loss {nonfinite['loss']} / grad norm {nonfinite['grad_norm']} "
+                                 f"at step {nonfinite['step']} in chunk {chunk}; stopped. The last good checkpoint is "
+                                 f"{where}. Set nan_policy='skip_chunk' to skip such chunks automatically.")
+            # skip_chunk: roll back to the last good state, record the chunk, append a replacement
+            if rank == 0 and os.path.exists(os.path.join(cfg.out_dir, "ckpt_rolling")):
+                shutil.rmtree(os.path.join(cfg.out_dir, "ckpt_rolling"))  # it holds part of this chunk
+            barrier(world_size)
+            skipped = state["skipped"] + [{"chunk": chunk, "pos": pos, "step": nonfinite["step"],
+                                           "reason": f"non-finite loss {nonfinite['loss']} or grad norm "
+                                                     f"{nonfinite['grad_norm']}"}]
+            schedule = state["schedule"]
+            if last_good:
+                state = load_checkpoint(last_good, raw_model, optimizer, rank, fsdp)
+            else:  # no checkpoint yet: back to the seeded initial weights and a fresh optimizer
+                raw_model.init_weights(cfg.seed)
+                optimizer.state.clear()
+                state = state | {"step": 0, "tokens": 0}
+            state["skipped"], state["reader"] = skipped, None
+            bad = {s["chunk"] for s in skipped}
+            used = len(schedule) - len(manifest["chunks"])  # replacements appended so far
+            candidates = [c for c in range(len(manifest["chunks"])) if c not in bad]
+            state["schedule"] = schedule + ([candidates[used % len(candidates)]] if candidates else [])
+            state["pos"] = pos + 1
+            log.event("skip_chunk", chunk=chunk, pos=pos, step=nonfinite["step"], rolled_back_to=where,
+                      replacement=state["schedule"][-1] if candidates else None)
+            print0(f"chunk {chunk} gave a non-finite loss at step {nonfinite['step']}: skipped, rolled back to "
+                   f"{where}, chunk {state['schedule'][-1]} appended to finish the LR schedule", rank=rank)
+            continue
+
+        # the chunk is done: validation loss, then the checkpoint of this schedule position
+        val = validation_loss(model, manifest, cfg, rank, world_size, device, autocast)
+        if val is not None:
+            log.metric({"step": state["step"], "pos": pos, "chunk": chunk, "tokens": state["tokens"], "val_loss": val})
+        state["pos"], state["reader"] = pos + 1, None
+        state["finished"] = state["pos"] >= len(state["schedule"])
+        state["metrics_lines"] = log.metrics_lines()
+        t0 = time.perf_counter()
+        n_saved += 1
+        save_checkpoint(os.path.join(cfg.out_dir, f"ckpt_{pos:03d}"), raw_model, optimizer, state, cfg, rank,
+                        world_size, fsdp, n_saved)
+        if rank == 0 and os.path.exists(os.path.join(cfg.out_dir, "ckpt_rolling")):
+            shutil.rmtree(os.path.join(cfg.out_dir, "ckpt_rolling"))  # older than this checkpoint now
+        log.event("checkpoint", name=f"ckpt_{pos:03d}", chunk=chunk, step=state["step"], tokens=state["tokens"],
+                  val_loss=val, seconds=round(time.perf_counter() - t0, 3))
+        print0(f"chunk {chunk} done: step {state['step']}, val loss {val if val is None else round(val, 4)}, "
+               f"ckpt_{pos:03d} written in {time.perf_counter() - t0:.2f} s", rank=rank)
+    log.event("finish", step=state["step"], tokens=state["tokens"], skipped=[s["chunk"] for s in state["skipped"]])
+    return state
+
+
+if __name__ == "__main__":
+    try:
+        main(load_config(sys.argv[1:]))
+    except (ConfigError, data.DataError) as e:
+        sys.exit(f"error: {e}")
