@@ -48,6 +48,7 @@ class Config:
     val_sequences: int = 64  # held-out sequences per validation (the first ones of the val split)
     nan_policy: str = "skip_chunk"  # non-finite loss or grad norm: "skip_chunk" (roll back, skip, replace) | "stop"
     nan_test_chunks: tuple[int, ...] = ()  # tests only: chunks whose loss is forced to NaN wherever they are
+    max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps; 0: run the whole schedule
     init_from: str = ""  # start a new run from another run's checkpoint (weights and AdamW state), new data
     wandb_project: str = ""  # also log to Weights & Biases under this project (needs wandb installed)
     peak_flops: float = 0.0  # per device, for MFU; 0: a known GPU's bf16 peak, or the measured float32 matmul rate

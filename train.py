@@ -463,8 +463,9 @@ def _run(cfg, rank, world_size, device):
         with open(os.path.join(resume, "state.json")) as f:
             saved = json.load(f)
         check_resumable(saved, cfg, data_sha, resume)
-        if saved["pos"] >= len(saved["schedule"]) and saved.get("finished"):
-            print0(f"{cfg.out_dir} has finished its schedule ({saved['step']} steps); nothing to do", rank=rank)
+        if saved.get("finished") or (cfg.max_steps and saved["step"] >= cfg.max_steps):
+            print0(f"{cfg.out_dir} has reached {'the end of its schedule' if saved.get('finished') else 'max_steps'} "
+                   f"({saved['step']} steps); nothing to do", rank=rank)
             return saved
 
     # model: built on the meta device, sharded (FSDP) before it is materialized
@@ -594,6 +595,8 @@ def _run(cfg, rank, world_size, device):
                           f"norm {norm:.3f} | tok/s {record['tok_per_s']:,.0f} | mfu {100 * record['mfu']:.0f}%"
                           + (f" | val {record['val_loss']:.4f}" if record.get("val_loss") else ""))
             _fault("step", state["step"])
+            if cfg.max_steps and state["step"] >= cfg.max_steps:
+                break
             if cfg.ckpt_interval and state["step"] % cfg.ckpt_interval == 0 and reader.step < reader.steps:
                 state["reader"], state["metrics_lines"] = reader.state_dict(), log.metrics_lines()
                 n_saved += 1
@@ -634,6 +637,13 @@ def _run(cfg, rank, world_size, device):
             print0(f"chunk {chunk} gave a non-finite loss at step {nonfinite['step']}: skipped, rolled back to "
                    f"{where}, chunk {state['schedule'][-1]} appended to finish the LR schedule", rank=rank)
             continue
+        if reader.step < reader.steps:  # stopped by max_steps inside the chunk: a resumable checkpoint
+            state["reader"], state["metrics_lines"] = reader.state_dict(), log.metrics_lines()
+            n_saved += 1
+            save_checkpoint(os.path.join(cfg.out_dir, "ckpt_rolling"), raw_model, optimizer, state, cfg, rank,
+                            world_size, fsdp, n_saved)
+            log.event("max_steps", step=state["step"], checkpoint="ckpt_rolling")
+            return state
 
         # the chunk is done: validation loss, then the checkpoint of this schedule position
         val = validation_loss(model, manifest, cfg, rank, world_size, device, autocast)
@@ -652,6 +662,9 @@ def _run(cfg, rank, world_size, device):
                   val_loss=val, seconds=round(time.perf_counter() - t0, 3))
         print0(f"chunk {chunk} done: step {state['step']}, val loss {val if val is None else round(val, 4)}, "
                f"ckpt_{pos:03d} written in {time.perf_counter() - t0:.2f} s", rank=rank)
+        if cfg.max_steps and state["step"] >= cfg.max_steps and not state["finished"]:
+            log.event("max_steps", step=state["step"], checkpoint=f"ckpt_{pos:03d}")
+            return state
     log.event("finish", step=state["step"], tokens=state["tokens"], skipped=[s["chunk"] for s in state["skipped"]])
     return state
 

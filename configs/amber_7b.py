@@ -26,6 +26,7 @@ mup = False
 data_dir = "data/amber"
 seq_len = 2048  # (Table 3)
 n_chunks = 360  # one checkpoint per chunk (§4.1)
+dry_run_sequences_per_chunk = 1706976  # released chunks: 1,706,976 sequences of 2,049 tokens, for --dry_run
 seed = 1337
 
 out_dir = "runs/amber_7b"

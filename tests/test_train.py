@@ -1,0 +1,264 @@
+"""train.py: the LR schedule, gradient accumulation, and whole runs in subprocesses:
+exact resume after SIGKILL, DDP and FSDP2 against one process, the NaN policy."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import corpus_values, make_corpus, write_config
+from config import config_from_dict
+from model import ModelConfig, Transformer
+from train import get_lr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL_MODEL = dict(dim=64, n_layer=2, n_head=4, intermediate_size=128)
+DETERMINISTIC = ("step", "pos", "chunk", "chunk_step", "tokens", "loss", "grad_norm", "lr", "val_loss")
+
+
+# -----------------------------------------------------------------------------
+# pure parts
+
+
+def test_lr_schedule():
+    cfg = config_from_dict(dict(lr=1.0, min_lr=0.1, warmup_steps=10))
+    total = 110
+    lrs = [get_lr(s, cfg, total) for s in range(130)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warmup to the peak
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # then decays monotonically ...
+    assert lrs[60] == pytest.approx(0.55)  # cosine: half-way down at mid-decay
+    assert lrs[110] == lrs[129] == pytest.approx(0.1)  # ... to min_lr, and stays there
+    lin = config_from_dict(dict(lr=1.0, min_lr=0.1, warmup_steps=10, lr_schedule="linear"))
+    assert get_lr(35, lin, total) == pytest.approx(1.0 - 0.25 * 0.9)
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, max_seq_len=32, **SMALL_MODEL))
+    model.init_weights(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = torch.randint(0, 64, (4, 33))
+    for _ in range(200):
+        _, loss = model(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.05, loss.item()  # from ln(64) = 4.16
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    model = Transformer(ModelConfig(vocab_size=64, max_seq_len=32, **SMALL_MODEL))
+    model.init_weights(0)
+    batch = torch.randint(0, 64, (8, 17), generator=torch.Generator().manual_seed(1))
+    _, loss = model(batch[:, :-1], batch[:, 1:])
+    loss.backward()
+    big = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for micro in batch.split(2):
+        _, loss = model(micro[:, :-1], micro[:, 1:])
+        (loss / 4).backward()
+    for p, g in zip(model.parameters(), big):
+        assert torch.allclose(p.grad, g, atol=1e-6, rtol=1e-5), (p.grad - g).abs().max()
+
+
+def test_dry_run_plans_amber(capsys):
+    import train
+
+    plan = train.plan(config_from_dict(dict(model="amber_7b", **_amber_keys())), world_size=1)
+    out = capsys.readouterr().out
+    assert plan["tokens_per_step"] == 4_587_520 and plan["params"] == 6_738_415_616
+    assert set(plan["steps_per_chunk"]) == {762} and len(plan["steps_per_chunk"]) == 360
+    assert "2,240 sequences x 2,048 tokens = 4,587,520 tokens per step" in out and "224 devices" in out
+
+
+def _amber_keys():
+    from config import load_config
+
+    cfg = load_config([os.path.join(ROOT, "configs", "amber_7b.py")])
+    return dict(seq_len=cfg.seq_len, n_chunks=cfg.n_chunks, global_batch_size=cfg.global_batch_size,
+                micro_batch_size=cfg.micro_batch_size, parallel=cfg.parallel, data_dir="/nonexistent",
+                dry_run_sequences_per_chunk=cfg.dry_run_sequences_per_chunk)
+
+
+# -----------------------------------------------------------------------------
+# whole runs
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("train_corpus"))
+
+
+def run_values(corpus, name, **kw):
+    values = corpus_values(corpus, "data", **SMALL_MODEL, out_dir=str(corpus / name), warmup_steps=5, lr=1e-2,
+                           min_lr=1e-3, val_sequences=16, n_chunks=3, ckpt_interval=10)
+    values.update(kw)
+    return values
+
+
+def train(corpus, name, nproc=1, fault=None, expect_ok=True, **kw):
+    cfg_path = write_config(corpus / f"{name}.py", run_values(corpus, name, **kw))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("LLM360_FAULT", None)
+    if fault:
+        env["LLM360_FAULT"] = fault
+    if nproc == 1:
+        cmd = [sys.executable, os.path.join(ROOT, "train.py"), cfg_path]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29500 + os.getpid() % 1000), os.path.join(ROOT, "train.py"), cfg_path]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(corpus))
+    if expect_ok and not fault:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def final_weights(run_dir):
+    from safetensors.torch import load_file
+
+    last = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and n[5:].isdigit())[-1]
+    return load_file(os.path.join(run_dir, last, "model.safetensors"))
+
+
+def metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: r[k] for k in DETERMINISTIC if k in r} for r in map(json.loads, f)]
+
+
+def ledger(run_dir):
+    with open(os.path.join(run_dir, "ledger.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def reference(corpus):
+    """One uninterrupted single-process run."""
+    train(corpus, "ref")
+    return corpus / "ref"
+
+
+def test_run_writes_fp32_checkpoints_with_full_adamw_state(reference):
+    names = sorted(os.listdir(reference))
+    assert [n for n in names if n.startswith("ckpt_")] == ["ckpt_000", "ckpt_001", "ckpt_002"]  # rolling removed
+    model = Transformer(ModelConfig(vocab_size=400, max_seq_len=32, **SMALL_MODEL))
+    weights = final_weights(reference)
+    assert set(weights) == set(model.state_dict()) and all(t.dtype == torch.float32 for t in weights.values())
+    opt = torch.load(reference / "ckpt_002" / "optimizer.pt", weights_only=True)
+    n_params = len(list(model.parameters()))
+    assert len(opt["state"]) == n_params
+    assert all({"step", "exp_avg", "exp_avg_sq"} <= set(s) for s in opt["state"].values())
+    state = json.loads((reference / "ckpt_002" / "state.json").read_text())
+    assert state["finished"] and state["step"] == opt["state"][0]["step"].item()
+    rows = metrics(reference)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == state["step"] and np.mean(losses[-10:]) < np.mean(losses[:10]) - 1.0
+    assert sum("val_loss" in r for r in rows) == 3  # one validation per checkpoint
+    assert [e["event"] for e in ledger(reference)] == ["start"] + ["checkpoint"] * 3 + ["finish"]
+    # a finished run is not retrained
+    again = train(reference.parent, "ref")
+    assert "nothing to do" in again.stdout
+
+
+@pytest.mark.parametrize("fault", ["step:25", "save:2"], ids=["mid-chunk", "mid-checkpoint-write"])
+def test_sigkill_and_rerun_equals_uninterrupted(corpus, reference, fault):
+    name = "kill_" + fault.replace(":", "")
+    killed = train(corpus, name, fault=fault)
+    assert killed.returncode == -9  # SIGKILL
+    assert not os.path.exists(corpus / name / "ckpt_002")
+    train(corpus, name)  # the same command again
+    ref_w, got = final_weights(reference), final_weights(corpus / name)
+    assert all(torch.equal(ref_w[k], got[k]) for k in ref_w)  # bitwise
+    assert metrics(corpus / name) == metrics(reference)
+    assert "resume" in [e["event"] for e in ledger(corpus / name)]
+
+
+def rolling_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "ckpt_rolling", "model.safetensors"))
+
+
+def assert_same_training(a_dir, b_dir, tol):
+    """Losses of every step and the weights at the end agree within a relative tol."""
+    a, b = metrics(a_dir), metrics(b_dir)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) <= tol * abs(x["loss"]), (x, y)
+    wa, wb = rolling_weights(a_dir), rolling_weights(b_dir)
+    worst = max(((wb[k] - wa[k]).norm() / wa[k].norm()).item() for k in wa)
+    assert worst <= tol, worst
+    return worst
+
+
+@pytest.fixture(scope="module")
+def short_reference(corpus):
+    """12 steps in one process, stopped mid-chunk by max_steps: AdamW magnifies float
+    reordering over long runs, so data-parallel equality is checked over a short one."""
+    train(corpus, "short", max_steps=12, lr=1e-3)
+    return corpus / "short"
+
+
+@pytest.mark.slow
+def test_ddp_matches_one_process_and_resumes_bitwise(corpus, short_reference):
+    train(corpus, "ddp_short", nproc=2, max_steps=12, lr=1e-3)
+    assert_same_training(short_reference, corpus / "ddp_short", tol=1e-6)
+    train(corpus, "ddp", nproc=2)
+    killed = train(corpus, "ddp_kill", nproc=2, fault="step:40")
+    assert killed.returncode != 0
+    train(corpus, "ddp_kill", nproc=2)
+    ddp_w, resumed = final_weights(corpus / "ddp"), final_weights(corpus / "ddp_kill")
+    assert all(torch.equal(ddp_w[k], resumed[k]) for k in ddp_w)
+    assert metrics(corpus / "ddp_kill") == metrics(corpus / "ddp")
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_resumes_bitwise(corpus, short_reference):
+    train(corpus, "fsdp_short", nproc=2, parallel="fsdp", max_steps=12, lr=1e-3)
+    assert_same_training(short_reference, corpus / "fsdp_short", tol=1e-6)
+    train(corpus, "fsdp", nproc=2, parallel="fsdp")
+    assert os.path.isdir(corpus / "fsdp" / "ckpt_002" / "optimizer")  # distributed checkpoint, sharded
+    # resume under FSDP from its sharded optimizer state
+    killed = train(corpus, "fsdp_kill", nproc=2, parallel="fsdp", fault="step:40")
+    assert killed.returncode != 0
+    train(corpus, "fsdp_kill", nproc=2, parallel="fsdp")
+    fsdp_w, resumed = final_weights(corpus / "fsdp"), final_weights(corpus / "fsdp_kill")
+    assert all(torch.equal(fsdp_w[k], resumed[k]) for k in fsdp_w)
+
+
+def test_nan_chunk_is_skipped_and_replaced(corpus, reference):
+    train(corpus, "nan", nan_test_chunks=(1,))
+    events = ledger(corpus / "nan")
+    skips = [e for e in events if e["event"] == "skip_chunk"]
+    assert len(skips) == 1 and skips[0]["chunk"] == 1 and skips[0]["replacement"] == 0
+    final = json.loads((corpus / "nan" / "ckpt_003" / "state.json").read_text())
+    ref_state = json.loads((reference / "ckpt_002" / "state.json").read_text())
+    assert final["schedule"] == [0, 1, 2, 0] and final["step"] == ref_state["step"]  # all steps of the schedule
+    assert not os.path.exists(corpus / "nan" / "ckpt_001")  # nothing written for the skipped position
+    from safetensors.torch import load_file
+
+    for ckpt in ("ckpt_000", "ckpt_002", "ckpt_003"):
+        assert all(torch.isfinite(t).all() for t in load_file(corpus / "nan" / ckpt / "model.safetensors").values())
+
+
+def test_nan_stop_exits_cleanly_with_the_last_good_checkpoint(corpus):
+    proc = train(corpus, "nan_stop", nan_test_chunks=(1,), nan_policy="stop", expect_ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "non-finite loss" in proc.stderr and "last good checkpoint is ckpt_000" in proc.stderr
+    assert os.path.exists(corpus / "nan_stop" / "ckpt_000" / "state.json")
+
+
+def test_bad_input_gives_one_line_errors(corpus, reference):
+    proc = train(corpus, "bad1", expect_ok=False, data_dir=str(corpus / "nowhere"), sources={})
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "not prepared" in proc.stderr
+    proc = train(corpus, "bad2", expect_ok=False, vocab_size=300)
+    assert "vocab_size is 300" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    proc = train(corpus, "ref", expect_ok=False, n_layer=3)  # the reference run dir holds 2-layer checkpoints
+    assert "another model shape (n_layer=2)" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    proc = train(corpus, "bad3", expect_ok=False, lrr=1.0)
+    assert "did you mean 'lr'" in proc.stderr
