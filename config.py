@@ -54,6 +54,7 @@ class Config:
     peak_flops: float = 0.0  # per device, for MFU; 0: a known GPU's bf16 peak, or the measured float32 matmul rate
     dry_run: bool = False  # print the plan (memory, steps, time) without allocating the model
     dry_run_sequences_per_chunk: int = 0  # for the plan when the data dir is not prepared (AMBER: 1,706,976)
+    dry_run_world_size: int = 0  # devices for the plan; 0: one micro-batch per device, no accumulation
     # batch: sequences per optimizer step over all ranks, and per forward pass on one rank;
     # gradient accumulation = global_batch_size / (micro_batch_size * world size)
     global_batch_size: int = 32

@@ -387,13 +387,17 @@ def plan(cfg, world_size):
         source = f"from dry_run_sequences_per_chunk={cfg.dry_run_sequences_per_chunk:,}"
     else:
         raise ConfigError(f"{manifest_path} not found: prepare the data, or set dry_run_sequences_per_chunk")
-    # the world size the config is laid out for: one micro-batch per device, no accumulation
-    planned_world = world_size if world_size > 1 else max(1, G // cfg.micro_batch_size)
+    # the world size the config is laid out for; by default one micro-batch per device, no accumulation
+    planned_world = cfg.dry_run_world_size or (world_size if world_size > 1 else max(1, G // cfg.micro_batch_size))
+    grad_accum(cfg, planned_world)
     accum = G // (cfg.micro_batch_size * planned_world)
     fsdp = cfg.parallel == "fsdp"
     d, L = cfg.model.dim, cfg.model.n_layer
     states = 16 * n / (planned_world if fsdp else 1)  # fp32 weights, grads, AdamW exp_avg and exp_avg_sq
-    act_per_layer = (2 if cfg.activation_checkpointing else 34) * cfg.micro_batch_size * T * d  # bf16 bytes
+    # activations in bf16, about 34 s b h bytes per layer (Korthikanti et al. 2022); checkpointing keeps each
+    # block's input (2 s b h) and recomputes one block at a time
+    sbh = cfg.micro_batch_size * T * d
+    act = (2 * L + 34) * sbh if cfg.activation_checkpointing else 34 * L * sbh
     fpt = model.flops_per_token(T)
     total_tokens = sum(steps) * G * T
     gb = 2**30
@@ -404,8 +408,8 @@ def plan(cfg, world_size):
         f"data             {len(steps)} chunks, {min(steps):,}-{max(steps):,} steps per chunk ({source}), "
         f"{sum(steps):,} steps, {total_tokens / 1e9:,.2f}B tokens",
         f"memory/device    weights + grads + AdamW {states / gb:.1f} GiB ({'sharded by FSDP' if fsdp else 'replicated'}), "
-        f"activations ~{act_per_layer * L / gb:.1f} GiB ({'checkpointed' if cfg.activation_checkpointing else 'kept'}; "
-        "Korthikanti et al. 2022, flash attention)",
+        f"activations ~{act / gb:.1f} GiB ({'checkpointed' if cfg.activation_checkpointing else 'all kept'}, "
+        "an upper estimate after Korthikanti et al. 2022)",
     ]
     for name, flops in [("A100 bf16", 312e12), ("H100 bf16", 989e12)]:
         seconds = total_tokens * fpt / (planned_world * flops * 0.36)

@@ -7,8 +7,8 @@ model = "tiny"  # model.PRESETS["tiny"]: dim 256, 4 layers, 8 heads, SwiGLU 704,
 # data: a small "web + books + code" mix that installs with requirements.txt, no download.
 # weight = epochs over a source (0.5: a seeded half of its documents)
 sources = {
-    "code": {"builtin": "python_stdlib", "weight": 0.5},  # the standard library's .py files, tests left out
-    "books": {"builtin": "kjv", "weight": 1.0},  # King James Bible, one document per chapter
+    "code": {"builtin": "python_stdlib", "weight": 0.15},  # the standard library's .py files, tests left out
+    "books": {"builtin": "kjv", "weight": 0.4},  # King James Bible, one document per chapter
     "docs": {"builtin": "pydoc_topics", "weight": 1.0},  # Python's documentation topics: prose
 }
 tokenizer = "train"  # a SentencePiece BPE of vocab_size tokens, trained on a sample of the sources
@@ -21,13 +21,13 @@ seed = 1337
 # run
 out_dir = "runs/tiny"
 
-# batch: 32 x 256 = 8,192 tokens per optimizer step
-global_batch_size = 32
+# batch: 16 x 256 = 4,096 tokens per optimizer step, in 2 micro-batches of 8
+global_batch_size = 16
 micro_batch_size = 8
 
 # optimizer: AMBER's recipe, with a higher peak LR as small models take it
-lr = 3e-3
-min_lr = 3e-4  # lr / 10, as AMBER
+lr = 5e-3
+min_lr = 5e-4  # lr / 10, as AMBER
 warmup_steps = 20
 lr_schedule = "cosine"
 beta1 = 0.9
