@@ -262,3 +262,20 @@ def test_bad_input_gives_one_line_errors(corpus, reference):
     assert "another model shape (n_layer=2)" in proc.stderr and proc.stderr.strip().count("\n") == 0
     proc = train(corpus, "bad3", expect_ok=False, lrr=1.0)
     assert "did you mean 'lr'" in proc.stderr
+
+
+def test_activation_checkpointing_changes_nothing_but_memory(corpus, short_reference):
+    train(corpus, "ac_short", max_steps=12, lr=1e-3, activation_checkpointing=True)
+    assert metrics(corpus / "ac_short") == metrics(short_reference)  # recomputation is exact on a CPU
+    a, b = rolling_weights(short_reference), rolling_weights(corpus / "ac_short")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_starts_a_new_run_from_another_runs_checkpoint(corpus, reference):
+    train(corpus, "continued", max_steps=3, init_from=str(reference / "ckpt_000"))
+    first = metrics(corpus / "continued")[0]
+    fresh = metrics(reference)[0]
+    assert first["step"] == 1 and first["loss"] < fresh["loss"] - 1.0  # starts from trained weights
+    assert any(e["event"] == "init_from" for e in ledger(corpus / "continued"))
+    proc = train(corpus, "continued_bad", expect_ok=False, init_from=str(reference / "ckpt_000"), n_layer=3)
+    assert "another model shape" in proc.stderr
