@@ -1,0 +1,542 @@
+"""
+Evaluation of every checkpoint of a run: perplexity, the Open LLM Leaderboard's
+multiple-choice benchmarks, code benchmarks, and an lm-evaluation-harness adapter.
+
+    python evaluate.py RUN_DIR --tasks=ppl,arc_challenge,hellaswag,mmlu,truthfulqa_mc \\
+                       --task_dir=DIR [--checkpoints=ckpt_003,ckpt_007] [--limit=N] [--text=FILE]
+    python evaluate.py AMBER_CKPT_DIR ...     a Hugging Face Llama folder, or a folder of them
+
+Task files are the public datasets' rows, saved by the user as JSON lines or
+parquet in --task_dir: TASK.jsonl (the split evaluated) and TASK_train.jsonl (the
+split few-shot examples come from; MMLU: mmlu_dev.jsonl). Prompts are built the
+way lm-evaluation-harness 0.4 builds them, with the leaderboard's few-shot counts
+(ARC-Challenge 25, HellaSwag 10, MMLU 5, TruthfulQA 0), and choices are scored by
+log-likelihood: acc, acc_norm (divided by the choice's length in characters),
+TruthfulQA mc1 and mc2. HumanEval and MBPP are pass@1, greedy, run in a sandboxed
+subprocess. Results go to RUN_DIR/evals.jsonl line by line (a rerun skips what is
+there), then evals.csv and, with matplotlib, evals.png.
+
+With lm_eval installed, `import evaluate; evaluate.register_lm_eval()` registers
+model "llm360" (model_args="checkpoint=PATH"), to run any harness task.
+"""
+
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+from model import KVCache, load_hf
+
+FEWSHOT = {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "truthfulqa_mc": 0}
+FEWSHOT_SPLIT = {"mmlu": "dev"}
+FEWSHOT_SEED = 1234
+
+
+class EvalError(ValueError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# a model and its tokenizer, from a checkpoint of ours or a Hugging Face folder
+
+
+def load_for_eval(path, device="cpu"):
+    """(model, tokenizer, info) of a checkpoint folder of ours or a Hugging Face folder."""
+    if os.path.exists(os.path.join(path, "state.json")):
+        from train import load_model
+
+        model = load_model(path, device)
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+        tok = data.load_tokenizer(state["config"]["data_dir"])
+        info = {"step": state["step"], "tokens": state["tokens"], "data_dir": state["config"]["data_dir"]}
+    elif os.path.exists(os.path.join(path, "config.json")):
+        model = load_hf(path, device=device)
+        tok_file = os.path.join(path, "tokenizer.model")
+        if not os.path.exists(tok_file):
+            raise EvalError(f"{path}: no tokenizer.model (SentencePiece) beside the weights")
+        with open(tok_file, "rb") as f:
+            tok = data.Tokenizer("sentencepiece", f.read())
+        info = {"step": None, "tokens": None, "data_dir": None}
+    else:
+        raise EvalError(f"{path} is neither a checkpoint of ours (state.json) nor a Hugging Face folder (config.json)")
+    return model.eval(), tok, info
+
+
+def list_checkpoints(run_dir):
+    """A run's checkpoints in training order, a folder of HF checkpoints, or one HF folder."""
+    if os.path.exists(os.path.join(run_dir, "config.json")) and not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        return [run_dir]
+    names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and not n.endswith(".tmp")
+                   and os.path.isdir(os.path.join(run_dir, n)) and n != "ckpt_rolling")
+    found = [os.path.join(run_dir, n) for n in names
+             if os.path.exists(os.path.join(run_dir, n, "state.json")) or os.path.exists(os.path.join(run_dir, n, "config.json"))]
+    if not found:
+        raise EvalError(f"{run_dir} holds no checkpoints (ckpt_NNN folders); train first, or give a checkpoint folder")
+    return found
+
+
+# -----------------------------------------------------------------------------
+# log-likelihoods, the shared context computed once
+
+
+def encode_pair(tok, context, continuation):
+    """Token ids of (context, continuation) as lm-evaluation-harness splits them: trailing
+    spaces of the context move to the continuation, and the continuation's ids are those
+    of the whole string after the context's."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    whole, ctx = tok.encode(context + continuation), tok.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+@torch.no_grad()
+def score_continuations(model, ctx_ids, conts, prefix_id):
+    """[(sum log p(continuation | context), is greedy)] for continuations of one context.
+
+    The context runs once into a KV cache; all continuations then run as one batch
+    (right-padded, the padding never scored). An empty context starts from prefix_id
+    (EOS), as the harness does. Too long inputs keep their last max_seq_len tokens.
+    """
+    max_len = model.config.max_seq_len
+    ctx_ids = list(ctx_ids) or [prefix_id]
+    longest = max(len(c) for c in conts)
+    ctx_ids = ctx_ids[-max(1, max_len - longest):]
+    device = model.tok_emb.weight.device
+    K = len(conts)
+    cache = KVCache(model.config, 1, len(ctx_ids) + longest, device)
+    logits, _ = model(torch.tensor([ctx_ids], device=device), cache=cache, pos=0)
+    first = F.log_softmax(logits[0, -1].float(), -1)  # the prediction of each continuation's first token
+    for i in range(model.config.n_layer):  # the same context for every continuation: expand the cache
+        cache.k[i], cache.v[i] = cache.k[i].expand(K, -1, -1, -1).clone(), cache.v[i].expand(K, -1, -1, -1).clone()
+    cache.shape = (K,) + cache.shape[1:]
+    out = []
+    if longest > 1:
+        batch = torch.zeros(K, longest - 1, dtype=torch.long, device=device)
+        for k, c in enumerate(conts):
+            batch[k, : len(c) - 1] = torch.tensor(c[:-1])
+        logits, _ = model(batch, cache=cache, pos=len(ctx_ids))
+        logp = F.log_softmax(logits.float(), -1)  # (K, longest - 1, V)
+    for k, c in enumerate(conts):
+        lp = [first] + ([logp[k, j] for j in range(len(c) - 1)] if len(c) > 1 else [])
+        ll = sum(lp[j][t].item() for j, t in enumerate(c))
+        greedy = all(int(lp[j].argmax()) == t for j, t in enumerate(c))
+        out.append((ll, greedy))
+    return out
+
+
+def loglikelihoods(model, tok, requests):
+    """[(ll, is_greedy)] for [(context, continuation)], contexts shared where equal."""
+    by_context = {}
+    for i, (context, continuation) in enumerate(requests):
+        ctx, cont = encode_pair(tok, context, continuation)
+        by_context.setdefault(tuple(ctx), []).append((i, cont))
+    results = [None] * len(requests)
+    for ctx, items in by_context.items():
+        for (i, _), r in zip(items, score_continuations(model, ctx, [c for _, c in items], tok.eos_id)):
+            results[i] = r
+    return results
+
+
+# -----------------------------------------------------------------------------
+# perplexity
+
+
+@torch.no_grad()
+def sequence_losses(model, seqs, batch_size=8):
+    """(sum of token losses, number of tokens) over rows (n, L) with -1 as padding."""
+    total, count = 0.0, 0
+    device = model.tok_emb.weight.device
+    for i in range(0, len(seqs), batch_size):
+        rows = torch.as_tensor(seqs[i : i + batch_size], dtype=torch.long, device=device)
+        x, y = rows[:, :-1].clamp(min=0), rows[:, 1:]
+        logits, _ = model(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
+                               reduction="sum")
+        total, count = total + loss.item(), count + int((y != -1).sum())
+    return total, count
+
+
+def perplexity_val(model, data_dir, limit=None):
+    """{source: (loss, ppl), ..., "all": (loss, ppl)} on the held-out split of a data dir."""
+    manifest = data.load_manifest(data_dir)
+    if not manifest.get("val") or manifest["val"]["sequences"] == 0:
+        raise EvalError(f"{data_dir} has no validation split")
+    tokens, src = data.open_split(data_dir, manifest["val"])
+    n = len(tokens) if limit is None else min(limit, len(tokens))
+    out, sums = {}, [0.0, 0]
+    for s in manifest["sources"]:
+        rows = np.asarray(tokens[:n][src[:n] == s["id"]], dtype=np.int64)
+        if len(rows):
+            total, count = sequence_losses(model, rows)
+            out[s["name"]] = (total / count, math.exp(total / count))
+            sums = [sums[0] + total, sums[1] + count]
+    out["all"] = (sums[0] / sums[1], math.exp(sums[0] / sums[1]))
+    return out
+
+
+def perplexity_text(model, tok, text):
+    """(loss, ppl) of a text: EOS, then its tokens, in windows of max_seq_len + 1 that
+    overlap by one token; the last window is padded with -1, never counted."""
+    ids = [tok.eos_id] + tok.encode(text)
+    L = model.config.max_seq_len + 1
+    rows = []
+    for start in range(0, max(1, len(ids) - 1), L - 1):
+        row = ids[start : start + L]
+        rows.append(row + [-1] * (L - len(row)))
+    total, count = sequence_losses(model, np.asarray(rows, dtype=np.int64))
+    return total / count, math.exp(total / count)
+
+
+# -----------------------------------------------------------------------------
+# multiple-choice tasks, as lm-evaluation-harness 0.4 builds them
+
+
+def _hellaswag_clean(text):
+    text = text.strip().replace(" [title]", ". ")
+    text = re.sub(r"\[.*?\]", "", text)
+    return text.replace("  ", " ")
+
+
+def truthfulqa_primer():
+    """TruthfulQA's fixed question-answer primer, read from the installed harness's task
+    file (we do not ship a copy); TRUTHFULQA_PRIMER=FILE gives it from a file instead."""
+    if os.environ.get("TRUTHFULQA_PRIMER"):
+        with open(os.environ["TRUTHFULQA_PRIMER"]) as f:
+            return f.read()
+    try:
+        import lm_eval
+        import yaml
+    except ImportError:
+        raise EvalError("truthfulqa_mc needs its QA primer: pip install -r requirements-eval.txt "
+                        "(read from lm_eval's task file) or set TRUTHFULQA_PRIMER=FILE") from None
+    path = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "truthfulqa", "truthfulqa_mc1.yaml")
+    with open(path) as f:
+        template = yaml.safe_load(f)["doc_to_text"]
+    return re.search(r"set prompt_qa = '(.*?)'\s*%}", template, re.S).group(1)
+
+
+def build(task, doc):
+    """(prompt, [choices], gold) of one row, without few-shot examples."""
+    if task == "arc_challenge":
+        return f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"]), \
+            list(doc["choices"]["label"]).index(doc["answerKey"])
+    if task == "hellaswag":
+        ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+        return _hellaswag_clean(doc["activity_label"] + ": " + ctx), [_hellaswag_clean(e) for e in doc["endings"]], \
+            int(doc["label"])
+    if task == "mmlu":
+        c = doc["choices"]
+        return (f"{doc['question'].strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:",
+                ["A", "B", "C", "D"], int(doc["answer"]))
+    if task == "truthfulqa_mc":
+        return f"{truthfulqa_primer()}\n\nQ: {doc['question']}\nA:", list(doc["mc1_targets"]["choices"]), 0
+    raise EvalError(f"unknown multiple-choice task {task!r}")
+
+
+def contexts(task, docs, shots_from, n_shots):
+    """The full prompt of every doc: description, n_shots examples, the doc's prompt.
+    Examples are the first n_shots of the few-shot split (MMLU, as the harness), or
+    of a permutation of it seeded with 1234 (ARC, HellaSwag); never the doc itself."""
+    order = list(range(len(shots_from)))
+    if task != "mmlu":
+        order = list(np.random.default_rng(FEWSHOT_SEED).permutation(len(shots_from)))
+    out = []
+    for doc in docs:
+        shots = [shots_from[i] for i in order if shots_from[i] is not doc and shots_from[i] != doc][:n_shots]
+        parts = []
+        for s in shots:
+            prompt, choices, gold = build(task, s)
+            parts.append(f"{prompt} {choices[gold]}")
+        parts.append(build(task, doc)[0])
+        prefix = ""
+        if task == "mmlu":
+            prefix = f"The following are multiple choice questions (with answers) about {doc['subject'].replace('_', ' ')}.\n\n"
+        out.append(prefix + "\n\n".join(parts))
+    return out
+
+
+def multiple_choice(model, tok, task, docs, shots_from, n_shots=None):
+    """{metric: value} and per-doc results of a multiple-choice task."""
+    n_shots = FEWSHOT[task] if n_shots is None else n_shots
+    ctxs = contexts(task, docs, shots_from or [], n_shots)
+    per_doc = []
+    for doc, ctx in zip(docs, ctxs):
+        _, choices, gold = build(task, doc)
+        if task == "truthfulqa_mc":
+            mc2 = list(doc["mc2_targets"]["choices"])
+            lls = [ll for ll, _ in loglikelihoods(model, tok, [(ctx, " " + c) for c in choices + mc2])]
+            lls1, lls2 = np.array(lls[: len(choices)]), np.array(lls[len(choices):])
+            probs = np.exp(lls2) / np.exp(lls2).sum()
+            per_doc.append({"mc1": float(np.argmax(lls1) == 0),
+                            "mc2": float(probs[np.array(doc["mc2_targets"]["labels"]) == 1].sum())})
+            continue
+        lls = np.array([ll for ll, _ in loglikelihoods(model, tok, [(ctx, " " + c) for c in choices])])
+        lengths = np.array([float(len(c)) for c in choices])
+        per_doc.append({"acc": float(np.argmax(lls) == gold), "acc_norm": float(np.argmax(lls / lengths) == gold)})
+    metrics = {k: float(np.mean([d[k] for d in per_doc])) for k in per_doc[0]} if per_doc else {}
+    return metrics, per_doc
+
+
+# -----------------------------------------------------------------------------
+# code benchmarks: generated code runs only in a sandboxed subprocess
+
+HUMANEVAL_STOP = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]
+
+# runs before the sample in the child process: no processes, no shell, no deleting files
+_GUARD = """
+import builtins, os, shutil, subprocess, sys
+for _name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "execve", "execvp", "spawnl",
+              "spawnv", "remove", "unlink", "rmdir", "removedirs", "rename", "replace", "putenv", "chmod"):
+    setattr(os, _name, None)
+shutil.rmtree = shutil.move = None
+subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = None
+"""
+
+
+def run_sandboxed(program, timeout=10.0, memory_mb=512):
+    """Run Python source in a separate process: its own temporary folder, an empty
+    environment, limits on CPU time, memory, file size and processes, and a guard that
+    disables process and file-removal calls. Returns "passed", "failed" or "timeout"."""
+    import resource
+
+    def limits():
+        os.setsid()
+        resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2**20, memory_mb * 2**20))
+        resource.setrlimit(resource.RLIMIT_CPU, (int(timeout) + 1, int(timeout) + 1))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (10 * 2**20, 10 * 2**20))
+        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # not enforced for root; the guard covers it
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "sample.py")
+        with open(path, "w") as f:
+            f.write(_GUARD + "\n" + program)
+        try:
+            proc = subprocess.run([sys.executable, "-I", path], cwd=folder, env={"PATH": "/usr/bin:/bin"},
+                                  capture_output=True, timeout=timeout, preexec_fn=limits)
+        except subprocess.TimeoutExpired:
+            return "timeout"
+    return "passed" if proc.returncode == 0 else "failed"
+
+
+def complete(model, tok, prompt, max_new_tokens, stop):
+    keep = max(1, model.config.max_seq_len - max_new_tokens)  # the prompt's last tokens that fit beside the answer
+    ids = ([tok.eos_id] + tok.encode(prompt))[-keep:]
+    out = model.generate(torch.tensor([ids], device=model.tok_emb.weight.device), max_new_tokens)
+    text = tok.decode(out[0, len(ids):].tolist())
+    cut = min([text.find(s) for s in stop if s in text] or [len(text)])
+    return text[:cut]
+
+
+def code_task(model, tok, task, docs, max_new_tokens=128, timeout=10.0):
+    per_doc = []
+    for doc in docs:
+        if task == "humaneval":
+            body = complete(model, tok, doc["prompt"], max_new_tokens, HUMANEVAL_STOP)
+            program = doc["prompt"] + body + "\n\n" + doc["test"] + f"\n\ncheck({doc['entry_point']})\n"
+        else:  # mbpp: the problem and its first test as a docstring, as in the MBPP paper
+            prompt = f'"""\n{doc["text"]}\n{doc["test_list"][0]}\n"""\n'
+            body = complete(model, tok, prompt, max_new_tokens, ['\n"""', "\nassert", "\nif __name__", "\nprint("])
+            program = body + "\n" + doc.get("test_setup_code", "") + "\n" + "\n".join(doc["test_list"]) + "\n"
+        per_doc.append({"task_id": doc["task_id"], "result": run_sandboxed(program, timeout)})
+    n = len(per_doc)
+    return {"pass@1": sum(d["result"] == "passed" for d in per_doc) / max(1, n),
+            "timeouts": sum(d["result"] == "timeout" for d in per_doc)}, per_doc
+
+
+# -----------------------------------------------------------------------------
+# task files and the sweep over checkpoints
+
+
+def read_rows(path):
+    if path.endswith(".parquet"):
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_table(path).to_pylist()
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def task_file(task_dir, name):
+    for ext in (".jsonl", ".parquet"):
+        if os.path.exists(os.path.join(task_dir, name + ext)):
+            return os.path.join(task_dir, name + ext)
+    return None
+
+
+def load_task(task_dir, task):
+    """(eval rows, few-shot rows, sha256 of the files) of a task."""
+    path = task_file(task_dir, task)
+    if path is None:
+        raise EvalError(f"no {task}.jsonl or {task}.parquet in {task_dir}: save the task's rows there")
+    shots_path = task_file(task_dir, f"{task}_{FEWSHOT_SPLIT.get(task, 'train')}")
+    h = hashlib.sha256()
+    for p in (path, shots_path):
+        if p:
+            h.update(open(p, "rb").read())
+    if FEWSHOT.get(task) and shots_path is None:
+        raise EvalError(f"{task} is {FEWSHOT[task]}-shot: save its few-shot split as "
+                        f"{task}_{FEWSHOT_SPLIT.get(task, 'train')}.jsonl in {task_dir}")
+    return read_rows(path), read_rows(shots_path) if shots_path else [], h.hexdigest()
+
+
+def evaluate_checkpoint(model, tok, info, task, task_dir, limit=None, text=None):
+    """[{metric, value, n, task_sha256}] of one task on one model."""
+    if task == "ppl":
+        if text:
+            loss, ppl = perplexity_text(model, tok, open(text).read())
+            sha = hashlib.sha256(open(text, "rb").read()).hexdigest()
+            return [{"metric": "loss", "value": loss, "n": 1, "task_sha256": sha},
+                    {"metric": "ppl", "value": ppl, "n": 1, "task_sha256": sha}]
+        res = perplexity_val(model, info["data_dir"], limit)
+        sha = data.manifest_sha256(info["data_dir"])
+        return [{"metric": f"ppl/{k}", "value": ppl, "n": None, "task_sha256": sha} for k, (_, ppl) in res.items()]
+    docs, shots, sha = load_task(task_dir, task)
+    docs = docs[:limit] if limit else docs
+    if task in ("humaneval", "mbpp"):
+        metrics, _ = code_task(model, tok, task, docs)
+    else:
+        metrics, _ = multiple_choice(model, tok, task, docs, shots)
+    return [{"metric": k, "value": v, "n": len(docs), "task_sha256": sha} for k, v in metrics.items()]
+
+
+def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None, device="cpu"):
+    """Evaluate every checkpoint x task not yet in RUN_DIR/evals.jsonl; return all rows."""
+    out_path = os.path.join(run_dir, "evals.jsonl")
+    done = set()
+    if os.path.exists(out_path):
+        with open(out_path) as f:
+            for row in map(json.loads, f):
+                done.add((row["checkpoint"], row["task"], row["task_sha256"]))
+    for path in list_checkpoints(run_dir):
+        name = os.path.basename(os.path.normpath(path))
+        if checkpoints and name not in checkpoints:
+            continue
+        model = tok = None
+        for task in tasks:
+            if task not in ("ppl", "humaneval", "mbpp") and task not in FEWSHOT:
+                raise EvalError(f"unknown task {task!r}; known: ppl, {', '.join(FEWSHOT)}, humaneval, mbpp")
+            sha = None
+            if task != "ppl":
+                sha = load_task(task_dir, task)[2]
+            elif text:
+                sha = hashlib.sha256(open(text, "rb").read()).hexdigest()
+            if model is None:
+                model, tok, info = load_for_eval(path, device)
+            if task == "ppl" and not text:
+                sha = data.manifest_sha256(info["data_dir"])
+            if (name, task, sha) in done:
+                continue
+            rows = evaluate_checkpoint(model, tok, info, task, task_dir, limit, text)
+            with open(out_path, "a") as f:
+                for r in rows:
+                    f.write(json.dumps({"checkpoint": name, "step": info["step"], "tokens": info["tokens"],
+                                        "task": task, **r}) + "\n")
+            print(f"{name} {task}: " + ", ".join(f"{r['metric']} {r['value']:.4f}" for r in rows), flush=True)
+    with open(out_path) as f:
+        rows = [json.loads(line) for line in f]
+    write_table(run_dir, rows)
+    return rows
+
+
+def write_table(run_dir, rows):
+    """evals.csv (checkpoint x task/metric) and, with matplotlib, evals.png (curves over tokens)."""
+    keys = sorted({f"{r['task']}/{r['metric']}" for r in rows})
+    ckpts = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    table = {(r["checkpoint"], f"{r['task']}/{r['metric']}"): r["value"] for r in rows}
+    tokens = {r["checkpoint"]: r["tokens"] for r in rows}
+    with open(os.path.join(run_dir, "evals.csv"), "w") as f:
+        f.write(",".join(["checkpoint", "tokens"] + keys) + "\n")
+        for c in ckpts:
+            f.write(",".join([c, str(tokens[c])] + [f"{table[(c, k)]:.6g}" if (c, k) in table else "" for k in keys]) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        xs = [tokens[c] if tokens[c] is not None else i for i, c in enumerate(ckpts) if (c, k) in table]
+        ax.plot(xs, [table[(c, k)] for c in ckpts if (c, k) in table], marker="o")
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("tokens seen")
+    fig.tight_layout()
+    fig.savefig(os.path.join(run_dir, "evals.png"), dpi=100)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# lm-evaluation-harness adapter
+
+
+def register_lm_eval():
+    """Register model "llm360" with lm_eval (optional dependency)."""
+    try:
+        from lm_eval.api.model import LM
+        from lm_eval.api.registry import register_model
+    except ImportError:
+        raise EvalError("the lm_eval adapter needs lm-evaluation-harness: pip install -r requirements-eval.txt") from None
+
+    @register_model("llm360")
+    class LLM360LM(LM):
+        def __init__(self, checkpoint, device="cpu", **kwargs):
+            super().__init__()
+            self.model, self.tok, _ = load_for_eval(checkpoint, device)
+
+        def loglikelihood(self, requests, disable_tqdm=False):
+            return loglikelihoods(self.model, self.tok, [r.args for r in requests])
+
+        def loglikelihood_rolling(self, requests, disable_tqdm=False):
+            out = []
+            for r in requests:
+                loss, _ = perplexity_text(self.model, self.tok, r.args[0])
+                n = len(self.tok.encode(r.args[0]))
+                out.append(-loss * n)
+            return out
+
+        def generate_until(self, requests, disable_tqdm=False):
+            out = []
+            for r in requests:
+                context, kwargs = r.args
+                until = kwargs.get("until") or [self.tok.decode([self.tok.eos_id])]
+                out.append(complete(self.model, self.tok, context, kwargs.get("max_gen_toks", 256),
+                                    [until] if isinstance(until, str) else until))
+            return out
+
+    return LLM360LM
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    if not argv or argv[0].startswith("--"):
+        sys.exit("usage: python evaluate.py RUN_DIR --tasks=ppl,arc_challenge,... [--task_dir=DIR] "
+                 "[--checkpoints=a,b] [--limit=N] [--text=FILE] [--device=cpu]")
+    opts = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
+    unknown = set(opts) - {"tasks", "task_dir", "checkpoints", "limit", "text", "device"}
+    try:
+        if unknown:
+            raise EvalError(f"unknown option(s) {', '.join(sorted(unknown))}")
+        sweep(argv[0], opts.get("tasks", "ppl").split(","), opts.get("task_dir"),
+              opts["checkpoints"].split(",") if "checkpoints" in opts else None,
+              int(opts["limit"]) if "limit" in opts else None, opts.get("text"), opts.get("device", "cpu"))
+    except (EvalError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
