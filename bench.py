@@ -3,6 +3,7 @@ Benchmark of model.py against transformers on this machine, in float32.
 
     python bench.py [model] [CONFIG] [--key=value ...]    # default configs/tiny.py
     python bench.py data [CONFIG] [--key=value ...]
+    python bench.py eval [CONFIG] [--key=value ...]
 
 `model` times, in one run and on the same weights and batch:
   1. one training step (forward + backward + AdamW) of our model and of
@@ -18,8 +19,13 @@ Needs requirements-dev.txt (transformers).
 `data` prepares the config's data dir if needed, then times the tokenization of
 all its sources with 1 and 2 worker processes, and the reader's time per
 optimizer step against the time of that training step.
+
+`eval` times multiple-choice scoring (4 choices, 5-shot ARC-style contexts of
+made-up words) with evaluate.py against lm_eval's HFLM on the exported Hugging
+Face copy of the same weights.
 """
 
+import os
 import statistics
 import sys
 import time
@@ -192,11 +198,68 @@ def bench_data(cfg):
           f"({reader.accum} micro-batches), {100 * t_read / t_step:.3f}% of a {t_step:.2f} s training step")
 
 
+def bench_eval(cfg, n_items=40, n_shots=5):
+    """Multiple-choice items/s, 4 choices and a few-shot context: our scorer against
+    lm_eval's HFLM on the exported Hugging Face copy of the same weights."""
+    import random
+    import tempfile
+
+    import transformers
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    import data
+    import evaluate as ev
+    from model import save_hf
+
+    manifest = data.prepare(cfg, progress=False)
+    tok = data.load_tokenizer(cfg.data_dir, manifest)
+    model = Transformer(cfg.model)
+    model.init_weights(cfg.seed)
+    model.eval()
+    rng = random.Random(0)
+    words = "the of and to in is was for on that with as by at from his her which or be".split()
+
+    def w(n):
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    rows = [{"question": w(12) + "?", "choices": {"text": [w(3) for _ in range(4)], "label": list("ABCD")},
+             "answerKey": "ABCD"[i % 4]} for i in range(n_items + n_shots)]
+    docs, shots = rows[:n_items], rows[n_items:]
+    ctxs = ev.contexts("arc_challenge", docs, shots, n_shots)
+    requests = [Instance(request_type="loglikelihood", doc=d, arguments=(c, " " + choice), idx=i)
+                for d, c in zip(docs, ctxs) for i, choice in enumerate(d["choices"]["text"])]
+    with tempfile.TemporaryDirectory() as folder:
+        save_hf(model, folder, bos_token_id=1, eos_token_id=2)
+        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
+            f.write(tok.blob)
+        hf_tok = transformers.LlamaTokenizer.from_pretrained(folder, add_bos_token=False, legacy=True)
+        hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    lm = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=16, max_length=cfg.model.max_seq_len)
+    n_tokens = statistics.mean(len(tok.encode(c)) for c in ctxs)
+    print(f"{n_items} items, 4 choices, {n_shots}-shot contexts of {n_tokens:.0f} tokens on average")
+
+    def ours():
+        ev.multiple_choice(model, tok, "arc_challenge", docs, shots, n_shots)
+
+    def theirs():
+        lm.loglikelihood(requests, disable_tqdm=True)
+
+    ours(), theirs()
+    t_ours, t_theirs = [], []
+    for _ in range(3):
+        t_ours.append(timed(ours, 1))
+        t_theirs.append(timed(theirs, 1))
+    a, b = n_items / statistics.median(t_ours), n_items / statistics.median(t_theirs)
+    print(f"ours (shared context, KV cache)     {a:7.1f} items/s")
+    print(f"lm_eval HFLM (batch 16)             {b:7.1f} items/s   ours {a / b:.2f}x")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    mode = args.pop(0) if args and args[0] in ("model", "data") else "model"
+    mode = args.pop(0) if args and args[0] in ("model", "data", "eval") else "model"
     try:
         cfg = load_config(args or ["configs/tiny.py"])
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    bench_data(cfg) if mode == "data" else main(cfg)
+    {"model": main, "data": bench_data, "eval": bench_eval}[mode](cfg)

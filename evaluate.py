@@ -275,9 +275,9 @@ def multiple_choice(model, tok, task, docs, shots_from, n_shots=None):
     for doc, ctx in zip(docs, ctxs):
         _, choices, gold = build(task, doc)
         if task == "truthfulqa_mc":
-            mc2 = list(doc["mc2_targets"]["choices"])
-            lls = [ll for ll, _ in loglikelihoods(model, tok, [(ctx, " " + c) for c in choices + mc2])]
-            lls1, lls2 = np.array(lls[: len(choices)]), np.array(lls[len(choices):])
+            mc2 = list(doc["mc2_targets"]["choices"])  # scored as its own batch, as the harness's mc2 task
+            lls1 = np.array([ll for ll, _ in loglikelihoods(model, tok, [(ctx, " " + c) for c in choices])])
+            lls2 = np.array([ll for ll, _ in loglikelihoods(model, tok, [(ctx, " " + c) for c in mc2])])
             probs = np.exp(lls2) / np.exp(lls2).sum()
             per_doc.append({"mc1": float(np.argmax(lls1) == 0),
                             "mc2": float(probs[np.array(doc["mc2_targets"]["labels"]) == 1].sum())})

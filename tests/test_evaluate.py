@@ -1,0 +1,285 @@
+"""evaluate.py: prompts and scores equal lm-evaluation-harness's on the same rows,
+accuracy that can fail, perplexity by hand, a sandbox that contains bad code, and a
+sweep that never evaluates twice."""
+
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate as ev
+from conftest import corpus_values, make_corpus, write_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ["alpha", "beta", "gamma", "delta", "red", "blue", "cat", "dog", "sun", "moon"]
+
+
+def w(rng, n):
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def write_rows(path, rows):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def make_tasks(folder, seed=0):
+    """Made-up rows in each benchmark's published schema (no real rows copied)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arc = [{"id": f"q{i}", "question": w(rng, 6) + "?", "choices": {"text": [w(rng, 2) for _ in range(4)],
+            "label": ["A", "B", "C", "D"]}, "answerKey": "ABCD"[i % 4]} for i in range(10)]
+    hs = [{"ind": i, "activity_label": "Making " + w(rng, 1), "ctx_a": w(rng, 5) + ".", "ctx_b": w(rng, 3),
+           "endings": [w(rng, 4) + " [title] " + w(rng, 1) for _ in range(4)], "label": str(i % 4)} for i in range(10)]
+    mmlu = [{"question": w(rng, 5) + "?", "subject": "anatomy", "choices": [w(rng, 2) for _ in range(4)],
+             "answer": i % 4} for i in range(10)]
+    tqa = [{"question": w(rng, 5) + "?", "mc1_targets": {"choices": [w(rng, 3) for _ in range(4)], "labels": [1, 0, 0, 0]},
+            "mc2_targets": {"choices": [w(rng, 3) for _ in range(5)], "labels": [1, 1, 0, 0, 0]}} for _ in range(5)]
+    for name, rows in [("arc_challenge", arc[:5]), ("arc_challenge_train", arc[5:]), ("hellaswag", hs[:5]),
+                       ("hellaswag_train", hs[5:]), ("mmlu", mmlu[:5]), ("mmlu_dev", mmlu[5:]), ("truthfulqa_mc", tqa)]:
+        write_rows(folder / f"{name}.jsonl", rows)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A small trained run: a few checkpoints of a 2-layer model over the test corpus."""
+    root = make_corpus(tmp_path_factory.mktemp("eval_corpus"))
+    values = corpus_values(root, "data", dim=64, n_layer=2, n_head=4, intermediate_size=128, out_dir=str(root / "run"),
+                           warmup_steps=5, lr=1e-2, min_lr=1e-3, val_sequences=16, n_chunks=2, seq_len=64,
+                           max_seq_len=256)
+    cfg = write_config(root / "cfg.py", values)
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), cfg], check=True, capture_output=True, cwd=root)
+    return root
+
+
+# -----------------------------------------------------------------------------
+# against lm-evaluation-harness
+
+
+HARNESS_TASKS = {  # our task -> (harness YAML under lm_eval/tasks, harness task name, split file)
+    "arc_challenge": ("arc/arc_challenge.yaml", "arc_challenge", "test"),
+    "hellaswag": ("hellaswag/hellaswag.yaml", "hellaswag", "validation"),
+    "mmlu": ("mmlu/default/mmlu_anatomy.yaml", "mmlu_anatomy", "test"),
+    "truthfulqa_mc": ("truthfulqa/truthfulqa_mc2.yaml", "truthfulqa_mc2", "validation"),
+}
+
+
+def local_harness_task(folder, ours):
+    """A YAML task that includes the harness's own task and reads our rows from disk."""
+    import lm_eval
+
+    yaml_path, name, split = HARNESS_TASKS[ours]
+    real = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", yaml_path)
+    text = (f"include: {real}\ntask: local_{name}\ndataset_path: json\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    {split}: {folder / (ours + '.jsonl')}\n"
+            f"{'test_split' if split == 'test' else 'validation_split'}: {split}\n")
+    if split == "test":
+        text += "validation_split: null\n"
+    else:
+        text += "test_split: null\n"
+    text += "training_split: null\nfewshot_split: null\n"
+    (folder / f"local_{name}.yaml").write_text(text)
+    return f"local_{name}"
+
+
+def test_prompts_and_scores_equal_the_harness(run, tmp_path, monkeypatch):
+    """0-shot through lm_eval itself, with our adapter serving the log-likelihoods: the
+    request strings lm_eval builds equal ours, and so do acc, acc_norm and mc2."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tasks = make_tasks(tmp_path / "tasks")
+    names = {ours: local_harness_task(tasks, ours) for ours in HARNESS_TASKS}
+    LM = ev.register_lm_eval()
+    lm = LM(checkpoint=str(run / "run" / "ckpt_001"))
+    out = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), num_fewshot=0, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tasks)), bootstrap_iters=0)
+    for ours, theirs in names.items():
+        docs, _, _ = ev.load_task(str(tasks), ours)
+        samples = out["samples"][theirs]
+        ctxs = ev.contexts(ours, docs, [], 0)
+        for s in samples:
+            doc_id = s["doc_id"]
+            _, choices, _ = ev.build(ours, docs[doc_id])
+            if ours == "truthfulqa_mc":
+                choices = docs[doc_id]["mc2_targets"]["choices"]
+            assert [a[0] for a in s["arguments"]] == [ctxs[doc_id]] * len(choices)  # the prompt
+            assert [a[1] for a in s["arguments"]] == [" " + c for c in choices]  # the continuations
+            ours_ll = [ll for ll, _ in ev.loglikelihoods(lm.model, lm.tok, [(ctxs[doc_id], " " + c) for c in choices])]
+            assert [r[0][0] for r in s["resps"]] == pytest.approx(ours_ll, abs=1e-6)  # what lm_eval got
+        metrics, _ = ev.multiple_choice(lm.model, lm.tok, ours, docs, [], n_shots=0)
+        res = out["results"][theirs]
+        if ours == "truthfulqa_mc":
+            assert res["acc,none"] == pytest.approx(metrics["mc2"], abs=1e-9)
+        else:
+            assert res["acc,none"] == pytest.approx(metrics["acc"], abs=1e-9)
+            if "acc_norm,none" in res:
+                assert res["acc_norm,none"] == pytest.approx(metrics["acc_norm"], abs=1e-9)
+
+
+def test_shared_context_scores_equal_one_forward_per_choice(run):
+    model, tok, _ = ev.load_for_eval(str(run / "run" / "ckpt_001"))
+    ctx, conts = "alpha beta gamma", [" red", " blue moon", " cat dog sun moon"]
+    shared = ev.loglikelihoods(model, tok, [(ctx, c) for c in conts])
+    for (ll, greedy), c in zip(shared, conts):
+        ctx_ids, cont_ids = ev.encode_pair(tok, ctx, c)
+        ids = torch.tensor([ctx_ids + cont_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids)[0][0], -1)
+        ref = sum(logp[len(ctx_ids) - 1 + j, t].item() for j, t in enumerate(cont_ids))
+        assert ll == pytest.approx(ref, abs=1e-4)
+        assert greedy == all(logp[len(ctx_ids) - 1 + j].argmax().item() == t for j, t in enumerate(cont_ids))
+
+
+def test_few_shot_prompts_are_deterministic_and_exclude_the_item(tmp_path):
+    tasks = make_tasks(tmp_path)
+    docs, shots, _ = ev.load_task(str(tasks), "arc_challenge")
+    a = ev.contexts("arc_challenge", docs, shots, 3)
+    assert a == ev.contexts("arc_challenge", docs, shots, 3)
+    assert a[0].count("\n\nQuestion:") == 3 and a[0].endswith(f"Question: {docs[0]['question']}\nAnswer:")
+    mm, mm_shots, _ = ev.load_task(str(tasks), "mmlu")
+    ctx = ev.contexts("mmlu", mm, mm_shots, 2)[0]
+    assert ctx.startswith("The following are multiple choice questions (with answers) about anatomy.\n\n")
+    first = mm_shots[0]
+    assert f"{first['question'].strip()}\nA. " in ctx and "ABCD"[first["answer"]] in ctx  # first_n, as the harness
+    same = ev.contexts("arc_challenge", shots, shots, 4)  # evaluating the few-shot split never shows the item
+    assert all(s["question"] not in c.rsplit("\n\n", 1)[0] for s, c in zip(shots, same))
+    assert all(c.count("\n\nQuestion:") == 4 for c in same)
+
+
+# -----------------------------------------------------------------------------
+# accuracy that can fail
+
+
+def test_a_model_that_prefers_the_gold_answer_scores_one(tmp_path):
+    """Train a tiny model on the gold answers: accuracy 1.0; move the gold label and it drops."""
+    import data
+    from model import ModelConfig, Transformer
+
+    rng = random.Random(3)
+    pairs = [f"{a} {b}" for a in WORDS for b in WORDS]
+    docs = [{"id": str(i), "question": w(rng, 4) + "?", "choices": {"text": rng.sample(pairs, 4),  # 4 distinct
+             "label": ["A", "B", "C", "D"]}, "answerKey": "ABCD"[i % 4]} for i in range(8)]
+    lines = [w(rng, 8) for _ in range(400)] + [d["question"] for d in docs]
+    tok = data.Tokenizer("sentencepiece", data.train_sentencepiece(lines, 300))
+    model = Transformer(ModelConfig(vocab_size=300, dim=64, n_layer=2, n_head=4, intermediate_size=128,
+                                    max_seq_len=64))
+    model.init_weights(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    texts = [ev.contexts("arc_challenge", [d], [], 0)[0] + " " + ev.build("arc_challenge", d)[1][ev.build("arc_challenge", d)[2]]
+             for d in docs]
+    seqs = [[tok.eos_id] + tok.encode(t) for t in texts]
+    L = max(len(s) for s in seqs)
+    batch = torch.tensor([s + [-1] * (L - len(s)) for s in seqs])
+    for _ in range(600):
+        _, loss = model(batch[:, :-1].clamp(min=0), batch[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    metrics, _ = ev.multiple_choice(model, tok, "arc_challenge", docs, [], n_shots=0)
+    assert metrics["acc"] == 1.0
+    moved = [dict(d, answerKey="ABCD"[("ABCD".index(d["answerKey"]) + 1) % 4]) for d in docs]
+    assert ev.multiple_choice(model, tok, "arc_challenge", moved, [], n_shots=0)[0]["acc"] == 0.0
+
+
+# -----------------------------------------------------------------------------
+# perplexity
+
+
+def test_perplexity_by_hand_and_padding_never_counts(run):
+    model, tok, _ = ev.load_for_eval(str(run / "run" / "ckpt_001"))
+    text = "alpha beta gamma delta " * 40
+    loss, ppl = ev.perplexity_text(model, tok, text)
+    ids = [tok.eos_id] + tok.encode(text)
+    L = model.config.max_seq_len + 1
+    losses = []
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, L - 1):
+            window = torch.tensor([ids[start : start + L]])
+            logp = torch.log_softmax(model(window[:, :-1])[0][0], -1)
+            losses += [-logp[j, t].item() for j, t in enumerate(window[0, 1:].tolist())]
+    assert len(losses) == len(ids) - 1
+    assert loss == pytest.approx(np.mean(losses), rel=1e-5) and ppl == pytest.approx(math.exp(np.mean(losses)), rel=1e-5)
+    rows = np.array([ids[:20], ids[:20]])
+    padded = np.array([ids[:20] + [-1] * 10, ids[:20] + [-1] * 10])
+    assert ev.sequence_losses(model, rows) == pytest.approx(ev.sequence_losses(model, padded), rel=1e-6)
+    per_source = ev.perplexity_val(model, str(run / "data"))
+    assert set(per_source) == {"web", "code", "books", "all"}
+
+
+# -----------------------------------------------------------------------------
+# code in a sandbox
+
+
+def test_sandbox_contains_bad_code():
+    assert ev.run_sandboxed("assert sum([1, 2]) == 3\n") == "passed"
+    assert ev.run_sandboxed("assert 1 == 2\n") == "failed"
+    assert ev.run_sandboxed("while True:\n    pass\n", timeout=2) == "timeout"
+    assert ev.run_sandboxed("x = bytearray(4 * 2**30)\n") == "failed"  # over the memory limit
+    assert ev.run_sandboxed("import os\nos.system('touch /tmp/llm360_sandbox_escape')\n") == "failed"
+    assert not os.path.exists("/tmp/llm360_sandbox_escape")
+    assert ev.run_sandboxed("import os\nassert 'HOME' not in os.environ and 'SECRET' not in os.environ\n") == "passed"
+
+
+def test_code_task_reports_timeouts_and_goes_on(run, monkeypatch):
+    model, tok, _ = ev.load_for_eval(str(run / "run" / "ckpt_001"))
+    answers = iter(["    return a + b\n", "    while True:\n        pass\n", "    return a - b\n"])
+    monkeypatch.setattr(ev, "complete", lambda *a, **k: next(answers))
+    docs = [{"task_id": f"T/{i}", "prompt": "def add(a, b):\n", "test": "def check(f):\n    assert f(1, 2) == 3\n",
+             "entry_point": "add"} for i in range(3)]
+    metrics, per_doc = ev.code_task(model, tok, "humaneval", docs, timeout=2)
+    assert [d["result"] for d in per_doc] == ["passed", "timeout", "failed"]
+    assert metrics == {"pass@1": 1 / 3, "timeouts": 1}
+
+
+# -----------------------------------------------------------------------------
+# the sweep
+
+
+def test_sweep_evaluates_nothing_twice_and_picks_up_new_checkpoints(run, tmp_path):
+    tasks = make_tasks(tmp_path / "tasks")
+    run_dir = tmp_path / "copy"
+    shutil.copytree(run / "run", run_dir, ignore=shutil.ignore_patterns("ckpt_001"))
+    rows = ev.sweep(str(run_dir), ["ppl", "arc_challenge"], str(tasks), limit=3)
+    assert {r["checkpoint"] for r in rows} == {"ckpt_000"}
+    before = (run_dir / "evals.jsonl").read_text()
+    ev.sweep(str(run_dir), ["ppl", "arc_challenge"], str(tasks), limit=3)
+    assert (run_dir / "evals.jsonl").read_text() == before  # nothing evaluated twice
+    shutil.copytree(run / "run" / "ckpt_001", run_dir / "ckpt_001")
+    rows = ev.sweep(str(run_dir), ["ppl", "arc_challenge"], str(tasks), limit=3)
+    assert (run_dir / "evals.jsonl").read_text().startswith(before)
+    assert [r["checkpoint"] for r in rows if r["task"] == "arc_challenge" and r["metric"] == "acc"] == \
+        ["ckpt_000", "ckpt_001"]
+    assert all(r["n"] == 3 and len(r["task_sha256"]) == 64 for r in rows if r["task"] == "arc_challenge")
+    assert (run_dir / "evals.csv").read_text().splitlines()[0].startswith("checkpoint,tokens,arc_challenge/acc")
+    with pytest.raises(ev.EvalError, match="no checkpoints"):
+        ev.list_checkpoints(str(tmp_path / "tasks"))
+
+
+def test_hugging_face_folder_evaluates_like_our_checkpoint(run, tmp_path):
+    """A released checkpoint in the Llama layout (weights + tokenizer.model) gives the
+    same scores as the checkpoint of ours it was exported from."""
+    from model import save_hf
+
+    ours = str(run / "run" / "ckpt_001")
+    model, tok, _ = ev.load_for_eval(ours)
+    hf_dir = tmp_path / "amber_like" / "ckpt_001"
+    save_hf(model, hf_dir)
+    (hf_dir / "tokenizer.model").write_bytes(tok.blob)
+    tasks = make_tasks(tmp_path / "tasks")
+    rows = ev.sweep(str(tmp_path / "amber_like"), ["arc_challenge", "hellaswag"], str(tasks))
+    docs, shots, _ = ev.load_task(str(tasks), "hellaswag")
+    expected = ev.multiple_choice(model, tok, "hellaswag", docs, shots)[0]
+    got = {r["metric"]: r["value"] for r in rows if r["task"] == "hellaswag"}
+    assert got == pytest.approx(expected) and rows[0]["checkpoint"] == "ckpt_001"
