@@ -1,0 +1,334 @@
+"""
+Memorization across checkpoints and data chunks (LLM360 paper §4.3, after
+Biderman et al. 2023): prompt a checkpoint with the first k tokens of a training
+sequence, generate exactly l tokens greedily, and score the share of them that
+equal the data. A sequence with score 1 is k-extractible.
+
+    python memorize.py RUN_DIR [--k=32] [--l=32] [--samples=1000] [--checkpoints=ckpt_003,...]
+                               [--unseen=True] [--data_dir=DIR] [--batch_size=64] [--seed=0]
+    torchrun --nproc_per_node=8 memorize.py RUN_DIR --prompt_len=32 --gen_len=32 ...   (pairs split across
+                               ranks; torchrun itself claims --l, so --prompt_len / --gen_len name k / l)
+
+RUN_DIR is a run of ours, or a folder of Hugging Face checkpoints ckpt_000 ...
+ckpt_359 (AMBER's release; checkpoint i has seen chunks 0..i) with --data_dir
+pointing at chunks converted by `python data.py convert-amber`. For every
+checkpoint and every chunk it has trained on (and, with --unseen, the others, as
+a baseline), the same --samples sequences of the chunk, chosen by the seed and
+recorded by index, are scored. Each (checkpoint, chunk) pair is written to
+RUN_DIR/memorization/ as soon as it is done, so an interrupted analysis resumes
+where it stopped and a rerun recomputes nothing. Then the summaries: per
+checkpoint the score distribution and k-extractible share (Figure 7), the
+checkpoint x chunk matrix of mean scores (Figure 8), and the correlation of
+per-sequence scores and of k-extractibility between checkpoints (Figure 9), as
+printed tables, CSV files, and PNG figures when matplotlib is installed.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+import data
+
+
+class MemorizeError(ValueError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# what each checkpoint has seen
+
+
+def checkpoints_of(run_dir):
+    """[(name, path, seen chunk ids in training order, data dir or None)]."""
+    names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and n[5:].isdigit()) \
+        if os.path.isdir(run_dir) else []
+    out = []
+    for name in names:
+        path = os.path.join(run_dir, name)
+        if os.path.exists(os.path.join(path, "state.json")):
+            with open(os.path.join(path, "state.json")) as f:
+                st = json.load(f)
+            skipped = {(s["pos"]) for s in st["skipped"]}
+            seen = [c for p, c in enumerate(st["schedule"][: st["pos"]]) if p not in skipped]
+            out.append((name, path, seen, st["config"]["data_dir"]))
+        elif os.path.exists(os.path.join(path, "config.json")):  # AMBER's release: ckpt_i has seen chunks 0..i
+            out.append((name, path, list(range(int(name[5:]) + 1)), None))
+    if not out:
+        raise MemorizeError(f"{run_dir} holds no checkpoints (ckpt_NNN folders with state.json or config.json)")
+    return out
+
+
+def sample_indices(n_sequences, samples, seed, chunk):
+    """The sequences of a chunk that are scored: the same for every checkpoint and rerun."""
+    rng = np.random.default_rng([seed, chunk])
+    return np.sort(rng.choice(n_sequences, min(samples, n_sequences), replace=False))
+
+
+# -----------------------------------------------------------------------------
+# scoring
+
+
+@torch.no_grad()
+def greedy_continuations(model, prompts, l, batch_size, device):
+    """Exactly l greedy tokens after each prompt (n, k), batched, with the KV cache."""
+    out = []
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    for i in range(0, len(prompts), batch_size):
+        x = torch.as_tensor(prompts[i : i + batch_size], dtype=torch.long, device=device)
+        with autocast:
+            out.append(model.generate(x, l)[:, x.shape[1]:].cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, l), dtype=np.int64)
+
+
+def memorization_scores(generated, truth):
+    """Per sequence: the share of the l generated tokens equal to the data's."""
+    return (np.asarray(generated) == np.asarray(truth)).mean(axis=1)
+
+
+def score_pair(model, tokens, sources, indices, k, l, batch_size, device):
+    rows = np.asarray(tokens[indices], dtype=np.int64)
+    generated = greedy_continuations(model, rows[:, :k], l, batch_size, device)
+    return memorization_scores(generated, rows[:, k : k + l]), sources[indices]
+
+
+# -----------------------------------------------------------------------------
+# the analysis
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_dir=None, batch_size=64, seed=0,
+        rank=0, world_size=1, device=None):
+    """Score every (checkpoint, chunk) pair not yet on disk; returns the result files' paths."""
+    from evaluate import load_for_eval
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ckpts = checkpoints_of(run_dir)
+    if checkpoints:
+        ckpts = [c for c in ckpts if c[0] in checkpoints]
+    data_dir = data_dir or ckpts[0][3]
+    if data_dir is None:
+        raise MemorizeError("these checkpoints do not name their data: give --data_dir (converted AMBER chunks)")
+    manifest = data.load_manifest(data_dir)
+    L = manifest["seq_len"] + 1
+    if k + l > L:
+        raise MemorizeError(f"k + l = {k + l} is longer than the {L} tokens of each stored sequence; lower k or l")
+    out_dir = os.path.join(run_dir, "memorization")
+    os.makedirs(out_dir, exist_ok=True)
+    n_chunks = len(manifest["chunks"])
+    pairs = []
+    for name, path, seen, _ in ckpts:
+        chunks = list(dict.fromkeys(seen)) + ([c for c in range(n_chunks) if c not in seen] if unseen else [])
+        pairs += [(name, path, c, c in seen) for c in chunks]
+    files, model_for = [], {}
+    for i, (name, path, chunk, was_seen) in enumerate(pairs):
+        file = os.path.join(out_dir, f"{name}__chunk_{chunk:03d}.json")
+        files.append(file)
+        if i % world_size != rank:
+            continue
+        if os.path.exists(file):
+            with open(file) as f:
+                old = json.load(f)
+            if (old["k"], old["l"], old["samples"], old["seed"]) == (k, l, samples, seed):
+                continue  # done before: nothing is recomputed
+        if name not in model_for:
+            model_for.clear()
+            model, _, _ = load_for_eval(path, device)
+            check_vocab(model, manifest, path)
+            model_for[name] = model
+        tokens, sources = data.open_split(data_dir, manifest["chunks"][chunk])
+        indices = sample_indices(len(tokens), samples, seed, chunk)
+        scores, srcs = score_pair(model_for[name], tokens, sources, indices, k, l, batch_size, device)
+        _write_json(file, {"checkpoint": name, "chunk": chunk, "seen": was_seen, "k": k, "l": l, "samples": samples,
+                           "seed": seed, "indices": indices.tolist(), "sources": srcs.tolist(),
+                           "scores": scores.tolist()})
+        print(f"{name} chunk {chunk:3d}{'' if was_seen else ' (unseen)'}: mean score {scores.mean():.4f}, "
+              f"k-extractible {np.mean(scores == 1.0):.4f}", flush=True)
+    return files
+
+
+def check_vocab(model, manifest, where):
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if vocab > model.config.vocab_size:
+        raise MemorizeError(f"{where}: the model's vocab_size is {model.config.vocab_size} but the data's token ids "
+                            f"go up to {vocab - 1}: these checkpoints were not trained on this data")
+
+
+def load_results(run_dir):
+    out_dir = os.path.join(run_dir, "memorization")
+    results = []
+    for name in sorted(os.listdir(out_dir)):
+        if name.endswith(".json") and "__chunk_" in name:
+            with open(os.path.join(out_dir, name)) as f:
+                results.append(json.load(f))
+    return results
+
+
+def summarize(run_dir, source_names=None):
+    """Tables (printed), CSV files and PNG figures of the results on disk."""
+    results = load_results(run_dir)
+    out_dir = os.path.join(run_dir, "memorization")
+    ckpts = sorted({r["checkpoint"] for r in results})
+    chunks = sorted({r["chunk"] for r in results})
+    l = results[0]["l"] if results else 0
+    lines = []
+
+    # Figure 7: distribution per checkpoint, over the chunks it has seen
+    with open(os.path.join(out_dir, "per_checkpoint.csv"), "w") as f:
+        f.write("checkpoint,sequences,mean_score,k_extractible," + ",".join(f"score_{i}/{l}" for i in range(l + 1)) + "\n")
+        for c in ckpts:
+            s = np.concatenate([r["scores"] for r in results if r["checkpoint"] == c and r["seen"]] or [np.zeros(0)])
+            hist = np.bincount(np.rint(s * l).astype(int), minlength=l + 1) if len(s) else np.zeros(l + 1, int)
+            f.write(f"{c},{len(s)},{s.mean() if len(s) else float('nan'):.6f},"
+                    f"{np.mean(s == 1.0) if len(s) else float('nan'):.6f}," + ",".join(map(str, hist)) + "\n")
+            lines.append(f"{c}: {len(s)} seen sequences, mean score {s.mean():.4f}, k-extractible "
+                         f"{np.mean(s == 1.0):.4f}" if len(s) else f"{c}: no seen sequences")
+
+    # Figure 8: checkpoint x chunk matrix of mean scores; * marks each checkpoint's newest chunk
+    matrix = np.full((len(ckpts), len(chunks)), np.nan)
+    newest = {}
+    for r in results:
+        matrix[ckpts.index(r["checkpoint"]), chunks.index(r["chunk"])] = np.mean(r["scores"])
+    for c in ckpts:
+        seen = [r["chunk"] for r in results if r["checkpoint"] == c and r["seen"]]
+        newest[c] = seen[-1] if seen else None
+    with open(os.path.join(out_dir, "matrix.csv"), "w") as f:
+        f.write("checkpoint," + ",".join(f"chunk_{c}" for c in chunks) + ",newest_seen_chunk\n")
+        for i, c in enumerate(ckpts):
+            f.write(c + "," + ",".join("" if np.isnan(v) else f"{v:.6f}" for v in matrix[i]) + f",{newest[c]}\n")
+    lines.append("mean score, checkpoint x chunk (* = newest chunk seen):")
+    lines.append(" " * 10 + "".join(f"{c:>8d}" for c in chunks))
+    for i, c in enumerate(ckpts):
+        cells = "".join(("" if np.isnan(v) else f"{v:.3f}").rjust(7) + ("*" if chunks[j] == newest[c] else " ")
+                        for j, v in enumerate(matrix[i]))
+        lines.append(f"{c:>10s}{cells}")
+
+    # Figure 9: correlations between checkpoints, over the sequences both scored
+    corr_s, corr_x = correlations(results, ckpts)
+    with open(os.path.join(out_dir, "correlation.csv"), "w") as f:
+        f.write("checkpoint_a,checkpoint_b,score_corr,extractible_corr\n")
+        for i, a in enumerate(ckpts):
+            for j, b in enumerate(ckpts):
+                f.write(f"{a},{b},{corr_s[i, j]:.6f},{corr_x[i, j]:.6f}\n")
+
+    # per source, when the chunks record their sources
+    by_source = {}
+    for r in results:
+        if r["seen"]:
+            for s, v in zip(r["sources"], r["scores"]):
+                by_source.setdefault(s, []).append(v)
+    with open(os.path.join(out_dir, "per_source.csv"), "w") as f:
+        f.write("source,sequences,mean_score,k_extractible\n")
+        for s, v in sorted(by_source.items()):
+            name = source_names[s] if source_names and s < len(source_names) else str(s)
+            f.write(f"{name},{len(v)},{np.mean(v):.6f},{np.mean(np.array(v) == 1.0):.6f}\n")
+            lines.append(f"source {name}: {len(v)} sequences, mean {np.mean(v):.4f}, "
+                         f"k-extractible {np.mean(np.array(v) == 1.0):.4f}")
+    _figures(out_dir, results, ckpts, chunks, matrix, corr_s, l)
+    print("\n".join(lines))
+    return {"checkpoints": ckpts, "chunks": chunks, "matrix": matrix, "score_corr": corr_s, "extractible_corr": corr_x}
+
+
+def correlations(results, ckpts):
+    """Pearson correlation of per-sequence scores, and of k-extractibility, between checkpoints."""
+    per = {c: {} for c in ckpts}
+    for r in results:
+        for i, s in zip(r["indices"], r["scores"]):
+            per[r["checkpoint"]][(r["chunk"], i)] = s
+    n = len(ckpts)
+    cs, cx = np.full((n, n), np.nan), np.full((n, n), np.nan)
+    for i, a in enumerate(ckpts):
+        for j, b in enumerate(ckpts):
+            keys = sorted(set(per[a]) & set(per[b]))
+            if len(keys) < 2:
+                continue
+            x, y = np.array([per[a][q] for q in keys]), np.array([per[b][q] for q in keys])
+            cs[i, j] = _pearson(x, y)
+            cx[i, j] = _pearson((x == 1.0).astype(float), (y == 1.0).astype(float))
+    return cs, cx
+
+
+def _pearson(x, y):
+    if x.std() == 0 or y.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _figures(out_dir, results, ckpts, chunks, matrix, corr, l):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for c in ckpts:
+        s = np.concatenate([r["scores"] for r in results if r["checkpoint"] == c and r["seen"]] or [np.zeros(0)])
+        if len(s):
+            ax.hist(s, bins=np.linspace(0, 1, l + 2), histtype="step", label=c)
+    ax.set_yscale("log")
+    ax.set_xlabel("memorization score")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "scores.png"), dpi=100)
+    for name, m, label in [("matrix.png", matrix, "mean score"), ("correlation.png", corr, "score correlation")]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        im = ax.imshow(m, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(ckpts)), ckpts, fontsize=6)
+        labels = [f"{c}" for c in chunks] if name == "matrix.png" else ckpts
+        ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
+        fig.colorbar(im, ax=ax, label=label)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), dpi=100)
+    plt.close("all")
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    if not argv or argv[0].startswith("--"):
+        sys.exit("usage: python memorize.py RUN_DIR [--k=32] [--l=32] [--samples=1000] [--checkpoints=a,b] "
+                 "[--unseen=True] [--data_dir=DIR] [--batch_size=64] [--seed=0]")
+    opts = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
+    # torchrun takes --l for its own --log-dir, so --prompt_len / --gen_len are the same as --k / --l
+    opts["k"], opts["l"] = opts.pop("prompt_len", opts.get("k", 32)), opts.pop("gen_len", opts.get("l", 32))
+    ints = {"k": 32, "l": 32, "samples": 1000, "batch_size": 64, "seed": 0}
+    try:
+        unknown = set(opts) - set(ints) - {"checkpoints", "unseen", "data_dir"}
+        if unknown:
+            raise MemorizeError(f"unknown option(s) {', '.join(sorted(unknown))}")
+        try:
+            kw = {key: int(opts.get(key, default)) for key, default in ints.items()}
+        except ValueError as e:
+            raise MemorizeError(f"--k, --l, --samples, --batch_size and --seed take integers ({e})") from None
+        from train import init_distributed
+
+        rank, world_size, device = init_distributed()
+        run(argv[0], checkpoints=opts["checkpoints"].split(",") if "checkpoints" in opts else None,
+            unseen=opts.get("unseen", "False") == "True", data_dir=opts.get("data_dir"), rank=rank,
+            world_size=world_size, device=device, **kw)
+        if world_size > 1:
+            torch.distributed.barrier()
+        if rank == 0:
+            data_dir = opts.get("data_dir") or checkpoints_of(argv[0])[0][3]
+            names = [s["name"] for s in data.load_manifest(data_dir)["sources"]]
+            summarize(argv[0], names)
+    except (MemorizeError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
