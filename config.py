@@ -37,6 +37,7 @@ class Config:
     tokenizer: str = "train"  # "train" (SentencePiece BPE on the sources) | a .model path | "tiktoken:NAME"
     val_fraction: float = 0.01  # share of each source's documents held out for validation
     data_dir: str = "data/tiny"  # where data.py writes the tokenizer, manifest and chunks
+    stages: tuple[str, ...] = ()  # train.py: data dirs trained one after the other (CrystalCoder); (): data_dir
     seq_len: int = 256  # tokens per training sequence (chunks store seq_len + 1)
     n_chunks: int = 8  # the training data is split into this many chunks, one checkpoint each
     seed: int = 1337  # data shuffle, order inside a chunk, and init

@@ -58,8 +58,13 @@ def load_for_eval(path, device="cpu"):
         model = load_model(path, device)
         with open(os.path.join(path, "state.json")) as f:
             state = json.load(f)
-        tok = data.load_tokenizer(state["config"]["data_dir"])
-        info = {"step": state["step"], "tokens": state["tokens"], "data_dir": state["config"]["data_dir"]}
+        from train import chunk_table, stage_dirs
+
+        dirs = stage_dirs(state["config"])
+        last = state["schedule"][max(0, state["pos"] - 1)]
+        data_dir = chunk_table(dirs)[last][0] if len(dirs) > 1 else dirs[0]  # the stage trained last
+        tok = data.load_tokenizer(data_dir)
+        info = {"step": state["step"], "tokens": state["tokens"], "data_dir": data_dir}
     elif os.path.exists(os.path.join(path, "config.json")):
         model = load_hf(path, device=device)
         tok_file = os.path.join(path, "tokenizer.model")

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import data
+from train import chunk_table, stage_dirs
 
 
 class MemorizeError(ValueError):
@@ -42,7 +43,8 @@ class MemorizeError(ValueError):
 
 
 def checkpoints_of(run_dir):
-    """[(name, path, seen chunk ids in training order, data dir or None)]."""
+    """[(name, path, seen chunk ids in training order, the run's data dirs or None)]. Chunk
+    ids count over all stages of a run, as train.py's schedule does."""
     names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and n[5:].isdigit()) \
         if os.path.isdir(run_dir) else []
     out = []
@@ -53,7 +55,7 @@ def checkpoints_of(run_dir):
                 st = json.load(f)
             skipped = {(s["pos"]) for s in st["skipped"]}
             seen = [c for p, c in enumerate(st["schedule"][: st["pos"]]) if p not in skipped]
-            out.append((name, path, seen, st["config"]["data_dir"]))
+            out.append((name, path, seen, stage_dirs(st["config"])))
         elif os.path.exists(os.path.join(path, "config.json")):  # AMBER's release: ckpt_i has seen chunks 0..i
             out.append((name, path, list(range(int(name[5:]) + 1)), None))
     if not out:
@@ -114,16 +116,16 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
     ckpts = checkpoints_of(run_dir)
     if checkpoints:
         ckpts = [c for c in ckpts if c[0] in checkpoints]
-    data_dir = data_dir or ckpts[0][3]
-    if data_dir is None:
+    dirs = [data_dir] if data_dir else ckpts[0][3]
+    if dirs is None:
         raise MemorizeError("these checkpoints do not name their data: give --data_dir (converted AMBER chunks)")
-    manifest = data.load_manifest(data_dir)
-    L = manifest["seq_len"] + 1
+    table = chunk_table(dirs)
+    L = min(m["seq_len"] for _, m, _ in table) + 1
     if k + l > L:
         raise MemorizeError(f"k + l = {k + l} is longer than the {L} tokens of each stored sequence; lower k or l")
     out_dir = os.path.join(run_dir, "memorization")
     os.makedirs(out_dir, exist_ok=True)
-    n_chunks = len(manifest["chunks"])
+    n_chunks = len(table)
     pairs = []
     for name, path, seen, _ in ckpts:
         chunks = list(dict.fromkeys(seen)) + ([c for c in range(n_chunks) if c not in seen] if unseen else [])
@@ -139,17 +141,19 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
                 old = json.load(f)
             if (old["k"], old["l"], old["samples"], old["seed"]) == (k, l, samples, seed):
                 continue  # done before: nothing is recomputed
+        d, manifest, local = table[chunk]
         if name not in model_for:
             model_for.clear()
             model, _, _ = load_for_eval(path, device)
-            check_vocab(model, manifest, path)
             model_for[name] = model
-        tokens, sources = data.open_split(data_dir, manifest["chunks"][chunk])
+        check_vocab(model_for[name], manifest, path)
+        tokens, sources = data.open_split(d, manifest["chunks"][local])
         indices = sample_indices(len(tokens), samples, seed, chunk)
         scores, srcs = score_pair(model_for[name], tokens, sources, indices, k, l, batch_size, device)
+        names = [s["name"] for s in manifest["sources"]]
         _write_json(file, {"checkpoint": name, "chunk": chunk, "seen": was_seen, "k": k, "l": l, "samples": samples,
-                           "seed": seed, "indices": indices.tolist(), "sources": srcs.tolist(),
-                           "scores": scores.tolist()})
+                           "seed": seed, "data_dir": d, "chunk_in_data_dir": local, "indices": indices.tolist(),
+                           "sources": [names[i] for i in srcs.tolist()], "scores": scores.tolist()})
         print(f"{name} chunk {chunk:3d}{'' if was_seen else ' (unseen)'}: mean score {scores.mean():.4f}, "
               f"k-extractible {np.mean(scores == 1.0):.4f}", flush=True)
     return files
@@ -172,7 +176,7 @@ def load_results(run_dir):
     return results
 
 
-def summarize(run_dir, source_names=None):
+def summarize(run_dir):
     """Tables (printed), CSV files and PNG figures of the results on disk."""
     results = load_results(run_dir)
     out_dir = os.path.join(run_dir, "memorization")
@@ -227,8 +231,7 @@ def summarize(run_dir, source_names=None):
                 by_source.setdefault(s, []).append(v)
     with open(os.path.join(out_dir, "per_source.csv"), "w") as f:
         f.write("source,sequences,mean_score,k_extractible\n")
-        for s, v in sorted(by_source.items()):
-            name = source_names[s] if source_names and s < len(source_names) else str(s)
+        for name, v in sorted(by_source.items()):
             f.write(f"{name},{len(v)},{np.mean(v):.6f},{np.mean(np.array(v) == 1.0):.6f}\n")
             lines.append(f"source {name}: {len(v)} sequences, mean {np.mean(v):.4f}, "
                          f"k-extractible {np.mean(np.array(v) == 1.0):.4f}")
@@ -320,9 +323,7 @@ def main(argv):
         if world_size > 1:
             torch.distributed.barrier()
         if rank == 0:
-            data_dir = opts.get("data_dir") or checkpoints_of(argv[0])[0][3]
-            names = [s["name"] for s in data.load_manifest(data_dir)["sources"]]
-            summarize(argv[0], names)
+            summarize(argv[0])
     except (MemorizeError, data.DataError) as e:
         sys.exit(f"error: {e}")
     finally:

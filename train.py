@@ -22,6 +22,7 @@ the process (SIGKILL) after optimizer step N, "save:N" in the middle of writing
 the N-th checkpoint.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -100,6 +101,22 @@ def get_lr(step, cfg, total_steps):
 
 def chunk_steps(manifest, chunk, global_batch_size):
     return manifest["chunks"][chunk]["sequences"] // global_batch_size
+
+
+def stage_dirs(config):
+    """The data dirs a run trains on, in order: its stages, or its one data_dir (a Config or its dict)."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    return list(get("stages") or [get("data_dir")])
+
+
+def chunk_table(dirs):
+    """[(data dir, manifest, chunk inside it)] for every chunk of every stage. The run's
+    schedule counts chunks over all stages: stage 2's first chunk follows stage 1's last."""
+    table = []
+    for d in dirs:
+        manifest = data.load_manifest(d)
+        table += [(d, manifest, c) for c in range(len(manifest["chunks"]))]
+    return table
 
 
 def grad_accum(cfg, world_size):
@@ -345,11 +362,11 @@ def peak_memory_gb(device):
 
 
 @torch.no_grad()
-def validation_loss(model, manifest, cfg, rank, world_size, device, autocast):
+def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, autocast):
     """Mean loss over the first val_sequences sequences of the held-out split, split over ranks."""
     if not manifest.get("val") or manifest["val"]["sequences"] == 0:
         return None
-    tokens, _ = data.open_split(cfg.data_dir, manifest["val"], verify=False)
+    tokens, _ = data.open_split(data_dir, manifest["val"], verify=False)
     per_round = world_size * cfg.micro_batch_size  # every rank runs the same number of forwards (FSDP)
     n = min(cfg.val_sequences, len(tokens)) // per_round * per_round
     if n == 0:
@@ -445,18 +462,29 @@ def _run(cfg, rank, world_size, device):
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not fsdp else nullcontext()
 
     # data: the main job prepares the built-in corpus when it is not there yet
-    if rank == 0 and not os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
+    if rank == 0 and not cfg.stages and not os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
         if not cfg.sources:
             raise data.DataError(f"{cfg.data_dir} is not prepared and the config has no sources; "
                                  "run `python data.py CONFIG` with a config that has them")
         data.prepare(cfg)
     barrier(world_size)
-    manifest = data.load_manifest(cfg.data_dir)
-    data.check_vocab(manifest, cfg.model, where=f"{cfg.data_dir}: ")
-    data_sha = data.manifest_sha256(cfg.data_dir)
-    if manifest["seq_len"] != cfg.seq_len:
-        raise ConfigError(f"{cfg.data_dir} holds sequences of {manifest['seq_len']} tokens, the config asks for "
-                          f"seq_len={cfg.seq_len}; prepare another data_dir")
+    dirs = stage_dirs(cfg)
+    for d in dirs:
+        if not os.path.exists(os.path.join(d, "manifest.json")):
+            raise data.DataError(f"stage {d} is not prepared: run `python data.py CONFIG --data_dir={d}` with its "
+                                 "sources first")
+    table = chunk_table(dirs)
+    for d, manifest in {d: m for d, m, _ in table}.items():
+        data.check_vocab(manifest, cfg.model, where=f"{d}: ")
+        if manifest["seq_len"] != cfg.seq_len:
+            raise ConfigError(f"{d} holds sequences of {manifest['seq_len']} tokens, the config asks for "
+                              f"seq_len={cfg.seq_len}; prepare another data dir")
+    tokenizers = {m["tokenizer"].get("sha256") or m["tokenizer"].get("name") for _, m, _ in table}
+    if len(tokenizers) > 1:
+        raise ConfigError(f"the stages {dirs} were tokenized with different tokenizers; prepare every stage with "
+                          "the first one's (tokenizer='STAGE1_DIR/tokenizer.model')")
+    shas = [data.manifest_sha256(d) for d in dirs]
+    data_sha = shas[0] if len(shas) == 1 else hashlib.sha256(" ".join(shas).encode()).hexdigest()
 
     # the run dir and what it already holds
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -506,10 +534,10 @@ def _run(cfg, rank, world_size, device):
     params = [p for g in groups for p in g["params"]]
 
     # the state of the run: where in the schedule, and what happened
-    state = {"step": 0, "tokens": 0, "pos": 0, "schedule": list(range(len(manifest["chunks"]))),
+    state = {"step": 0, "tokens": 0, "pos": 0, "schedule": list(range(len(table))),
              "skipped": [], "reader": None, "data_manifest_sha256": data_sha, "metrics_lines": 0}
-    if cfg.n_chunks != len(manifest["chunks"]):
-        raise ConfigError(f"n_chunks={cfg.n_chunks} but {cfg.data_dir} has {len(manifest['chunks'])} chunks")
+    if not cfg.stages and cfg.n_chunks != len(table):
+        raise ConfigError(f"n_chunks={cfg.n_chunks} but {cfg.data_dir} has {len(table)} chunks")
     if resume:
         state = load_checkpoint(resume, raw_model, optimizer, rank, fsdp)
         log.truncate_metrics(state["metrics_lines"])
@@ -533,7 +561,7 @@ def _run(cfg, rank, world_size, device):
            f"{'FSDP2' if fsdp else 'DDP' if world_size > 1 else 'one process'} | {dtype}", rank=rank)
     print0(format_config(cfg), rank=rank)
     # the LR schedule spans the planned chunks; replacement chunks fill the steps of skipped ones
-    total_steps = sum(chunk_steps(manifest, c, cfg.global_batch_size) for c in range(len(manifest["chunks"])))
+    total_steps = sum(chunk_steps(m, c, cfg.global_batch_size) for _, m, c in table)
     flops_per_token = raw_model.flops_per_token(cfg.seq_len)
     peak = peak_flops(cfg, device, dtype)
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
@@ -543,7 +571,8 @@ def _run(cfg, rank, world_size, device):
     # -------------------------------------------------------------------------
     while state["pos"] < len(state["schedule"]):
         pos, chunk = state["pos"], state["schedule"][state["pos"]]
-        reader = data.ChunkReader(cfg.data_dir, chunk, cfg.seed, cfg.global_batch_size, cfg.micro_batch_size,
+        data_dir, manifest, local = table[chunk]  # `chunk` counts over all stages
+        reader = data.ChunkReader(data_dir, local, cfg.seed, cfg.global_batch_size, cfg.micro_batch_size,
                                   rank, world_size, manifest=manifest)
         if state["reader"]:
             reader.load_state_dict(state["reader"])
@@ -584,14 +613,16 @@ def _run(cfg, rank, world_size, device):
             dt = time.perf_counter() - t0
             state["step"] += 1
             state["tokens"] += tokens_per_step
-            record = {"step": state["step"], "pos": pos, "chunk": chunk, "chunk_step": reader.step,
+            record = {"step": state["step"], "pos": pos, "chunk": chunk, "stage": dirs.index(data_dir),
+                      "chunk_step": reader.step,
                       "tokens": state["tokens"], "loss": loss_avg, "grad_norm": norm, "lr": lr,
                       "step_time": dt, "tok_per_s": tokens_per_step / dt,
                       "tok_per_s_device": tokens_per_step / dt / world_size,
                       "mfu": tokens_per_step / dt / world_size * flops_per_token / peak,
                       "peak_mem_gb": peak_memory_gb(device)}
             if cfg.val_interval and state["step"] % cfg.val_interval == 0:
-                record["val_loss"] = validation_loss(model, manifest, cfg, rank, world_size, device, autocast)
+                record["val_loss"] = validation_loss(model, data_dir, manifest, cfg, rank, world_size, device,
+                                                     autocast)
             log.metric(record)
             bar.update(1)
             if rank == 0:
@@ -632,8 +663,8 @@ def _run(cfg, rank, world_size, device):
                 state = state | {"step": 0, "tokens": 0}
             state["skipped"], state["reader"] = skipped, None
             bad = {s["chunk"] for s in skipped}
-            used = len(schedule) - len(manifest["chunks"])  # replacements appended so far
-            candidates = [c for c in range(len(manifest["chunks"])) if c not in bad]
+            used = len(schedule) - len(table)  # replacements appended so far
+            candidates = [c for c in range(len(table)) if c not in bad]
             state["schedule"] = schedule + ([candidates[used % len(candidates)]] if candidates else [])
             state["pos"] = pos + 1
             log.event("skip_chunk", chunk=chunk, pos=pos, step=nonfinite["step"], rolled_back_to=where,
@@ -650,7 +681,7 @@ def _run(cfg, rank, world_size, device):
             return state
 
         # the chunk is done: validation loss, then the checkpoint of this schedule position
-        val = validation_loss(model, manifest, cfg, rank, world_size, device, autocast)
+        val = validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, autocast)
         if val is not None:
             log.metric({"step": state["step"], "pos": pos, "chunk": chunk, "tokens": state["tokens"], "val_loss": val})
         state["pos"], state["reader"] = pos + 1, None

@@ -279,3 +279,41 @@ def test_init_from_starts_a_new_run_from_another_runs_checkpoint(corpus, referen
     assert any(e["event"] == "init_from" for e in ledger(corpus / "continued"))
     proc = train(corpus, "continued_bad", expect_ok=False, init_from=str(reference / "ckpt_000"), n_layer=3)
     assert "another model shape" in proc.stderr
+
+
+def test_stages_train_one_data_dir_after_the_other(corpus):
+    """CrystalCoder's three stages, in small: each stage its own prepared data dir, sharing
+    the first stage's tokenizer; chunks count on across stages; memorize.py follows them."""
+    import data
+    import memorize
+    from config import config_from_dict
+
+    base = run_values(corpus, "staged")
+    stage1 = config_from_dict(dict(base, data_dir=str(corpus / "stage1"), n_chunks=2,
+                                   sources={"web": base["sources"]["web"]}))
+    data.prepare(stage1, progress=False)
+    stage2 = config_from_dict(dict(base, data_dir=str(corpus / "stage2"), n_chunks=2,
+                                   sources={"code": base["sources"]["code"]},
+                                   tokenizer=str(corpus / "stage1" / "tokenizer.model")))
+    data.prepare(stage2, progress=False)
+    train(corpus, "staged", stages=(str(corpus / "stage1"), str(corpus / "stage2")))
+    state = json.loads((corpus / "staged" / "ckpt_003" / "state.json").read_text())
+    assert state["schedule"] == [0, 1, 2, 3] and state["finished"]
+    stages = {r["chunk"]: r["stage"] for r in metrics_full(corpus / "staged") if "stage" in r}
+    assert stages == {0: 0, 1: 0, 2: 1, 3: 1}
+    memorize.run(str(corpus / "staged"), k=8, l=8, samples=3, checkpoints=["ckpt_003"])
+    files = {r["chunk"]: r for r in memorize.load_results(str(corpus / "staged"))}
+    assert sorted(files) == [0, 1, 2, 3]
+    assert files[3]["data_dir"] == str(corpus / "stage2") and files[3]["chunk_in_data_dir"] == 1
+    assert set(files[3]["sources"]) == {"code"} and set(files[0]["sources"]) == {"web"}
+    # another tokenizer in a later stage is refused
+    other = config_from_dict(dict(base, data_dir=str(corpus / "stage_other"), n_chunks=2, seed=9,
+                                  sources={"code": base["sources"]["code"]}))
+    data.prepare(other, progress=False)
+    proc = train(corpus, "staged_bad", expect_ok=False, stages=(str(corpus / "stage1"), str(corpus / "stage_other")))
+    assert "different tokenizers" in proc.stderr
+
+
+def metrics_full(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
