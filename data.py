@@ -362,15 +362,41 @@ def _write_npy(path, array):
     return sha256_file(path)
 
 
-def _pack(doc_tokens, docs, L):
+def _pack(doc_tokens, docs, L, out=None):
     """Concatenate the given documents' token arrays in order and cut the stream into
-    rows of L tokens: (rows [n, L], tokens of the tail that fills no row)."""
-    stream = np.concatenate([doc_tokens[d] for d in docs]) if len(docs) else np.zeros(0, doc_tokens[0].dtype)
-    n = len(stream) // L
-    return stream[: n * L].reshape(n, L), len(stream) - n * L
+    rows of L tokens: (rows [n, L], tokens of the tail that fills no row). With `out`,
+    the stream is written to that file and the rows are a read-only memory map of it,
+    so memory does not grow with the data."""
+    dtype = doc_tokens[0].dtype if len(doc_tokens) else np.uint16
+    if out is None:
+        stream = np.concatenate([doc_tokens[d] for d in docs]) if len(docs) else np.zeros(0, dtype)
+        n = len(stream) // L
+        return stream[: n * L].reshape(n, L), len(stream) - n * L
+    total = 0
+    with open(out, "wb") as f:
+        for d in docs:
+            f.write(np.ascontiguousarray(doc_tokens[d]).tobytes())
+            total += len(doc_tokens[d])
+    n = total // L
+    rows = np.memmap(out, dtype=dtype, mode="r", shape=(n, L)) if n else np.zeros((0, L), dtype)
+    return rows, total - n * L
 
 
-def split_and_pack(doc_tokens, val_fraction, weight, seed, L):
+class _Documents:
+    """The documents of one source as views into its token file: doc i is tokens[offsets[i]:offsets[i + 1]]."""
+
+    def __init__(self, path, dtype, lengths):
+        self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+        self.tokens = np.memmap(path, dtype=dtype, mode="r") if self.offsets[-1] else np.zeros(0, dtype)
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+
+def split_and_pack(doc_tokens, val_fraction, weight, seed, L, out=None):
     """One source's documents -> (train rows, val rows, held-out document indices, dropped tokens).
 
     A seeded val_fraction of the documents (at least one, when there are two or more)
@@ -387,8 +413,8 @@ def split_and_pack(doc_tokens, val_fraction, weight, seed, L):
     for epoch in range(math.ceil(weight)):
         perm = rng.permutation(train_docs)
         order.append(perm[: round(min(1.0, weight - epoch) * len(perm))])
-    train, dropped = _pack(doc_tokens, np.concatenate(order), L)
-    val, _ = _pack(doc_tokens, val_docs, L)
+    train, dropped = _pack(doc_tokens, np.concatenate(order), L, out)
+    val, _ = _pack(doc_tokens, val_docs, L)  # small: in memory
     return train, val, val_docs, dropped
 
 
@@ -419,7 +445,8 @@ def prepare(cfg, progress=True):
     # so that a crash never leaves a data dir that looks valid
     tmp = f"{out.rstrip('/')}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    work = os.path.join(tmp, "_work")  # token files and packed streams, deleted before the rename
+    os.makedirs(work)
     try:
         # 1. tokenizer
         if cfg.tokenizer == "train":
@@ -462,27 +489,32 @@ def prepare(cfg, progress=True):
                 files = []
                 docs = _source_documents(src, files)  # fills `files` as it reads them
                 encoded = pool.imap(_encode, docs, chunksize=8) if pool else map(_encode, docs)
-                doc_tokens = list(tqdm(encoded, desc=f"tokenizing {src['name']}", unit="doc", disable=not progress))
+                # documents go to a token file as they come back, so memory holds one at a time
+                token_file, lengths = os.path.join(work, f"tokens_{sid}.bin"), []
+                with open(token_file, "wb") as f:
+                    for ids in tqdm(encoded, desc=f"tokenizing {src['name']}", unit="doc", disable=not progress):
+                        f.write(ids.tobytes())
+                        lengths.append(len(ids))
+                doc_tokens = _Documents(token_file, dtype, lengths)
                 n_docs = len(doc_tokens)
                 if n_docs == 0:
                     raise DataError(f"source {src['name']!r}: its files hold no text; fix its 'path' or remove it")
 
                 # 3. hold out documents for validation, then pack the rest epoch by epoch
                 train, val, val_docs, dropped = split_and_pack(doc_tokens, cfg.val_fraction, src["weight"],
-                                                            [cfg.seed, sid], L)
+                                                            [cfg.seed, sid], L, os.path.join(work, f"packed_{sid}.bin"))
                 train_seqs.append(train)
                 val_seqs.append(val)
                 n_train, n_val = len(train), len(val_docs)
                 src_records.append({
                     "name": src["name"], "id": sid, "origin": src["origin"], "license": src["license"],
                     "format": src["format"], "weight": src["weight"], "files": files, "documents": n_docs,
-                    "tokens": int(sum(len(d) for d in doc_tokens)),
+                    "tokens": int(doc_tokens.offsets[-1]),
                     "replaced_bytes": sum(f["replaced_bytes"] for f in files),
                     "train_documents": n_docs - n_val, "val_documents": n_val,
                     "train_sequences": n_train, "train_tokens": n_train * L,
                     "val_sequences": len(val), "dropped_tokens": dropped,
                 })
-                del doc_tokens
         finally:
             if pool:
                 pool.close()
@@ -494,13 +526,18 @@ def prepare(cfg, progress=True):
         if total < cfg.n_chunks:
             raise DataError(f"{total} training sequences cannot fill n_chunks={cfg.n_chunks}: lower n_chunks "
                             f"(or seq_len={cfg.seq_len}), or add data")
-        all_seqs = np.concatenate(train_seqs)
-        all_src = np.repeat(np.arange(len(srcs), dtype=np.uint8), counts)
-        del train_seqs
+        all_src = np.repeat(np.arange(len(srcs), dtype=np.uint8), counts)  # sequence -> source
+        all_row = np.concatenate([np.arange(n, dtype=np.int64) for n in counts])  # sequence -> row in its source
         perm = np.random.default_rng(cfg.seed).permutation(total)
         chunks = []
         for c, idx in enumerate(np.array_split(perm, cfg.n_chunks)):
-            chunks.append(_write_chunk(tmp, f"chunk_{c:03d}", all_seqs[idx], all_src[idx], srcs, L))
+            seqs = np.empty((len(idx), L), dtype=dtype)  # one chunk in memory at a time
+            src_ids = all_src[idx]
+            for sid in range(len(srcs)):
+                mine = src_ids == sid
+                seqs[mine] = train_seqs[sid][all_row[idx[mine]]]
+            chunks.append(_write_chunk(tmp, f"chunk_{c:03d}", seqs, src_ids, srcs, L))
+        del train_seqs, doc_tokens
         val = _write_chunk(tmp, "val", np.concatenate(val_seqs),
                            np.repeat(np.arange(len(srcs), dtype=np.uint8), [len(v) for v in val_seqs]), srcs, L)
 
@@ -511,6 +548,7 @@ def prepare(cfg, progress=True):
             "totals": {"train_sequences": total, "train_tokens": total * L, "val_sequences": val["sequences"],
                        "chunks": cfg.n_chunks},
         }
+        shutil.rmtree(work)
         _write_json(os.path.join(tmp, "manifest.json"), manifest)
         if os.path.exists(out):
             os.rmdir(out)  # empty, checked above
