@@ -17,6 +17,7 @@ through JSON so that it is saved with every run.
 import ast
 import difflib
 import json
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -222,14 +223,17 @@ def format_config(cfg):
     return "\n".join(f"{k} = {v!r}" for k, v in config_to_dict(cfg).items())
 
 
-def save_config(cfg, path):
-    """Write the config as JSON, atomically (a crash never leaves half a file)."""
-    import os
-
+def write_json_atomic(path, obj, indent=1):
+    """Write JSON to a temporary file, then rename it: a crash never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(config_to_dict(cfg), f, indent=2)
+        json.dump(obj, f, indent=indent)
+        f.write("\n")
     os.replace(tmp, path)
+
+
+def save_config(cfg, path):
+    write_json_atomic(path, config_to_dict(cfg), indent=2)
 
 
 def load_saved_config(path):

@@ -46,6 +46,8 @@ import sysconfig
 import numpy as np
 import torch
 
+from config import write_json_atomic
+
 MANIFEST_FORMAT, MANIFEST_VERSION = "llm360-mini data", 1
 DATA_KEYS = ("sources", "tokenizer", "val_fraction", "seq_len", "n_chunks", "seed")  # what defines a data dir
 
@@ -549,7 +551,7 @@ def prepare(cfg, progress=True):
                        "chunks": cfg.n_chunks},
         }
         shutil.rmtree(work)
-        _write_json(os.path.join(tmp, "manifest.json"), manifest)
+        write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
         if os.path.exists(out):
             os.rmdir(out)  # empty, checked above
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
@@ -566,14 +568,6 @@ def _write_chunk(folder, stem, seqs, src_ids, srcs, L):
     return {"file": tokens_file, "sha256": _write_npy(os.path.join(folder, tokens_file), seqs),
             "sources_file": src_file, "sources_sha256": _write_npy(os.path.join(folder, src_file), src_ids),
             "sequences": len(seqs), "tokens_per_source": {s["name"]: int(n) for s, n in zip(srcs, per_source)}}
-
-
-def _write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def mix_table(manifest):
@@ -779,7 +773,7 @@ def convert_amber(src_dir, out_dir):
             "chunks": entries, "val": None,
             "totals": {"train_sequences": total, "train_tokens": total * L, "val_sequences": 0, "chunks": len(entries)},
         }
-        _write_json(os.path.join(tmp, "manifest.json"), manifest)
+        write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

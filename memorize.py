@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 import data
+from config import write_json_atomic
 from train import chunk_table, stage_dirs
 
 
@@ -100,13 +101,6 @@ def score_pair(model, tokens, sources, indices, k, l, batch_size, device):
 # the analysis
 
 
-def _write_json(path, obj):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
-
-
 def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_dir=None, batch_size=64, seed=0,
         rank=0, world_size=1, device=None):
     """Score every (checkpoint, chunk) pair not yet on disk; returns the result files' paths."""
@@ -151,7 +145,7 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
         indices = sample_indices(len(tokens), samples, seed, chunk)
         scores, srcs = score_pair(model_for[name], tokens, sources, indices, k, l, batch_size, device)
         names = [s["name"] for s in manifest["sources"]]
-        _write_json(file, {"checkpoint": name, "chunk": chunk, "seen": was_seen, "k": k, "l": l, "samples": samples,
+        write_json_atomic(file, {"checkpoint": name, "chunk": chunk, "seen": was_seen, "k": k, "l": l, "samples": samples,
                            "seed": seed, "data_dir": d, "chunk_in_data_dir": local, "indices": indices.tolist(),
                            "sources": [names[i] for i in srcs.tolist()], "scores": scores.tolist()})
         print(f"{name} chunk {chunk:3d}{'' if was_seen else ' (unseen)'}: mean score {scores.mean():.4f}, "
