@@ -283,3 +283,21 @@ def test_hugging_face_folder_evaluates_like_our_checkpoint(run, tmp_path):
     expected = ev.multiple_choice(model, tok, "hellaswag", docs, shots)[0]
     got = {r["metric"]: r["value"] for r in rows if r["task"] == "hellaswag"}
     assert got == pytest.approx(expected) and rows[0]["checkpoint"] == "ckpt_001"
+
+
+def test_adapter_rolling_loglikelihood_and_generation(run):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    lm = ev.register_lm_eval()(checkpoint=str(run / "run" / "ckpt_001"))
+    text = "alpha beta gamma delta red blue cat dog " * 3
+    (rolling,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    ids = [lm.tok.eos_id] + lm.tok.encode(text)
+    assert len(ids) <= lm.model.config.max_seq_len + 1  # one window: compare with one forward pass
+    with torch.no_grad():
+        logp = torch.log_softmax(lm.model(torch.tensor([ids[:-1]]))[0][0], -1)
+    assert rolling == pytest.approx(sum(logp[j, t].item() for j, t in enumerate(ids[1:])), rel=1e-5)
+    prompt = "alpha beta"
+    (out,) = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": ["\n\n"], "max_gen_toks": 12}), 0)])
+    full = lm.tok.decode(lm.model.generate(torch.tensor([[lm.tok.eos_id] + lm.tok.encode(prompt)]), 12)[0, -12:].tolist())
+    assert out == full.split("\n\n")[0]
