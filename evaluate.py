@@ -487,8 +487,14 @@ def write_table(run_dir, rows):
 # lm-evaluation-harness adapter
 
 
+_LM_CLASS = None
+
+
 def register_lm_eval():
-    """Register model "llm360" with lm_eval (optional dependency)."""
+    """Register model "llm360" with lm_eval (optional dependency); once per process."""
+    global _LM_CLASS
+    if _LM_CLASS is not None:
+        return _LM_CLASS
     try:
         from lm_eval.api.model import LM
         from lm_eval.api.registry import register_model
@@ -521,6 +527,7 @@ def register_lm_eval():
                                     [until] if isinstance(until, str) else until))
             return out
 
+    _LM_CLASS = LLM360LM
     return LLM360LM
 
 
