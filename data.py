@@ -39,6 +39,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import sys
 import sysconfig
@@ -737,7 +738,7 @@ def convert_amber(src_dir, out_dir):
     """LLM360's released chunks (JSON lines of {"token_ids": [...], "source": ...}, one
     file per chunk, in file-name order) -> a data dir that ChunkReader and the analyses read."""
     files = sorted(glob.glob(os.path.join(src_dir, "*.jsonl")),
-                   key=lambda p: [int(t) if t.isdigit() else t for t in __import__("re").split(r"(\d+)", p)])
+                   key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p)])
     if not files:
         raise DataError(f"{src_dir}: no .jsonl files; LLM360 releases AMBER's chunks as train_*.jsonl")
     if os.path.exists(out_dir):
