@@ -34,24 +34,12 @@ import torch
 
 from config import ConfigError, load_config
 from model import Transformer, hf_config, to_hf_state_dict
+from train import matmul_rate
 
 BATCH = 8  # sequences per training step (of the config's seq_len)
 ROUNDS = 5  # alternating timing rounds
 STEPS = 3  # training steps per round and contender
 GEN_BATCH, PROMPT_LEN, NEW_TOKENS = 32, 32, 32
-
-
-def matmul_rate(n=1024, reps=10):
-    """float32 FLOP/s of a square matmul on this machine (the best of 3 timings)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 * reps / best
 
 
 def hf_copy(model):
@@ -112,7 +100,7 @@ def main(cfg):
     for _ in range(ROUNDS):
         t_ours.append(timed(step_ours, STEPS))
         t_ref.append(timed(step_ref, STEPS))
-    rate = matmul_rate()
+    rate = matmul_rate(torch.device("cpu"), reps=10)
     tok_ours, tok_ref = BATCH * T / statistics.median(t_ours), BATCH * T / statistics.median(t_ref)
     mfu = tok_ours * ours.flops_per_token(T) / rate
     print(f"float32 matmul rate      {rate / 1e9:.1f} GFLOP/s (1024 x 1024, best of 3)")

@@ -30,6 +30,7 @@ manifest counts per file.
 """
 
 import codecs
+import contextlib
 import fnmatch
 import glob
 import hashlib
@@ -446,11 +447,9 @@ def prepare(cfg, progress=True):
 
     # everything is written into a temporary sibling and renamed into place at the end,
     # so that a crash never leaves a data dir that looks valid
-    tmp = f"{out.rstrip('/')}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    work = os.path.join(tmp, "_work")  # token files and packed streams, deleted before the rename
-    os.makedirs(work)
-    try:
+    with _staging(out) as tmp:
+        work = os.path.join(tmp, "_work")  # token files and packed streams, deleted before the rename
+        os.makedirs(work)
         # 1. tokenizer
         if cfg.tokenizer == "train":
             print(f"training a SentencePiece BPE tokenizer, vocab {cfg.model.vocab_size}, on a sample of the sources")
@@ -553,14 +552,25 @@ def prepare(cfg, progress=True):
         }
         shutil.rmtree(work)
         write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
-        if os.path.exists(out):
-            os.rmdir(out)  # empty, checked above
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        os.rename(tmp, out)
+    return manifest
+
+
+@contextlib.contextmanager
+def _staging(out):
+    """A temporary sibling folder of `out` to build in: renamed to `out` when the block
+    succeeds, removed when it fails, so a half-built data dir never looks valid."""
+    tmp = f"{out.rstrip('/')}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return manifest
+    if os.path.isdir(out):
+        os.rmdir(out)  # callers refuse a non-empty one
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    os.rename(tmp, out)
 
 
 def _write_chunk(folder, stem, seqs, src_ids, srcs, L):
@@ -743,11 +753,8 @@ def convert_amber(src_dir, out_dir):
         raise DataError(f"{src_dir}: no .jsonl files; LLM360 releases AMBER's chunks as train_*.jsonl")
     if os.path.exists(out_dir):
         raise DataError(f"{out_dir} exists; give a new folder for the converted data")
-    tmp = f"{out_dir.rstrip('/')}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     names, chunks, L, max_id = {}, [], None, 0
-    try:
+    with _staging(out_dir) as tmp:
         for c, path in enumerate(files):
             seqs, src = [], []
             for row in _rows({"format": "jsonl", "name": "amber"}, path):
@@ -775,10 +782,6 @@ def convert_amber(src_dir, out_dir):
             "totals": {"train_sequences": total, "train_tokens": total * L, "val_sequences": 0, "chunks": len(entries)},
         }
         write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

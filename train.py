@@ -344,15 +344,22 @@ def peak_flops(cfg, device, dtype):
         for key, flops in GPU_BF16_PEAK.items():
             if key in name:
                 return flops
-    n = 1024
+    return matmul_rate(device)
+
+
+def matmul_rate(device, n=1024, reps=5, tries=3):
+    """float32 FLOP/s of an n x n matmul on `device`, the best of `tries` timings."""
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b
-    t0 = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 2 * n**3 * 5 / (time.perf_counter() - t0)
+    best = float("inf")
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 * reps / best
 
 
 def peak_memory_gb(device):
