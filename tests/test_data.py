@@ -227,24 +227,133 @@ def test_tiktoken_offline_error_and_a_local_encoding(tmp_path, corpus, monkeypat
     assert web["tokens"] == sum(f["bytes"] for f in web["files"]) + web["documents"]  # bytes + one EOS each
 
 
-def test_convert_amber_release_format(tmp_path):
-    src = tmp_path / "amber"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    for c in (0, 1, 10):  # numeric order: 0, 1, 10, not 0, 1, 10 as strings would sort "10" before "2"
-        with open(src / f"train_{c}.jsonl", "w") as f:
-            for i in range(5):
-                ids = rng.integers(0, 32000, 9).tolist()
-                if c == 10 and i == 0:
-                    ids[0] = 70000  # an id above 65,535 switches the chunk dtype to uint32
-                f.write(json.dumps({"token_ids": ids, "source": ["arxiv", "c4"][i % 2]}) + "\n")
-    manifest = data.convert_amber(str(src), str(tmp_path / "out"))
-    assert len(manifest["chunks"]) == 3 and manifest["seq_len"] == 8 and manifest["dtype"] == "uint32"
-    tokens, sources = data.open_split(str(tmp_path / "out"), manifest["chunks"][2])
-    first = json.loads((src / "train_10.jsonl").read_text().splitlines()[0])
-    assert tokens[0].tolist() == first["token_ids"] and sources.tolist() == [0, 1, 0, 1, 0]
-    reader = ChunkReader(str(tmp_path / "out"), 1, 0, 4, 2)
-    assert reader.steps == 1 and reader.batch(0, 0)[0].shape == (2, 8)
+def release_rows(path):
+    import gzip
+
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_convert_amber_streams_at_amber_shapes_and_resumes_byte_identical(tmp_path, monkeypatch):
+    import hashlib
+
+    src = str(tmp_path / "release")
+    paths = data.write_synthetic_release(src, 3, 40, seed=1)  # rows of 2,049 ids under 32,000
+    os.rename(paths[2], paths[2].replace("train_002", "train_10"))  # natural order: train_10 after train_001
+    data.write_synthetic_release(str(tmp_path / "gz"), 1, 30, seed=2, gz=True)
+    os.rename(str(tmp_path / "gz" / "train_000.jsonl.gz"), os.path.join(src, "train_2.jsonl.gz"))
+    paths = data.release_files(src)
+    assert [os.path.basename(p) for p in paths] == ["train_000.jsonl", "train_001.jsonl", "train_2.jsonl.gz",
+                                                    "train_10.jsonl"]
+    monkeypatch.setattr(data, "CONVERT_BLOCK", 16)  # several blocks per file, and a partial last one
+    ref = str(tmp_path / "ref")
+    manifest = data.convert_amber(src, ref, workers=2, progress=False)
+    assert manifest["dtype"] == "uint16" and manifest["seq_len"] == 2048 and len(manifest["chunks"]) == 4
+    names = list(data.AMBER_SOURCES)
+    for c, path in enumerate(paths):
+        rows = release_rows(path)
+        tokens, sources = data.open_split(ref, manifest["chunks"][c])  # checks the sha256 too
+        assert tokens.dtype == np.uint16 and tokens.tolist() == [r["token_ids"] for r in rows]
+        assert [names[s] for s in sources] == [r["source"] for r in rows]
+        # a block-by-block file is byte for byte what np.save writes
+        with open(os.path.join(ref, manifest["chunks"][c]["file"]), "rb") as f:
+            import io
+
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(tokens))
+            assert f.read() == buf.getvalue()
+        entry = manifest["chunks"][c]
+        with open(path, "rb") as f:  # provenance: release file -> chunk
+            assert entry["source_file"] == {"name": os.path.basename(path), "bytes": os.path.getsize(path),
+                                            "sha256": hashlib.sha256(f.read()).hexdigest()}
+        assert sum(entry["tokens_per_source"].values()) == tokens.size
+    assert sum(s["train_tokens"] for s in manifest["sources"]) == manifest["totals"]["train_tokens"] == 150 * 2049
+
+    # a crash in the middle of the third file: two chunks committed, a half-written .tmp, no manifest
+    out = str(tmp_path / "out")
+    calls, real_append = [], data.NpyAppender.append
+
+    def crash(self, block):
+        calls.append(1)
+        if len(calls) == 2 * 3 + 2 * 3 + 2:  # 3 blocks of tokens and sources per 40-row file, then 1 more
+            raise KeyboardInterrupt
+        real_append(self, block)
+
+    monkeypatch.setattr(data.NpyAppender, "append", crash)
+    with pytest.raises(KeyboardInterrupt):
+        data.convert_amber(src, out, workers=1, progress=False)
+    assert not os.path.exists(os.path.join(out, "manifest.json"))
+    assert os.path.exists(os.path.join(out, "chunk_002.npy.tmp")) and not os.path.exists(os.path.join(out, "chunk_002.json"))
+    monkeypatch.setattr(data.NpyAppender, "append", real_append)
+    done, real_convert = [], data._convert_file
+    monkeypatch.setattr(data, "_convert_file", lambda job: done.append(job[0]) or real_convert(job))
+    data.convert_amber(src, out, workers=1, progress=False)
+    assert done == [2, 3]  # the finished chunks are not redone
+    assert files_of(out) == files_of(ref) | {"convert.json": files_of(out)["convert.json"]}
+    json_of = lambda d: json.loads(files_of(d)["manifest.json"])
+    assert json_of(out)["chunks"] == json_of(ref)["chunks"]
+    done.clear()
+    data.convert_amber(src, out, workers=1, progress=False)  # nothing left to do
+    assert done == []
+    reader = ChunkReader(out, 3, 0, 8, 4)
+    assert reader.steps == 5 and reader.batch(0, 0)[0].shape == (4, 2048)
+
+
+@pytest.mark.parametrize("bad,error", [
+    ("{not json", r"train_000.jsonl:3: not valid JSON"),
+    ('{"token_ids": [1, 2], "source": "c4"}', r"train_000.jsonl:3: a row of 2 token ids; every row of the release has 2049"),
+    ("[32000]", r"train_000.jsonl:3: an id outside the vocabulary 0..31999 \(32000\)"),
+    ("[-1]", r"train_000.jsonl:3: an id outside the vocabulary"),
+    ("[2.5]", r"train_000.jsonl:3: ids that are not integers in 0..31999"),
+    ('{"token_ids": "abc"}', r"train_000.jsonl:3: no 'token_ids' list"),
+    ('{"token_ids": [0], "source": "reddit"}', r"train_000.jsonl:3: source 'reddit' is not one of arxiv, .*--sources"),
+])
+def test_convert_amber_bad_rows_name_file_and_line(tmp_path, bad, error):
+    src = str(tmp_path / "release")
+    path = data.write_synthetic_release(src, 1, 4)[0]
+    lines = open(path).read().splitlines()
+    if bad.startswith("["):  # one bad id at the end of an otherwise good row
+        row = json.loads(lines[2])
+        row["token_ids"][-1] = json.loads(bad)[0]
+        bad = json.dumps(row)
+    elif '"source": "reddit"' in bad:
+        bad = json.dumps({"token_ids": [0] * 2049, "source": "reddit"})
+    lines[2] = bad
+    open(path, "w").write("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=error):
+        data.convert_amber(src, str(tmp_path / "out"), workers=1, progress=False)
+    assert not os.path.exists(tmp_path / "out" / "manifest.json")
+    if "not json" in bad:  # the command line says the same in one line
+        last = subprocess_error(["convert-amber", src, str(tmp_path / "out2"), "--workers=1"])
+        assert last.startswith("error: ") and "train_000.jsonl:3: not valid JSON" in last
+
+
+def subprocess_error(args):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join(root, "data.py"), *args], capture_output=True, text=True)
+    assert p.returncode == 1, p.stderr
+    return p.stderr.strip().splitlines()[-1]  # above it: the progress bar
+
+
+def test_convert_amber_dtype_follows_the_vocabulary_and_refuses_a_changed_release(tmp_path):
+    src = str(tmp_path / "release")
+    data.write_synthetic_release(src, 2, 3, row_length=9, vocab_size=70000, seed=3)
+    manifest = data.convert_amber(src, str(tmp_path / "out"), vocab_size=70000, workers=1, progress=False)
+    assert manifest["dtype"] == "uint32" and manifest["seq_len"] == 8
+    assert manifest["tokenizer"]["vocab_size"] == 70000
+    with pytest.raises(DataError, match="vocab_size=70000, not 32000"):
+        data.convert_amber(src, str(tmp_path / "out"), workers=1, progress=False)
+    data.write_synthetic_release(src, 2, 4, row_length=9, vocab_size=70000, seed=4)  # the release changed
+    os.remove(tmp_path / "out" / "manifest.json")
+    with pytest.raises(DataError, match="chunk 0 was converted from train_000.jsonl"):
+        data.convert_amber(src, str(tmp_path / "out"), vocab_size=70000, workers=1, progress=False)
+    os.makedirs(tmp_path / "other")
+    (tmp_path / "other" / "keep.txt").write_text("mine")
+    with pytest.raises(DataError, match="holds no conversion"):
+        data.convert_amber(src, str(tmp_path / "other"), workers=1, progress=False)
 
 
 # -----------------------------------------------------------------------------
