@@ -4,6 +4,7 @@ Benchmark of model.py against transformers on this machine, in float32.
     python bench.py [model] [CONFIG] [--key=value ...]    # default configs/tiny.py
     python bench.py data [CONFIG] [--key=value ...]
     python bench.py eval [CONFIG] [--key=value ...]
+    python bench.py convert
 
 `model` times, in one run and on the same weights and batch:
   1. one training step (forward + backward + AdamW) of our model and of
@@ -20,12 +21,18 @@ Needs requirements-dev.txt (transformers).
 all its sources with 1 and 2 worker processes, and the reader's time per
 optimizer step against the time of that training step.
 
+`convert` writes synthetic releases in AMBER's format (1,000 and 15,000 rows of
+2,049 ids) and runs `data.py convert-amber` on each with 1 worker and one per
+core: wall time, tokens/s per worker, and the peak resident memory of the
+process with its workers.
+
 `eval` times multiple-choice scoring (4 choices, 5-shot ARC-style contexts of
 made-up words) with evaluate.py against lm_eval's HFLM on the exported Hugging
 Face copy of the same weights.
 """
 
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -186,6 +193,51 @@ def bench_data(cfg):
           f"({reader.accum} micro-batches), {100 * t_read / t_step:.3f}% of a {t_step:.2f} s training step")
 
 
+def _peak_run(cmd):
+    """(wall seconds, peak resident MB over the process and its workers) of a command."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(p.pid, 0)  # the rusage of the whole finished process tree
+    if status:
+        sys.exit(f"{' '.join(cmd)} failed")
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def bench_convert(rows=(1000, 15000), files=4):
+    """convert-amber on synthetic releases of AMBER's shape (rows of 2,049 ids under
+    32,000): peak memory as the release grows, and tokens/s with 1 and N workers."""
+    import tempfile
+
+    import data
+
+    tmp = tempfile.mkdtemp(prefix="bench_convert_")
+    _, base = _peak_run([sys.executable, "-c", "import data"])
+    print(f"python with data.py imported: {base:.0f} MB resident")
+    cores = os.cpu_count()
+    for n in rows:
+        src = os.path.join(tmp, f"release_{n}")
+        data.write_synthetic_release(src, files, n // files, seed=n)
+        mb = sum(os.path.getsize(p) for p in data.release_files(src)) / 1e6
+        tokens = n * 2049
+        for workers in sorted({1, cores}):
+            out = os.path.join(tmp, f"out_{n}_{workers}")
+            t0 = time.perf_counter()  # in this process: the rate without the interpreter's start-up
+            data.convert_amber(src, out, workers=workers, progress=False)
+            rate = tokens / (time.perf_counter() - t0)
+            shutil.rmtree(out)
+            _, peak = _peak_run([sys.executable, "data.py", "convert-amber", src, out, f"--workers={workers}"])
+            print(f"{n:6,d} rows ({mb:4.0f} MB of JSON), {workers} worker{'s' if workers > 1 else ' '}: "
+                  f"{rate / 1e6:5.2f}M tok/s ({rate / workers / 1e6:.2f}M per worker), "
+                  f"peak {peak:4.0f} MB (largest process)")
+            shutil.rmtree(out)
+        shutil.rmtree(src)
+    print(f"AMBER's 1.26T tokens at the last per-worker rate on 64 cores: "
+          f"{1.26e12 / (rate / workers * 64) / 3600:.1f} h (if the disk keeps up: 2.5 TB written, 7.5 TB read)")
+    shutil.rmtree(tmp)
+
+
 def bench_eval(cfg, n_items=40, n_shots=5):
     """Multiple-choice items/s, 4 choices and a few-shot context: our scorer against
     lm_eval's HFLM on the exported Hugging Face copy of the same weights."""
@@ -245,7 +297,9 @@ def bench_eval(cfg, n_items=40, n_shots=5):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    mode = args.pop(0) if args and args[0] in ("model", "data", "eval") else "model"
+    mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert") else "model"
+    if mode == "convert":
+        sys.exit(bench_convert())
     try:
         cfg = load_config(args or ["configs/tiny.py"])
     except ConfigError as e:
