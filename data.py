@@ -52,7 +52,7 @@ import torch
 
 from config import write_json_atomic
 
-MANIFEST_FORMAT, MANIFEST_VERSION = "llm360-mini data", 1
+MANIFEST_FORMAT, MANIFEST_VERSION = "llm360-mini data", 2  # 2: the two-pass global shuffle
 DATA_KEYS = ("sources", "tokenizer", "val_fraction", "seq_len", "n_chunks", "seed")  # what defines a data dir
 
 
@@ -368,32 +368,42 @@ def _write_npy(path, array):
     return sha256_file(path)
 
 
-def _pack(doc_tokens, docs, L, out=None):
-    """Concatenate the given documents' token arrays in order and cut the stream into
-    rows of L tokens: (rows [n, L], tokens of the tail that fills no row). With `out`,
-    the stream is written to that file and the rows are a read-only memory map of it,
-    so memory does not grow with the data."""
+def _pack(doc_tokens, doc_pieces, L, out=None):
+    """Concatenate the documents' token arrays in order (`doc_pieces`: arrays of document
+    indices) and cut the stream into rows of L tokens: (rows [n, L], tokens of the tail
+    that fills no row). With `out`, the stream is written to that file and the rows are a
+    read-only memory map of it, so memory does not grow with the data."""
     dtype = doc_tokens[0].dtype if len(doc_tokens) else np.uint16
     if out is None:
-        stream = np.concatenate([doc_tokens[d] for d in docs]) if len(docs) else np.zeros(0, dtype)
+        parts = [doc_tokens[d] for piece in doc_pieces for d in piece]
+        stream = np.concatenate(parts) if parts else np.zeros(0, dtype)
         n = len(stream) // L
         return stream[: n * L].reshape(n, L), len(stream) - n * L
     total = 0
     with open(out, "wb") as f:
-        for d in docs:
-            f.write(np.ascontiguousarray(doc_tokens[d]).tobytes())
-            total += len(doc_tokens[d])
+        for piece in doc_pieces:
+            for d in piece:
+                f.write(np.ascontiguousarray(doc_tokens[d]).tobytes())
+                total += len(doc_tokens[d])
     n = total // L
     rows = np.memmap(out, dtype=dtype, mode="r", shape=(n, L)) if n else np.zeros((0, L), dtype)
     return rows, total - n * L
 
 
 class _Documents:
-    """The documents of one source as views into its token file: doc i is tokens[offsets[i]:offsets[i + 1]]."""
+    """The documents of one source as views into its token file: doc i is
+    tokens[offsets[i]:offsets[i + 1]]. The offsets live on disk too (8 bytes a document:
+    10 GB at AMBER's ~10^9 documents), written block by block from the lengths file."""
 
-    def __init__(self, path, dtype, lengths):
-        self.offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
-        self.tokens = np.memmap(path, dtype=dtype, mode="r") if self.offsets[-1] else np.zeros(0, dtype)
+    def __init__(self, path, dtype, lengths_path):
+        lengths = np.memmap(lengths_path, dtype=np.int64, mode="r") if os.path.getsize(lengths_path) else np.zeros(0, np.int64)
+        self.offsets = np.memmap(lengths_path + ".offsets", dtype=np.int64, mode="w+", shape=(len(lengths) + 1,))
+        self.offsets[0], total = 0, 0
+        for i in range(0, len(lengths), SHUFFLE_BLOCK):
+            part = np.cumsum(lengths[i : i + SHUFFLE_BLOCK]) + total
+            self.offsets[i + 1 : i + 1 + len(part)] = part
+            total = int(part[-1])
+        self.tokens = np.memmap(path, dtype=dtype, mode="r") if total else np.zeros(0, dtype)
 
     def __len__(self):
         return len(self.offsets) - 1
@@ -402,25 +412,84 @@ class _Documents:
         return self.tokens[self.offsets[i] : self.offsets[i + 1]]
 
 
+# The global shuffle holds no array over the whole corpus: a permutation of n items is
+# drawn in two passes. Pass 1 deals the items, one block of SHUFFLE_BLOCK at a time and in
+# order, into pieces of given sizes; how many items of a block go to each piece is drawn
+# from the multivariate hypergeometric law (exactly the law of a uniform permutation cut
+# into those pieces), and which ones by a shuffle of the block's labels. Pass 2 shuffles
+# each piece. The result is a uniformly random permutation, a pure function of
+# (n, sizes, seed), with memory bounded by a block and a piece. SHUFFLE_BLOCK is part of
+# the data order: changing it changes every data dir prepared afterwards.
+SHUFFLE_BLOCK = 1 << 20
+
+
+def permutation_pieces(n, sizes, seed, work=None):
+    """Yield a uniformly random permutation of range(n) as consecutive pieces of the given
+    sizes (int64 arrays). With `work`, the pieces wait in files there, so memory holds one."""
+    assert sum(sizes) == n
+    rng = np.random.default_rng(seed)
+    remaining = np.array(sizes, dtype=np.int64)
+    held = [[] for _ in sizes]
+    paths = [os.path.join(work, f"piece_{i}.bin") for i in range(len(sizes))] if work else None
+    for start in range(0, n, SHUFFLE_BLOCK):  # pass 1: deal each block's items into the pieces
+        take = min(SHUFFLE_BLOCK, n - start)
+        counts = rng.multivariate_hypergeometric(remaining, take)
+        remaining -= counts
+        labels = np.repeat(np.arange(len(sizes), dtype=np.int32), counts)
+        rng.shuffle(labels)
+        order = np.argsort(labels, kind="stable") + start  # the block's items, grouped by piece
+        for i, part in enumerate(np.split(order, np.cumsum(counts)[:-1])):
+            if len(part) == 0:
+                continue
+            if work:
+                with open(paths[i], "ab") as f:
+                    f.write(part.tobytes())
+            else:
+                held[i].append(part)
+    for i in range(len(sizes)):  # pass 2: shuffle each piece
+        if work:
+            piece = np.fromfile(paths[i], dtype=np.int64) if os.path.exists(paths[i]) else np.zeros(0, np.int64)
+            if os.path.exists(paths[i]):
+                os.remove(paths[i])
+        else:
+            piece = np.concatenate(held[i]) if held[i] else np.zeros(0, np.int64)
+            held[i] = None
+        yield np.random.default_rng([*np.atleast_1d(seed).tolist(), i]).permutation(piece)
+
+
+def _even_sizes(n, parts):
+    """Sizes of n items split into `parts` consecutive pieces as evenly as np.array_split does."""
+    return [n // parts + (i < n % parts) for i in range(parts)]
+
+
 def split_and_pack(doc_tokens, val_fraction, weight, seed, L, out=None):
     """One source's documents -> (train rows, val rows, held-out document indices, dropped tokens).
 
     A seeded val_fraction of the documents (at least one, when there are two or more)
     is held out whole, so no validation text is ever trained on. The rest is packed
     epoch by epoch, `weight` epochs (a fractional epoch takes a seeded share of the
-    documents), each epoch in a new seeded document order.
+    documents), each epoch in a new seeded document order. With `out` the packed stream
+    goes to that file and memory holds a piece of the document order at a time.
     """
     rng = np.random.default_rng(seed)
     n_docs = len(doc_tokens)
     n_val = 0 if val_fraction == 0 or n_docs < 2 else max(1, round(val_fraction * n_docs))
-    val_docs = np.sort(rng.choice(n_docs, n_val, replace=False))
-    train_docs = np.setdiff1d(np.arange(n_docs), val_docs)
-    order = []
-    for epoch in range(math.ceil(weight)):
-        perm = rng.permutation(train_docs)
-        order.append(perm[: round(min(1.0, weight - epoch) * len(perm))])
-    train, dropped = _pack(doc_tokens, np.concatenate(order), L, out)
-    val, _ = _pack(doc_tokens, val_docs, L)  # small: in memory
+    val_docs = np.sort(rng.choice(n_docs, n_val, replace=False))  # small: val_fraction of the documents
+    n_train = n_docs - n_val
+    gaps = val_docs - np.arange(n_val)  # train document j is j + (held-out documents at or before it)
+    work = os.path.dirname(out) if out else None
+
+    def order():  # the training documents, epoch by epoch, piece by piece
+        for epoch in range(math.ceil(weight)):
+            keep = round(min(1.0, weight - epoch) * n_train)
+            pieces = _even_sizes(n_train, max(1, -(-n_train // SHUFFLE_BLOCK)))
+            for j in permutation_pieces(n_train, pieces, [*np.atleast_1d(seed).tolist(), 7, epoch], work):
+                j = j[:keep]
+                keep -= len(j)
+                yield j + np.searchsorted(gaps, j, side="right")
+
+    train, dropped = _pack(doc_tokens, order(), L, out)
+    val, _ = _pack(doc_tokens, [val_docs], L)  # small: in memory
     return train, val, val_docs, dropped
 
 
@@ -494,12 +563,12 @@ def prepare(cfg, progress=True):
                 docs = _source_documents(src, files)  # fills `files` as it reads them
                 encoded = pool.imap(_encode, docs, chunksize=8) if pool else map(_encode, docs)
                 # documents go to a token file as they come back, so memory holds one at a time
-                token_file, lengths = os.path.join(work, f"tokens_{sid}.bin"), []
-                with open(token_file, "wb") as f:
+                token_file, lengths_file = os.path.join(work, f"tokens_{sid}.bin"), os.path.join(work, f"lengths_{sid}.bin")
+                with open(token_file, "wb") as f, open(lengths_file, "wb") as g:
                     for ids in tqdm(encoded, desc=f"tokenizing {src['name']}", unit="doc", disable=not progress):
                         f.write(ids.tobytes())
-                        lengths.append(len(ids))
-                doc_tokens = _Documents(token_file, dtype, lengths)
+                        g.write(np.int64(len(ids)).tobytes())
+                doc_tokens = _Documents(token_file, dtype, lengths_file)
                 n_docs = len(doc_tokens)
                 if n_docs == 0:
                     raise DataError(f"source {src['name']!r}: its files hold no text; fix its 'path' or remove it")
@@ -530,16 +599,15 @@ def prepare(cfg, progress=True):
         if total < cfg.n_chunks:
             raise DataError(f"{total} training sequences cannot fill n_chunks={cfg.n_chunks}: lower n_chunks "
                             f"(or seq_len={cfg.seq_len}), or add data")
-        all_src = np.repeat(np.arange(len(srcs), dtype=np.uint8), counts)  # sequence -> source
-        all_row = np.concatenate([np.arange(n, dtype=np.int64) for n in counts])  # sequence -> row in its source
-        perm = np.random.default_rng(cfg.seed).permutation(total)
+        starts = np.cumsum([0] + counts)  # sequence i is row i - starts[s] of source s, the s with starts[s] <= i
         chunks = []
-        for c, idx in enumerate(np.array_split(perm, cfg.n_chunks)):
-            seqs = np.empty((len(idx), L), dtype=dtype)  # one chunk in memory at a time
-            src_ids = all_src[idx]
+        pieces = permutation_pieces(total, _even_sizes(total, cfg.n_chunks), cfg.seed, work)
+        for c, idx in enumerate(pieces):  # one chunk in memory at a time
+            src_ids = (np.searchsorted(starts, idx, side="right") - 1).astype(np.uint8)
+            seqs = np.empty((len(idx), L), dtype=dtype)
             for sid in range(len(srcs)):
                 mine = src_ids == sid
-                seqs[mine] = train_seqs[sid][all_row[idx[mine]]]
+                seqs[mine] = train_seqs[sid][idx[mine] - starts[sid]]
             chunks.append(_write_chunk(tmp, f"chunk_{c:03d}", seqs, src_ids, srcs, L))
         del train_seqs, doc_tokens
         val = _write_chunk(tmp, "val", np.concatenate(val_seqs),

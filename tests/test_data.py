@@ -113,6 +113,29 @@ def test_split_and_pack_never_leaks_validation_and_loses_only_the_tail():
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[0], c[0])
 
 
+def test_two_pass_shuffle_is_a_uniform_permutation_in_pieces(tmp_path, monkeypatch):
+    import itertools
+
+    monkeypatch.setattr(data, "SHUFFLE_BLOCK", 64)  # many blocks, so pass 1 really deals across them
+    n, sizes = 1000, [300, 1, 0, 450, 249]
+    pieces = list(data.permutation_pieces(n, sizes, [5, 1]))
+    assert [len(p) for p in pieces] == sizes
+    assert sorted(np.concatenate(pieces).tolist()) == list(range(n))  # each item exactly once
+    on_disk = list(data.permutation_pieces(n, sizes, [5, 1], str(tmp_path)))
+    assert all(np.array_equal(a, b) for a, b in zip(pieces, on_disk)) and os.listdir(tmp_path) == []
+    other = np.concatenate(list(data.permutation_pieces(n, sizes, [6, 1])))
+    assert not np.array_equal(np.concatenate(pieces), other)
+    # uniform: all 4! orders of 4 items, blocks of 2 cut into pieces of 1 and 3, equally often
+    monkeypatch.setattr(data, "SHUFFLE_BLOCK", 2)
+    draws = 4800
+    seen = {p: 0 for p in itertools.permutations(range(4))}
+    for s in range(draws):
+        seen[tuple(np.concatenate(list(data.permutation_pieces(4, [1, 3], s))).tolist())] += 1
+    expected = draws / 24
+    chi2 = sum((k - expected) ** 2 / expected for k in seen.values())
+    assert chi2 < 60, f"chi-square {chi2:.1f} over 23 degrees of freedom: not uniform ({seen})"
+
+
 def test_tokenizer_round_trips_code_and_prose(prepared, corpus):
     tok = data.load_tokenizer(prepared.data_dir)
     text = (corpus / "code" / "pkg" / "m3.py").read_text() + "\n\tindented  twice \n"
