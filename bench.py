@@ -5,6 +5,7 @@ Benchmark of model.py against transformers on this machine, in float32.
     python bench.py data [CONFIG] [--key=value ...]
     python bench.py eval [CONFIG] [--key=value ...]
     python bench.py convert
+    python bench.py prepare
 
 `model` times, in one run and on the same weights and batch:
   1. one training step (forward + backward + AdamW) of our model and of
@@ -25,6 +26,10 @@ optimizer step against the time of that training step.
 2,049 ids) and runs `data.py convert-amber` on each with 1 worker and one per
 core: wall time, tokens/s per worker, and the peak resident memory of the
 process with its workers.
+
+`prepare` runs `data.py CONFIG` on a corpus of made-up documents and on one 4x
+larger, with the same given tokenizer (training one reads a capped sample, apart
+from the data path), and prints the peak resident memory of each.
 
 `eval` times multiple-choice scoring (4 choices, 5-shot ARC-style contexts of
 made-up words) with evaluate.py against lm_eval's HFLM on the exported Hugging
@@ -193,16 +198,40 @@ def bench_data(cfg):
           f"({reader.accum} micro-batches), {100 * t_read / t_step:.3f}% of a {t_step:.2f} s training step")
 
 
+def _tree_anon_mb(pid):
+    """Anonymous resident memory (not file pages) of a process and its descendants, in MB."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("RssAnon:"))
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, StopIteration):
+            pass  # the process ended between two reads
+    return total / 1024
+
+
 def _peak_run(cmd):
-    """(wall seconds, peak resident MB over the process and its workers) of a command."""
+    """(wall seconds, peak resident MB, peak anonymous MB) of a command with its workers.
+    Resident memory counts the pages of memory-mapped files, which the kernel drops when
+    memory is short; anonymous memory is what the process really holds (sampled every 20 ms)."""
     import subprocess
 
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(p.pid, 0)  # the rusage of the whole finished process tree
+    anon = 0.0
+    while True:
+        pid, status, usage = os.wait4(p.pid, os.WNOHANG)  # usage: of this process tree alone
+        if pid:
+            break
+        anon = max(anon, _tree_anon_mb(p.pid))
+        time.sleep(0.02)
     if status:
         sys.exit(f"{' '.join(cmd)} failed")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024
+    return time.perf_counter() - t0, usage.ru_maxrss / 1024, anon
 
 
 def bench_convert(rows=(1000, 15000), files=4):
@@ -213,8 +242,8 @@ def bench_convert(rows=(1000, 15000), files=4):
     import data
 
     tmp = tempfile.mkdtemp(prefix="bench_convert_")
-    _, base = _peak_run([sys.executable, "-c", "import data"])
-    print(f"python with data.py imported: {base:.0f} MB resident")
+    _, base, base_anon = _peak_run([sys.executable, "-c", "import data"])
+    print(f"python with data.py imported: {base:.0f} MB resident, {base_anon:.0f} MB anonymous")
     cores = os.cpu_count()
     for n in rows:
         src = os.path.join(tmp, f"release_{n}")
@@ -227,14 +256,49 @@ def bench_convert(rows=(1000, 15000), files=4):
             data.convert_amber(src, out, workers=workers, progress=False)
             rate = tokens / (time.perf_counter() - t0)
             shutil.rmtree(out)
-            _, peak = _peak_run([sys.executable, "data.py", "convert-amber", src, out, f"--workers={workers}"])
+            _, peak, anon = _peak_run([sys.executable, "data.py", "convert-amber", src, out, f"--workers={workers}"])
             print(f"{n:6,d} rows ({mb:4.0f} MB of JSON), {workers} worker{'s' if workers > 1 else ' '}: "
                   f"{rate / 1e6:5.2f}M tok/s ({rate / workers / 1e6:.2f}M per worker), "
-                  f"peak {peak:4.0f} MB (largest process)")
+                  f"peak {peak:4.0f} MB resident (largest process), {anon:4.0f} MB anonymous (all processes)")
             shutil.rmtree(out)
         shutil.rmtree(src)
     print(f"AMBER's 1.26T tokens at the last per-worker rate on 64 cores: "
           f"{1.26e12 / (rate / workers * 64) / 3600:.1f} h (if the disk keeps up: 2.5 TB written, 7.5 TB read)")
+    shutil.rmtree(tmp)
+
+
+def bench_prepare(docs=(20000, 80000)):
+    """`data.py CONFIG` on a corpus of made-up JSON-lines documents and on one 4x larger:
+    peak resident memory and time of the whole preparation (tokenizer, packing, shuffle)."""
+    import json
+    import random
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="bench_prepare_")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
+    for n in docs:
+        corpus = os.path.join(tmp, f"corpus_{n}.jsonl")
+        with open(corpus, "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(50, 400)))}) + "\n")
+        if n == docs[0]:  # a tokenizer trained once, then given: its training sample is capped apart
+            import data
+
+            tok = data.train_sentencepiece(data.sample_lines(
+                [data.resolve_source("web", {"path": corpus, "format": "jsonl"})], 0), 4096)
+            with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+                f.write(tok)
+        cfg_path = os.path.join(tmp, f"prepare_{n}.py")
+        with open(cfg_path, "w") as f:
+            f.write(f"model = 'tiny'\nsources = {{'web': {{'path': {corpus!r}, 'format': 'jsonl'}}}}\n"
+                    f"tokenizer = {os.path.join(tmp, 'tokenizer.model')!r}\n"
+                    f"data_dir = {os.path.join(tmp, f'data_{n}')!r}\nseq_len = 256\nn_chunks = 16\nnum_workers = 1\n")
+        dt, peak, anon = _peak_run([sys.executable, "data.py", cfg_path])
+        with open(os.path.join(tmp, f"data_{n}", "manifest.json")) as f:
+            tokens = json.load(f)["totals"]["train_tokens"]
+        print(f"{n:7,d} documents ({os.path.getsize(corpus) / 1e6:5.0f} MB, {tokens / 1e6:6.1f}M training tokens): "
+              f"{dt:6.1f} s, peak {peak:4.0f} MB resident, {anon:4.0f} MB anonymous")
     shutil.rmtree(tmp)
 
 
@@ -297,9 +361,9 @@ def bench_eval(cfg, n_items=40, n_shots=5):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert") else "model"
-    if mode == "convert":
-        sys.exit(bench_convert())
+    mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare") else "model"
+    if mode in ("convert", "prepare"):
+        sys.exit({"convert": bench_convert, "prepare": bench_prepare}[mode]())
     try:
         cfg = load_config(args or ["configs/tiny.py"])
     except ConfigError as e:
