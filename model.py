@@ -600,33 +600,46 @@ def _write_json(path, obj):
     _atomic_write(path, write)
 
 
-def _read_hf_tensors(hf_dir):
-    """Yield (name, tensor) from a HF folder: safetensors or .bin, single or sharded."""
-    from safetensors.torch import load_file
-
-    for index_name, loader in (("model.safetensors.index.json", load_file),
-                               ("pytorch_model.bin.index.json", None)):
+def _hf_shards(hf_dir):
+    """The weight files of a HF folder, in order: safetensors or .bin, single or sharded."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = os.path.join(hf_dir, index_name)
         single = os.path.join(hf_dir, index_name.replace(".index.json", ""))
         if os.path.exists(index_path):
             with open(index_path) as f:
-                files = sorted(set(json.load(f)["weight_map"].values()))
-        elif os.path.exists(single):
-            files = [os.path.basename(single)]
-        else:
-            continue
-        for fname in files:
-            path = os.path.join(hf_dir, fname)
-            # a .bin checkpoint is a pickle: weights_only=True so loading never runs code
-            sd = loader(path) if loader else torch.load(path, map_location="cpu", weights_only=True)
-            yield from sd.items()
-        return
+                return [os.path.join(hf_dir, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+        if os.path.exists(single):
+            return [single]
     raise FileNotFoundError(f"{hf_dir}: no model.safetensors, pytorch_model.bin or their .index.json; "
                             "is this a Hugging Face model folder?")
 
 
+def _shard_tensors(path):
+    """Yield (name, tensor) of one weight file, holding as little of it as the format allows:
+    safetensors one tensor at a time, .bin memory-mapped when it is a zip-format pickle."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+        return
+    # a .bin checkpoint is a pickle: weights_only=True so loading never runs code
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    while sd:
+        yield sd.popitem()  # each tensor is released once copied
+
+
 def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
-    """Build our Transformer from a Hugging Face llama or stablelm folder (e.g. an AMBER checkpoint)."""
+    """Build our Transformer from a Hugging Face llama or stablelm folder (e.g. one of
+    AMBER's released checkpoints, sharded pytorch_model-0000i-of-0000n.bin files).
+
+    The model's tensors are allocated once in `dtype` and filled shard by shard, so memory
+    holds the model plus one shard (with .bin zip files and safetensors, one tensor),
+    never two full copies of the weights."""
     config_path = os.path.join(hf_dir, "config.json")
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{config_path} not found; is {hf_dir} a Hugging Face model folder?")
@@ -634,20 +647,34 @@ def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
         cfg = model_config_from_hf(json.load(f))
     with torch.device("meta"):
         model = Transformer(cfg)
-    theirs = {name: t for name, t in _read_hf_tensors(hf_dir) if not name.endswith("rotary_emb.inv_freq")}
-    state = {}
+    where = {}  # HF tensor -> (our tensor, first row, rows): fused matrices take several HF tensors
     for name in model.state_dict():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue
-        parts = _hf_parts(cfg, name)
-        missing = [hf for hf, _ in parts if hf not in theirs]
-        if missing:
-            raise ValueError(f"{hf_dir}: tensor {missing[0]!r} is missing for a model of this config.json")
-        state[name] = torch.cat([theirs.pop(hf) for hf, _ in parts]).to(device=device, dtype=dtype)
-    if cfg.tie_embeddings:
-        theirs.pop("lm_head.weight", None)  # some tied checkpoints store the head anyway
-    if theirs:
-        raise ValueError(f"{hf_dir}: unexpected tensors {sorted(theirs)[:5]} for a model of this config.json")
+        row = 0
+        for hf, rows in _hf_parts(cfg, name):
+            where[hf] = (name, row, rows)
+            row += rows or 0
+    shapes = model.state_dict()
+    state = {name: torch.empty(shapes[name].shape, dtype=dtype, device=device) for name, _, _ in where.values()}
+    filled = set()
+    for path in _hf_shards(hf_dir):
+        for hf, t in _shard_tensors(path):
+            if hf.endswith("rotary_emb.inv_freq") or (hf == "lm_head.weight" and cfg.tie_embeddings):
+                continue  # recomputed / re-tied; some tied checkpoints store the head anyway
+            if hf not in where:
+                raise ValueError(f"{path}: unexpected tensor {hf!r} for a model of this config.json")
+            name, row, rows = where[hf]
+            dst = state[name] if rows is None else state[name][row : row + rows]
+            if dst.shape != t.shape:
+                raise ValueError(f"{path}: tensor {hf!r} has shape {tuple(t.shape)}, config.json implies "
+                                 f"{tuple(dst.shape)}")
+            dst.copy_(t)
+            filled.add(hf)
+            del t
+    missing = sorted(set(where) - filled)
+    if missing:
+        raise ValueError(f"{hf_dir}: tensor {missing[0]!r} is missing for a model of this config.json")
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["tok_emb.weight"]
     model.load_state_dict(state, assign=True, strict=True)

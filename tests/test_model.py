@@ -79,6 +79,71 @@ def test_llama_equals_hf_both_directions(tmp_path, n_kv_head, tie):
     assert_close(back(idx)[0], hf_logits(ref2, idx))
 
 
+def save_like_amber(hf_model, folder, max_shard_bytes, dtype=torch.float16):
+    """The layout of AMBER's released checkpoints: config.json and sharded
+    pytorch_model-0000i-of-0000n.bin pickles with pytorch_model.bin.index.json, as
+    transformers 4.x wrote them (save_pretrained(safe_serialization=False)). transformers
+    5 no longer writes .bin files, so the shards are written here, the same way."""
+    import json
+
+    os.makedirs(folder)
+    hf_model.config.save_pretrained(folder)
+    shards, size = [{}], 0
+    for name, t in hf_model.state_dict().items():
+        nbytes = t.numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name] = t.detach().to(dtype).clone()
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        torch.save(shard, os.path.join(folder, fname))
+        weight_map.update(dict.fromkeys(shard, fname))
+    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(t.numel() * dtype.itemsize for s in shards for t in s.values())},
+                   "weight_map": weight_map}, f)
+    return len(shards)
+
+
+def test_amber_release_layout_loads_shard_by_shard(tmp_path, monkeypatch):
+    import weakref
+
+    import model as model_module
+
+    hf_cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                      num_attention_heads=4, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    torch.manual_seed(4)
+    ref = transformers.LlamaForCausalLM(hf_cfg).eval()
+    n_shards = save_like_amber(ref, tmp_path / "ckpt_000", max_shard_bytes=40_000)  # float16, as released
+    assert n_shards >= 4
+    # the reference reads the same folder: our fixture is the format transformers knows
+    theirs = load_reference(tmp_path / "ckpt_000", transformers.LlamaForCausalLM)
+    loads, alive, real_load = [], [], torch.load
+
+    def watched_load(path, *args, **kwargs):
+        assert kwargs.get("weights_only") is True  # a pickle never runs code
+        # shard by shard: every tensor of the previous shard is gone before the next is read
+        assert not any(r() is not None for r in alive), f"{len(alive)} tensors of the last shard still held"
+        sd = real_load(path, *args, **kwargs)
+        alive[:] = [weakref.ref(t) for t in sd.values()]
+        loads.append(os.path.basename(path))
+        return sd
+
+    monkeypatch.setattr(model_module.torch, "load", watched_load)
+    ours = load_hf(tmp_path / "ckpt_000").eval()
+    assert len(loads) == n_shards and all(p.dtype == torch.float32 for p in ours.parameters())
+    idx = idx_batch(128)
+    assert_close(ours(idx)[0], hf_logits(theirs, idx))
+    # a shard that does not fit the config is named
+    sd = real_load(tmp_path / "ckpt_000" / loads[0], weights_only=True)
+    name = next(iter(sd))
+    sd[name] = sd[name][:1]
+    torch.save(sd, tmp_path / "ckpt_000" / loads[0])
+    with pytest.raises(ValueError, match=f"{loads[0]}: tensor '{name}' has shape"):
+        load_hf(tmp_path / "ckpt_000")
+
+
 def test_stablelm_partial_rotary_equals_hf_both_directions(tmp_path):
     ours = perturb_(build(**STABLELM))
     assert ours.config.rot_dim == 4  # 25% of a 16-dim head
