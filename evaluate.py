@@ -50,8 +50,9 @@ class EvalError(ValueError):
 # a model and its tokenizer, from a checkpoint of ours or a Hugging Face folder
 
 
-def load_for_eval(path, device="cpu"):
-    """(model, tokenizer, info) of a checkpoint folder of ours or a Hugging Face folder."""
+def load_for_eval(path, device="cpu", need_tokenizer=True):
+    """(model, tokenizer, info) of a checkpoint folder of ours or a Hugging Face folder.
+    With need_tokenizer=False (memorization reads token ids only) a missing tokenizer is None."""
     if os.path.exists(os.path.join(path, "state.json")):
         from train import load_model
 
@@ -63,15 +64,18 @@ def load_for_eval(path, device="cpu"):
         dirs = stage_dirs(state["config"])
         last = state["schedule"][max(0, state["pos"] - 1)]
         data_dir = chunk_table(dirs)[last][0] if len(dirs) > 1 else dirs[0]  # the stage trained last
-        tok = data.load_tokenizer(data_dir)
+        tok_info = data.load_manifest(data_dir)["tokenizer"]
+        has_tok = tok_info["kind"] == "tiktoken" or tok_info.get("file")  # converted AMBER data may have none
+        tok = data.load_tokenizer(data_dir) if has_tok or need_tokenizer else None
         info = {"step": state["step"], "tokens": state["tokens"], "data_dir": data_dir}
     elif os.path.exists(os.path.join(path, "config.json")):
         model = load_hf(path, device=device)
-        tok_file = os.path.join(path, "tokenizer.model")
-        if not os.path.exists(tok_file):
+        tok_file, tok = os.path.join(path, "tokenizer.model"), None
+        if os.path.exists(tok_file):
+            with open(tok_file, "rb") as f:
+                tok = data.Tokenizer("sentencepiece", f.read())
+        elif need_tokenizer:
             raise EvalError(f"{path}: no tokenizer.model (SentencePiece) beside the weights")
-        with open(tok_file, "rb") as f:
-            tok = data.Tokenizer("sentencepiece", f.read())
         info = {"step": None, "tokens": None, "data_dir": None}
     else:
         raise EvalError(f"{path} is neither a checkpoint of ours (state.json) nor a Hugging Face folder (config.json)")

@@ -1,0 +1,95 @@
+"""A rehearsal of AMBER's own workload at its real shapes: a synthetic release in
+LLM360's format (rows of 2,049 ids under 32,000, AMBER's source names) is converted,
+trained on with seq_len 2048 and vocabulary 32,000, inspected, and analysed for
+memorization both from our checkpoints and from the same weights in the layout of
+AMBER's released checkpoints (sharded pytorch_model-*.bin)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import memorize as mem
+from conftest import write_config
+from config import config_from_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def save_like_amber(model, folder, max_shard_bytes):
+    """Our model as AMBER's checkpoints are released: config.json plus sharded
+    pytorch_model-0000i-of-0000n.bin pickles and their index (transformers 4.x's
+    save_pretrained(safe_serialization=False); transformers 5 writes no .bin)."""
+    from model import hf_config, to_hf_state_dict
+
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf_config(model.config), f)
+    shards, size = [{}], 0
+    for name, t in to_hf_state_dict(model).items():
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name] = t
+        size += t.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        torch.save(shard, os.path.join(folder, fname))
+        weight_map.update(dict.fromkeys(shard, fname))
+    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f)
+    return len(shards)
+
+
+@pytest.mark.slow
+def test_amber_shaped_release_through_convert_train_inspect_memorize(tmp_path, capsys):
+    release, data_dir, run_dir = tmp_path / "release", str(tmp_path / "amber_data"), tmp_path / "run"
+    data.write_synthetic_release(str(release), 3, 16, seed=7)
+    manifest = data.convert_amber(str(release), data_dir, workers=2, progress=False)
+    assert manifest["seq_len"] == 2048 and manifest["dtype"] == "uint16" and manifest["tokenizer"]["vocab_size"] == 32000
+
+    values = dict(data_dir=data_dir, out_dir=str(run_dir), seq_len=2048, max_seq_len=2048, vocab_size=32000,
+                  dim=32, n_layer=1, n_head=2, intermediate_size=64, global_batch_size=8, micro_batch_size=4,
+                  lr=1e-2, min_lr=1e-3, warmup_steps=2, val_sequences=0, n_chunks=3, seed=3)
+    cfg_path = write_config(tmp_path / "amber_rehearsal.py", values)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), cfg_path], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(run_dir / "metrics.jsonl") as f:
+        steps = [json.loads(line) for line in f if '"loss"' in line]
+    assert len(steps) == 3 * 2 and all(np.isfinite(s["loss"]) for s in steps)  # 16 rows / 8 per step, 3 chunks
+    assert abs(steps[0]["loss"] - np.log(32000)) < 0.5  # a fresh model over 32,000 ids starts near ln V
+
+    # which rows step 1 of chunk 2 trained on, as data.py inspect shows them
+    cfg = config_from_dict(values)
+    data.inspect(cfg, 2, 1)
+    out = capsys.readouterr().out
+    reader = data.ChunkReader(data_dir, 2, 3, 8, 8)
+    rows = [int(line.split()[2]) for line in out.splitlines()[1:]]
+    assert rows == reader.step_rows(1).tolist() and "token ids are shown" in out.splitlines()[0]
+    first = json.loads((release / "train_002.jsonl").read_text().splitlines()[rows[0]])
+    assert out.splitlines()[1].split()[3] == first["source"]
+
+    # memorization from our checkpoints: checkpoint i pairs with the chunks it has seen
+    ours = mem.run(str(run_dir), k=32, l=32, samples=4, batch_size=4)
+    assert sorted(os.path.basename(f) for f in ours) == ["ckpt_000__chunk_000.json", "ckpt_001__chunk_000.json",
+                                                        "ckpt_001__chunk_001.json", "ckpt_002__chunk_000.json",
+                                                        "ckpt_002__chunk_001.json", "ckpt_002__chunk_002.json"]
+    # the same weights as AMBER's release: a folder of ckpt_NNN HF folders and --data_dir
+    from train import load_model
+
+    amber = tmp_path / "amber_ckpts"
+    for name in ("ckpt_000", "ckpt_001", "ckpt_002"):
+        assert save_like_amber(load_model(str(run_dir / name)), str(amber / name), max_shard_bytes=1 << 20) >= 2
+    theirs = mem.run(str(amber), k=32, l=32, samples=4, batch_size=4, data_dir=data_dir)
+    assert [os.path.basename(f) for f in theirs] == [os.path.basename(f) for f in ours]
+    for a, b in zip(ours, theirs):
+        with open(a) as fa, open(b) as fb:
+            ra, rb = json.load(fa), json.load(fb)
+        assert (ra["indices"], ra["scores"], ra["sources"]) == (rb["indices"], rb["scores"], rb["sources"])
