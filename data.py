@@ -823,6 +823,7 @@ def inspect(cfg, chunk, step, max_chars=100):
 AMBER_SOURCES = ("arxiv", "book", "c4", "refinedweb", "starcoder", "stackexchange", "wikipedia")  # paper Table 2
 CONVERT_BLOCK = 256  # rows parsed and written at a time: ~20 MB of Python ints at 2,049 ids a row
 CONVERT_FORMAT = "llm360-mini convert-amber"
+CONVERT_TOKENS_PER_S_PER_WORKER = 7.8e6  # measured with `python bench.py convert` (2 cores, 2 workers); for plans
 
 
 class _HashingReader(io.RawIOBase):

@@ -438,6 +438,22 @@ def plan(cfg, world_size):
     for name, flops in [("A100 bf16", 312e12), ("H100 bf16", 989e12)]:
         seconds = total_tokens * fpt / (planned_world * flops * 0.36)
         lines.append(f"time at 36% MFU  {seconds / 86400:,.1f} days on {planned_world} x {name}")
+    # disk: the chunks as stored (seq_len + 1 ids a row, and a source id), and a checkpoint per chunk
+    # with fp32 weights and both AdamW moments (12 bytes a parameter; gradients are not saved)
+    sequences = manifest["totals"]["train_sequences"] if os.path.exists(manifest_path) else \
+        cfg.dry_run_sequences_per_chunk * cfg.n_chunks
+    data_bytes = sequences * ((T + 1) * np.dtype(data.token_dtype(cfg.model.vocab_size)).itemsize + 1)
+    ckpt_bytes = 12 * n
+    cores = os.cpu_count() or 1
+    hours = sequences * (T + 1) / data.CONVERT_TOKENS_PER_S_PER_WORKER / 3600
+    lines += [
+        f"disk, data       {data_bytes / 1e12:,.3f} TB of chunks ({sequences:,} rows of {T + 1:,} ids)",
+        f"disk, ckpts      {ckpt_bytes / 1e9:,.1f} GB per checkpoint (fp32 weights + AdamW moments), "
+        f"{len(steps) * ckpt_bytes / 1e12:,.2f} TB for all {len(steps)}",
+        f"conversion       {hours / 64:,.1f} h on 64 cores ({hours / cores:,.1f} h on this machine's {cores}) from "
+        f"a JSON-lines release like AMBER's, at {data.CONVERT_TOKENS_PER_S_PER_WORKER / 1e6:.1f}M tokens/s per "
+        "worker (python bench.py convert)",
+    ]
     print("\n".join(lines))
     return {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T, "planned_world": planned_world}
 

@@ -75,6 +75,9 @@ def test_dry_run_plans_amber(capsys):
     assert plan["tokens_per_step"] == 4_587_520 and plan["params"] == 6_738_415_616
     assert set(plan["steps_per_chunk"]) == {762} and len(plan["steps_per_chunk"]) == 360
     assert "2,240 sequences x 2,048 tokens = 4,587,520 tokens per step" in out and "224 devices" in out
+    # disk: 360 x 1,706,976 rows of 2,049 uint16 ids and a source byte; 12 bytes a parameter per checkpoint
+    assert f"{360 * 1_706_976 * (2049 * 2 + 1) / 1e12:,.3f} TB of chunks (614,511,360 rows of 2,049 ids)" in out
+    assert "80.9 GB per checkpoint" in out and "29.11 TB for all 360" in out and "h on 64 cores" in out
 
 
 def _amber_keys():
