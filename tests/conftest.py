@@ -63,3 +63,32 @@ def write_config(path, values):
     with open(path, "w") as f:
         f.writelines(f"{k} = {v!r}\n" for k, v in values.items())
     return str(path)
+
+
+def save_like_amber(tensors, config, folder, max_shard_bytes, dtype=None):
+    """HF-named `tensors` and a config.json dict in the layout of AMBER's released
+    checkpoints: sharded pytorch_model-0000i-of-0000n.bin pickles and their index, as
+    transformers 4.x's save_pretrained(safe_serialization=False) wrote them (transformers 5
+    writes no .bin files, so the shards are written here, the same way). Returns the shard count."""
+    import os
+
+    import torch
+
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f)
+    shards, size, total = [{}], 0, 0
+    for name, t in tensors.items():
+        t = t.detach().to(dtype or t.dtype).clone()
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards, size = shards + [{}], 0
+        shards[-1][name] = t
+        size, total = size + t.nbytes, total + t.nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        torch.save(shard, os.path.join(folder, fname))
+        weight_map.update(dict.fromkeys(shard, fname))
+    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
+    return len(shards)

@@ -79,43 +79,18 @@ def test_llama_equals_hf_both_directions(tmp_path, n_kv_head, tie):
     assert_close(back(idx)[0], hf_logits(ref2, idx))
 
 
-def save_like_amber(hf_model, folder, max_shard_bytes, dtype=torch.float16):
-    """The layout of AMBER's released checkpoints: config.json and sharded
-    pytorch_model-0000i-of-0000n.bin pickles with pytorch_model.bin.index.json, as
-    transformers 4.x wrote them (save_pretrained(safe_serialization=False)). transformers
-    5 no longer writes .bin files, so the shards are written here, the same way."""
-    import json
-
-    os.makedirs(folder)
-    hf_model.config.save_pretrained(folder)
-    shards, size = [{}], 0
-    for name, t in hf_model.state_dict().items():
-        nbytes = t.numel() * dtype.itemsize
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards, size = shards + [{}], 0
-        shards[-1][name] = t.detach().to(dtype).clone()
-        size += nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
-        torch.save(shard, os.path.join(folder, fname))
-        weight_map.update(dict.fromkeys(shard, fname))
-    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": sum(t.numel() * dtype.itemsize for s in shards for t in s.values())},
-                   "weight_map": weight_map}, f)
-    return len(shards)
-
-
 def test_amber_release_layout_loads_shard_by_shard(tmp_path, monkeypatch):
     import weakref
 
     import model as model_module
+    from conftest import save_like_amber
 
     hf_cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                                       num_attention_heads=4, rms_norm_eps=1e-6, tie_word_embeddings=False)
     torch.manual_seed(4)
     ref = transformers.LlamaForCausalLM(hf_cfg).eval()
-    n_shards = save_like_amber(ref, tmp_path / "ckpt_000", max_shard_bytes=40_000)  # float16, as released
+    n_shards = save_like_amber(ref.state_dict(), ref.config.to_dict(), tmp_path / "ckpt_000",
+                               max_shard_bytes=40_000, dtype=torch.float16)  # float16, as released
     assert n_shards >= 4
     # the reference reads the same folder: our fixture is the format transformers knows
     theirs = load_reference(tmp_path / "ckpt_000", transformers.LlamaForCausalLM)

@@ -15,35 +15,10 @@ import torch
 
 import data
 import memorize as mem
-from conftest import write_config
+from conftest import save_like_amber, write_config
 from config import config_from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def save_like_amber(model, folder, max_shard_bytes):
-    """Our model as AMBER's checkpoints are released: config.json plus sharded
-    pytorch_model-0000i-of-0000n.bin pickles and their index (transformers 4.x's
-    save_pretrained(safe_serialization=False); transformers 5 writes no .bin)."""
-    from model import hf_config, to_hf_state_dict
-
-    os.makedirs(folder)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(hf_config(model.config), f)
-    shards, size = [{}], 0
-    for name, t in to_hf_state_dict(model).items():
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards, size = shards + [{}], 0
-        shards[-1][name] = t
-        size += t.nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
-        torch.save(shard, os.path.join(folder, fname))
-        weight_map.update(dict.fromkeys(shard, fname))
-    with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": size}, "weight_map": weight_map}, f)
-    return len(shards)
 
 
 @pytest.mark.slow
@@ -82,11 +57,14 @@ def test_amber_shaped_release_through_convert_train_inspect_memorize(tmp_path, c
                                                         "ckpt_001__chunk_001.json", "ckpt_002__chunk_000.json",
                                                         "ckpt_002__chunk_001.json", "ckpt_002__chunk_002.json"]
     # the same weights as AMBER's release: a folder of ckpt_NNN HF folders and --data_dir
+    from model import hf_config, to_hf_state_dict
     from train import load_model
 
     amber = tmp_path / "amber_ckpts"
     for name in ("ckpt_000", "ckpt_001", "ckpt_002"):
-        assert save_like_amber(load_model(str(run_dir / name)), str(amber / name), max_shard_bytes=1 << 20) >= 2
+        model = load_model(str(run_dir / name))
+        assert save_like_amber(to_hf_state_dict(model), hf_config(model.config), str(amber / name),
+                               max_shard_bytes=1 << 20) >= 2
     theirs = mem.run(str(amber), k=32, l=32, samples=4, batch_size=4, data_dir=data_dir)
     assert [os.path.basename(f) for f in theirs] == [os.path.basename(f) for f in ours]
     for a, b in zip(ours, theirs):
