@@ -74,12 +74,30 @@ def load_for_eval(path, device="cpu", need_tokenizer=True):
         if os.path.exists(tok_file):
             with open(tok_file, "rb") as f:
                 tok = data.Tokenizer("sentencepiece", f.read())
+            _hf_special_tokens(path, tok)
         elif need_tokenizer:
             raise EvalError(f"{path}: no tokenizer.model (SentencePiece) beside the weights")
         info = {"step": None, "tokens": None, "data_dir": None}
     else:
         raise EvalError(f"{path} is neither a checkpoint of ours (state.json) nor a Hugging Face folder (config.json)")
     return model.eval(), tok, info
+
+
+def _hf_special_tokens(path, tok):
+    """Take a Hugging Face folder's BOS conventions from its tokenizer_config.json, as
+    lm-evaluation-harness sees them: the prefix of an empty context is bos_token (else
+    EOS), and add_bos_token puts BOS in front of every encoded text (LLaMA, AMBER)."""
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    if not os.path.exists(cfg_path):
+        return
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    bos = cfg.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    bos_id = tok.sp.piece_to_id(bos) if bos else None
+    if bos_id is not None and tok.sp.id_to_piece(bos_id) == bos:
+        tok.prefix_id = bos_id
+        tok.add_bos = bool(cfg.get("add_bos_token", cfg.get("tokenizer_class", "").startswith("Llama")))
 
 
 def list_checkpoints(run_dir):
@@ -100,30 +118,50 @@ def list_checkpoints(run_dir):
 
 
 def encode_pair(tok, context, continuation):
-    """Token ids of (context, continuation) as lm-evaluation-harness splits them: trailing
-    spaces of the context move to the continuation, and the continuation's ids are those
-    of the whole string after the context's."""
+    """Token ids of (context, continuation) exactly as lm-evaluation-harness 0.4 splits them:
+    trailing spaces of the context move to the continuation, and the continuation's ids
+    are those of the whole string after the context's. An empty context is the prefix
+    token (EOS; a Hugging Face folder's BOS), or the continuation's first token if that is it."""
+    if context == "":
+        cont = tok.encode(continuation)
+        if not cont:
+            raise EvalError("an empty context with an empty continuation has nothing to score")
+        return ([tok.prefix_id], cont) if cont[0] != tok.prefix_id else (cont[:1], cont[1:])
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole, ctx = tok.encode(context + continuation), tok.encode(context)
+    bos = [tok.prefix_id] if tok.add_bos else []
+    whole, ctx = bos + tok.encode(context + continuation), bos + tok.encode(context)
     return ctx, whole[len(ctx):]
 
 
 @torch.no_grad()
-def score_continuations(model, ctx_ids, conts, prefix_id):
+def score_continuations(model, ctx_ids, conts):
     """[(sum log p(continuation | context), is greedy)] for continuations of one context.
 
-    The context runs once into a KV cache; all continuations then run as one batch
-    (right-padded, the padding never scored). An empty context starts from prefix_id
-    (EOS), as the harness does. Too long inputs keep their last max_seq_len tokens.
+    Over-long requests are cut as lm-evaluation-harness's HFLM cuts each one on its own:
+    it keeps the last max_seq_len + 1 tokens of context + continuation and drops the final
+    one, so a longer choice sees less of the context. Choices that keep the same context
+    (all of them, when nothing is too long) share it: it runs once into a KV cache and
+    they then run as one batch (right-padded, the padding never scored).
     """
     max_len = model.config.max_seq_len
-    ctx_ids = list(ctx_ids) or [prefix_id]
-    longest = max(len(c) for c in conts)
-    ctx_ids = ctx_ids[-max(1, max_len - longest):]
+    groups = {}  # tokens of context kept -> indices of the continuations that keep that many
+    for k, c in enumerate(conts):
+        if not c or len(c) > max_len:
+            raise EvalError(f"a continuation of {len(c)} tokens cannot be scored by a model of {max_len} tokens "
+                            "of context (the harness refuses it too)")
+        groups.setdefault(min(len(ctx_ids), max_len + 1 - len(c)), []).append(k)
+    out = [None] * len(conts)
+    for keep, ks in groups.items():
+        for k, r in zip(ks, _score_shared(model, ctx_ids[len(ctx_ids) - keep:], [conts[k] for k in ks])):
+            out[k] = r
+    return out
+
+
+def _score_shared(model, ctx_ids, conts):
     device = model.tok_emb.weight.device
-    K = len(conts)
+    K, longest = len(conts), max(len(c) for c in conts)
     cache = KVCache(model.config, 1, len(ctx_ids) + longest, device)
     logits, _ = model(torch.tensor([ctx_ids], device=device), cache=cache, pos=0)
     first = F.log_softmax(logits[0, -1].float(), -1)  # the prediction of each continuation's first token
@@ -153,7 +191,7 @@ def loglikelihoods(model, tok, requests):
         by_context.setdefault(tuple(ctx), []).append((i, cont))
     results = [None] * len(requests)
     for ctx, items in by_context.items():
-        for (i, _), r in zip(items, score_continuations(model, ctx, [c for _, c in items], tok.eos_id)):
+        for (i, _), r in zip(items, score_continuations(model, list(ctx), [c for _, c in items])):
             results[i] = r
     return results
 
@@ -198,7 +236,7 @@ def perplexity_val(model, data_dir, limit=None):
 def perplexity_text(model, tok, text):
     """(loss, ppl) of a text: EOS, then its tokens, in windows of max_seq_len + 1 that
     overlap by one token; the last window is padded with -1, never counted."""
-    ids = [tok.eos_id] + tok.encode(text)
+    ids = [tok.prefix_id] + tok.encode(text)
     L = model.config.max_seq_len + 1
     rows = []
     for start in range(0, max(1, len(ids) - 1), L - 1):
@@ -341,7 +379,7 @@ def run_sandboxed(program, timeout=10.0, memory_mb=512):
 
 def complete(model, tok, prompt, max_new_tokens, stop):
     keep = max(1, model.config.max_seq_len - max_new_tokens)  # the prompt's last tokens that fit beside the answer
-    ids = ([tok.eos_id] + tok.encode(prompt))[-keep:]
+    ids = ([tok.prefix_id] + tok.encode(prompt))[-keep:]
     out = model.generate(torch.tensor([ids], device=model.tok_emb.weight.device), max_new_tokens)
     text = tok.decode(out[0, len(ids):].tolist())
     cut = min([text.find(s) for s in stop if s in text] or [len(text)])

@@ -334,16 +334,21 @@ class Transformer(nn.Module):
         temperature 0 is greedy. No early stop at EOS: memorization scores compare
         continuations of an exact length. Returns (B, T + max_new_tokens).
         """
+        out = list(self.stream(idx, max_new_tokens, temperature, top_k, generator))
+        return torch.cat([idx] + [t[:, None] for t in out], dim=1)
+
+    @torch.no_grad()
+    def stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None):
+        """Yield the next tokens (B,) of prompts idx (B, T) one step at a time, with a KV
+        cache: the prompt runs once, then one position per step."""
         B, T = idx.shape
-        cfg = self.config
-        cache = KVCache(cfg, B, T + max_new_tokens, idx.device)
-        out = torch.empty(B, max_new_tokens, dtype=idx.dtype, device=idx.device)
+        cache = KVCache(self.config, B, T + max_new_tokens, idx.device)
         logits, _ = self(idx, cache=cache, pos=0, last_only=True)  # prefill the whole prompt at once
         for i in range(max_new_tokens):
-            out[:, i] = next_token = sample(logits[:, -1, :], temperature, top_k, generator)
+            next_token = sample(logits[:, -1, :], temperature, top_k, generator)
+            yield next_token
             if i + 1 < max_new_tokens:
                 logits, _ = self(next_token[:, None], cache=cache, pos=T + i, last_only=True)
-        return torch.cat((idx, out), dim=1)
 
     # -------------------------------------------------------------------------
     # init, parameter groups, counts
@@ -684,6 +689,82 @@ def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
+# python model.py export / sample: a checkpoint as a Hugging Face folder, and what it writes
+
+
+def export(ckpt_dir, out_dir, max_shard_bytes=5 * 2**30):
+    """Write a checkpoint (ours, or a Hugging Face folder) as a folder that transformers
+    loads offline with AutoModelForCausalLM / AutoTokenizer.from_pretrained(out_dir):
+    config.json and safetensors weights (float32), tokenizer.model / tokenizer.json /
+    tokenizer_config.json / special_tokens_map.json (data.hf_tokenizer_files), and
+    generation_config.json. Everything is written to OUT_DIR.tmp and renamed into place,
+    so OUT_DIR is either the whole export or absent (or the previous export)."""
+    import shutil
+
+    import data
+    from evaluate import load_for_eval  # reads our checkpoints and their tokenizer (through the data manifest)
+
+    model, tok, info = load_for_eval(ckpt_dir)
+    cfg = model.config
+    hf_config(cfg)  # refuses a shape no Hugging Face layout holds, before anything is written
+    files = data.hf_tokenizer_files(tok, cfg.max_seq_len)
+    ours = set(files) | {"config.json", "generation_config.json", "model.safetensors.index.json"}
+    other = [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+             if n not in ours and not re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", n)]
+    if other or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
+        raise FileExistsError(f"{out_dir} holds files an export does not write ({(other or [out_dir])[0]}), so it "
+                              "is not a previous export to replace; give a new or empty folder")
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, blob in files.items():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(blob)
+    eos = tok.eos_id
+    _write_json(os.path.join(tmp, "generation_config.json"),
+                {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False,
+                 "max_length": cfg.max_seq_len})
+    save_hf(model, tmp, max_shard_bytes, bos_token_id=eos, eos_token_id=eos)  # config.json last
+    old = out_dir.rstrip("/") + ".old"
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return info
+
+
+def sample_text(ckpt_dir, prompt, max_new_tokens=200, temperature=0.8, top_k=200, seed=1337, device="cpu",
+                out=None):
+    """Print what a checkpoint writes after `prompt`, token by token as it comes (to `out`,
+    default stdout), until EOS or max_new_tokens; return the text. The prompt follows EOS
+    (the start of a document, as in training; a Hugging Face folder's BOS if it has one)."""
+    import sys
+
+    from evaluate import load_for_eval
+
+    out = out or sys.stdout
+    model, tok, _ = load_for_eval(ckpt_dir, device)
+    if max_new_tokens >= model.config.max_seq_len:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be below the model's context of "
+                         f"{model.config.max_seq_len} tokens")
+    ids = ([tok.prefix_id] + tok.encode(prompt))[-(model.config.max_seq_len - max_new_tokens):]
+    g = torch.Generator(device=device).manual_seed(seed)
+    printed, new = tok.decode(ids), []
+    out.write(prompt)
+    for t in model.stream(torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, g):
+        if int(t) == tok.eos_id:
+            break
+        new.append(int(t))
+        text = tok.decode(ids + new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a character split over byte tokens
+            out.write(text[len(printed):])
+            out.flush()
+            printed = text
+    out.write(tok.decode(ids + new)[len(printed):] + "\n")
+    return tok.decode(ids + new)[len(tok.decode(ids)):]
+
+
+# -----------------------------------------------------------------------------
 # python model.py CONFIG: what the config's model is, without allocating it
 
 
@@ -710,8 +791,31 @@ if __name__ == "__main__":
 
     from config import ConfigError, load_config
 
+    usage = ("usage: python model.py CONFIG [--key=value ...]            summary of the config's model\n"
+             "       python model.py export CKPT_DIR OUT_DIR             a Hugging Face folder, with its tokenizer\n"
+             "       python model.py sample CKPT_DIR --prompt=TEXT [--max_new_tokens=200 --temperature=0.8 "
+             "--top_k=200 --seed=1337 --device=cpu]")
+    args = sys.argv[1:]
     try:
-        cfg = load_config(sys.argv[1:])
-    except ConfigError as e:
+        if args[:1] == ["export"]:
+            if len(args) != 3:
+                sys.exit(usage)
+            export(args[1], args[2])
+            print(f"wrote {args[2]}")
+        elif args[:1] == ["sample"]:
+            if len(args) < 2 or args[1].startswith("--"):
+                sys.exit(usage)
+            opts = dict(a[2:].split("=", 1) for a in args[2:] if a.startswith("--") and "=" in a)
+            types = {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "seed": int,
+                     "device": str}
+            bad = sorted(set(opts) - set(types)) + [a for a in args[2:] if not (a.startswith("--") and "=" in a)]
+            if bad:
+                sys.exit(f"error: unknown option {bad[0]!r}\n{usage}")
+            sample_text(args[1], **{k: types[k](v) for k, v in opts.items()})
+        elif not args:
+            sys.exit(usage)
+        else:
+            cfg = load_config(args)
+            print(summary(cfg.model, cfg.seq_len))
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {e}")
-    print(summary(cfg.model, cfg.seq_len))

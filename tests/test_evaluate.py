@@ -2,6 +2,7 @@
 accuracy that can fail, perplexity by hand, a sandbox that contains bad code, and a
 sweep that never evaluates twice."""
 
+import dataclasses
 import json
 import math
 import os
@@ -301,3 +302,111 @@ def test_adapter_rolling_loglikelihood_and_generation(run):
     (out,) = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": ["\n\n"], "max_gen_toks": 12}), 0)])
     full = lm.tok.decode(lm.model.generate(torch.tensor([[lm.tok.eos_id] + lm.tok.encode(prompt)]), 12)[0, -12:].tolist())
     assert out == full.split("\n\n")[0]
+
+
+# -----------------------------------------------------------------------------
+# python model.py export: a Hugging Face folder that transformers and the harness load
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "ckpt_001"
+    subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "export", str(run / "run" / "ckpt_001"), str(out)],
+                   check=True, capture_output=True)
+    return out
+
+
+def fuzz_texts(seed=0, n=400):
+    """Texts at the tokenizer's edges: leading, repeated and trailing spaces, tabs and
+    newlines, digits, code, non-ASCII (byte fallback), the SentencePiece space symbol
+    itself and special-token strings, which are text to us."""
+    rng = random.Random(seed)
+    fixed = ["", " ", "  ", "\n", " leading", "  two spaces", "trailing ", "a  b   c    d", "x\n\n  y\t z",
+             "12345 3.14 007", "def f(x):\n    return x**2  # sq\n", "naïve café 東京 🤖 \u200b", "ẞ Ω ✓ \u2581x",
+             "</s> <s> <unk>", "alpha</s>beta", "\t\tfoo", "日本語のテキスト"]
+    alphabet = [" ", "  ", "\n", "\t", "\u2581", "a", "b", "alpha", " beta", "1", "23", "Ω", "é", "東", "🤖", "<", "/s>",
+                "</s>", "(", ":"]
+    return fixed + ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 24))) for _ in range(n)]
+
+
+def test_export_loads_in_transformers_with_our_tokenizer_and_logits(run, exported):
+    """AutoTokenizer gives our SentencePiece ids and text back, EOS is ours and no BOS is
+    added (as in our data); AutoModelForCausalLM gives our logits; generation_config
+    stops at our EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    model, tok, _ = ev.load_for_eval(str(run / "run" / "ckpt_001"))
+    hf_tok = AutoTokenizer.from_pretrained(exported)
+    for text in fuzz_texts():
+        ids = tok.encode(text)
+        assert hf_tok.encode(text) == ids, text
+        assert hf_tok(text)["input_ids"] == ids, text  # no BOS, no EOS added
+        assert hf_tok.decode(ids) == tok.decode(ids), text
+    assert hf_tok.eos_token_id == tok.eos_id and hf_tok.bos_token_id == tok.eos_id  # documents start after EOS
+    assert hf_tok.convert_ids_to_tokens(tok.eos_id) == tok.sp.id_to_piece(tok.eos_id)
+    hf = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
+    ids = torch.tensor([[tok.eos_id] + tok.encode(w(random.Random(1), 40))])
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, model(ids)[0], atol=1e-4)
+    gen = GenerationConfig.from_pretrained(exported)
+    assert gen.eos_token_id == tok.eos_id and gen.max_length == model.config.max_seq_len
+    # re-export over the first: the folder is replaced whole, never left half-written
+    subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "export", str(run / "run" / "ckpt_000"),
+                    str(exported) + "_again"], check=True, capture_output=True)
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "export", str(run / "run" / "ckpt_000"),
+                          str(run / "run")], capture_output=True, text=True)
+    assert bad.returncode != 0 and "not a previous export" in bad.stderr and len(bad.stderr.splitlines()) == 1
+
+
+def test_harness_scores_of_the_export_equal_ours_on_over_long_prompts(run, exported, tmp_path, monkeypatch):
+    """lm_eval's own HFLM on the exported folder, with a context of 20 tokens so that
+    most requests are cut: every log-likelihood, greedy flag and metric equals ours, on
+    choices of different lengths (each cut on its own), empty contexts and contexts
+    ending in spaces."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    L = 20
+    model, tok, _ = ev.load_for_eval(str(run / "run" / "ckpt_001"))
+    model.config = dataclasses.replace(model.config, max_seq_len=L)
+    hflm = HFLM(pretrained=str(exported), max_length=L, dtype="float32", device="cpu", batch_size=4)
+    rng = random.Random(2)
+    requests = [("", " alpha beta"), ("", "alpha"), ("alpha beta ", "gamma"), ("alpha  ", " beta"),
+                (w(rng, 3), " " + w(rng, 1))]
+    requests += [(w(rng, rng.randrange(5, 30)), " " + w(rng, rng.randrange(1, 4))) for _ in range(20)]
+    theirs = hflm.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+    ours = ev.loglikelihoods(model, tok, requests)
+    assert [g for _, g in ours] == [g for _, g in theirs]
+    assert [ll for ll, _ in ours] == pytest.approx([ll for ll, _ in theirs], abs=1e-4)
+    assert sum(sum(map(len, ev.encode_pair(tok, *r))) > L + 1 for r in requests) >= 10  # truncation happened
+
+    tasks = make_tasks(tmp_path / "tasks")
+    names = {ours: local_harness_task(tasks, ours) for ours in HARNESS_TASKS}
+    longest = 0  # the longest choice sets the context: the harness refuses a choice longer than it
+    for ours_task in HARNESS_TASKS:
+        docs, _, _ = ev.load_task(str(tasks), ours_task)
+        for doc in docs:
+            choices = doc["mc2_targets"]["choices"] if ours_task == "truthfulqa_mc" else ev.build(ours_task, doc)[1]
+            longest = max(longest, *(len(tok.encode(" " + c)) for c in choices))
+    L = longest + 4
+    model.config = dataclasses.replace(model.config, max_seq_len=L)
+    hflm = HFLM(pretrained=str(exported), max_length=L, dtype="float32", device="cpu", batch_size=4)
+    out = lm_eval.simple_evaluate(model=hflm, tasks=list(names.values()), num_fewshot=0, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tasks)), bootstrap_iters=0)
+    cut = 0
+    for ours_task, task in names.items():
+        docs, _, _ = ev.load_task(str(tasks), ours_task)
+        for s in out["samples"][task]:
+            cut += sum(sum(map(len, ev.encode_pair(tok, *a))) > L + 1 for a in s["arguments"])
+            got = ev.loglikelihoods(model, tok, [tuple(a) for a in s["arguments"]])
+            assert [ll for ll, _ in got] == pytest.approx([r[0][0] for r in s["resps"]], abs=1e-4)
+        metrics, _ = ev.multiple_choice(model, tok, ours_task, docs, [], n_shots=0)
+        key = "mc2" if ours_task == "truthfulqa_mc" else "acc"
+        assert out["results"][task]["acc,none"] == pytest.approx(metrics[key], abs=1e-6)
+        if "acc_norm,none" in out["results"][task]:
+            assert out["results"][task]["acc_norm,none"] == pytest.approx(metrics["acc_norm"], abs=1e-6)
+    assert cut >= 20
