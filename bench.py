@@ -6,6 +6,7 @@ Benchmark of model.py against transformers on this machine, in float32.
     python bench.py eval [CONFIG] [--key=value ...]
     python bench.py convert
     python bench.py prepare
+    python bench.py figures [RUN_DIR]
 
 `model` times, in one run and on the same weights and batch:
   1. one training step (forward + backward + AdamW) of our model and of
@@ -30,6 +31,9 @@ process with its workers.
 `prepare` runs `data.py CONFIG` on a corpus of made-up documents and on one 4x
 larger, with the same given tokenizer (training one reads a capped sample, apart
 from the data path), and prints the peak resident memory of each.
+
+`figures` times the redraw of a run's training.png (default runs/tiny) against
+the run's training time per chunk.
 
 `eval` times multiple-choice scoring (4 choices, 5-shot ARC-style contexts of
 made-up words) with evaluate.py against lm_eval's HFLM on the exported Hugging
@@ -334,10 +338,11 @@ def bench_eval(cfg, n_items=40, n_shots=5):
     requests = [Instance(request_type="loglikelihood", doc=d, arguments=(c, " " + choice), idx=i)
                 for d, c in zip(docs, ctxs) for i, choice in enumerate(d["choices"]["text"])]
     with tempfile.TemporaryDirectory() as folder:
-        save_hf(model, folder, bos_token_id=1, eos_token_id=2)
-        with open(os.path.join(folder, "tokenizer.model"), "wb") as f:
-            f.write(tok.blob)
-        hf_tok = transformers.LlamaTokenizer.from_pretrained(folder, add_bos_token=False, legacy=True)
+        save_hf(model, folder, bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
+        for name, blob in data.hf_tokenizer_files(tok, cfg.model.max_seq_len).items():
+            with open(os.path.join(folder, name), "wb") as f:
+                f.write(blob)
+        hf_tok = transformers.AutoTokenizer.from_pretrained(folder)
         hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
     lm = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=16, max_length=cfg.model.max_seq_len)
     n_tokens = statistics.mean(len(tok.encode(c)) for c in ctxs)
@@ -359,9 +364,37 @@ def bench_eval(cfg, n_items=40, n_shots=5):
     print(f"lm_eval HFLM (batch 16)             {b:7.1f} items/s   ours {a / b:.2f}x")
 
 
+def bench_figures(run_dir="runs/tiny", reps=5):
+    """Seconds to redraw a run's training.png (train.py does it at every checkpoint),
+    against the run's mean training time per chunk (its steps' step_time)."""
+    import json
+
+    from train import plot_run
+
+    if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        sys.exit(f"error: {run_dir}/metrics.jsonl not found; train first (python train.py configs/tiny.py)")
+    per_chunk = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for r in map(json.loads, f):
+            if "step_time" in r:
+                per_chunk[r["pos"]] = per_chunk.get(r["pos"], 0.0) + r["step_time"]
+    t0 = time.perf_counter()
+    plot_run(run_dir)  # the first draw imports matplotlib, once per run
+    first = time.perf_counter() - t0
+    again = statistics.median(timed(lambda: plot_run(run_dir), 1) for _ in range(reps))
+    chunk = statistics.mean(per_chunk.values())
+    print(f"{run_dir}: {len(per_chunk)} chunks of {chunk:.1f} s of training on average")
+    print(f"training.png: first draw (with the matplotlib import) {first:.3f} s, then {again:.3f} s (median of {reps})")
+    total = first + again * (len(per_chunk) - 1)
+    print(f"all {len(per_chunk)} redraws: {total:.2f} s = {100 * total / sum(per_chunk.values()):.2f}% of the training "
+          f"time; one redraw = {100 * again / chunk:.2f}% of a chunk")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare") else "model"
+    mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare", "figures") else "model"
+    if mode == "figures":
+        sys.exit(bench_figures(*args))
     if mode in ("convert", "prepare"):
         sys.exit({"convert": bench_convert, "prepare": bench_prepare}[mode]())
     try:

@@ -14,7 +14,7 @@ way lm-evaluation-harness 0.4 builds them, with the leaderboard's few-shot count
 log-likelihood: acc, acc_norm (divided by the choice's length in characters),
 TruthfulQA mc1 and mc2. HumanEval and MBPP are pass@1, greedy, run in a sandboxed
 subprocess. Results go to RUN_DIR/evals.jsonl line by line (a rerun skips what is
-there), then evals.csv and, with matplotlib, evals.png.
+there), then evals.csv and evals.png.
 
 With lm_eval installed, `import evaluate; evaluate.register_lm_eval()` registers
 model "llm360" (model_args="checkpoint=PATH"), to run any harness task.
@@ -498,7 +498,7 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
 
 
 def write_table(run_dir, rows):
-    """evals.csv (checkpoint x task/metric) and, with matplotlib, evals.png (curves over tokens)."""
+    """evals.csv (checkpoint x task/metric) and evals.png (curves over tokens)."""
     keys = sorted({f"{r['task']}/{r['metric']}" for r in rows})
     ckpts = list(dict.fromkeys(r["checkpoint"] for r in rows))
     table = {(r["checkpoint"], f"{r['task']}/{r['metric']}"): r["value"] for r in rows}
@@ -507,22 +507,16 @@ def write_table(run_dir, rows):
         f.write(",".join(["checkpoint", "tokens"] + keys) + "\n")
         for c in ckpts:
             f.write(",".join([c, str(tokens[c])] + [f"{table[(c, k)]:.6g}" if (c, k) in table else "" for k in keys]) + "\n")
-    try:
-        import matplotlib
+    from train import new_figure, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    fig, axes = new_figure(1, len(keys), (4 * len(keys), 3))
     for ax, k in zip(axes[0], keys):
         xs = [tokens[c] if tokens[c] is not None else i for i, c in enumerate(ckpts) if (c, k) in table]
         ax.plot(xs, [table[(c, k)] for c in ckpts if (c, k) in table], marker="o")
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("tokens seen")
     fig.tight_layout()
-    fig.savefig(os.path.join(run_dir, "evals.png"), dpi=100)
-    plt.close(fig)
+    save_figure(fig, os.path.join(run_dir, "evals.png"), dpi=100)
 
 
 # -----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ where it stopped and a rerun recomputes nothing. Then the summaries: per
 checkpoint the score distribution and k-extractible share (Figure 7), the
 checkpoint x chunk matrix of mean scores (Figure 8), and the correlation of
 per-sequence scores and of k-extractibility between checkpoints (Figure 9), as
-printed tables, CSV files, and PNG figures when matplotlib is installed.
+printed tables, CSV files, and PNG figures.
 """
 
 import json
@@ -263,14 +263,10 @@ def _pearson(x, y):
 
 
 def _figures(out_dir, results, ckpts, chunks, matrix, corr, l):
-    try:
-        import matplotlib
+    from train import new_figure, save_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = new_figure(1, 1, (6, 3.5))
+    ax = ax[0, 0]
     for c in ckpts:
         s = np.concatenate([r["scores"] for r in results if r["checkpoint"] == c and r["seen"]] or [np.zeros(0)])
         if len(s):
@@ -279,17 +275,17 @@ def _figures(out_dir, results, ckpts, chunks, matrix, corr, l):
     ax.set_xlabel("memorization score")
     ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "scores.png"), dpi=100)
+    save_figure(fig, os.path.join(out_dir, "scores.png"), dpi=100)
     for name, m, label in [("matrix.png", matrix, "mean score"), ("correlation.png", corr, "score correlation")]:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = new_figure(1, 1, (6, 4))
+        ax = ax[0, 0]
         im = ax.imshow(m, aspect="auto", cmap="viridis")
         ax.set_yticks(range(len(ckpts)), ckpts, fontsize=6)
         labels = [f"{c}" for c in chunks] if name == "matrix.png" else ckpts
         ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
         fig.colorbar(im, ax=ax, label=label)
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, name), dpi=100)
-    plt.close("all")
+        save_figure(fig, os.path.join(out_dir, name), dpi=100)
 
 
 # -----------------------------------------------------------------------------

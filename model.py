@@ -742,7 +742,7 @@ def sample_text(ckpt_dir, prompt, max_new_tokens=200, temperature=0.8, top_k=200
 
     from evaluate import load_for_eval
 
-    out = out or sys.stdout
+    out = sys.stdout if out is None else out
     model, tok, _ = load_for_eval(ckpt_dir, device)
     if max_new_tokens >= model.config.max_seq_len:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be below the model's context of "

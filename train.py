@@ -12,6 +12,7 @@ a resumed run is bitwise identical to an uninterrupted one on a CPU. The run dir
     config.json, run.json      the resolved config; git commit, versions, devices
     metrics.jsonl              one line per optimizer step (+ validation lines)
     ledger.jsonl               events: start, resume, checkpoint, skipped chunk, finish
+    training.png               loss, validation loss, LR, grad norm, tokens/s; redrawn at each checkpoint
     ckpt_000 ... ckpt_N        after schedule position c: model.safetensors (float32),
                                optimizer.pt (AdamW state; a torch.distributed.checkpoint
                                folder `optimizer/` under FSDP), state.json, rng_rank*.pt
@@ -315,6 +316,63 @@ class RunLog:
         with open(tmp, "w") as f:
             f.writelines(lines)
         os.replace(tmp, self.metrics_path)
+
+
+# -----------------------------------------------------------------------------
+# figures: matplotlib's object API on the Agg canvas (headless, no pyplot state), each
+# PNG written atomically; a figure is redrawn at every checkpoint in ~0.15 s
+
+
+def new_figure(rows, cols, size):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def save_figure(fig, path, dpi=80):
+    tmp = path[: -len(".png")] + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    os.replace(tmp, path)
+
+
+def _binned(x, y, n=2000):
+    """At most n points: means over equal runs of steps (AMBER logs ~300k steps)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) <= n:
+        return x, y
+    edges = np.linspace(0, len(x), n + 1).astype(int)
+    return np.add.reduceat(x, edges[:-1]) / np.diff(edges), np.add.reduceat(y, edges[:-1]) / np.diff(edges)
+
+
+def plot_run(out_dir):
+    """training.png of a run from its metrics.jsonl (read line by line): training and
+    validation loss, learning rate, gradient norm and tokens/s, against tokens seen."""
+    keys = ("loss", "lr", "grad_norm", "tok_per_s")
+    series, val = {k: [] for k in ("tokens",) + keys}, ([], [])
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "val_loss" in r:
+                val[0].append(r["tokens"])
+                val[1].append(r["val_loss"])
+            elif "loss" in r:
+                for k in series:
+                    series[k].append(r.get(k, float("nan")))
+    fig, axes = new_figure(2, 2, (10, 6))
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.94, bottom=0.09, hspace=0.4, wspace=0.22)
+    titles = {"loss": "loss", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
+              "tok_per_s": "tokens / s (all devices)"}
+    for ax, k in zip(axes.flat, keys):
+        ax.plot(*_binned(series["tokens"], series[k]), lw=0.8, label="train")
+        if k == "loss" and val[0]:
+            ax.plot(val[0], val[1], "o-", ms=3, label="validation")
+            ax.legend(fontsize=8)
+        ax.set_title(titles[k], fontsize=9)
+        ax.set_xlabel("tokens seen", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(os.path.basename(os.path.normpath(out_dir)), fontsize=10)
+    save_figure(fig, os.path.join(out_dir, "training.png"))
 
 
 def run_info(device, world_size):
@@ -720,6 +778,11 @@ def _run(cfg, rank, world_size, device):
                   val_loss=val, seconds=round(time.perf_counter() - t0, 3))
         print0(f"chunk {chunk} done: step {state['step']}, val loss {val if val is None else round(val, 4)}, "
                f"ckpt_{pos:03d} written in {time.perf_counter() - t0:.2f} s", rank=rank)
+        if rank == 0:
+            try:
+                plot_run(cfg.out_dir)
+            except Exception as e:  # a figure never stops a run
+                log.event("figure_failed", error=f"{type(e).__name__}: {e}")
         if cfg.max_steps and state["step"] >= cfg.max_steps and not state["finished"]:
             log.event("max_steps", step=state["step"], checkpoint=f"ckpt_{pos:03d}")
             return state

@@ -264,6 +264,7 @@ def test_sweep_evaluates_nothing_twice_and_picks_up_new_checkpoints(run, tmp_pat
         ["ckpt_000", "ckpt_001"]
     assert all(r["n"] == 3 and len(r["task_sha256"]) == 64 for r in rows if r["task"] == "arc_challenge")
     assert (run_dir / "evals.csv").read_text().splitlines()[0].startswith("checkpoint,tokens,arc_challenge/acc")
+    assert (run_dir / "evals.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ev.EvalError, match="no checkpoints"):
         ev.list_checkpoints(str(tmp_path / "tasks"))
 
@@ -410,3 +411,33 @@ def test_harness_scores_of_the_export_equal_ours_on_over_long_prompts(run, expor
         if "acc_norm,none" in out["results"][task]:
             assert out["results"][task]["acc_norm,none"] == pytest.approx(metrics["acc_norm"], abs=1e-6)
     assert cut >= 20
+
+
+def test_sample_streams_what_generate_writes_from_both_folder_kinds(run, exported):
+    """model.py sample prints the prompt, then the text piece by piece as tokens come; the
+    whole is what generate() writes with the same seed, cut at EOS; the exported folder
+    writes the same text greedily."""
+    from model import sample_text
+
+    class Chunks(list):
+        def write(self, s):
+            self.append(s)
+
+        def flush(self):
+            pass
+
+    ckpt = str(run / "run" / "ckpt_001")
+    model, tok, _ = ev.load_for_eval(ckpt)
+    out = Chunks()
+    text = sample_text(ckpt, "alpha beta", max_new_tokens=40, temperature=1.0, top_k=50, seed=3, out=out)
+    ids = [tok.eos_id] + tok.encode("alpha beta")
+    g = torch.Generator().manual_seed(3)
+    new = model.generate(torch.tensor([ids]), 40, temperature=1.0, top_k=50, generator=g)[0, len(ids):].tolist()
+    new = new[: new.index(tok.eos_id)] if tok.eos_id in new else new
+    assert text == tok.decode(ids + new)[len(tok.decode(ids)):] and len(text) > 0
+    assert "".join(out) == "alpha beta" + text + "\n" and len(out) > 5  # streamed, not printed at the end
+    greedy = [sample_text(p, "alpha", max_new_tokens=20, temperature=0.0, out=Chunks()) for p in (ckpt, str(exported))]
+    assert greedy[0] == greedy[1]
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "sample", ckpt, "--promt=x"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown option 'promt'" in bad.stderr

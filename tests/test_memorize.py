@@ -102,6 +102,8 @@ def test_run_scores_and_summaries_exactly_with_known_outputs(prepared, tmp_path,
     extractible = float(lines[2].split(",")[3])
     assert extractible == pytest.approx(np.mean(seen_rows[:, 0] % 2 == 0), abs=1e-6)
     assert summary["score_corr"][0, 1] == pytest.approx(1.0)  # the same outputs at both checkpoints
+    for png in ("scores.png", "matrix.png", "correlation.png"):
+        assert (run_dir / "memorization" / png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_memorized_chunk_scores_one_and_a_fresh_model_near_chance(prepared, tmp_path):

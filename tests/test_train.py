@@ -162,7 +162,10 @@ def test_run_writes_fp32_checkpoints_with_full_adamw_state(reference):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == state["step"] and np.mean(losses[-10:]) < np.mean(losses[:10]) - 1.0
     assert sum("val_loss" in r for r in rows) == 3  # one validation per checkpoint
-    assert [e["event"] for e in ledger(reference)] == ["start"] + ["checkpoint"] * 3 + ["finish"]
+    assert [e["event"] for e in ledger(reference)] == ["start"] + ["checkpoint"] * 3 + ["finish"]  # no figure_failed
+    png = (reference / "training.png").read_bytes()  # redrawn after the last checkpoint
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and not (reference / "training.tmp.png").exists()
+    assert os.path.getmtime(reference / "training.png") >= os.path.getmtime(reference / "ckpt_002" / "state.json")
     # a finished run is not retrained
     again = train(reference.parent, "ref")
     assert "nothing to do" in again.stdout
