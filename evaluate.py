@@ -458,22 +458,37 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, limit=None, text=None)
     return [{"metric": k, "value": v, "n": len(docs), "task_sha256": sha} for k, v in metrics.items()]
 
 
-def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None, device="cpu"):
-    """Evaluate every checkpoint x task not yet in RUN_DIR/evals.jsonl; return all rows."""
+def _read_rows(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None, device="cpu", rank=0,
+          world_size=1):
+    """Evaluate every checkpoint x task not yet in RUN_DIR/evals.jsonl; return all rows.
+
+    Under torchrun, rank r takes checkpoints r, r + world_size, ... Each rank appends its
+    rows to evals.rank{r}.jsonl as they come (a crash loses nothing: a rerun reads them as
+    done); at the end rank 0 moves them into evals.jsonl in checkpoint, then task order,
+    so the file is the same whatever the number of ranks."""
+    for task in tasks:
+        if task not in ("ppl", "humaneval", "mbpp") and task not in FEWSHOT:
+            raise EvalError(f"unknown task {task!r}; known: ppl, {', '.join(FEWSHOT)}, humaneval, mbpp")
+    from train import rank_token, wait_for_ranks
+
+    token = rank_token(world_size)
     out_path = os.path.join(run_dir, "evals.jsonl")
-    done = set()
-    if os.path.exists(out_path):
-        with open(out_path) as f:
-            for row in map(json.loads, f):
-                done.add((row["checkpoint"], row["task"], row["task_sha256"]))
-    for path in list_checkpoints(run_dir):
+    part_paths = sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")))
+    done = {(r["checkpoint"], r["task"], r["task_sha256"]) for p in [out_path] + part_paths for r in _read_rows(p)}
+    paths = [p for p in list_checkpoints(run_dir)
+             if not checkpoints or os.path.basename(os.path.normpath(p)) in checkpoints]
+    mine = os.path.join(run_dir, f"evals.rank{rank}.jsonl")
+    for path in paths[rank::world_size]:
         name = os.path.basename(os.path.normpath(path))
-        if checkpoints and name not in checkpoints:
-            continue
         model = tok = None
         for task in tasks:
-            if task not in ("ppl", "humaneval", "mbpp") and task not in FEWSHOT:
-                raise EvalError(f"unknown task {task!r}; known: ppl, {', '.join(FEWSHOT)}, humaneval, mbpp")
             sha = None
             if task != "ppl":
                 sha = load_task(task_dir, task)[2]
@@ -486,13 +501,25 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
             if (name, task, sha) in done:
                 continue
             rows = evaluate_checkpoint(model, tok, info, task, task_dir, limit, text)
-            with open(out_path, "a") as f:
+            with open(mine, "a") as f:
                 for r in rows:
                     f.write(json.dumps({"checkpoint": name, "step": info["step"], "tokens": info["tokens"],
                                         "task": task, **r}) + "\n")
             print(f"{name} {task}: " + ", ".join(f"{r['metric']} {r['value']:.4f}" for r in rows), flush=True)
-    with open(out_path) as f:
-        rows = [json.loads(line) for line in f]
+    wait_for_ranks(run_dir, token, rank, world_size)
+    if rank != 0:
+        return None
+    order = {os.path.basename(os.path.normpath(p)): i for i, p in enumerate(list_checkpoints(run_dir))}
+    new = [r for p in sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl"))) for r in _read_rows(p)]
+    new.sort(key=lambda r: (order.get(r["checkpoint"], len(order)), tasks.index(r["task"]) if r["task"] in tasks
+                            else len(tasks)))  # stable: a task's metrics keep their order
+    with open(out_path, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in new)
+        f.flush()
+        os.fsync(f.fileno())
+    for p in glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")):
+        os.remove(p)
+    rows = _read_rows(out_path)
     write_table(run_dir, rows)
     return rows
 
@@ -579,11 +606,18 @@ def main(argv):
     try:
         if unknown:
             raise EvalError(f"unknown option(s) {', '.join(sorted(unknown))}")
+        from train import init_distributed
+
+        rank, world_size, device = init_distributed()  # one process: rank 0 of 1, on a GPU if there is one
         sweep(argv[0], opts.get("tasks", "ppl").split(","), opts.get("task_dir"),
               opts["checkpoints"].split(",") if "checkpoints" in opts else None,
-              int(opts["limit"]) if "limit" in opts else None, opts.get("text"), opts.get("device", "cpu"))
+              int(opts["limit"]) if "limit" in opts else None, opts.get("text"), opts.get("device", device),
+              rank, world_size)
     except (EvalError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -307,14 +307,14 @@ def main(argv):
             kw = {key: int(opts.get(key, default)) for key, default in ints.items()}
         except ValueError as e:
             raise MemorizeError(f"--k, --l, --samples, --batch_size and --seed take integers ({e})") from None
-        from train import init_distributed
+        from train import init_distributed, rank_token, wait_for_ranks
 
         rank, world_size, device = init_distributed()
+        token = rank_token(world_size)
         run(argv[0], checkpoints=opts["checkpoints"].split(",") if "checkpoints" in opts else None,
             unseen=opts.get("unseen", "False") == "True", data_dir=opts.get("data_dir"), rank=rank,
             world_size=world_size, device=device, **kw)
-        if world_size > 1:
-            torch.distributed.barrier()
+        wait_for_ranks(os.path.join(argv[0], "memorization"), token, rank, world_size)  # no timeout
         if rank == 0:
             summarize(argv[0])
     except (MemorizeError, data.DataError) as e:

@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+import contextlib
 from contextlib import nullcontext
 from dataclasses import fields
 
@@ -64,6 +65,40 @@ def init_distributed():
         device = torch.device("cpu")
         dist.init_process_group("gloo")
     return rank, world_size, device
+
+
+def rank_token(world_size):
+    """A token from rank 0, the same on every rank; call it when all ranks start a job
+    that ends in wait_for_ranks."""
+    token = [os.urandom(8).hex()]
+    if world_size > 1:
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
+def wait_for_ranks(folder, token, rank, world_size, poll_s=2.0):
+    """Let rank 0 go on once every rank has reached this point, with no timeout: a rank
+    of an evaluation may wait hours for the others, and a collective barrier would time
+    out (NCCL's default is 10 minutes). Each rank leaves a file holding the job's token;
+    rank 0 polls for them, then removes them. Other ranks return at once (torchrun stops
+    every rank if one of them fails, so rank 0 never waits for a dead one)."""
+    if world_size == 1:
+        return
+    marks = [os.path.join(folder, f".rank{r}.done") for r in range(world_size)]
+    with open(marks[rank], "w") as f:
+        f.write(token)
+    if rank != 0:
+        return
+
+    def done(path):
+        with contextlib.suppress(OSError), open(path) as f:
+            return f.read() == token
+        return False
+
+    while not all(done(p) for p in marks):
+        time.sleep(poll_s)
+    for p in marks:
+        os.remove(p)
 
 
 def print0(*args, rank=0, **kwargs):

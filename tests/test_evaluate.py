@@ -441,3 +441,24 @@ def test_sample_streams_what_generate_writes_from_both_folder_kinds(run, exporte
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "sample", ckpt, "--promt=x"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown option 'promt'" in bad.stderr
+
+
+def test_torchrun_splits_the_checkpoints_and_writes_the_same_files(run, tmp_path):
+    """Two ranks take one checkpoint each; evals.jsonl and evals.csv equal a one-process
+    sweep's, byte for byte, and no rank file or marker is left behind."""
+    tasks = make_tasks(tmp_path / "tasks")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    args = ["--tasks=ppl,arc_challenge,mmlu", f"--task_dir={tasks}", "--limit=3"]
+    for name in ("one", "two"):
+        shutil.copytree(run / "run", tmp_path / name, ignore=shutil.ignore_patterns("evals*"))
+    subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), str(tmp_path / "one"), *args], check=True,
+                   env=env, capture_output=True)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(29500 + os.getpid() % 200), os.path.join(ROOT, "evaluate.py"), str(tmp_path / "two"),
+                           *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for f in ("evals.jsonl", "evals.csv"):
+        assert (tmp_path / "one" / f).read_bytes() == (tmp_path / "two" / f).read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "two" / "evals.jsonl").read_text().splitlines()]
+    assert [r["checkpoint"] for r in rows][0] == "ckpt_000" and {r["checkpoint"] for r in rows} == {"ckpt_000", "ckpt_001"}
+    assert not [n for n in os.listdir(tmp_path / "two") if n.startswith((".rank", "evals.rank"))]
