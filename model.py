@@ -725,6 +725,10 @@ def export(ckpt_dir, out_dir, max_shard_bytes=5 * 2**30):
                 {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False,
                  "max_length": cfg.max_seq_len})
     save_hf(model, tmp, max_shard_bytes, bos_token_id=eos, eos_token_id=eos)  # config.json last
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp):  # safetensors writes 0600; a release is for reading
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
     old = out_dir.rstrip("/") + ".old"
     if os.path.exists(out_dir):
         os.replace(out_dir, old)

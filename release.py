@@ -1,0 +1,296 @@
+"""
+A run as a release: one folder to upload, laid out as LLM360 released AMBER, with a
+model card that links every part of it.
+
+    python release.py RUN_DIR [OUT_DIR]        default OUT_DIR: RUN_DIR/release
+
+    OUT_DIR/
+        README.md                 the model card, generated: the paper's Table 1 and Table 2 for
+                                  this run, final metrics and evaluations, memorization, figures
+        config.json, model.safetensors, tokenizer.*, generation_config.json
+                                  the final checkpoint: from_pretrained(OUT_DIR) loads it
+        checkpoints/ckpt_NNN/     every checkpoint as a Hugging Face folder (model.py export)
+        optimizer/ckpt_NNN/       its AdamW state, RNG states and state.json: a run resumes from here
+        data/                     manifest.json, tokenizer.model and every chunk of training sequences
+        logs/                     config.py (train.py takes it as it is), run.json, metrics.jsonl,
+                                  ledger.jsonl, training.png
+        evals/, memorization/     what evaluate.py and memorize.py wrote into the run
+        release.json              what each checkpoint folder was exported from
+
+Everything but the exported weights is a hard link to the run's file where the
+filesystem allows (a copy otherwise): AMBER's 360 optimizer states (54 GB each) and
+2.5 TB of chunks are not written twice. Identical tokenizer files are one file linked
+into every checkpoint, and the top-level final model is linked, not copied. Rerun it
+after new checkpoints, evaluations or memorization results: only new or changed
+checkpoints are exported, and everything else, the card included, is refreshed.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+import data
+from config import config_from_dict, format_config, write_json_atomic
+from evaluate import list_checkpoints
+from model import export, hf_config
+from train import stage_dirs
+
+CARD_FIGURES = [("logs/training.png", "training"), ("evals/evals.png", "evaluations over training"),
+                ("memorization/scores.png", "memorization scores"), ("memorization/matrix.png", "memorization by chunk")]
+
+
+class ReleaseError(ValueError):
+    pass
+
+
+def link(src, dst):
+    """dst as a hard link to src (a copy across filesystems); returns bytes copied."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = dst + ".tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+        copied = 0
+    except OSError:
+        shutil.copy2(src, tmp)
+        copied = os.path.getsize(src)
+    os.replace(tmp, dst)
+    return copied
+
+
+def link_tree(src, dst):
+    copied = 0
+    for folder, _, files in os.walk(src):
+        for name in files:
+            path = os.path.join(folder, name)
+            copied += link(path, os.path.join(dst, os.path.relpath(path, src)))
+    return copied
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def release(run_dir, out_dir=None):
+    """Write or refresh the release of run_dir; returns its folder."""
+    out_dir = out_dir or os.path.join(run_dir, "release")
+    if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        raise ReleaseError(f"{run_dir} is not a run dir (no metrics.jsonl); give the out_dir of a train.py run")
+    ckpts = [p for p in list_checkpoints(run_dir) if os.path.exists(os.path.join(p, "state.json"))]
+    with open(os.path.join(ckpts[-1], "state.json")) as f:
+        last_state = json.load(f)
+    cfg = config_from_dict(last_state["config"])
+    try:
+        hf_config(cfg.model)
+        hf_reason = None
+    except ValueError as e:
+        hf_reason = str(e)
+    os.makedirs(out_dir, exist_ok=True)
+    index_path = os.path.join(out_dir, "release.json")
+    index = json.load(open(index_path)) if os.path.exists(index_path) else {"checkpoints": {}}
+    copied = 0
+
+    # every checkpoint: a Hugging Face folder (exported once), its optimizer state (linked)
+    shared = {}  # tokenizer file name -> the first exported copy, linked into the others
+    for path in ckpts:
+        name = os.path.basename(path)
+        dst = os.path.join(out_dir, "checkpoints", name)
+        weights = os.stat(os.path.join(path, "model.safetensors"))  # cheap: no 27 GB hash per rerun
+        source = f"{sha256_file(os.path.join(path, 'state.json'))[:16]}-{weights.st_size}-{weights.st_mtime_ns}"
+        if index["checkpoints"].get(name, {}).get("source") != source or not os.path.exists(
+                os.path.join(dst, "config.json")):
+            if hf_reason:  # our own format: optimizer/NAME holds the whole checkpoint
+                copied += link(os.path.join(path, "model.safetensors"), os.path.join(dst, "model.safetensors"))
+            else:
+                export(path, dst)
+            with open(os.path.join(path, "state.json")) as f:
+                state = json.load(f)
+            index["checkpoints"][name] = {"source": source, "step": state["step"], "tokens": state["tokens"],
+                                          "chunks_trained": state["schedule"][: state["pos"]]}
+            write_json_atomic(index_path, index)
+        for tok_file in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            f = os.path.join(dst, tok_file)
+            if not os.path.exists(f):
+                continue
+            if tok_file not in shared:
+                shared[tok_file] = f
+            elif not os.path.samefile(f, shared[tok_file]) and open(f, "rb").read() == open(shared[tok_file], "rb").read():
+                link(shared[tok_file], f)
+        copied += link_tree(path, os.path.join(out_dir, "optimizer", name))
+    if not hf_reason:  # the final checkpoint at the top level, linked
+        final = os.path.join(out_dir, "checkpoints", os.path.basename(ckpts[-1]))
+        for f in os.listdir(final):
+            link(os.path.join(final, f), os.path.join(out_dir, f))
+
+    # the data: manifests, tokenizers and chunks of every stage, linked
+    dirs = stage_dirs(last_state["config"])
+    data_dsts = [os.path.join(out_dir, "data")] if len(dirs) == 1 else [
+        os.path.join(out_dir, "data", f"stage_{i}_{os.path.basename(os.path.normpath(d))}") for i, d in enumerate(dirs)]
+    manifests = []
+    for d, dd in zip(dirs, data_dsts):
+        manifest = data.load_manifest(d)
+        manifests.append(manifest)
+        entries = manifest["chunks"] + ([manifest["val"]] if manifest.get("val") else [])
+        files = ["manifest.json"] + ([manifest["tokenizer"]["file"]] if manifest["tokenizer"].get("file") else [])
+        files += [e[k] for e in entries for k in ("file", "sources_file")]
+        for f in files:
+            copied += link(os.path.join(d, f), os.path.join(dd, f))
+
+    # logs, evaluations, memorization
+    logs = os.path.join(out_dir, "logs")
+    os.makedirs(logs, exist_ok=True)
+    with open(os.path.join(logs, "config.py.tmp"), "w") as f:
+        f.write("# the resolved config of this run: python train.py logs/config.py\n" + format_config(cfg) + "\n")
+    os.replace(os.path.join(logs, "config.py.tmp"), os.path.join(logs, "config.py"))
+    for f in ("run.json", "metrics.jsonl", "ledger.jsonl", "training.png", "config.json"):
+        if os.path.exists(os.path.join(run_dir, f)):
+            copied += link(os.path.join(run_dir, f), os.path.join(logs, f))
+    for f in ("evals.jsonl", "evals.csv", "evals.png"):
+        if os.path.exists(os.path.join(run_dir, f)):
+            copied += link(os.path.join(run_dir, f), os.path.join(out_dir, "evals", f))
+    if os.path.isdir(os.path.join(run_dir, "memorization")):
+        copied += link_tree(os.path.join(run_dir, "memorization"), os.path.join(out_dir, "memorization"))
+
+    card = model_card(run_dir, out_dir, cfg, last_state, manifests, data_dsts, index, hf_reason)
+    with open(os.path.join(out_dir, "README.md.tmp"), "w") as f:
+        f.write(card)
+    os.replace(os.path.join(out_dir, "README.md.tmp"), os.path.join(out_dir, "README.md"))
+    print(f"released {len(ckpts)} checkpoints of {run_dir} to {out_dir} ({copied / 1e6:.1f} MB copied where "
+          "hard links were not possible)")
+    return out_dir
+
+
+# -----------------------------------------------------------------------------
+# the model card
+
+
+def _table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def _read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _last_metrics(path):
+    """The last training line and the last validation line of metrics.jsonl, read as a stream."""
+    train = val = None
+    with open(path) as f:
+        for line in f:
+            r = json.loads(line)
+            if "val_loss" in r:
+                val = r
+            elif "loss" in r:
+                train = r
+    return train, val
+
+
+def model_card(run_dir, out_dir, cfg, state, manifests, data_dsts, index, hf_reason):
+    name = os.path.basename(os.path.normpath(run_dir))
+    run = json.load(open(os.path.join(run_dir, "run.json"))) if os.path.exists(os.path.join(run_dir, "run.json")) else {}
+    commit = run.get("git_commit") or "unknown"
+    rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
+    m = cfg.model
+    from model import Transformer
+    import torch
+
+    with torch.device("meta"):
+        n_params = Transformer(m).num_params()
+    ckpt_names = sorted(index["checkpoints"])
+    data_rel = rel(data_dsts[0]) if len(data_dsts) == 1 else "data"
+    manifest_links = ", ".join(f"[{rel(d)}/manifest.json]({rel(d)}/manifest.json)" for d in data_dsts)
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation",
+        "tags: [llm360-mini, pretraining, transparent]", "---", "",
+        f"# {name}", "",
+        f"A {n_params / 1e6:,.1f}M-parameter {'LLaMA' if m.norm == 'rmsnorm' else 'CrystalCoder'}-architecture language "
+        f"model pre-trained from scratch with llm360-mini on {state['tokens']:,} tokens ({state['step']:,} optimizer "
+        f"steps), released whole as LLM360 released AMBER: every checkpoint, its optimizer state, the data in the order "
+        f"it was trained, the logs, the evaluations and the memorization analysis.", "",
+        "## Release (the LLM360 paper's Table 1, for this run)", "",
+        _table(["code", "config", "checkpoints", "optimizer states", "data mix", "data order", "data availability"], [[
+            f"llm360-mini `{commit[:12]}` ([run.json](logs/run.json))",
+            "[logs/config.py](logs/config.py)",
+            f"{len(ckpt_names)} ([checkpoints/](checkpoints/))" if not hf_reason else
+            f"{len(ckpt_names)}, our format ([checkpoints/](checkpoints/))",
+            "AdamW, every checkpoint ([optimizer/](optimizer/))",
+            f"Table 2 below ({manifest_links})",
+            f"chunks in schedule order {state['schedule']} ([ledger](logs/ledger.jsonl), {manifest_links})",
+            f"every training sequence: {sum(len(mf['chunks']) for mf in manifests)} chunks "
+            f"([{data_rel}/]({data_rel}/), sha256 in the manifest)",
+        ]]), "",
+    ]
+    if hf_reason:
+        lines += [f"No Hugging Face layout holds this model: {hf_reason}", ""]
+    lines += ["## Data mix (the paper's Table 2, for this run)", ""]
+    for mf, d in zip(manifests, data_dsts):
+        total = sum(s.get("train_tokens", 0) for s in mf["sources"]) or 1
+        lines += [_table(["source", "origin", "license", "documents", "training tokens", "share", "weight (epochs)"],
+                         [[s["name"], s.get("origin", ""), s.get("license", ""), f"{s.get('documents', 0):,}",
+                           f"{s.get('train_tokens', 0):,}", f"{100 * s.get('train_tokens', 0) / total:.2f}%",
+                           s.get("weight", "")] for s in mf["sources"]]),
+                  "", f"{rel(d)}: {mf['totals']['train_tokens']:,} training tokens in {mf['totals']['chunks']} chunks "
+                  f"of sequences of {mf['seq_len']} tokens, shuffled globally with seed {mf['seed']}; tokenizer: "
+                  f"{mf['tokenizer']['kind']}, {mf['tokenizer']['vocab_size']:,} tokens.", ""]
+    train, val = _last_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    lines += ["## Results", "",
+              _table(["", "value"], [["tokens", f"{state['tokens']:,}"], ["optimizer steps", f"{state['step']:,}"],
+                                     ["final training loss", f"{train['loss']:.4f}" if train else "-"],
+                                     ["final validation loss", f"{val['val_loss']:.4f}" if val else "-"],
+                                     ["skipped chunks (NaN policy)", [s["chunk"] for s in state["skipped"]] or "none"]]),
+              ""]
+    evals = _read_jsonl(os.path.join(run_dir, "evals.jsonl"))
+    if evals:
+        last = evals[-1]["checkpoint"]
+        lines += [f"Evaluations of {last} ([evals/evals.csv](evals/evals.csv) has every checkpoint):", "",
+                  _table(["task", "metric", "value", "items"],
+                         [[r["task"], r["metric"], f"{r['value']:.4f}", r["n"] if r["n"] is not None else ""]
+                          for r in evals if r["checkpoint"] == last]), ""]
+    mem = os.path.join(run_dir, "memorization", "per_checkpoint.csv")
+    if os.path.exists(mem):
+        with open(mem) as f:
+            rows = [line.rstrip("\n").split(",") for line in f]
+        lines += ["Memorization ([memorization/](memorization/)): the share of sampled training sequences whose "
+                  "continuation the checkpoint reproduces exactly (k-extractible) and the mean score:", "",
+                  _table(["checkpoint", "sequences", "mean score", "k-extractible"], [r[:4] for r in rows[1:]]), ""]
+    figures = [(f, t) for f, t in CARD_FIGURES if os.path.exists(os.path.join(out_dir, f))]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{t}]({f})" for f, t in figures] + [""]
+    if not hf_reason:
+        lines += ["## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  'tok = AutoTokenizer.from_pretrained("PATH")  # this folder, or its Hub repository',
+                  'model = AutoModelForCausalLM.from_pretrained("PATH")  # the final checkpoint',
+                  f'early = AutoModelForCausalLM.from_pretrained("PATH", subfolder="checkpoints/{ckpt_names[0]}")',
+                  "```", "",
+                  "Documents are separated by EOS and no BOS is added: the tokenizer gives the ids the model was "
+                  "trained on.", ""]
+    data_arg = "--data_dir=data" if len(data_dsts) == 1 else f"--stages=\"{tuple(rel(d) for d in data_dsts)!r}\""
+    lines += ["## Reproduce", "", "From this folder, with llm360-mini at the run's commit: the same data in the same "
+              "order, the same config; on a CPU the weights come out identical.", "", "```",
+              f"python train.py logs/config.py {data_arg} --out_dir=rerun", "```", "",
+              "Or resume from any checkpoint: copy `optimizer/ckpt_NNN` into the out_dir and run the same command.", ""]
+    return "\n".join(lines)
+
+
+def main(argv):
+    if not argv or argv[0].startswith("-") or len(argv) > 2:
+        sys.exit("usage: python release.py RUN_DIR [OUT_DIR]")
+    try:
+        release(*argv)
+    except (ReleaseError, data.DataError, ValueError, FileExistsError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

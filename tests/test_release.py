@@ -1,0 +1,103 @@
+"""release.py: a run as one folder to upload, as LLM360 released AMBER: Hugging Face
+checkpoints with our logits, optimizer states and data linked (not copied), a model card
+whose links all resolve and whose numbers are the run's, a rerun that exports only what
+is new, and a release that reproduces its run bit for bit."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import evaluate as ev
+import memorize as mem
+import release as rel
+from conftest import corpus_values, make_corpus, write_config
+from test_evaluate import make_tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = make_corpus(tmp_path_factory.mktemp("release_corpus"))
+    values = corpus_values(root, "data", dim=64, n_layer=2, n_head=4, intermediate_size=128, out_dir=str(root / "run"),
+                           warmup_steps=5, lr=1e-2, min_lr=1e-3, val_sequences=16, n_chunks=3, seq_len=64,
+                           max_seq_len=128)
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), write_config(root / "cfg.py", values)], check=True,
+                   capture_output=True, cwd=root)
+    return root
+
+
+def links(card):
+    return re.findall(r"\]\(([^)]+)\)", card)
+
+
+def test_release_links_loads_and_reproduces(run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(run / "run", run_dir, ignore=shutil.ignore_patterns("ckpt_002"), copy_function=os.link)
+    out = tmp_path / "release"
+    rel.release(str(run_dir), str(out))
+    first = {n: os.stat(out / "checkpoints" / "ckpt_000" / n) for n in os.listdir(out / "checkpoints" / "ckpt_000")}
+
+    # a new checkpoint, then evaluations and memorization: a rerun exports ckpt_002 only, refreshes the rest
+    shutil.copytree(run / "run" / "ckpt_002", run_dir / "ckpt_002", copy_function=os.link)
+    tasks = make_tasks(tmp_path / "tasks")
+    ev.sweep(str(run_dir), ["ppl", "arc_challenge"], str(tasks), limit=3)
+    mem.run(str(run_dir), k=16, l=16, samples=4)
+    mem.summarize(str(run_dir))
+    rel.release(str(run_dir), str(out))
+    for n, st in first.items():  # not exported again
+        now = os.stat(out / "checkpoints" / "ckpt_000" / n)
+        assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns), n
+
+    # every checkpoint loads in transformers with our logits; the final one at the top level
+    tok = AutoTokenizer.from_pretrained(out)
+    for name in ("ckpt_000", "ckpt_001", "ckpt_002"):
+        ours, our_tok, _ = ev.load_for_eval(str(run_dir / name))
+        hf = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / name, dtype=torch.float32).eval()
+        ids = torch.tensor([[our_tok.eos_id] + tok.encode("alpha beta gamma delta red blue")])
+        with torch.no_grad():
+            assert torch.allclose(hf(ids).logits, ours(ids)[0], atol=1e-4)
+    top = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert torch.equal(top.lm_head.weight, hf.lm_head.weight)
+
+    # linked, not copied: optimizer states, data chunks, the final model, shared tokenizer files
+    same = lambda a, b: os.stat(a).st_ino == os.stat(b).st_ino  # noqa: E731
+    assert same(out / "optimizer" / "ckpt_001" / "optimizer.pt", run_dir / "ckpt_001" / "optimizer.pt")
+    assert same(out / "data" / "chunk_002.npy", run / "data" / "chunk_002.npy")
+    assert same(out / "model.safetensors", out / "checkpoints" / "ckpt_002" / "model.safetensors")
+    assert same(out / "checkpoints" / "ckpt_000" / "tokenizer.json", out / "checkpoints" / "ckpt_002" / "tokenizer.json")
+    assert same(out / "evals" / "evals.csv", run_dir / "evals.csv")
+
+    # the card: Table 1's columns, every link resolves, the run's numbers
+    card = (out / "README.md").read_text()
+    assert "| code | config | checkpoints | optimizer states | data mix | data order | data availability |" in card
+    assert all((out / p).exists() for p in links(card)), [p for p in links(card) if not (out / p).exists()]
+    assert {"logs/training.png", "evals/evals.png", "memorization/scores.png"} <= set(links(card))
+    manifest = json.loads((run / "data" / "manifest.json").read_text())
+    for s in manifest["sources"]:
+        assert f"| {s['name']} |" in card and f"{s['train_tokens']:,}" in card
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert f"final validation loss | {[m for m in metrics if 'val_loss' in m][-1]['val_loss']:.4f}" in card
+    assert "Evaluations of ckpt_002" in card and "| arc_challenge | acc |" in card
+
+    # the release reproduces its run: its config and data train the same final weights
+    cmd = re.search(r"python train.py logs/config.py (.*)\n", card).group(1).split()
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "logs/config.py", *cmd], check=True,
+                   capture_output=True, cwd=out)
+    a, b = load_file(out / "rerun" / "ckpt_002" / "model.safetensors"), load_file(run_dir / "ckpt_002" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_run_dir_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "release.py"), str(tmp_path)], capture_output=True,
+                          text=True)
+    assert proc.returncode != 0 and "not a run dir" in proc.stderr and len(proc.stderr.splitlines()) == 1
