@@ -155,8 +155,6 @@ def bench_data(cfg):
     """Tokenization throughput with 1 and 2 worker processes, and the reader's time per step."""
     import multiprocessing
 
-    import numpy as np
-
     import data
 
     manifest = data.prepare(cfg, progress=False)  # nothing to do when already prepared

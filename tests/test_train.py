@@ -2,7 +2,6 @@
 exact resume after SIGKILL, DDP and FSDP2 against one process, the NaN policy."""
 
 import json
-import math
 import os
 import subprocess
 import sys
