@@ -462,3 +462,29 @@ def test_torchrun_splits_the_checkpoints_and_writes_the_same_files(run, tmp_path
     rows = [json.loads(line) for line in (tmp_path / "two" / "evals.jsonl").read_text().splitlines()]
     assert [r["checkpoint"] for r in rows][0] == "ckpt_000" and {r["checkpoint"] for r in rows} == {"ckpt_000", "ckpt_001"}
     assert not [n for n in os.listdir(tmp_path / "two") if n.startswith((".rank", "evals.rank"))]
+
+
+def test_a_llama_tokenizer_folder_is_scored_with_bos_as_the_harness_does(exported, tmp_path):
+    """AMBER's folders say LlamaTokenizer with add_bos_token: the harness puts BOS in front
+    of every context, and so must we (the scores differ without it)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    folder = tmp_path / "amber_like"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.model"):
+        shutil.copy(exported / name, folder / name)
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "add_bos_token": True, "add_eos_token": False}))
+    model, tok, _ = ev.load_for_eval(str(folder))
+    assert tok.add_bos and tok.prefix_id == tok.sp.piece_to_id("<s>")
+    rng = random.Random(4)
+    requests = [(w(rng, rng.randrange(1, 12)), " " + w(rng, rng.randrange(1, 4))) for _ in range(12)]
+    requests += [("alpha beta ", "gamma"), ("def f(x):", "\n    return x")]
+    theirs = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=4).loglikelihood(
+        [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+    assert [ll for ll, _ in ev.loglikelihoods(model, tok, requests)] == pytest.approx([ll for ll, _ in theirs], abs=1e-4)
+    tok.add_bos = False
+    assert [ll for ll, _ in ev.loglikelihoods(model, tok, requests)] != pytest.approx([ll for ll, _ in theirs], abs=1e-4)
