@@ -445,9 +445,9 @@ def run_info(device, world_size):
 GPU_BF16_PEAK = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12}
 
 
-def peak_flops(cfg, device, dtype):
-    """FLOP/s of one device for MFU: the config's, a known GPU's bf16 peak, or the measured
-    float32 matmul rate of this machine (CPU)."""
+def peak_flops(cfg, device, dtype, measured=None):
+    """FLOP/s of one device for MFU, in the dtype the run computes in: the config's, a known
+    GPU's bf16 peak, or this machine's measured matmul rate in that dtype (CPU)."""
     if cfg.peak_flops:
         return cfg.peak_flops
     if device.type == "cuda" and dtype == torch.bfloat16:
@@ -455,22 +455,61 @@ def peak_flops(cfg, device, dtype):
         for key, flops in GPU_BF16_PEAK.items():
             if key in name:
                 return flops
-    return matmul_rate(device)
+    name = str(dtype).removeprefix("torch.")
+    if measured and name in measured:
+        return measured[name] * 1e9
+    return matmul_rate(device, dtype)
 
 
-def matmul_rate(device, n=1024, reps=5, tries=3):
-    """float32 FLOP/s of an n x n matmul on `device`, the best of `tries` timings."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    a @ b
-    best = float("inf")
-    for _ in range(tries):
+def matmul_rate(device, dtype=torch.float32, n=1024, tries=3, min_s=0.05, budget_s=1.0):
+    """FLOP/s of an n x n matmul in `dtype` on `device`: the best of `tries` timings of at
+    least min_s each. The inputs come from a private generator (the run's RNG is never
+    touched). A dtype this device emulates slowly (bf16 on a CPU without AVX512-BF16 or
+    AMX: 5-300x slower) is timed once and given up on after budget_s."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+
+    def run(reps):
         t0 = time.perf_counter()
         for _ in range(reps):
             a @ b
         if device.type == "cuda":
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 * reps / best
+        return time.perf_counter() - t0
+
+    one = run(1)  # warm-up, and the scale of the timing
+    if one > budget_s:
+        return 2 * n**3 / one
+    reps = max(1, math.ceil(min_s / max(one, 1e-6)))
+    return 2 * n**3 * reps / min(run(reps) for _ in range(tries))
+
+
+BF16_CPU_MARGIN = 1.5  # dtype="auto" takes bf16 on a CPU when its measured matmul rate is this much faster
+
+
+def choose_dtype(cfg, device, rank=0, world_size=1):
+    """(dtype, {"reason", "matmul_gflops"}) of the run's matmuls. dtype="auto": bf16 on a
+    GPU that has it; on a CPU, bf16 only where its matmul measures BF16_CPU_MARGIN times
+    float32's (Intel AMX: 4-7x; elsewhere bf16 is emulated and 5-300x slower). Rank 0
+    measures and broadcasts, so every rank decides alike. Weights, optimizer state and
+    checkpoints stay float32 whatever this says."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype), {"reason": f"dtype={cfg.dtype!r} in the config", "matmul_gflops": {}}
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return (torch.bfloat16 if ok else torch.float32), {
+            "reason": "a GPU with bf16" if ok else "a GPU without bf16", "matmul_gflops": {}}
+    rates = [None]
+    if rank == 0:
+        rates[0] = {"float32": matmul_rate(device, torch.float32) / 1e9,
+                    "bfloat16": matmul_rate(device, torch.bfloat16) / 1e9}
+    if world_size > 1:
+        dist.broadcast_object_list(rates, src=0)
+    r = rates[0]
+    ratio = r["bfloat16"] / r["float32"]
+    dtype = torch.bfloat16 if ratio >= BF16_CPU_MARGIN else torch.float32
+    return dtype, {"reason": f"measured on this CPU: bf16 matmul {ratio:.2f}x float32 (bf16 from "
+                             f"{BF16_CPU_MARGIN}x)", "matmul_gflops": {k: round(v, 1) for k, v in r.items()}}
 
 
 def peak_memory_gb(device):
@@ -587,12 +626,7 @@ def _run(cfg, rank, world_size, device):
         return plan(cfg, world_size) if rank == 0 else None
     accum = grad_accum(cfg, world_size)
     fsdp = cfg.parallel == "fsdp" and world_size > 1
-    if device.type == "cuda" and cfg.dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
-    elif cfg.dtype == "bfloat16":
-        dtype = torch.bfloat16  # asked for explicitly (on a CPU: slow, for tests)
-    else:
-        dtype = torch.float32
+    dtype, precision = choose_dtype(cfg, device, rank, world_size)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not fsdp else nullcontext()
 
     # data: the main job prepares the built-in corpus when it is not there yet
@@ -678,7 +712,8 @@ def _run(cfg, rank, world_size, device):
     if resume:
         state = load_checkpoint(resume, raw_model, optimizer, rank, fsdp)
         log.truncate_metrics(state["metrics_lines"])
-        log.event("resume", checkpoint=os.path.basename(resume), step=state["step"], pos=state["pos"])
+        log.event("resume", checkpoint=os.path.basename(resume), step=state["step"], pos=state["pos"],
+                  dtype=str(dtype).removeprefix("torch."), **precision)  # the machine may have changed
         print0(f"resuming from {resume}: step {state['step']}, schedule position {state['pos']}", rank=rank)
     else:
         if cfg.init_from:
@@ -691,16 +726,19 @@ def _run(cfg, rank, world_size, device):
         if rank == 0:
             save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
             with open(os.path.join(cfg.out_dir, "run.json"), "w") as f:
-                json.dump(run_info(device, world_size), f, indent=1)
-        log.event("start", world_size=world_size, parallel="fsdp" if fsdp else "ddp" if world_size > 1 else "single")
+                json.dump(run_info(device, world_size) | {"dtype": str(dtype).removeprefix("torch."), **precision},
+                          f, indent=1)
+        log.event("start", world_size=world_size, parallel="fsdp" if fsdp else "ddp" if world_size > 1 else "single",
+                  dtype=str(dtype).removeprefix("torch."), **precision)
     info = run_info(device, world_size)
     print0(f"git {info['git_commit'][:12]} | torch {info['torch']} | {world_size} x {info['device']} | "
-           f"{'FSDP2' if fsdp else 'DDP' if world_size > 1 else 'one process'} | {dtype}", rank=rank)
+           f"{'FSDP2' if fsdp else 'DDP' if world_size > 1 else 'one process'} | {dtype} ({precision['reason']}"
+           + (f"; matmul GFLOP/s {precision['matmul_gflops']}" if precision["matmul_gflops"] else "") + ")", rank=rank)
     print0(format_config(cfg), rank=rank)
     # the LR schedule spans the planned chunks; replacement chunks fill the steps of skipped ones
     total_steps = sum(chunk_steps(m, c, cfg.global_batch_size) for _, m, c in table)
     flops_per_token = raw_model.flops_per_token(cfg.seq_len)
-    peak = peak_flops(cfg, device, dtype)
+    peak = peak_flops(cfg, device, dtype, precision["matmul_gflops"])
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     n_saved = 0
     from tqdm import tqdm

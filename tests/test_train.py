@@ -13,6 +13,7 @@ import torch
 from conftest import corpus_values, make_corpus, write_config
 from config import config_from_dict
 from model import ModelConfig, Transformer
+import train as train_py
 from train import get_lr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -322,3 +323,27 @@ def test_stages_train_one_data_dir_after_the_other(corpus):
 def metrics_full(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def test_auto_dtype_takes_bf16_only_where_it_measures_faster(monkeypatch, reference):
+    """dtype="auto" on a CPU: bf16 where its measured matmul beats float32 by the margin,
+    float32 where it does not (AMD EPYC: 10-300x slower), measured without touching the
+    run's RNG; the choice and both rates go to run.json, and MFU counts against the
+    dtype used. An explicit dtype is taken as given."""
+    cpu = torch.device("cpu")
+    cfg = config_from_dict(dict(dtype="auto"))
+    before = torch.get_rng_state()
+    dtype, info = train_py.choose_dtype(cfg, cpu)  # this machine, measured for real
+    assert torch.equal(torch.get_rng_state(), before)
+    r = info["matmul_gflops"]
+    assert r["float32"] > 0 and r["bfloat16"] > 0
+    assert (dtype == torch.bfloat16) == (r["bfloat16"] >= train_py.BF16_CPU_MARGIN * r["float32"])
+    for bf16_rate, expected in [(4e12, torch.bfloat16), (1.2e11, torch.float32), (1e9, torch.float32)]:
+        monkeypatch.setattr(train_py, "matmul_rate", lambda device, dtype=torch.float32, **k: (
+            1e11 if dtype == torch.float32 else bf16_rate))
+        dtype, info = train_py.choose_dtype(cfg, cpu)
+        assert dtype == expected and info["matmul_gflops"] == {"float32": 100.0, "bfloat16": bf16_rate / 1e9}
+        assert train_py.peak_flops(cfg, cpu, dtype, info["matmul_gflops"]) == (1e11 if expected == torch.float32 else 4e12)
+    assert train_py.choose_dtype(config_from_dict(dict(dtype="float32")), cpu)[0] == torch.float32
+    run = json.loads((reference / "run.json").read_text())  # the tests pin float32
+    assert run["dtype"] == "float32" and "config" in run["reason"]
