@@ -129,26 +129,34 @@ def main(cfg):
     prompts = torch.randint(0, cfg.model.vocab_size, (GEN_BATCH, PROMPT_LEN))
     mask = torch.ones_like(prompts)
 
-    def gen_ours():
-        return ours.generate(prompts, NEW_TOKENS)
+    def gen_ours(compile=False):
+        return ours.generate(prompts, NEW_TOKENS, compile=compile)
 
     def gen_ref(use_cache):
         return ref.generate(prompts, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
                             min_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0, use_cache=use_cache)
 
     with torch.no_grad():
-        gen_ours(), gen_ref(True)  # warm up
-        g_ours, g_ref, g_nocache = [], [], []
+        t0 = time.perf_counter()
+        compiled = gen_ours(compile=True)  # compiles the decoding step
+        t_compile = time.perf_counter() - t0
+        eager, theirs = gen_ours(), gen_ref(True)  # warm up
+        same = torch.equal(compiled, eager) and torch.equal(eager, theirs)
+        g_ours, g_comp, g_ref, g_nocache = [], [], [], []
         for _ in range(ROUNDS):
             g_ours.append(timed(gen_ours, 1))
+            g_comp.append(timed(lambda: gen_ours(True), 1))
             g_ref.append(timed(lambda: gen_ref(True), 1))
             g_nocache.append(timed(lambda: gen_ref(False), 1))
     n = GEN_BATCH * NEW_TOKENS
-    s_ours, s_ref, s_nc = (n / statistics.median(t) for t in (g_ours, g_ref, g_nocache))
-    print(f"generate {GEN_BATCH} x ({PROMPT_LEN} + {NEW_TOKENS}) greedy:")
-    print(f"  ours, KV cache                {s_ours:9.0f} new tok/s")
-    print(f"  transformers, cache           {s_ref:9.0f} new tok/s   ours {s_ours / s_ref:.2f}x")
-    print(f"  transformers, no cache        {s_nc:9.0f} new tok/s   ours {s_ours / s_nc:.2f}x")
+    s_ours, s_comp, s_ref, s_nc = (n / statistics.median(t) for t in (g_ours, g_comp, g_ref, g_nocache))
+    print(f"generate {GEN_BATCH} x ({PROMPT_LEN} + {NEW_TOKENS}) greedy (the same tokens all four ways: {same}):")
+    print(f"  ours, KV cache                {s_ours:9.0f} new tok/s   {s_ours / s_ref:.2f}x transformers cached")
+    print(f"  ours, KV cache, compiled step {s_comp:9.0f} new tok/s   {s_comp / s_ref:.2f}x transformers cached "
+          f"(compile {t_compile:.1f} s)")
+    print(f"  transformers, cache           {s_ref:9.0f} new tok/s")
+    print(f"  transformers, no cache        {s_nc:9.0f} new tok/s   ours {s_ours / s_nc:.2f}x, compiled "
+          f"{s_comp / s_nc:.2f}x")
 
 
 def bench_data(cfg):

@@ -156,6 +156,13 @@ class KVCache:
         self.k, self.v = [None] * cfg.n_layer, [None] * cfg.n_layer  # allocated on first use
         self.cos, self.sin = rope_tables(cfg, torch.arange(max_len, device=device))
 
+    def write(self, layer, k, v, pos):
+        """Store k, v (B, nkv, 1, hs) at position pos (a 0-dim long tensor) and return the
+        whole cache: shapes that never change, as torch.compile and CUDA graphs need."""
+        self.k[layer].index_copy_(2, pos.view(1), k)
+        self.v[layer].index_copy_(2, pos.view(1), v)
+        return self.k[layer], self.v[layer]
+
     def update(self, layer, k, v, pos):
         """Store k, v (B, nkv, T, hs) at [pos, pos + T); return all keys and values up to pos + T."""
         if self.k[layer] is None:  # in the dtype of the keys: bf16 under autocast
@@ -178,18 +185,20 @@ class Attention(nn.Module):
         # muP scales attention logits by 1/d_head instead of 1/sqrt(d_head) (Yang et al. 2022, §4)
         self.scale = 1.0 / cfg.head_dim if cfg.mup else 1.0 / math.sqrt(cfg.head_dim)
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
+    def forward(self, x, cos, sin, cache=None, pos=0, mask=None):
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         qk = apply_rope(qkv[:, : self.n_head + self.n_kv_head], cos, sin)  # queries and keys in one go
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
         v = qkv[:, self.n_head + self.n_kv_head :]  # (B, nkv, T, hs)
-        if cache is not None:
+        causal = T > 1
+        if mask is not None:  # one decoding step (Transformer.decode): the whole cache, masked past pos
+            k, v = cache.write(self.layer, k, v, pos)  # (B, nkv, max_len, hs)
+        elif cache is not None:
             k, v = cache.update(self.layer, k, v, pos)  # (B, nkv, pos + T, hs)
         # causal mask: the flag when queries and keys start together (flash attention on a GPU);
         # an explicit mask when a chunk of T > 1 queries follows cached keys
-        mask, causal = None, T > 1
-        if pos > 0 and T > 1:
+        if mask is None and pos > 0 and T > 1:
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             causal = False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
@@ -221,8 +230,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, pos=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
+    def forward(self, x, cos, sin, cache=None, pos=0, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -328,27 +337,60 @@ class Transformer(nn.Module):
         return logits, None
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None, compile=False):
         """Continue a batch of prompts idx (B, T) by exactly max_new_tokens tokens each.
 
         temperature 0 is greedy. No early stop at EOS: memorization scores compare
         continuations of an exact length. Returns (B, T + max_new_tokens).
         """
-        out = list(self.stream(idx, max_new_tokens, temperature, top_k, generator))
+        out = list(self.stream(idx, max_new_tokens, temperature, top_k, generator, compile))
         return torch.cat([idx] + [t[:, None] for t in out], dim=1)
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None):
-        """Yield the next tokens (B,) of prompts idx (B, T) one step at a time, with a KV
-        cache: the prompt runs once, then one position per step."""
+    def stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None, compile=False):
+        """Yield the next tokens (B,) of prompts idx (B, T) one step at a time: the prompt
+        runs once into a preallocated KV cache, then each step is `decode`, whose shapes
+        never change. compile=True runs that step through torch.compile (CUDA graphs on a
+        GPU): worth its compile time (tens of seconds) over thousands of steps, and the
+        cache length is then rounded up to a multiple of 64 so that other prompt lengths
+        reuse the compiled step."""
         B, T = idx.shape
-        cache = KVCache(self.config, B, T + max_new_tokens, idx.device)
+        max_len = T + max_new_tokens
+        if compile:
+            max_len = -(-max_len // 64) * 64
+        cache = KVCache(self.config, B, max_len, idx.device)
         logits, _ = self(idx, cache=cache, pos=0, last_only=True)  # prefill the whole prompt at once
+        logits = logits[:, -1]
+        step = self.compiled_decode() if compile else self.decode
+        pos = torch.tensor(T, device=idx.device)
         for i in range(max_new_tokens):
-            next_token = sample(logits[:, -1, :], temperature, top_k, generator)
+            next_token = sample(logits, temperature, top_k, generator)
             yield next_token
             if i + 1 < max_new_tokens:
-                logits, _ = self(next_token[:, None], cache=cache, pos=T + i, last_only=True)
+                logits = step(next_token, cache, pos).clone()  # clone: CUDA graphs reuse their output
+                pos += 1
+
+    def decode(self, token, cache, pos):
+        """Logits (B, V) of the position after `token` (B,), which sits at position pos (a
+        0-dim long tensor) of a filled KV cache: the whole cache is attended, masked past
+        pos, so no shape depends on pos."""
+        cos, sin = cache.cos.index_select(0, pos.view(1)), cache.sin.index_select(0, pos.view(1))
+        mask = (torch.arange(cache.shape[2], device=pos.device) <= pos).view(1, 1, 1, -1)
+        x = self.tok_emb(token[:, None])
+        if self.emb_mult != 1.0:
+            x = x * self.emb_mult
+        for layer in self.layers:
+            x = layer(x, cos, sin, cache, pos, mask)
+        logits = self.lm_head(self.norm(x)[:, -1])
+        return logits * self.logit_mult if self.logit_mult != 1.0 else logits
+
+    def compiled_decode(self):
+        """`decode` through torch.compile, once per model (a new batch size or cache length
+        compiles again): CUDA graphs on a GPU ("reduce-overhead"), fused kernels on a CPU."""
+        if getattr(self, "_compiled_decode", None) is None:
+            mode = "reduce-overhead" if self.tok_emb.weight.is_cuda else None
+            self._compiled_decode = torch.compile(self.decode, mode=mode, fullgraph=True, dynamic=False)
+        return self._compiled_decode
 
     # -------------------------------------------------------------------------
     # init, parameter groups, counts

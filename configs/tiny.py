@@ -35,4 +35,4 @@ beta2 = 0.95
 weight_decay = 0.1
 grad_clip = 1.0
 
-dtype = "auto"  # float32 on a CPU
+dtype = "auto"  # bf16 autocast where this CPU measures it 1.5x faster (AMX), else float32
