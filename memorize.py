@@ -5,7 +5,7 @@ sequence, generate exactly l tokens greedily, and score the share of them that
 equal the data. A sequence with score 1 is k-extractible.
 
     python memorize.py RUN_DIR [--k=32] [--l=32] [--samples=1000] [--checkpoints=ckpt_003,...]
-                               [--unseen=True] [--data_dir=DIR] [--batch_size=64] [--seed=0]
+                               [--unseen=True] [--data_dir=DIR] [--batch_size=64] [--seed=0] [--compile=auto]
     torchrun --nproc_per_node=8 memorize.py RUN_DIR --prompt_len=32 --gen_len=32 ...   (pairs split across
                                ranks; torchrun itself claims --l, so --prompt_len / --gen_len name k / l)
 
@@ -20,7 +20,9 @@ where it stopped and a rerun recomputes nothing. Then the summaries: per
 checkpoint the score distribution and k-extractible share (Figure 7), the
 checkpoint x chunk matrix of mean scores (Figure 8), and the correlation of
 per-sequence scores and of k-extractibility between checkpoints (Figure 9), as
-printed tables, CSV files, and PNG figures.
+printed tables, CSV files, and PNG figures. --compile=auto compiles the decoding
+step (torch.compile; CUDA graphs on a GPU) for a checkpoint with COMPILE_MIN_STEPS
+decoding steps or more to run; True or False forces it.
 """
 
 import json
@@ -75,14 +77,15 @@ def sample_indices(n_sequences, samples, seed, chunk):
 
 
 @torch.no_grad()
-def greedy_continuations(model, prompts, l, batch_size, device):
-    """Exactly l greedy tokens after each prompt (n, k), batched, with the KV cache."""
+def greedy_continuations(model, prompts, l, batch_size, device, compile=False):
+    """Exactly l greedy tokens after each prompt (n, k), batched, with the KV cache (its
+    decoding step compiled with compile=True)."""
     out = []
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     for i in range(0, len(prompts), batch_size):
         x = torch.as_tensor(prompts[i : i + batch_size], dtype=torch.long, device=device)
         with autocast:
-            out.append(model.generate(x, l)[:, x.shape[1]:].cpu().numpy())
+            out.append(model.generate(x, l, compile=compile)[:, x.shape[1]:].cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, l), dtype=np.int64)
 
 
@@ -91,9 +94,9 @@ def memorization_scores(generated, truth):
     return (np.asarray(generated) == np.asarray(truth)).mean(axis=1)
 
 
-def score_pair(model, tokens, sources, indices, k, l, batch_size, device):
+def score_pair(model, tokens, sources, indices, k, l, batch_size, device, compile=False):
     rows = np.asarray(tokens[indices], dtype=np.int64)
-    generated = greedy_continuations(model, rows[:, :k], l, batch_size, device)
+    generated = greedy_continuations(model, rows[:, :k], l, batch_size, device, compile=compile)
     return memorization_scores(generated, rows[:, k : k + l]), sources[indices]
 
 
@@ -101,9 +104,14 @@ def score_pair(model, tokens, sources, indices, k, l, batch_size, device):
 # the analysis
 
 
+COMPILE_MIN_STEPS = 10_000  # decoding steps per checkpoint from which compile="auto" compiles the step
+
+
 def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_dir=None, batch_size=64, seed=0,
-        rank=0, world_size=1, device=None):
-    """Score every (checkpoint, chunk) pair not yet on disk; returns the result files' paths."""
+        rank=0, world_size=1, device=None, compile="auto"):
+    """Score every (checkpoint, chunk) pair not yet on disk; returns the result files' paths.
+    compile: True, False, or "auto": compile the decoding step for a checkpoint whose pairs
+    here take COMPILE_MIN_STEPS steps or more (a compile takes seconds to a minute)."""
     from evaluate import load_for_eval
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -125,6 +133,10 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
         chunks = list(dict.fromkeys(seen)) + ([c for c in range(n_chunks) if c not in seen] if unseen else [])
         pairs += [(name, path, c, c in seen) for c in chunks]
     files, model_for, verified = [], {}, set()
+    steps = {}  # decoding steps each checkpoint takes on this rank
+    for i, (name, *_) in enumerate(pairs):
+        if i % world_size == rank:
+            steps[name] = steps.get(name, 0) + -(-samples // batch_size) * l
     for i, (name, path, chunk, was_seen) in enumerate(pairs):
         file = os.path.join(out_dir, f"{name}__chunk_{chunk:03d}.json")
         files.append(file)
@@ -146,7 +158,8 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
         tokens, sources = data.open_split(d, manifest["chunks"][local], verify=(d, local) not in verified)
         verified.add((d, local))
         indices = sample_indices(len(tokens), samples, seed, chunk)
-        scores, srcs = score_pair(model_for[name], tokens, sources, indices, k, l, batch_size, device)
+        use_compile = steps[name] >= COMPILE_MIN_STEPS if compile == "auto" else bool(compile)
+        scores, srcs = score_pair(model_for[name], tokens, sources, indices, k, l, batch_size, device, use_compile)
         names = [s["name"] for s in manifest["sources"]]
         write_json_atomic(file, {"checkpoint": name, "chunk": chunk, "seen": was_seen, "k": k, "l": l, "samples": samples,
                            "seed": seed, "data_dir": d, "chunk_in_data_dir": local, "indices": indices.tolist(),
@@ -294,13 +307,13 @@ def _figures(out_dir, results, ckpts, chunks, matrix, corr, l):
 def main(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python memorize.py RUN_DIR [--k=32] [--l=32] [--samples=1000] [--checkpoints=a,b] "
-                 "[--unseen=True] [--data_dir=DIR] [--batch_size=64] [--seed=0]")
+                 "[--unseen=True] [--data_dir=DIR] [--batch_size=64] [--seed=0] [--compile=auto|True|False]")
     opts = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
     # torchrun takes --l for its own --log-dir, so --prompt_len / --gen_len are the same as --k / --l
     opts["k"], opts["l"] = opts.pop("prompt_len", opts.get("k", 32)), opts.pop("gen_len", opts.get("l", 32))
     ints = {"k": 32, "l": 32, "samples": 1000, "batch_size": 64, "seed": 0}
     try:
-        unknown = set(opts) - set(ints) - {"checkpoints", "unseen", "data_dir"}
+        unknown = set(opts) - set(ints) - {"checkpoints", "unseen", "data_dir", "compile"}
         if unknown:
             raise MemorizeError(f"unknown option(s) {', '.join(sorted(unknown))}")
         try:
@@ -313,6 +326,7 @@ def main(argv):
         token = rank_token(world_size)
         run(argv[0], checkpoints=opts["checkpoints"].split(",") if "checkpoints" in opts else None,
             unseen=opts.get("unseen", "False") == "True", data_dir=opts.get("data_dir"), rank=rank,
+            compile={"True": True, "False": False}.get(opts.get("compile", "auto"), "auto"),
             world_size=world_size, device=device, **kw)
         wait_for_ranks(os.path.join(argv[0], "memorization"), token, rank, world_size)  # no timeout
         if rank == 0:

@@ -337,26 +337,32 @@ class Transformer(nn.Module):
         return logits, None
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None, compile=False):
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None, compile=False,
+                 cache_len=None):
         """Continue a batch of prompts idx (B, T) by exactly max_new_tokens tokens each.
 
         temperature 0 is greedy. No early stop at EOS: memorization scores compare
         continuations of an exact length. Returns (B, T + max_new_tokens).
         """
-        out = list(self.stream(idx, max_new_tokens, temperature, top_k, generator, compile))
+        out = list(self.stream(idx, max_new_tokens, temperature, top_k, generator, compile, cache_len))
         return torch.cat([idx] + [t[:, None] for t in out], dim=1)
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None, compile=False):
+    def stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None, compile=False,
+               cache_len=None):
         """Yield the next tokens (B,) of prompts idx (B, T) one step at a time: the prompt
         runs once into a preallocated KV cache, then each step is `decode`, whose shapes
         never change. compile=True runs that step through torch.compile (CUDA graphs on a
         GPU): worth its compile time (tens of seconds) over thousands of steps, and the
         cache length is then rounded up to a multiple of 64 so that other prompt lengths
-        reuse the compiled step."""
+        reuse the compiled step (cache_len fixes it: one shape for prompts of any length)."""
         B, T = idx.shape
         max_len = T + max_new_tokens
-        if compile:
+        if cache_len is not None:
+            if cache_len < max_len:
+                raise ValueError(f"cache_len={cache_len} < prompt {T} + max_new_tokens {max_new_tokens}")
+            max_len = cache_len
+        elif compile:
             max_len = -(-max_len // 64) * 64
         cache = KVCache(self.config, B, max_len, idx.device)
         logits, _ = self(idx, cache=cache, pos=0, last_only=True)  # prefill the whole prompt at once

@@ -80,7 +80,7 @@ def test_run_scores_and_summaries_exactly_with_known_outputs(prepared, tmp_path,
         for row in np.asarray(tokens):
             L_all[tuple(row[:K])] = row[K : K + L]
 
-    def known(model, prompts, l, batch_size, device):  # right for prompts starting with an even token
+    def known(model, prompts, l, batch_size, device, compile=False):  # right for prompts starting with an even token
         out = np.array([L_all[tuple(p)] for p in prompts])
         wrong = prompts[:, 0] % 2 == 1
         out[wrong, -1] = out[wrong, -1] + 1  # one token of l wrong
@@ -135,6 +135,20 @@ def test_batched_cached_decoding_equals_transformers_generate(prepared, tmp_path
         theirs = ref.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False, max_new_tokens=L,
                               min_new_tokens=L, eos_token_id=None, pad_token_id=0)[:, K:]
     assert np.array_equal(ours, theirs.numpy())
+
+
+@pytest.mark.slow
+def test_compiled_decoding_step_writes_the_same_tokens(prepared):
+    """torch.compile of the decoding step (memorize's --compile): token for token the eager
+    path's, on a model that memorized the rows and on a fresh one (small logit margins)."""
+    root, cfg = prepared
+    rows = chunk_rows(cfg, 1, 8)
+    for model in (memorized_model(cfg, rows, steps=150), fresh_model(cfg)):
+        eager = mem.greedy_continuations(model, rows[:, :K], L, batch_size=4, device=torch.device("cpu"))
+        compiled = mem.greedy_continuations(model, rows[:, :K], L, batch_size=4, device=torch.device("cpu"),
+                                            compile=True)
+        assert np.array_equal(eager, compiled)
+        assert model._compiled_decode is not None  # the compiled step ran
 
 
 def test_only_seen_chunks_and_the_same_indices_every_time(prepared, tmp_path):
