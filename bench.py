@@ -1,7 +1,7 @@
 """
 Benchmark of model.py against transformers on this machine, in float32.
 
-    python bench.py [model] [CONFIG] [--key=value ...]    # default configs/tiny.py
+    python bench.py [model] [CONFIG] [--key=value ...] [--compile]   # default configs/tiny.py
     python bench.py data [CONFIG] [--key=value ...]
     python bench.py eval [CONFIG] [--key=value ...]
     python bench.py convert
@@ -50,7 +50,7 @@ import torch
 
 from config import ConfigError, load_config
 from model import Transformer, hf_config, to_hf_state_dict
-from train import matmul_rate
+from train import make_optimizer, matmul_rate
 
 BATCH = 8  # sequences per training step (of the config's seq_len)
 ROUNDS = 5  # alternating timing rounds
@@ -93,9 +93,10 @@ def main(cfg):
         diff = (ours(x)[0] - ref(input_ids=x).logits).abs().max().item()
     print(f"max |logits ours - transformers| = {diff:.2e}")
 
-    # 1. training step
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1)
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1)
+    # 1. training step: ours as train.py sets it up (param groups, fused AdamW); transformers with
+    # torch.optim.AdamW's defaults, as its Trainer's "adamw_torch"
+    opt_ours = make_optimizer(ours.param_groups(0.1), cfg, torch.device("cpu"))
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1)
 
     def step_ours():
         _, loss = ours(x, y)
@@ -123,8 +124,19 @@ def main(cfg):
     print(f"train step, ours         {tok_ours:9.0f} tok/s   MFU {100 * mfu:.0f}% of the matmul rate")
     print(f"train step, transformers {tok_ref:9.0f} tok/s   MFU {100 * tok_ref * ours.flops_per_token(T) / rate:.0f}%")
     print(f"train step ratio         {tok_ours / tok_ref:.2f}x (ours / transformers)")
+    if "--compile" in sys.argv:  # train.py's compile=True: each block through torch.compile
+        for block in ours.layers:
+            block.compile()
+        t_compile = timed(step_ours, 1)
+        step_ours()
+        t_comp = statistics.median(timed(step_ours, STEPS) for _ in range(ROUNDS))
+        print(f"train step, ours, compiled blocks {BATCH * T / t_comp:9.0f} tok/s   "
+              f"{statistics.median(t_ours) / t_comp:.2f}x eager (first step, compiling: {t_compile:.1f} s)")
+        for block in ours.layers:  # back to eager for the decoding benchmark
+            block._compiled_call_impl = None
 
-    # 2. greedy generation
+    # 2. greedy generation, on the same weights again (the two optimizers moved them apart)
+    ref.load_state_dict(to_hf_state_dict(ours), strict=not ours.config.tie_embeddings)
     ours.eval(), ref.eval()
     prompts = torch.randint(0, cfg.model.vocab_size, (GEN_BATCH, PROMPT_LEN))
     mask = torch.ones_like(prompts)
@@ -404,7 +416,7 @@ if __name__ == "__main__":
     if mode in ("convert", "prepare"):
         sys.exit({"convert": bench_convert, "prepare": bench_prepare}[mode]())
     try:
-        cfg = load_config(args or ["configs/tiny.py"])
+        cfg = load_config([a for a in args if a != "--compile"] or ["configs/tiny.py"])
     except ConfigError as e:
         sys.exit(f"error: {e}")
     {"model": main, "data": bench_data, "eval": bench_eval}[mode](cfg)

@@ -461,6 +461,13 @@ def peak_flops(cfg, device, dtype, measured=None):
     return matmul_rate(device, dtype)
 
 
+def make_optimizer(groups, cfg, device):
+    """AdamW over param groups; the fused kernel on CUDA and on a CPU (a third of the
+    for-loop's time there: 4 ms against 13 ms a step on the tiny model)."""
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             fused=device.type in ("cuda", "cpu"))
+
+
 def matmul_rate(device, dtype=torch.float32, n=1024, tries=3, min_s=0.05, budget_s=1.0):
     """FLOP/s of an n x n matmul in `dtype` on `device`: the best of `tries` timings of at
     least min_s each. The inputs come from a private generator (the run's RNG is never
@@ -697,11 +704,11 @@ def _run(cfg, rank, world_size, device):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        model = torch.compile(model)
+    if cfg.compile:  # block by block: one compile serves every layer (~10 s on a CPU), and FSDP2 shards stay per block
+        for block in raw_model.layers:
+            block.compile()
     groups = raw_model.param_groups(cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                  fused=device.type == "cuda")
+    optimizer = make_optimizer(groups, cfg, device)
     params = [p for g in groups for p in g["params"]]
 
     # the state of the run: where in the schedule, and what happened
