@@ -7,6 +7,7 @@ Benchmark of model.py against transformers on this machine, in float32.
     python bench.py convert
     python bench.py prepare
     python bench.py figures [RUN_DIR]
+    python bench.py gpu [CONFIG] [--device=cpu --smoke]     the GPU check (see bench_gpu)
 
 `model` times, in one run and on the same weights and batch:
   1. one training step (forward + backward + AdamW) of our model and of
@@ -408,9 +409,143 @@ def bench_figures(run_dir="runs/tiny", reps=5):
           f"({100 * again / chunk:.2f}%, median of {reps})")
 
 
+def bench_gpu(argv):
+    """The GPU check, one script for the first session that is lent a GPU (fits in 8
+    minutes on one H100/H200), and runnable end to end on a CPU first:
+
+        python bench.py gpu [CONFIG]                 default configs/one_gpu_1b.py, on cuda
+        python bench.py gpu --device=cpu --smoke     the same steps at the tiny shape
+
+    1. training-shaped attention (bf16, causal) runs under sdpa_kernel(FLASH_ATTENTION)
+       alone, and the profiler sees the flash kernel;
+    2. STEPS training steps on random tokens at the config's shape (micro-batch, seq_len),
+       bf16 autocast (FSDP2: its bf16 policy) and float32 AdamW: plain and FSDP2 on one
+       rank, each eager and with compiled blocks: tok/s, MFU against the bf16 peak,
+       peak memory;
+    3. memorization decoding, k = l = 32, batch 1024: sequences/s eager and compiled.
+    """
+    import dataclasses
+    import socket
+
+    import torch.distributed as dist
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    from train import peak_flops, peak_memory_gb
+
+    smoke = "--smoke" in argv
+    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    device = torch.device(opts.pop("device", "cuda"))
+    args = [a for a in argv if not a.startswith("--")] or ["configs/tiny.py" if smoke else "configs/one_gpu_1b.py"]
+    cfg = load_config(args + [f"--{k}={v}" for k, v in opts.items()])
+    if smoke:
+        cfg = dataclasses.replace(cfg, seq_len=64, micro_batch_size=2)
+    steps, decode_batch = (2, 8) if smoke else (10, 1024)
+    B, T = cfg.micro_batch_size, cfg.seq_len
+    t_start = time.perf_counter()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)" if smoke else "CPU"
+    print(f"GPU check on {name}: model {cfg.model.n_layer}L x {cfg.model.dim}, micro-batch {B} x {T}, bf16, "
+          f"torch {torch.__version__}")
+
+    # 1. the flash kernel, on training-shaped attention
+    q = torch.randn(B, cfg.model.n_head, T, cfg.model.head_dim, device=device, dtype=torch.bfloat16)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)  # raises without flash
+    kernels = sorted({e.key for e in prof.key_averages() if "flash" in e.key.lower()})
+    assert kernels, "the flash kernel did not run"
+    print(f"1. attention (bf16, causal) runs the flash kernel: {kernels[0]}")
+
+    # 2. training steps: plain and FSDP2 (one rank), compile off and on
+    if not dist.is_initialized():
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    peak = peak_flops(cfg, device, torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, cfg.model.vocab_size, (B, T + 1), generator=g).to(device)
+    x, y = batch[:, :-1], batch[:, 1:]
+    print(f"2. {steps} training steps each (after 2 warm-up steps), bf16 peak {peak / 1e12:.1f} TFLOP/s:")
+    for fsdp in (False, True):
+        for compiled in (False, True):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            with torch.device("meta"):
+                model = Transformer(cfg.model)
+            if fsdp:
+                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+                mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                for block in model.layers:
+                    fully_shard(block, mp_policy=mp)
+                fully_shard(model, mp_policy=mp)
+            model.to_empty(device=device)
+            model.init_weights(cfg.seed)
+            if compiled:
+                for block in model.layers:
+                    block.compile()
+            opt = make_optimizer(model.param_groups(cfg.weight_decay), cfg, device)
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not fsdp)
+
+            def step():
+                with autocast:
+                    _, loss = model(x, y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss
+
+            t0 = time.perf_counter()
+            step(), step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            warm = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                loss = step()
+            loss.item()
+            dt = (time.perf_counter() - t0) / steps
+            tok_s = B * T / dt
+            mfu = tok_s * model.flops_per_token(T) / peak
+            print(f"   {'FSDP2, 1 rank' if fsdp else 'plain        '} compile {'on ' if compiled else 'off'}: "
+                  f"{tok_s:10,.0f} tok/s  MFU {100 * mfu:5.1f}%  peak memory {peak_memory_gb(device):6.2f} GiB  "
+                  f"(warm-up {warm:.1f} s, loss {loss.item():.3f})")
+            model = opt = None  # freed before the next variant
+    dist.destroy_process_group()
+
+    # 3. memorization decoding, as memorize.py runs it
+    model = Transformer(cfg.model).to(device)
+    model.init_weights(cfg.seed)
+    model.eval()
+    prompts = torch.randint(0, cfg.model.vocab_size, (decode_batch, 32), generator=g).to(device)
+    print(f"3. memorization decoding, k = l = 32, batch {decode_batch}:")
+    outs = {}
+    for compiled in (False, True):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            t0 = time.perf_counter()
+            model.generate(prompts, 32, compile=compiled)  # warm-up (and the compile)
+            warm = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            outs[compiled] = model.generate(prompts, 32, compile=compiled)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+        print(f"   compile {'on ' if compiled else 'off'}: {decode_batch / dt:10,.1f} sequences/s "
+              f"({decode_batch * 32 / dt:,.0f} new tok/s; warm-up {warm:.1f} s)")
+    same = (outs[False] == outs[True]).float().mean().item()
+    print(f"   compiled and eager tokens agree on {100 * same:.2f}% (bf16)")
+    print(f"GPU check done in {time.perf_counter() - t_start:.0f} s")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
-    mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare", "figures") else "model"
+    mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare", "figures", "gpu") \
+        else "model"
+    if mode == "gpu":
+        sys.exit(bench_gpu(args))
     if mode == "figures":
         sys.exit(bench_figures(*args))
     if mode in ("convert", "prepare"):
