@@ -188,9 +188,9 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache=None, pos=0, mask=None):
         B, T, _ = x.shape
         qkv = self.wqkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
-        qk = apply_rope(qkv[:, : self.n_head + self.n_kv_head], cos, sin)  # queries and keys in one go
-        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
-        v = qkv[:, self.n_head + self.n_kv_head :]  # (B, nkv, T, hs)
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)  # split: one cat in backward
+        qk = apply_rope(qk, cos, sin)  # queries and keys in one go
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs); v (B, nkv, T, hs)
         causal = T > 1
         if mask is not None:  # one decoding step (Transformer.decode): the whole cache, masked past pos
             k, v = cache.write(self.layer, k, v, pos)  # (B, nkv, max_len, hs)
@@ -207,6 +207,29 @@ class Attention(nn.Module):
         return self.wo(y)
 
 
+class SwiGLU(torch.autograd.Function):
+    """silu(gate) * up of h = [gate | up] (..., 2F) -> (..., F). The same numbers as the two
+    eager ops; the backward writes both halves of d h into one tensor, where autograd
+    would compute them apart and then concatenate them (a full copy per layer)."""
+
+    @staticmethod
+    def forward(ctx, h):
+        gate, up = h.chunk(2, dim=-1)
+        act = F.silu(gate)
+        ctx.save_for_backward(h, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, act = ctx.saved_tensors
+        gate, up = h.chunk(2, dim=-1)
+        dh = torch.empty_like(h)
+        d_gate, d_up = dh.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        torch.mul(grad, act, out=d_up)
+        return dh
+
+
 class MLP(nn.Module):
     """SwiGLU (Shazeer 2020): w_down(silu(gate x) * up x), gate and up fused in one matmul."""
 
@@ -216,8 +239,7 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.proj_bias)
 
     def forward(self, x):
-        gate, up = self.w_gate_up(x).chunk(2, dim=-1)  # (B, T, ff) each
-        return self.w_down(F.silu(gate) * up)
+        return self.w_down(SwiGLU.apply(self.w_gate_up(x)))  # (B, T, 2 ff) -> (B, T, ff) -> (B, T, C)
 
 
 class Block(nn.Module):
