@@ -363,14 +363,15 @@ _WARM = []  # the warm-up thread, joined before the first figure: matplotlib is 
 
 
 def warm_figures():
-    """Import matplotlib and draw once off-screen (fonts, glyph caches): train.py runs it
-    in a thread at start, so the first checkpoint's figure costs what the others do."""
+    """Import matplotlib and draw a training figure off-screen (fonts, glyph caches, the
+    "1e6" offset's mathtext): train.py runs it in a thread at start, so the first
+    checkpoint's figure costs what the others do."""
     import io
 
-    fig, axes = new_figure(1, 1, (2, 2))
-    axes[0, 0].plot([0, 1], [0, 1])
-    axes[0, 0].set_title("warm-up", fontsize=9)
-    fig.savefig(io.BytesIO(), format="png", dpi=40)
+    x = [float(i) * 4096 for i in range(1, 300)]
+    series = {"tokens": x, "loss": [8.0 / i for i in range(1, 300)], "lr": [1e-3] * 299, "grad_norm": [0.5] * 299,
+              "tok_per_s": [6000.0] * 299}
+    draw_run(series, (x[::40], series["loss"][::40]), "warm-up", io.BytesIO())
 
 
 def new_figure(rows, cols, size):
@@ -411,6 +412,13 @@ def plot_run(out_dir):
             elif "loss" in r:
                 for k in series:
                     series[k].append(r.get(k, float("nan")))
+    draw_run(series, val, os.path.basename(os.path.normpath(out_dir)), os.path.join(out_dir, "training.png"))
+
+
+def draw_run(series, val, title, out):
+    """The four panels of training.png from series {tokens, loss, lr, grad_norm, tok_per_s}
+    and validation points val (tokens, losses), to a path (atomically) or a file object."""
+    keys = ("loss", "lr", "grad_norm", "tok_per_s")
     fig, axes = new_figure(2, 2, (10, 6))
     fig.subplots_adjust(left=0.07, right=0.98, top=0.94, bottom=0.09, hspace=0.4, wspace=0.22)
     titles = {"loss": "loss", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
@@ -424,8 +432,11 @@ def plot_run(out_dir):
         ax.set_xlabel("tokens seen", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.locator_params(nbins=4)  # ticks are most of a draw's time
-    fig.suptitle(os.path.basename(os.path.normpath(out_dir)), fontsize=10)
-    save_figure(fig, os.path.join(out_dir, "training.png"))
+    fig.suptitle(title, fontsize=10)
+    if isinstance(out, str):
+        save_figure(fig, out)
+    else:
+        fig.savefig(out, format="png", dpi=80)
 
 
 def run_info(device, world_size):
