@@ -52,6 +52,14 @@ class Config:
     nan_test_chunks: tuple[int, ...] = ()  # tests only: chunks whose loss is forced to NaN wherever they are
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps; 0: run the whole schedule
     init_from: str = ""  # start a new run from another run's checkpoint (weights and AdamW state), new data
+    init_optimizer: bool = True  # init_from also takes the AdamW state (False: weights only, as fine-tuning does)
+    # post-training (finetune.py): the objective, the data, the template
+    objective: str = "lm"  # "lm": next-token loss on the counted targets | "dpo": DPO on (chosen, rejected) pairs
+    dpo_beta: float = 0.1  # DPO's beta (AmberSafe: 0.1)
+    finetune_data: str = ""  # conversations or pairs (.json, .jsonl, .parquet), or "builtin:stdlib"
+    epochs: int = 1  # passes over the fine-tuning data, one chunk (and one checkpoint) each
+    system_prompt: str = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
+                          "gives helpful, detailed, and polite answers to the user's questions.")  # Vicuna v1.1
     wandb_project: str = ""  # also log to Weights & Biases under this project (needs wandb installed)
     peak_flops: float = 0.0  # per device, for MFU; 0: a known GPU's bf16 peak, or the measured float32 matmul rate
     dry_run: bool = False  # print the plan (memory, steps, time) without allocating the model
@@ -80,7 +88,7 @@ class Config:
 
     def __post_init__(self):
         choices = {"lr_schedule": ("cosine", "linear"), "dtype": ("auto", "float32", "bfloat16"),
-                   "parallel": ("ddp", "fsdp"), "nan_policy": ("skip_chunk", "stop")}
+                   "parallel": ("ddp", "fsdp"), "nan_policy": ("skip_chunk", "stop"), "objective": ("lm", "dpo")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: must be one of {', '.join(map(repr, allowed))}")

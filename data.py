@@ -803,6 +803,17 @@ def open_split(data_dir, entry, verify=True):
     return arrays[0], np.asarray(arrays[1])
 
 
+def rows_to_xy(rows):
+    """(inputs, targets) int64 tensors of stored rows (n, L + 1): inputs rows[:, :-1], targets
+    rows[:, 1:]. Fine-tuning data (finetune.py) is stored signed, a token that is input only
+    (a prompt, padding) as -(id + 1): it is fed as id, and its target is -1, never counted."""
+    seqs = torch.from_numpy(np.asarray(rows).astype(np.int64))
+    if not np.issubdtype(rows.dtype, np.signedinteger):
+        return seqs[:, :-1], seqs[:, 1:]
+    ids = torch.where(seqs < 0, -seqs - 1, seqs)
+    return ids[:, :-1], torch.where(seqs[:, 1:] < 0, -1, seqs[:, 1:])
+
+
 class ChunkReader:
     """Streams one chunk's micro-batches for one rank.
 
@@ -846,8 +857,7 @@ class ChunkReader:
     def batch(self, step, micro):
         """(x, y) int64 tensors (micro_batch_size, seq_len) of micro-batch `micro` of `step` on this rank."""
         rows = self.rank_rows(step)[micro * self.mb : (micro + 1) * self.mb]
-        seqs = torch.from_numpy(self.tokens[rows].astype(np.int64))
-        return seqs[:, :-1], seqs[:, 1:]
+        return rows_to_xy(self.tokens[rows])
 
     def __iter__(self):
         return self

@@ -43,6 +43,7 @@ from dataclasses import fields
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 import data
 from config import ConfigError, config_to_dict, format_config, load_config, save_config
@@ -257,6 +258,43 @@ def _load_weights(model, sd, where):
     if unexpected or [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]:
         raise ConfigError(f"{where}: weights do not fit this model (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]}); it was saved by a model of another shape")
+
+
+def load_init_from(cfg, raw_model, optimizer, data_sha, rank, fsdp):
+    """Start a new run from cfg.init_from: a checkpoint of ours (its weights, and its AdamW
+    state when cfg.init_optimizer) or a Hugging Face folder (weights: AMBER's release)."""
+    path = cfg.init_from
+    if os.path.exists(os.path.join(path, "state.json")):
+        with open(os.path.join(path, "state.json")) as f:
+            check_resumable(json.load(f) | {"data_manifest_sha256": data_sha}, cfg, data_sha, path)
+        load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=cfg.init_optimizer)
+        return
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ConfigError(f"init_from={path!r} is neither a checkpoint of ours (state.json) nor a Hugging Face "
+                          "folder (config.json)")
+    from model import load_hf
+
+    sd = load_hf(path).state_dict()
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(raw_model, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        with torch.no_grad():
+            _load_weights(raw_model, sd, path)
+
+
+def reference_model(cfg, device):
+    """DPO's frozen reference: the starting checkpoint (cfg.init_from), in eval mode, no gradients."""
+    if not cfg.init_from:
+        raise ConfigError("objective='dpo' needs init_from: the checkpoint it starts from is its reference model")
+    if os.path.exists(os.path.join(cfg.init_from, "state.json")):
+        ref = load_model(cfg.init_from, device)
+    else:
+        from model import load_hf
+
+        ref = load_hf(cfg.init_from, device=device)
+    return ref.eval().requires_grad_(False)
 
 
 def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True):
@@ -536,9 +574,52 @@ def peak_memory_gb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
 
 
+# -----------------------------------------------------------------------------
+# the objectives: next-token loss, or DPO on pairs (finetune.py)
+
+DPO_STATS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "ref_preference")
+
+
+def sequence_logps(logits, targets):
+    """Per row, the sum of log p(target) over the counted targets (not -1): (B,)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return (picked * (targets != -1)).sum(-1)
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
+    """DPO (Rafailov et al. 2023): -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), mean
+    over pairs, from log-probabilities summed over each response; and its statistics (per
+    pair): the implicit rewards, their margin, whether it is positive, and whether the
+    reference already prefers the chosen response."""
+    chosen, rejected = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
+    margin = chosen - rejected
+    stats = {"reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": margin,
+             "reward_accuracy": (margin > 0).float(), "ref_preference": (ref_chosen > ref_rejected).float()}
+    return -F.logsigmoid(margin).mean(), {k: v.detach() for k, v in stats.items()}
+
+
+def objective(model, ref_model, x, y, cfg):
+    """(loss, {stat: per-row values}) of one micro-batch. "lm": the mean next-token loss over
+    counted targets. "dpo": each stored row is a pair, [chosen | rejected], each seq_len + 1
+    tokens with its prompt and padding uncounted; the frozen reference model (the starting
+    checkpoint) scores both without gradients, in the same forward shape."""
+    if cfg.objective == "lm":
+        _, loss = model(x, y)
+        return loss, {}
+    n, L = x.shape[0], cfg.seq_len
+    xs, ys = torch.cat([x[:, :L], x[:, L + 1 :]]), torch.cat([y[:, :L], y[:, L + 1 :]])  # chosen rows, then rejected
+    policy = sequence_logps(model(xs)[0], ys)
+    with torch.no_grad():
+        ref = sequence_logps(ref_model(xs)[0], ys)
+    return dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg.dpo_beta)
+
+
 @torch.no_grad()
-def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, autocast):
-    """Mean loss over the first val_sequences sequences of the held-out split, split over ranks."""
+def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, autocast, ref_model=None):
+    """{"val_loss": mean loss (the counted tokens' mean for "lm", the pairs' for "dpo"), and for
+    "dpo" the mean of each statistic as "val_<stat>"} over the first val_sequences rows of
+    the held-out split, split over ranks; None without one."""
     if not manifest.get("val") or manifest["val"]["sequences"] == 0:
         return None
     tokens, _ = data.open_split(data_dir, manifest["val"], verify=False)
@@ -547,16 +628,21 @@ def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, au
     if n == 0:
         return None
     rows = np.arange(n)[rank::world_size]
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    names = DPO_STATS if cfg.objective == "dpo" else ()
+    total = torch.zeros(2 + len(names), dtype=torch.float64, device=device)  # loss sum, count, stat sums
     model.eval()
     for i in range(0, len(rows), cfg.micro_batch_size):
-        seqs = torch.from_numpy(tokens[rows[i : i + cfg.micro_batch_size]].astype(np.int64)).to(device)
+        x, y = (t.to(device) for t in data.rows_to_xy(tokens[rows[i : i + cfg.micro_batch_size]]))
         with autocast:
-            _, loss = model(seqs[:, :-1], seqs[:, 1:])
-        total += torch.tensor([loss.item() * seqs[:, 1:].numel(), seqs[:, 1:].numel()], device=device)
+            loss, stats = objective(model, ref_model, x, y, cfg)
+        counted = int((y != -1).sum()) if cfg.objective == "lm" else len(x)  # tokens, or pairs
+        total += torch.tensor([loss.item() * counted, counted] + [stats[k].sum().item() for k in names],
+                              dtype=torch.float64, device=device)
     model.train()
     all_reduce_sum(total, world_size)
-    return (total[0] / total[1]).item()
+    pairs = n if names else 1
+    return {"val_loss": (total[0] / total[1]).item()} | {f"val_{k}": (total[2 + i] / pairs).item()
+                                                         for i, k in enumerate(names)}
 
 
 # -----------------------------------------------------------------------------
@@ -720,6 +806,11 @@ def _run(cfg, rank, world_size, device):
             block.compile()
     groups = raw_model.param_groups(cfg.weight_decay)
     optimizer = make_optimizer(groups, cfg, device)
+    ref_model = None
+    if cfg.objective == "dpo":
+        if fsdp:
+            raise ConfigError("objective='dpo' runs on one process or DDP; FSDP2 would need the reference sharded too")
+        ref_model = reference_model(cfg, device)
     params = [p for g in groups for p in g["params"]]
 
     # the state of the run: where in the schedule, and what happened
@@ -735,12 +826,13 @@ def _run(cfg, rank, world_size, device):
         print0(f"resuming from {resume}: step {state['step']}, schedule position {state['pos']}", rank=rank)
     else:
         if cfg.init_from:
-            if not os.path.exists(os.path.join(cfg.init_from, "state.json")):
-                raise ConfigError(f"init_from={cfg.init_from!r} is not a checkpoint folder (no state.json)")
-            with open(os.path.join(cfg.init_from, "state.json")) as f:
-                check_resumable(json.load(f) | {"data_manifest_sha256": data_sha}, cfg, data_sha, cfg.init_from)
-            load_checkpoint(cfg.init_from, raw_model, optimizer, rank, fsdp)
-            log.event("init_from", checkpoint=os.path.abspath(cfg.init_from))
+            load_init_from(cfg, raw_model, optimizer, data_sha, rank, fsdp)
+            log.event("init_from", checkpoint=os.path.abspath(cfg.init_from), optimizer=cfg.init_optimizer)
+            first_dir, first_manifest, _ = table[state["schedule"][0]]
+            vals = validation_loss(model, first_dir, first_manifest, cfg, rank, world_size, device, autocast,
+                                   ref_model)  # where fine-tuning starts from
+            if vals:
+                log.metric({"step": 0, "pos": 0, "chunk": state["schedule"][0], "tokens": 0, **vals})
         if rank == 0:
             save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
             with open(os.path.join(cfg.out_dir, "run.json"), "w") as f:
@@ -778,6 +870,7 @@ def _run(cfg, rank, world_size, device):
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]
             loss_sum = torch.zeros((), device=device)
+            stat_sums = torch.zeros(len(DPO_STATS) if cfg.objective == "dpo" else 0, device=device)
             for micro in range(accum):
                 x, y = next(reader)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -786,11 +879,13 @@ def _run(cfg, rank, world_size, device):
                     model.set_requires_gradient_sync(last)
                 sync = model.no_sync() if (world_size > 1 and not fsdp and not last) else nullcontext()
                 with sync, autocast:
-                    _, loss = model(x, y)
+                    loss, stats = objective(model, ref_model, x, y, cfg)
                     if chunk in cfg.nan_test_chunks:
                         loss = loss * float("nan")  # tests: this chunk diverges wherever it is placed
                     (loss / accum).backward()
                 loss_sum += loss.detach()
+                if stats:
+                    stat_sums += torch.stack([stats[k].mean() for k in DPO_STATS])
             # the true global gradient norm (DTensor-aware under FSDP), clipped when grad_clip > 0
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             loss_avg = (all_reduce_sum(loss_sum, world_size) / (accum * world_size)).item()
@@ -813,9 +908,12 @@ def _run(cfg, rank, world_size, device):
                       "tok_per_s_device": tokens_per_step / dt / world_size,
                       "mfu": tokens_per_step / dt / world_size * flops_per_token / peak,
                       "peak_mem_gb": peak_memory_gb(device)}
+            if len(stat_sums):
+                stat_avg = all_reduce_sum(stat_sums, world_size) / (accum * world_size)
+                record.update({k: v.item() for k, v in zip(DPO_STATS, stat_avg)})
             if cfg.val_interval and state["step"] % cfg.val_interval == 0:
-                record["val_loss"] = validation_loss(model, data_dir, manifest, cfg, rank, world_size, device,
-                                                     autocast)
+                record.update(validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, autocast,
+                                              ref_model) or {})
             log.metric(record)
             bar.update(1)
             if rank == 0:
@@ -874,9 +972,10 @@ def _run(cfg, rank, world_size, device):
             return state
 
         # the chunk is done: validation loss, then the checkpoint of this schedule position
-        val = validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, autocast)
-        if val is not None:
-            log.metric({"step": state["step"], "pos": pos, "chunk": chunk, "tokens": state["tokens"], "val_loss": val})
+        vals = validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, autocast, ref_model)
+        val = vals["val_loss"] if vals else None
+        if vals:
+            log.metric({"step": state["step"], "pos": pos, "chunk": chunk, "tokens": state["tokens"], **vals})
         state["pos"], state["reader"] = pos + 1, None
         state["finished"] = state["pos"] >= len(state["schedule"])
         state["metrics_lines"] = log.metrics_lines()

@@ -279,9 +279,10 @@ def test_activation_checkpointing_changes_nothing_but_memory(corpus, short_refer
 
 def test_init_from_starts_a_new_run_from_another_runs_checkpoint(corpus, reference):
     train(corpus, "continued", max_steps=3, init_from=str(reference / "ckpt_000"))
-    first = metrics(corpus / "continued")[0]
+    start, first = metrics(corpus / "continued")[:2]
     fresh = metrics(reference)[0]
     assert first["step"] == 1 and first["loss"] < fresh["loss"] - 1.0  # starts from trained weights
+    assert start["step"] == 0 and start["val_loss"] < fresh["loss"] - 1.0  # validated before the first step
     assert any(e["event"] == "init_from" for e in ledger(corpus / "continued"))
     proc = train(corpus, "continued_bad", expect_ok=False, init_from=str(reference / "ckpt_000"), n_layer=3)
     assert "another model shape" in proc.stderr
