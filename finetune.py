@@ -1,0 +1,338 @@
+"""
+Post-training a checkpoint, as the paper released AmberChat (SFT) and AmberSafe (DPO).
+
+    python finetune.py configs/chat_tiny.py       SFT of the main job's last checkpoint
+    python finetune.py configs/safe_tiny.py       DPO of that SFT model
+    python finetune.py configs/amberchat.py       the paper's recipes, from AMBER's release
+    python finetune.py configs/ambersafe.py
+
+This file only turns conversations or preference pairs into a data dir, and then hands
+the run to train.py: one process, DDP (and FSDP2 for SFT), checkpoints with AdamW
+state, exact resume, metrics, the NaN policy, all as in pre-training. What is different:
+
+  - the model's shape and tokenizer come from `init_from` (a checkpoint of ours or a
+    Hugging Face folder such as AMBER's), whose weights start the run with a fresh AdamW
+    (init_optimizer = False);
+  - SFT renders each conversation with FastChat's Vicuna v1.1 template, the one
+    AmberChat was trained with, and counts the loss on the assistant's tokens only
+    (its replies and the EOS closing each); the rest is stored as -(id + 1), which
+    data.rows_to_xy feeds as input with no target. One conversation a row, padded:
+    packing would let a reply attend to another conversation. A conversation longer
+    than seq_len + 1 keeps its first whole turns, never half of one;
+  - DPO (objective = "dpo") stores each pair as one row, [chosen | rejected], the prompt
+    uncounted; the reference is the starting checkpoint, frozen (train.objective);
+  - each epoch is one chunk (the same rows, shuffled by (seed, epoch)), so each ends in
+    a checkpoint, and the held-out examples are the validation split, scored before
+    the first step too.
+
+Data (finetune_data): ShareGPT / WizardLM JSON (`conversations: [{from, value}]`),
+Alpaca (`instruction`, `input`, `output`), pairs `{prompt, chosen, rejected}`, SafeRLHF
+(`prompt`, `response_0`, `response_1`, `safer_response_id`) and Anthropic HH (`chosen`,
+`rejected` dialogues), from .json, .jsonl or .parquet; or "builtin:stdlib": made offline
+from the standard library (see builtin_examples).
+"""
+
+import ast
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import sysconfig
+from dataclasses import replace
+
+import numpy as np
+
+import data
+from config import ConfigError, load_config, write_json_atomic
+from model import model_config_from_hf
+
+VICUNA_ROLES = ("USER", "ASSISTANT")
+ROLE_OF = {"human": 0, "user": 0, "gpt": 1, "assistant": 1, "chatgpt": 1, "bing": 1, "bard": 1}
+
+
+class FinetuneError(ValueError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# the template and the loss mask
+
+
+def vicuna_text(system, turns):
+    """The conversation as FastChat's vicuna_v1.1 renders it: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."."""
+    out = system + " "
+    for q, a in turns:
+        out += f"{VICUNA_ROLES[0]}: {q} {VICUNA_ROLES[1]}: {a}</s>"
+    return out
+
+
+def sft_row(tok, system, turns, length):
+    """(ids, counted) of one conversation in a row of at most `length` tokens: EOS (the start
+    of a document, uncounted), then per turn the prompt part (uncounted) and the reply with
+    its EOS (counted). Each part is tokenized on its own; SentencePiece's leading "▁" stands
+    for the space before each part. Turns that do not fit whole are left out, with all
+    after them; None if not even the first fits."""
+    ids, counted = [tok.eos_id], [False]
+    for i, (q, a) in enumerate(turns):
+        prompt = (f"{system} " if i == 0 else "") + f"{VICUNA_ROLES[0]}: {q} {VICUNA_ROLES[1]}:"
+        p, r = tok.encode(prompt), tok.encode(a) + [tok.eos_id]
+        if len(ids) + len(p) + len(r) > length:
+            break
+        ids += p + r
+        counted += [False] * len(p) + [True] * len(r)
+    return (ids, counted) if len(ids) > 1 else None
+
+
+def pair_rows(tok, system, prompt, chosen, rejected, length):
+    """(ids, counted) of the chosen and of the rejected response after the same prompt,
+    each a row of at most `length` tokens; None if either does not fit."""
+    p = [tok.eos_id] + tok.encode(f"{system} {VICUNA_ROLES[0]}: {prompt} {VICUNA_ROLES[1]}:")
+    out = []
+    for response in (chosen, rejected):
+        r = tok.encode(response) + [tok.eos_id]
+        if len(p) + len(r) > length:
+            return None
+        out.append((p + r, [False] * len(p) + [True] * len(r)))
+    return out
+
+
+def encode_row(ids, counted, length, pad_id):
+    """Signed int32 row of `length`: counted tokens as ids, the others as -(id + 1), padding after."""
+    row = np.full(length, -(pad_id + 1), dtype=np.int32)
+    ids = np.asarray(ids, dtype=np.int32)
+    row[: len(ids)] = np.where(counted, ids, -(ids + 1))
+    return row
+
+
+# -----------------------------------------------------------------------------
+# reading conversations and pairs
+
+
+def read_records(path):
+    if path.endswith(".parquet"):
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_table(path).to_pylist()
+    with open(path) as f:
+        if path.endswith(".json"):
+            rows = json.load(f)
+            return rows if isinstance(rows, list) else [rows]
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def conversation(rec, where):
+    """[(user, assistant)] of a ShareGPT / WizardLM or Alpaca record."""
+    if "conversations" in rec:
+        msgs = [m for m in rec["conversations"] if m.get("from") != "system"]
+        roles = [ROLE_OF.get(str(m.get("from")).lower()) for m in msgs]
+        if None in roles:
+            raise FinetuneError(f"{where}: unknown speaker {msgs[roles.index(None)].get('from')!r} (known: "
+                                f"{', '.join(ROLE_OF)})")
+        if msgs and roles[0] == 1:
+            msgs, roles = msgs[1:], roles[1:]  # FastChat skips a conversation's leading assistant message
+        if any(r != i % 2 for i, r in enumerate(roles)):
+            raise FinetuneError(f"{where}: turns must alternate user, assistant")
+        return [(msgs[i]["value"], msgs[i + 1]["value"]) for i in range(0, len(msgs) - 1, 2)]
+    if "instruction" in rec and "output" in rec:
+        q = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
+        return [(q, rec["output"])]
+    raise FinetuneError(f"{where}: neither ShareGPT (conversations) nor Alpaca (instruction, output)")
+
+
+def preference(rec, where):
+    """(prompt, chosen, rejected) of a pair record: plain, SafeRLHF or Anthropic HH."""
+    if {"prompt", "chosen", "rejected"} <= set(rec):
+        return rec["prompt"], rec["chosen"], rec["rejected"]
+    if {"prompt", "response_0", "response_1"} <= set(rec):
+        better = rec.get("safer_response_id", rec.get("better_response_id"))
+        if better not in (0, 1):
+            raise FinetuneError(f"{where}: SafeRLHF pair without safer_response_id / better_response_id")
+        return rec["prompt"], rec[f"response_{better}"], rec[f"response_{1 - better}"]
+    if {"chosen", "rejected"} <= set(rec):  # HH: two dialogues that differ in the last assistant turn
+        cut = rec["chosen"].rfind("\n\nAssistant:")
+        if cut < 0 or not rec["rejected"].startswith(rec["chosen"][:cut + 12]):
+            raise FinetuneError(f"{where}: HH pair whose dialogues do not share the turns before the last reply")
+        prompt = rec["chosen"][:cut].replace("\n\nHuman: ", "\n").replace("\n\nAssistant: ", "\n").strip()
+        return prompt, rec["chosen"][cut + 12 :].strip(), rec["rejected"][cut + 12 :].strip()
+    raise FinetuneError(f"{where}: not a preference pair (prompt, chosen, rejected; SafeRLHF; or HH)")
+
+
+# -----------------------------------------------------------------------------
+# the laptop default: made from the standard library, offline
+
+
+def builtin_examples(seed, limit=3000):
+    """SFT conversations and DPO pairs from what Python installs. SFT: "Write a function
+    `name(args)` that ..." (its docstring's first paragraph) answered by the function's
+    source, and questions on the pydoc topics answered by their first paragraph. DPO: the
+    same instructions, chosen = the true function, rejected = another function's body
+    under this one's signature, or the true one with each `return` made `return None`."""
+    import pydoc_data.topics
+
+    root = sysconfig.get_paths()["stdlib"]
+    funcs = []
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py") or name.startswith("_"):
+            continue
+        with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
+            source = f.read()
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:
+            continue
+        for node in tree.body:
+            doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
+            if not doc or node.name.startswith("_") or not 3 <= node.end_lineno - node.lineno <= 25:
+                continue
+            code = ast.get_source_segment(source, node)
+            if code and "return" in code:
+                args = ast.unparse(node.args)
+                funcs.append((f"{name[:-3]}.{node.name}", f"{node.name}({args})", doc.split("\n\n")[0], code))
+    random.Random(seed).shuffle(funcs)
+    funcs = funcs[:limit]
+    sft = [[(f"Write a Python function `{sig}` that does this: {doc}", code)] for _, sig, doc, code in funcs]
+    topics = pydoc_data.topics.topics
+    sft += [[(f"What does the Python documentation say about {t.replace('-', ' ')}?",
+              topics[t].strip().split("\n\n")[0][:800])] for t in sorted(topics)]
+    pairs = []
+    for i, (_, sig, doc, code) in enumerate(funcs):
+        header, body = code.split("\n", 1) if "\n" in code else (code, "")
+        if i % 2:
+            other = funcs[(i + 1) % len(funcs)][3]
+            wrong = header + "\n" + (other.split("\n", 1)[1] if "\n" in other else "    return None")
+        else:
+            wrong = "\n".join(line.split("return")[0] + "return None" if line.strip().startswith("return ") else line
+                              for line in code.split("\n"))
+        if wrong != code:
+            pairs.append((f"Write a Python function `{sig}` that does this: {doc}", code, wrong))
+    return sft, pairs
+
+
+# -----------------------------------------------------------------------------
+# the data dir
+
+
+def base_of(init_from):
+    """(ModelConfig, Tokenizer) of the checkpoint fine-tuning starts from."""
+    if os.path.exists(os.path.join(init_from, "state.json")):
+        from config import config_from_dict
+        from train import chunk_table, stage_dirs
+
+        with open(os.path.join(init_from, "state.json")) as f:
+            state = json.load(f)
+        dirs = stage_dirs(state["config"])
+        data_dir = chunk_table(dirs)[state["schedule"][max(0, state["pos"] - 1)]][0] if len(dirs) > 1 else dirs[0]
+        return config_from_dict(state["config"]).model, data.load_tokenizer(data_dir)
+    if os.path.exists(os.path.join(init_from, "config.json")):
+        tok_file = os.path.join(init_from, "tokenizer.model")
+        if not os.path.exists(tok_file):
+            raise FinetuneError(f"{init_from}: no tokenizer.model (SentencePiece) beside the weights")
+        with open(os.path.join(init_from, "config.json")) as f:
+            cfg = model_config_from_hf(json.load(f))
+        with open(tok_file, "rb") as f:
+            return cfg, data.Tokenizer("sentencepiece", f.read())
+    raise FinetuneError(f"init_from={init_from!r} is neither a checkpoint of ours (state.json) nor a Hugging Face "
+                        "folder (config.json); fine-tuning starts from one")
+
+
+def prepare(cfg, tok, val_fraction=0.05):
+    """Write cfg.data_dir: the fine-tuning rows (train and held-out) and a manifest that train.py
+    reads like any other, with one chunk per epoch. Nothing to do when it holds this data
+    already; another data dir's contents are refused."""
+    L = cfg.seq_len + 1
+    what = {"objective": cfg.objective, "finetune_data": cfg.finetune_data, "seq_len": cfg.seq_len, "seed": cfg.seed,
+            "epochs": cfg.epochs, "system_prompt": cfg.system_prompt, "tokenizer_sha256":
+            hashlib.sha256(tok.blob).hexdigest(), "val_fraction": val_fraction}
+    if cfg.finetune_data and not cfg.finetune_data.startswith("builtin:"):
+        what["data_sha256"] = data.sha256_file(cfg.finetune_data)
+    path = os.path.join(cfg.data_dir, "manifest.json")
+    if os.path.exists(path):
+        if data.load_manifest(cfg.data_dir).get("config") == what:
+            return
+        raise FinetuneError(f"{cfg.data_dir} holds other data than this config makes; remove it or set another data_dir")
+    if cfg.finetune_data == "builtin:stdlib":
+        sft, pairs = builtin_examples(cfg.seed)
+        examples = pairs if cfg.objective == "dpo" else sft
+    elif cfg.finetune_data.startswith("builtin:") or not cfg.finetune_data:
+        raise FinetuneError(f"finetune_data={cfg.finetune_data!r}: give a file, or 'builtin:stdlib'")
+    else:
+        read = preference if cfg.objective == "dpo" else conversation
+        examples = [read(r, f"{cfg.finetune_data} record {i}") for i, r in enumerate(read_records(cfg.finetune_data))]
+    rows, dropped = [], 0
+    for ex in examples:
+        if cfg.objective == "dpo":
+            pair = pair_rows(tok, cfg.system_prompt, *ex, L)
+            row = None if pair is None else np.concatenate([encode_row(*p, L, tok.eos_id) for p in pair])
+        else:
+            one = sft_row(tok, cfg.system_prompt, ex, L)
+            row = None if one is None else encode_row(*one, L, tok.eos_id)
+        if row is None:
+            dropped += 1
+        else:
+            rows.append(row)
+    if not rows:
+        raise FinetuneError(f"no example fits seq_len={cfg.seq_len}: raise seq_len")
+    order = np.random.default_rng(cfg.seed).permutation(len(rows))
+    n_val = max(1, int(len(rows) * val_fraction))
+    tmp = cfg.data_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    entries = {}
+    for split, idx in (("train", order[n_val:]), ("val", order[:n_val])):
+        arr = np.stack([rows[i] for i in sorted(idx)])
+        sha = data._write_npy(os.path.join(tmp, f"{split}.npy"), arr)
+        src_sha = data._write_npy(os.path.join(tmp, f"{split}.src.npy"), np.zeros(len(arr), dtype=np.uint8))
+        counted = int((arr[:, 1:] >= 0).sum())
+        entries[split] = {"file": f"{split}.npy", "sha256": sha, "sources_file": f"{split}.src.npy",
+                          "sources_sha256": src_sha, "sequences": len(arr), "tokens_per_source": {"finetune": counted}}
+    with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+        f.write(tok.blob)
+    train_n = entries["train"]["sequences"]
+    manifest = {
+        "format": data.MANIFEST_FORMAT, "version": data.MANIFEST_VERSION, "config": what,
+        "tokenizer": {"kind": "sentencepiece", "file": "tokenizer.model", "sha256": what["tokenizer_sha256"],
+                      "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+        "seed": cfg.seed, "seq_len": cfg.seq_len, "dtype": "int32",
+        "row": "chosen | rejected, seq_len + 1 tokens each" if cfg.objective == "dpo" else "one conversation",
+        "sources": [{"name": "finetune", "id": 0, "origin": cfg.finetune_data, "license": "see the data's own",
+                     "format": cfg.objective, "weight": cfg.epochs, "documents": len(examples),
+                     "dropped_too_long": dropped, "train_sequences": train_n,
+                     "train_tokens": entries["train"]["tokens_per_source"]["finetune"]}],
+        "chunks": [entries["train"]] * cfg.epochs,  # one chunk per epoch, each shuffled by (seed, epoch)
+        "val": entries["val"],
+        "totals": {"train_sequences": train_n * cfg.epochs, "train_tokens": entries["train"]["tokens_per_source"]
+                   ["finetune"] * cfg.epochs, "val_sequences": entries["val"]["sequences"], "chunks": cfg.epochs},
+    }
+    write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
+    shutil.rmtree(cfg.data_dir, ignore_errors=True)
+    os.replace(tmp, cfg.data_dir)
+    print(f"{cfg.data_dir}: {train_n} training and {n_val} held-out {'pairs' if cfg.objective == 'dpo' else 'conversations'}"
+          f" ({dropped} longer than seq_len {cfg.seq_len} left out)")
+
+
+def finetune_config(argv):
+    """The config file's run, with the model shape of its init_from checkpoint."""
+    cfg = load_config(argv)
+    if not cfg.init_from:
+        raise FinetuneError("finetune.py needs init_from: the checkpoint to fine-tune (ours or a Hugging Face folder)")
+    model_cfg, tok = base_of(cfg.init_from)
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise FinetuneError(f"seq_len={cfg.seq_len} is longer than the model's max_seq_len={model_cfg.max_seq_len}")
+    return replace(cfg, model=model_cfg, n_chunks=cfg.epochs), tok
+
+
+def main(argv):
+    try:
+        cfg, tok = finetune_config(argv)
+        prepare(cfg, tok)
+        import train
+
+        train.main(cfg)
+    except (FinetuneError, ConfigError, data.DataError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
