@@ -182,14 +182,18 @@ def builtin_examples(seed, limit=3000):
             tree = ast.parse(source)
         except SyntaxError:
             continue
-        for node in tree.body:
+        for node in ast.walk(tree):  # functions and methods
             doc = ast.get_docstring(node) if isinstance(node, ast.FunctionDef) else None
-            if not doc or node.name.startswith("_") or not 3 <= node.end_lineno - node.lineno <= 25:
+            if not doc or node.name.startswith("_") or not 3 <= node.end_lineno - node.lineno <= 14:
                 continue
             code = ast.get_source_segment(source, node)
+            if code and node.col_offset:  # a method: its lines lose the class body's indent
+                pad = node.col_offset
+                code = "\n".join([code.split("\n")[0]] + [line[pad:] if not line[:pad].strip() else line
+                                                          for line in code.split("\n")[1:]])
             if code and "return" in code:
                 args = ast.unparse(node.args)
-                funcs.append((f"{name[:-3]}.{node.name}", f"{node.name}({args})", doc.split("\n\n")[0], code))
+                funcs.append((f"{name[:-3]}.{node.name}", f"{node.name}({args})", doc.split("\n\n")[0][:300], code))
     random.Random(seed).shuffle(funcs)
     funcs = funcs[:limit]
     sft = [[(f"Write a Python function `{sig}` that does this: {doc}", code)] for _, sig, doc, code in funcs]
@@ -237,7 +241,7 @@ def base_of(init_from):
                         "folder (config.json); fine-tuning starts from one")
 
 
-def prepare(cfg, tok, val_fraction=0.05):
+def prepare(cfg, tok, val_fraction=0.1):
     """Write cfg.data_dir: the fine-tuning rows (train and held-out) and a manifest that train.py
     reads like any other, with one chunk per epoch. Nothing to do when it holds this data
     already; another data dir's contents are refused."""

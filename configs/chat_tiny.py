@@ -11,7 +11,7 @@ finetune_data = "builtin:stdlib"
 data_dir = "data/chat_tiny"
 out_dir = "runs/chat_tiny"
 seq_len = 256
-epochs = 2  # AmberChat: 3 on WizardLM's 196k conversations
+epochs = 3  # as AmberChat (on WizardLM's 196k conversations)
 
 global_batch_size = 16
 micro_batch_size = 8

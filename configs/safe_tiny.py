@@ -4,7 +4,7 @@
 # body under its signature (or the true one with `return None`) rejected. The reference is
 # the starting checkpoint, frozen.
 
-init_from = "runs/chat_tiny/ckpt_001"  # the SFT model (its last epoch)
+init_from = "runs/chat_tiny/ckpt_002"  # the SFT model (its last epoch)
 init_optimizer = False
 objective = "dpo"
 dpo_beta = 0.1  # AmberSafe's
