@@ -808,14 +808,20 @@ def export(ckpt_dir, out_dir, max_shard_bytes=5 * 2**30):
 
 
 def sample_text(ckpt_dir, prompt, max_new_tokens=200, temperature=0.8, top_k=200, seed=1337, device="cpu",
-                out=None):
+                out=None, chat=False):
     """Print what a checkpoint writes after `prompt`, token by token as it comes (to `out`,
     default stdout), until EOS or max_new_tokens; return the text. The prompt follows EOS
-    (the start of a document, as in training; a Hugging Face folder's BOS if it has one)."""
+    (the start of a document, as in training; a Hugging Face folder's BOS if it has one).
+    chat=True wraps it in the Vicuna v1.1 template that finetune.py trains with."""
     import sys
 
     from evaluate import load_for_eval
 
+    if chat:
+        from config import Config
+        from finetune import VICUNA_ROLES
+
+        prompt = f"{Config().system_prompt} {VICUNA_ROLES[0]}: {prompt} {VICUNA_ROLES[1]}:"
     out = sys.stdout if out is None else out
     model, tok, _ = load_for_eval(ckpt_dir, device)
     if max_new_tokens >= model.config.max_seq_len:
@@ -868,7 +874,7 @@ if __name__ == "__main__":
     usage = ("usage: python model.py CONFIG [--key=value ...]            summary of the config's model\n"
              "       python model.py export CKPT_DIR OUT_DIR             a Hugging Face folder, with its tokenizer\n"
              "       python model.py sample CKPT_DIR --prompt=TEXT [--max_new_tokens=200 --temperature=0.8 "
-             "--top_k=200 --seed=1337 --device=cpu]")
+             "--top_k=200 --seed=1337 --device=cpu --chat=True]")
     args = sys.argv[1:]
     try:
         if args[:1] == ["export"]:
@@ -881,7 +887,7 @@ if __name__ == "__main__":
                 sys.exit(usage)
             opts = dict(a[2:].split("=", 1) for a in args[2:] if a.startswith("--") and "=" in a)
             types = {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "seed": int,
-                     "device": str}
+                     "device": str, "chat": lambda v: v == "True"}
             bad = sorted(set(opts) - set(types)) + [a for a in args[2:] if not (a.startswith("--") and "=" in a)]
             if bad:
                 sys.exit(f"error: unknown option {bad[0]!r}\n{usage}")
