@@ -7,7 +7,7 @@ Post-training a checkpoint, as the paper released AmberChat (SFT) and AmberSafe 
     python finetune.py configs/ambersafe.py
 
 This file only turns conversations or preference pairs into a data dir, and then hands
-the run to train.py: one process, DDP (and FSDP2 for SFT), checkpoints with AdamW
+the run to train.py: one process, DDP or FSDP2, checkpoints with AdamW
 state, exact resume, metrics, the NaN policy, all as in pre-training. What is different:
 
   - the model's shape and tokenizer come from `init_from` (a checkpoint of ours or a

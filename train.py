@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
@@ -284,17 +284,15 @@ def load_init_from(cfg, raw_model, optimizer, data_sha, rank, fsdp):
             _load_weights(raw_model, sd, path)
 
 
-def reference_model(cfg, device):
-    """DPO's frozen reference: the starting checkpoint (cfg.init_from), in eval mode, no gradients."""
-    if not cfg.init_from:
-        raise ConfigError("objective='dpo' needs init_from: the checkpoint it starts from is its reference model")
-    if os.path.exists(os.path.join(cfg.init_from, "state.json")):
-        ref = load_model(cfg.init_from, device)
-    else:
-        from model import load_hf
+def shard(model, dtype):
+    """FSDP2 on every block, then on the whole model; parameters in `dtype` for compute,
+    gradients reduced in float32, master weights float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        ref = load_hf(cfg.init_from, device=device)
-    return ref.eval().requires_grad_(False)
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
 
 
 def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True):
@@ -781,12 +779,7 @@ def _run(cfg, rank, world_size, device):
     with torch.device("meta"):
         raw_model = Transformer(cfg.model)
     if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)  # master weights stay fp32
-        for block in raw_model.layers:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(raw_model, mp_policy=mp)
+        shard(raw_model, dtype)
     raw_model.to_empty(device=device)
     raw_model.init_weights(cfg.seed)
     if cfg.activation_checkpointing:
@@ -807,10 +800,17 @@ def _run(cfg, rank, world_size, device):
     groups = raw_model.param_groups(cfg.weight_decay)
     optimizer = make_optimizer(groups, cfg, device)
     ref_model = None
-    if cfg.objective == "dpo":
+    if cfg.objective == "dpo":  # the frozen reference: the starting checkpoint, sharded alike under FSDP
+        if not cfg.init_from:
+            raise ConfigError("objective='dpo' needs init_from: the checkpoint it starts from is its reference model")
+        with torch.device("meta"):
+            ref_model = Transformer(cfg.model)
         if fsdp:
-            raise ConfigError("objective='dpo' runs on one process or DDP; FSDP2 would need the reference sharded too")
-        ref_model = reference_model(cfg, device)
+            shard(ref_model, dtype)
+        ref_model.to_empty(device=device)
+        ref_model.init_weights(cfg.seed)  # re-ties tied embeddings; the weights are replaced next
+        load_init_from(replace(cfg, init_optimizer=False), ref_model, None, data_sha, rank, fsdp)
+        ref_model.eval().requires_grad_(False)
     params = [p for g in groups for p in g["params"]]
 
     # the state of the run: where in the schedule, and what happened

@@ -15,7 +15,7 @@ data_dir = "data/ambersafe"
 out_dir = "runs/ambersafe"
 seq_len = 1024  # prompt + response, each of the pair
 epochs = 1
-parallel = "ddp"  # DPO runs on one process or DDP (its reference is not sharded)
+parallel = "fsdp"  # the policy and its frozen reference, both sharded
 
 # 8 GPUs x micro-batch 2 x gradient accumulation 4 = 64 pairs per step
 global_batch_size = 64

@@ -140,3 +140,32 @@ def test_sft_then_dpo_do_what_they_are_for(base):
     assert start["val_loss"] == pytest.approx(math.log(2), abs=1e-6) and start["val_reward_margin"] == 0.0
     assert end["val_reward_accuracy"] > max(0.5, end["val_ref_preference"])
     assert {"reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"} <= set(dpo[1])
+
+
+@pytest.mark.slow
+def test_dpo_under_fsdp2_matches_one_process(base):
+    """DPO on 2 ranks with FSDP2, the reference sharded like the policy: the same losses and
+    rewards, step by step, as one process."""
+    names = ["alpha", "beta", "gamma", "delta", "red", "blue", "cat", "dog"]
+    pairs = [{"prompt": f"is {a} {b} a {kind}?", "chosen": f"no, {a} {b} is not a {kind}.",
+              "rejected": f"yes, {a} {b} is a {kind}."} for a in names for b in names for kind in ("pair", "word")]
+    (base / "pairs_fsdp.jsonl").write_text("\n".join(json.dumps(r) for r in pairs))
+    common = dict(init_from=str(base / "run" / "ckpt_001"), finetune_data=str(base / "pairs_fsdp.jsonl"),
+                  objective="dpo", epochs=1, lr=1e-3, min_lr=1e-4, max_steps=2)
+    one = finetune_run(base, "dpo_one", **common)
+    cfg = write_config(base / "dpo_fsdp.py", dict(data_dir=str(base / "data_dpo_one"), out_dir=str(base / "dpo_fsdp"),
+                                                  seq_len=64, global_batch_size=8, micro_batch_size=4, warmup_steps=2,
+                                                  weight_decay=0.0, dtype="float32", init_optimizer=False,
+                                                  system_prompt="A chat.", parallel="fsdp", **common))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(29300 + os.getpid() % 200), os.path.join(ROOT, "finetune.py"), cfg], env=env,
+                          capture_output=True, text=True, cwd=base)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = [json.loads(line) for line in (base / "dpo_fsdp" / "metrics.jsonl").read_text().splitlines()]
+    keys = ("val_loss", "val_reward_margin", "loss", "reward_margin", "reward_accuracy")
+    for a, b in zip(one, two):
+        for k in keys:
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    assert len(one) == len(two) == 3 and "val_reward_margin" in one[0] and "reward_margin" in one[2]
