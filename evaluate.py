@@ -20,6 +20,7 @@ With lm_eval installed, `import evaluate; evaluate.register_lm_eval()` registers
 model "llm360" (model_args="checkpoint=PATH"), to run any harness task.
 """
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -351,30 +352,134 @@ shutil.rmtree = shutil.move = None
 subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = None
 """
 
+# the child's entry point: it takes a token from stdin before the sample exists, runs the
+# sample and its tests, and prints the token only if they ran to their end
+_RUNNER = """
+import sys
 
-def run_sandboxed(program, timeout=10.0, memory_mb=512):
-    """Run Python source in a separate process: its own temporary folder, an empty
-    environment, limits on CPU time, memory, file size and processes, and a guard that
-    disables process and file-removal calls. Returns "passed", "failed" or "timeout"."""
+
+def main():
+    token = sys.stdin.readline().strip()
+    sys.stdin.close()
+    with open("sample.py") as f:
+        source = f.read()
+    try:
+        exec(compile(source, "sample.py", "exec"), {"__name__": "__main__"})
+    except BaseException:  # an assert, an error, or an exit before the tests' end
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        import os
+
+        os._exit(1)
+    sys.stdout.write("\\n" + token + "\\n")
+    sys.stdout.flush()
+
+
+main()
+"""
+
+# inside the new namespaces: the sample's folder stays writable, the project and home
+# folders are hidden, every other mount becomes read-only, then Python starts
+_ISOLATE = r"""
+dir="$1"; shift
+mount --bind "$dir" "$dir" || exit 97
+i=0
+for keep in $KEEP; do  # the Python installation, when it lives inside a hidden folder
+  mkdir "$dir/.keep$i" && mount --bind "$keep" "$dir/.keep$i" || exit 97; i=$((i + 1))
+done
+for hide in "$@"; do mount -t tmpfs -o size=64k tmpfs "$hide" || exit 97; done
+i=0
+for keep in $KEEP; do
+  mkdir -p "$keep" 2>/dev/null; mount --bind "$dir/.keep$i" "$keep" || exit 97; umount "$dir/.keep$i"
+  rmdir "$dir/.keep$i"; i=$((i + 1))
+done
+while read -r _ _ _ _ mp _; do
+  case "$mp" in "$dir"|/proc|/proc/*|/dev|/dev/*|/sys|/sys/*) continue;; esac
+  mount -o remount,bind,ro "$mp" 2>/dev/null
+done < /proc/self/mountinfo
+cd "$dir" && exec "$PYTHON" -I -S runner.py
+"""
+_UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount", "--mount-proc"]
+_ISOLATION = {}
+
+
+def isolation():
+    """None if generated code can run in new user, PID, network and mount namespaces here
+    (unshare, unprivileged), else the reason it cannot."""
+    if "reason" not in _ISOLATION:
+        try:
+            proc = subprocess.run(_UNSHARE + ["sh", "-c", "mount -t tmpfs tmpfs /mnt && true"], capture_output=True,
+                                  text=True, timeout=20)
+            _ISOLATION["reason"] = None if proc.returncode == 0 else (proc.stderr.strip() or "unshare failed")
+        except (OSError, subprocess.SubprocessError) as e:
+            _ISOLATION["reason"] = str(e)
+    return _ISOLATION["reason"]
+
+
+def run_sandboxed(program, timeout=10.0, memory_mb=512, allow_unisolated=False, output_limit=10 * 2**20):
+    """Run generated Python `program` with its tests; "passed", "failed" or "timeout".
+
+    Where unshare works (unprivileged, as on our machines) the child runs in new user,
+    PID, network and mount namespaces: no network, its own /proc (the parent's
+    environment and processes out of sight), the project and home folders hidden, every
+    file system read-only but its temporary folder, and its whole process tree killed at
+    the timeout. Everywhere: an empty environment, limits on memory, CPU time and file
+    size (its output goes to a file, so 10 MB at most), and a guard that disables
+    process and file-removal calls. It passes only if the tests ran to their end: a
+    token that the child reads from stdin before the sample runs must be the last line
+    it prints, so an early exit (SystemExit(0), os._exit(0)) fails. Without isolation it
+    refuses unless allow_unisolated, the user's --allow_code_execution=True."""
     import resource
+    import secrets
+
+    reason = isolation()
+    if reason and not allow_unisolated:
+        raise EvalError("HumanEval / MBPP run generated code, and this machine cannot isolate it (unshare: "
+                        f"{reason}); rerun with --allow_code_execution=True to run it with resource limits and a "
+                        "guard only: no protection of the network, the file system or other processes")
 
     def limits():
-        os.setsid()
         resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2**20, memory_mb * 2**20))
         resource.setrlimit(resource.RLIMIT_CPU, (int(timeout) + 1, int(timeout) + 1))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (10 * 2**20, 10 * 2**20))
-        resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # not enforced for root; the guard covers it
+        resource.setrlimit(resource.RLIMIT_FSIZE, (output_limit, output_limit))
+        if reason:  # without a PID namespace; with one, unshare itself must fork
+            resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # not enforced for root; the guard covers it
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "sample.py")
-        with open(path, "w") as f:
+    token = secrets.token_hex(16)
+    with tempfile.TemporaryDirectory(dir="/tmp") as folder, tempfile.TemporaryFile() as out:
+        box = os.path.join(folder, "box")
+        os.mkdir(box)
+        with open(os.path.join(box, "sample.py"), "w") as f:
             f.write(_GUARD + "\n" + program)
+        with open(os.path.join(box, "runner.py"), "w") as f:
+            f.write(_RUNNER)
+        python = os.path.realpath(sys.executable)
+        env = {"PATH": "/usr/bin:/bin", "PYTHON": python}
+        if reason:
+            cmd = [python, "-I", "-S", "runner.py"]
+        else:  # hide the project and home folders; keep the Python installation visible in them
+            here = os.path.dirname(os.path.abspath(__file__))
+            hide = sorted(d for d in {here, os.path.expanduser("~"), "/root", "/home"}
+                          if os.path.isdir(d) and not box.startswith(d + os.sep) and " " not in d)
+            install = os.path.realpath(sys.base_prefix)
+            env["KEEP"] = " ".join(sorted({install} if any(install.startswith(d + os.sep) for d in hide) else set()))
+            cmd = _UNSHARE + ["sh", "-c", _ISOLATE, "sh", box] + hide
+        proc = subprocess.Popen(cmd, cwd=box, env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL,
+                                preexec_fn=limits, start_new_session=True)
         try:
-            proc = subprocess.run([sys.executable, "-I", path], cwd=folder, env={"PATH": "/usr/bin:/bin"},
-                                  capture_output=True, timeout=timeout, preexec_fn=limits)
+            proc.communicate((token + "\n").encode(), timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)  # unshare and the namespace's first process: the whole tree goes with it
+            proc.wait()
             return "timeout"
-    return "passed" if proc.returncode == 0 else "failed"
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+        out.seek(max(0, out.seek(0, 2) - 4096))
+        tail = out.read().decode(errors="replace").rstrip("\n").rsplit("\n", 1)[-1]
+    return "passed" if proc.returncode == 0 and tail == token else "failed"
 
 
 COMPILE_MIN_STEPS = 10_000  # generated tokens per checkpoint from which compile="auto" compiles decoding
@@ -390,7 +495,7 @@ def complete(model, tok, prompt, max_new_tokens, stop, compile=False):
     return text[:cut]
 
 
-def code_task(model, tok, task, docs, max_new_tokens=128, timeout=10.0, compile="auto"):
+def code_task(model, tok, task, docs, max_new_tokens=128, timeout=10.0, compile="auto", allow_code_execution=False):
     """pass@1 of HumanEval or MBPP rows; compile: True, False, or "auto" (compile the
     decoding step when the task generates COMPILE_MIN_STEPS tokens or more)."""
     if compile == "auto":
@@ -405,7 +510,8 @@ def code_task(model, tok, task, docs, max_new_tokens=128, timeout=10.0, compile=
             body = complete(model, tok, prompt, max_new_tokens, ['\n"""', "\nassert", "\nif __name__", "\nprint("],
                             compile)
             program = body + "\n" + doc.get("test_setup_code", "") + "\n" + "\n".join(doc["test_list"]) + "\n"
-        per_doc.append({"task_id": doc["task_id"], "result": run_sandboxed(program, timeout)})
+        per_doc.append({"task_id": doc["task_id"],
+                        "result": run_sandboxed(program, timeout, allow_unisolated=allow_code_execution)})
     n = len(per_doc)
     return {"pass@1": sum(d["result"] == "passed" for d in per_doc) / max(1, n),
             "timeouts": sum(d["result"] == "timeout" for d in per_doc)}, per_doc
@@ -447,7 +553,7 @@ def load_task(task_dir, task):
     return read_rows(path), read_rows(shots_path) if shots_path else [], h.hexdigest()
 
 
-def evaluate_checkpoint(model, tok, info, task, task_dir, limit=None, text=None):
+def evaluate_checkpoint(model, tok, info, task, task_dir, limit=None, text=None, allow_code_execution=False):
     """[{metric, value, n, task_sha256}] of one task on one model."""
     if task == "ppl":
         if text:
@@ -461,7 +567,7 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, limit=None, text=None)
     docs, shots, sha = load_task(task_dir, task)
     docs = docs[:limit] if limit else docs
     if task in ("humaneval", "mbpp"):
-        metrics, _ = code_task(model, tok, task, docs)
+        metrics, _ = code_task(model, tok, task, docs, allow_code_execution=allow_code_execution)
     else:
         metrics, _ = multiple_choice(model, tok, task, docs, shots)
     return [{"metric": k, "value": v, "n": len(docs), "task_sha256": sha} for k, v in metrics.items()]
@@ -475,7 +581,7 @@ def _read_rows(path):
 
 
 def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None, device="cpu", rank=0,
-          world_size=1):
+          world_size=1, allow_code_execution=False):
     """Evaluate every checkpoint x task not yet in RUN_DIR/evals.jsonl; return all rows.
 
     Under torchrun, rank r takes checkpoints r, r + world_size, ... Each rank appends its
@@ -509,7 +615,7 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
                 sha = data.manifest_sha256(info["data_dir"])
             if (name, task, sha) in done:
                 continue
-            rows = evaluate_checkpoint(model, tok, info, task, task_dir, limit, text)
+            rows = evaluate_checkpoint(model, tok, info, task, task_dir, limit, text, allow_code_execution)
             with open(mine, "a") as f:
                 for r in rows:
                     f.write(json.dumps({"checkpoint": name, "step": info["step"], "tokens": info["tokens"],
@@ -609,9 +715,9 @@ def register_lm_eval():
 def main(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python evaluate.py RUN_DIR --tasks=ppl,arc_challenge,... [--task_dir=DIR] "
-                 "[--checkpoints=a,b] [--limit=N] [--text=FILE] [--device=cpu]")
+                 "[--checkpoints=a,b] [--limit=N] [--text=FILE] [--device=cpu] [--allow_code_execution=True]")
     opts = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
-    unknown = set(opts) - {"tasks", "task_dir", "checkpoints", "limit", "text", "device"}
+    unknown = set(opts) - {"tasks", "task_dir", "checkpoints", "limit", "text", "device", "allow_code_execution"}
     try:
         if unknown:
             raise EvalError(f"unknown option(s) {', '.join(sorted(unknown))}")
@@ -621,7 +727,7 @@ def main(argv):
         sweep(argv[0], opts.get("tasks", "ppl").split(","), opts.get("task_dir"),
               opts["checkpoints"].split(",") if "checkpoints" in opts else None,
               int(opts["limit"]) if "limit" in opts else None, opts.get("text"), opts.get("device", device),
-              rank, world_size)
+              rank, world_size, opts.get("allow_code_execution") == "True")
     except (EvalError, data.DataError) as e:
         sys.exit(f"error: {e}")
     finally:

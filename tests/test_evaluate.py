@@ -3,6 +3,7 @@ accuracy that can fail, perplexity by hand, a sandbox that contains bad code, an
 sweep that never evaluates twice."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -223,14 +224,74 @@ def test_perplexity_by_hand_and_padding_never_counts(run):
 # code in a sandbox
 
 
-def test_sandbox_contains_bad_code():
+def test_sandbox_contains_bad_code(monkeypatch):
+    if ev.isolation() is not None:  # the same limits, without namespaces, where the machine has none
+        monkeypatch.setattr(ev, "run_sandboxed", functools.partial(ev.run_sandboxed, allow_unisolated=True))
     assert ev.run_sandboxed("assert sum([1, 2]) == 3\n") == "passed"
     assert ev.run_sandboxed("assert 1 == 2\n") == "failed"
     assert ev.run_sandboxed("while True:\n    pass\n", timeout=2) == "timeout"
     assert ev.run_sandboxed("x = bytearray(4 * 2**30)\n") == "failed"  # over the memory limit
-    assert ev.run_sandboxed("import os\nos.system('touch /tmp/llm360_sandbox_escape')\n") == "failed"
-    assert not os.path.exists("/tmp/llm360_sandbox_escape")
     assert ev.run_sandboxed("import os\nassert 'HOME' not in os.environ and 'SECRET' not in os.environ\n") == "passed"
+    # pass@1 cannot be forged by leaving before the tests' end, with any status
+    for exit_early in ("raise SystemExit(0)", "import os; os._exit(0)", "import sys; sys.exit()"):
+        assert ev.run_sandboxed(f"{exit_early}\nassert 1 == 2\n") == "failed"
+
+
+ESCAPES = {  # each runs, and must leave no trace outside; {victim}, {root}, {pid}, {port} are filled in
+    "posix.system": "import posix\nposix.system('touch {victim}.new')",
+    "reload(os)": "import importlib, os\nimportlib.reload(os)\nos.system('touch {victim}.new')",
+    "ctypes": "import ctypes\nctypes.CDLL(None).system(b'touch {victim}.new')",
+    "posix_spawn": "import posix\nposix.posix_spawn('/usr/bin/touch', ['touch', '{victim}.new'], {{}})",
+    "fork + execv": "import posix\nif posix.fork() == 0:\n    posix.execv('/usr/bin/touch', ['touch', '{victim}.new'])",
+    "os.system = posix.system": "import os, posix\nos.system = posix.system\nos.system('touch {victim}.new')",
+    "unlink": "import posix\nposix.unlink('{victim}')",
+    "overwrite": "open('{victim}', 'w').write('gone')",
+    "project write": "open('{root}/sandbox_escape.py', 'w').write('x')",
+    "kill the parent": "import posix\nposix.kill({pid}, 9)",
+    "survive the timeout": ("import posix\nposix.posix_spawn('/bin/sh', ['sh', '-c', 'sleep 0.5; touch {victim}.new'], {{}})"
+                            "\nwhile True:\n    pass"),
+}
+
+
+@pytest.mark.skipif(ev.isolation() is not None, reason="no unprivileged namespaces here")
+@pytest.mark.parametrize("name", list(ESCAPES))
+def test_sandbox_holds_against_escapes(name, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("intact")
+    program = ESCAPES[name].format(victim=victim, root=ROOT, pid=os.getpid(), port=0)
+    ev.run_sandboxed(program + "\n", timeout=2)
+    import time
+
+    time.sleep(1)  # a surviving grandchild would have written by now
+    assert victim.read_text() == "intact" and not (tmp_path / "victim.txt.new").exists()
+    assert not os.path.exists(os.path.join(ROOT, "sandbox_escape.py"))
+
+
+@pytest.mark.skipif(ev.isolation() is not None, reason="no unprivileged namespaces here")
+def test_sandbox_sees_no_network_no_parent_and_no_project():
+    """Run as checks inside the sandbox: "passed" means each view is closed."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        probe = (f"import os, socket\n"
+                 f"s = socket.socket(); s.settimeout(1)\nassert s.connect_ex(('127.0.0.1', {port})) != 0\n"
+                 f"assert not os.path.exists('/proc/{os.getpid()}/environ')  # the parent, out of sight\n"
+                 f"assert os.listdir('{ROOT}') == []  # the project, hidden\n"
+                 f"assert not os.path.exists('{os.path.expanduser('~')}/.bash_history')\n"
+                 f"try:\n    open('/etc/sandbox_probe', 'w')\nexcept OSError:\n    pass\nelse:\n    raise SystemExit(1)\n"
+                 f"open('inside.txt', 'w').write('its own folder is writable')\n")
+        assert ev.run_sandboxed(probe) == "passed"
+    assert ev.run_sandboxed("print('x' * (300 * 2**20))\n") == "failed"  # 300 MB of output: capped, not held
+
+
+def test_without_isolation_code_runs_only_when_allowed(monkeypatch):
+    monkeypatch.setattr(ev, "_ISOLATION", {"reason": "unshare: operation not permitted"})
+    with pytest.raises(ev.EvalError, match="--allow_code_execution=True"):
+        ev.run_sandboxed("assert True\n")
+    assert ev.run_sandboxed("assert True\n", allow_unisolated=True) == "passed"
 
 
 def test_code_task_reports_timeouts_and_goes_on(run, monkeypatch):
@@ -239,7 +300,7 @@ def test_code_task_reports_timeouts_and_goes_on(run, monkeypatch):
     monkeypatch.setattr(ev, "complete", lambda *a, **k: next(answers))
     docs = [{"task_id": f"T/{i}", "prompt": "def add(a, b):\n", "test": "def check(f):\n    assert f(1, 2) == 3\n",
              "entry_point": "add"} for i in range(3)]
-    metrics, per_doc = ev.code_task(model, tok, "humaneval", docs, timeout=2)
+    metrics, per_doc = ev.code_task(model, tok, "humaneval", docs, timeout=2, allow_code_execution=True)
     assert [d["result"] for d in per_doc] == ["passed", "timeout", "failed"]
     assert metrics == {"pass@1": 1 / 3, "timeouts": 1}
 
