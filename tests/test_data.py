@@ -447,3 +447,17 @@ def test_tokenizer_vocab_larger_than_the_model_is_refused(prepared, corpus):
 
 def test_token_dtype_switches_above_65535():
     assert data.token_dtype(65535) == np.uint16 and data.token_dtype(65536) == np.uint32
+
+
+def test_a_pydoc_topics_file_is_read_never_run(tmp_path):
+    """format 'pydoc_topics' takes the literal `topics` dict; code in the file never runs."""
+    import data as d
+
+    pwned = tmp_path / "pwned"
+    path = tmp_path / "topics.py"
+    path.write_text(f"open({str(pwned)!r}, 'w').write('ran')\ntopics = {{'b': 'second', 'a': 'first'}}\n")
+    src = {"name": "docs", "format": "pydoc_topics", "path": str(path)}
+    assert list(d.documents(src, str(path))) == ["first", "second"] and not pwned.exists()
+    path.write_text("topics = dict(a='made by a call')\n")
+    with pytest.raises(d.DataError, match="not a pydoc topics file"):
+        list(d.documents(src, str(path)))
