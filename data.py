@@ -47,6 +47,7 @@ import re
 import shutil
 import sys
 import sysconfig
+import time
 
 import numpy as np
 import torch
@@ -724,12 +725,49 @@ def prepare(cfg, progress=True):
     return manifest
 
 
+_LOCKS = {}  # lock file -> its open descriptor, held for the life of the process
+
+
+def hold_lock(lock_path, what):
+    """One writer at a time: an exclusive flock on lock_path, held until the process ends
+    (the kernel lets go when it dies, even by SIGKILL, so no lock goes stale). Another
+    holder makes this a one-line DataError naming it (pid, host, start time)."""
+    lock_path = os.path.abspath(lock_path)
+    if lock_path in _LOCKS:
+        return
+    import fcntl
+    import socket
+
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DataError(f"{os.path.dirname(lock_path)} is in use by {holder} ({what}); wait for it to end or stop "
+                        "it, then run this again") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode(),
+              0)
+    _LOCKS[lock_path] = fd
+
+
+def dir_lock(folder):
+    """The lock file of a folder that is built elsewhere and renamed into place: a hidden
+    sibling, ".NAME.lock"."""
+    folder = os.path.abspath(folder.rstrip("/"))
+    return os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.lock")
+
+
 @contextlib.contextmanager
 def _staging(out):
     """A temporary sibling folder of `out` to build in: renamed to `out` when the block
     succeeds, removed when it fails, so a half-built data dir never looks valid."""
+    hold_lock(dir_lock(out), "data.py preparing it")
+    for stale in glob.glob(f"{glob.escape(out.rstrip('/'))}.tmp[0-9]*"):  # the lock's holder owns staging: the rest
+        shutil.rmtree(stale, ignore_errors=True)  # were left by processes that died
     tmp = f"{out.rstrip('/')}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         yield tmp

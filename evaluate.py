@@ -594,6 +594,8 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
     from train import rank_token, wait_for_ranks
 
     token = rank_token(world_size)
+    if rank == 0:  # one evaluation per run dir at a time (training may go on beside it)
+        data.hold_lock(os.path.join(run_dir, "evals.lock"), "an evaluate.py sweep")
     out_path = os.path.join(run_dir, "evals.jsonl")
     part_paths = sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")))
     done = {(r["checkpoint"], r["task"], r["task_sha256"]) for p in [out_path] + part_paths for r in _read_rows(p)}

@@ -251,6 +251,7 @@ def prepare(cfg, tok, val_fraction=0.1):
             hashlib.sha256(tok.blob).hexdigest(), "val_fraction": val_fraction}
     if cfg.finetune_data and not cfg.finetune_data.startswith("builtin:"):
         what["data_sha256"] = data.sha256_file(cfg.finetune_data)
+    data.hold_lock(data.dir_lock(cfg.data_dir), "finetune.py preparing it")
     path = os.path.join(cfg.data_dir, "manifest.json")
     if os.path.exists(path):
         if data.load_manifest(cfg.data_dir).get("config") == what:

@@ -127,6 +127,8 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
         raise MemorizeError(f"k + l = {k + l} is longer than the {L} tokens of each stored sequence; lower k or l")
     out_dir = os.path.join(run_dir, "memorization")
     os.makedirs(out_dir, exist_ok=True)
+    if rank == 0:
+        data.hold_lock(os.path.join(out_dir, ".lock"), "a memorize.py analysis")
     n_chunks = len(table)
     pairs = []
     for name, path, seen, _ in ckpts:

@@ -728,6 +728,8 @@ def _run(cfg, rank, world_size, device):
         return plan(cfg, world_size) if rank == 0 else None
     accum = grad_accum(cfg, world_size)
     fsdp = cfg.parallel == "fsdp" and world_size > 1
+    if rank == 0:  # one writer per run dir: a second train.py on it (a requeued job) stops here, changing nothing
+        data.hold_lock(os.path.join(cfg.out_dir, ".lock"), "a train.py run")
     dtype, precision = choose_dtype(cfg, device, rank, world_size)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not fsdp else nullcontext()
 

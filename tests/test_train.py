@@ -348,3 +348,29 @@ def test_auto_dtype_takes_bf16_only_where_it_measures_faster(monkeypatch, refere
     assert train_py.choose_dtype(config_from_dict(dict(dtype="float32")), cpu)[0] == torch.float32
     run = json.loads((reference / "run.json").read_text())  # the tests pin float32
     assert run["dtype"] == "float32" and "config" in run["reason"]
+
+
+def test_one_writer_per_run_dir_and_no_stale_lock(corpus, tmp_path):
+    """A second train.py on a run dir in use stops at once with one line naming the holder
+    and changes nothing; a holder killed by SIGKILL leaves no lock behind."""
+    import signal
+
+    import data
+
+    out = corpus / "locked"
+    lock = str(out / ".lock")
+    data.hold_lock(lock, "this test")
+    try:
+        proc = train(corpus, "locked", expect_ok=False)
+        assert proc.returncode != 0 and f"pid {os.getpid()}" in proc.stderr and len(proc.stderr.splitlines()) == 1
+        assert sorted(os.listdir(out)) == [".lock"]  # nothing written
+    finally:
+        os.close(data._LOCKS.pop(os.path.abspath(lock)))
+    holder = subprocess.Popen([sys.executable, "-c", f"import data, time; data.hold_lock({lock!r}, 'x'); "
+                               "print('held', flush=True); time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    data.hold_lock(lock, "this test")  # free again
+    os.close(data._LOCKS.pop(os.path.abspath(lock)))
