@@ -331,7 +331,13 @@ def finetune_config(argv):
 def main(argv):
     try:
         cfg, tok = finetune_config(argv)
-        prepare(cfg, tok)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 builds the data; the others wait for it
+            prepare(cfg, tok)
+        else:
+            import time
+
+            while not os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
+                time.sleep(0.5)
         import train
 
         train.main(cfg)

@@ -145,7 +145,7 @@ def test_sft_then_dpo_do_what_they_are_for(base):
 @pytest.mark.slow
 def test_dpo_under_fsdp2_matches_one_process(base):
     """DPO on 2 ranks with FSDP2, the reference sharded like the policy: the same losses and
-    rewards, step by step, as one process."""
+    rewards, step by step, as one process. Rank 0 builds the data dir while rank 1 waits."""
     names = ["alpha", "beta", "gamma", "delta", "red", "blue", "cat", "dog"]
     pairs = [{"prompt": f"is {a} {b} a {kind}?", "chosen": f"no, {a} {b} is not a {kind}.",
               "rejected": f"yes, {a} {b} is a {kind}."} for a in names for b in names for kind in ("pair", "word")]
@@ -153,7 +153,7 @@ def test_dpo_under_fsdp2_matches_one_process(base):
     common = dict(init_from=str(base / "run" / "ckpt_001"), finetune_data=str(base / "pairs_fsdp.jsonl"),
                   objective="dpo", epochs=1, lr=1e-3, min_lr=1e-4, max_steps=2)
     one = finetune_run(base, "dpo_one", **common)
-    cfg = write_config(base / "dpo_fsdp.py", dict(data_dir=str(base / "data_dpo_one"), out_dir=str(base / "dpo_fsdp"),
+    cfg = write_config(base / "dpo_fsdp.py", dict(data_dir=str(base / "data_dpo_fsdp"), out_dir=str(base / "dpo_fsdp"),
                                                   seq_len=64, global_batch_size=8, micro_batch_size=4, warmup_steps=2,
                                                   weight_decay=0.0, dtype="float32", init_optimizer=False,
                                                   system_prompt="A chat.", parallel="fsdp", **common))
