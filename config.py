@@ -98,6 +98,19 @@ class Config:
             raise ConfigError(f"sources: must hold only str, numbers, lists and dicts ({e})") from None
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction={self.val_fraction}: must be in [0, 1)")
+        ranges = {  # key: (lowest allowed, what it means): a run that would silently do nothing is refused
+            "seq_len": (1, "tokens per sequence"), "n_chunks": (1, "chunks"), "global_batch_size": (1, "sequences"),
+            "micro_batch_size": (1, "sequences"), "epochs": (1, "passes"), "val_sequences": (0, "sequences"),
+            "max_steps": (0, "steps (0: no limit)"), "ckpt_interval": (0, "steps (0: per chunk only)"),
+            "val_interval": (0, "steps (0: per chunk only)"), "warmup_steps": (0, "steps"), "num_workers": (0,
+            "processes (0: one per core)"), "lr": (0.0, "learning rate"), "min_lr": (0.0, "learning rate"),
+            "weight_decay": (0.0, "decay"), "grad_clip": (0.0, "norm (0: off)"), "eps": (0.0, "epsilon"),
+            "dpo_beta": (0.0, "beta"), "peak_flops": (0.0, "FLOP/s (0: measured)")}
+        for key, (low, what) in ranges.items():
+            if getattr(self, key) < low:
+                raise ConfigError(f"{key}={getattr(self, key)}: must be >= {low} ({what})")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ConfigError(f"beta1={self.beta1}, beta2={self.beta2}: each must be in [0, 1)")
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError(f"seq_len={self.seq_len} is longer than the model's max_seq_len="
                               f"{self.model.max_seq_len}; raise max_seq_len or lower seq_len")

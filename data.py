@@ -831,7 +831,11 @@ def load_tokenizer(data_dir, manifest=None):
     if not info.get("file"):
         raise DataError(f"{data_dir}: the manifest names no tokenizer file (converted data?); decoding needs one")
     with open(os.path.join(data_dir, info["file"]), "rb") as f:
-        return Tokenizer("sentencepiece", f.read())
+        blob = f.read()
+    if info.get("sha256") and hashlib.sha256(blob).hexdigest() != info["sha256"]:
+        raise DataError(f"{os.path.join(data_dir, info['file'])} is not the tokenizer this data was made with (sha256 "
+                        "differs from manifest.json); restore it or prepare the data again")
+    return Tokenizer("sentencepiece", blob)
 
 
 def check_vocab(manifest, model_cfg, where=""):

@@ -613,6 +613,9 @@ def objective(model, ref_model, x, y, cfg):
     return dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg.dpo_beta)
 
 
+_VAL_VERIFIED = set()
+
+
 @torch.no_grad()
 def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, autocast, ref_model=None):
     """{"val_loss": mean loss (the counted tokens' mean for "lm", the pairs' for "dpo"), and for
@@ -620,7 +623,9 @@ def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, au
     the held-out split, split over ranks; None without one."""
     if not manifest.get("val") or manifest["val"]["sequences"] == 0:
         return None
-    tokens, _ = data.open_split(data_dir, manifest["val"], verify=False)
+    # the split's sha256 is checked once per process (a damaged val.npy gives wrong numbers silently)
+    tokens, _ = data.open_split(data_dir, manifest["val"], verify=data_dir not in _VAL_VERIFIED)
+    _VAL_VERIFIED.add(data_dir)
     per_round = world_size * cfg.micro_batch_size  # every rank runs the same number of forwards (FSDP)
     n = min(cfg.val_sequences, len(tokens)) // per_round * per_round
     if n == 0:

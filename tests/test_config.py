@@ -88,3 +88,12 @@ def test_shipped_configs_load(path):
         assert cfg.model == PRESETS["amber_7b"] and cfg.global_batch_size == 2240 and cfg.n_chunks == 360
     if "crystalcoder_7b" in path:
         assert cfg.model == PRESETS["crystalcoder_7b"] and cfg.lr == 0.012 and cfg.global_batch_size == 2112
+
+
+@pytest.mark.parametrize("bad", ["--global_batch_size=-8", "--max_steps=-1", "--micro_batch_size=0", "--n_chunks=0",
+                                 "--lr=-0.1", "--beta2=1.5", "--epochs=0"])
+def test_values_out_of_range_are_refused(bad):
+    """A run that would do nothing, or something else than asked, never starts."""
+    key = bad[2:].split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}=.*must be"):
+        load_config([os.path.join(CONFIGS, "tiny.py"), bad])

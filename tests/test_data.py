@@ -461,3 +461,30 @@ def test_a_pydoc_topics_file_is_read_never_run(tmp_path):
     path.write_text("topics = dict(a='made by a call')\n")
     with pytest.raises(d.DataError, match="not a pydoc topics file"):
         list(d.documents(src, str(path)))
+
+
+def test_a_swapped_tokenizer_or_damaged_validation_split_is_refused(prepared, tmp_path):
+    """The tokenizer and the held-out split are checked against the manifest's sha256:
+    another SentencePiece model, or a zeroed region of val.npy, would give wrong numbers."""
+    import shutil
+
+    import numpy as np
+    import torch
+
+    import train
+    from model import Transformer
+
+    cfg = prepared
+    copy = tmp_path / "data"
+    shutil.copytree(cfg.data_dir, copy)
+    (copy / "tokenizer.model").write_bytes(data.train_sentencepiece(["another corpus"] * 300, 300))
+    with pytest.raises(DataError, match="not the tokenizer this data was made with"):
+        data.load_tokenizer(str(copy))
+    val = np.load(copy / "val.npy", mmap_mode="r+")
+    val[:2] = 0
+    val.flush()
+    del val
+    model = Transformer(cfg.model)
+    with pytest.raises(DataError, match="val.npy"):
+        train.validation_loss(model, str(copy), data.load_manifest(str(copy)), cfg, 0, 1, torch.device("cpu"),
+                              torch.autocast("cpu", enabled=False))
