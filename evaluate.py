@@ -275,19 +275,31 @@ def truthfulqa_primer():
     return re.search(r"set prompt_qa = '(.*?)'\s*%}", template, re.S).group(1)
 
 
+def _gold(task, doc, gold, n):
+    """The gold index, or a one-line error: a malformed row is refused, never scored 0."""
+    if not (isinstance(gold, int) and 0 <= gold < n):
+        raise EvalError(f"{task} row {str(doc)[:80]}...: its answer {gold!r} names none of its {n} choices")
+    return gold
+
+
 def build(task, doc):
     """(prompt, [choices], gold) of one row, without few-shot examples."""
     if task == "arc_challenge":
+        labels = list(doc["choices"]["label"])
+        gold = labels.index(doc["answerKey"]) if doc["answerKey"] in labels else doc["answerKey"]
         return f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"]), \
-            list(doc["choices"]["label"]).index(doc["answerKey"])
+            _gold(task, doc, gold, len(labels))
     if task == "hellaswag":
         ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+        label = str(doc["label"])
         return _hellaswag_clean(doc["activity_label"] + ": " + ctx), [_hellaswag_clean(e) for e in doc["endings"]], \
-            int(doc["label"])
+            _gold(task, doc, int(label) if label.lstrip("-").isdigit() else label, len(doc["endings"]))
     if task == "mmlu":
         c = doc["choices"]
+        if len(c) != 4:
+            raise EvalError(f"mmlu row {str(doc)[:80]}...: {len(c)} choices; MMLU rows have 4")
         return (f"{doc['question'].strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:",
-                ["A", "B", "C", "D"], int(doc["answer"]))
+                ["A", "B", "C", "D"], _gold(task, doc, doc["answer"], 4))
     if task == "truthfulqa_mc":
         return f"{truthfulqa_primer()}\n\nQ: {doc['question']}\nA:", list(doc["mc1_targets"]["choices"]), 0
     raise EvalError(f"unknown multiple-choice task {task!r}")

@@ -549,3 +549,16 @@ def test_a_llama_tokenizer_folder_is_scored_with_bos_as_the_harness_does(exporte
     assert [ll for ll, _ in ev.loglikelihoods(model, tok, requests)] == pytest.approx([ll for ll, _ in theirs], abs=1e-4)
     tok.add_bos = False
     assert [ll for ll, _ in ev.loglikelihoods(model, tok, requests)] != pytest.approx([ll for ll, _ in theirs], abs=1e-4)
+
+
+@pytest.mark.parametrize("task, change", [
+    ("arc_challenge", {"answerKey": "E"}),  # a gold label with no choice
+    ("hellaswag", {"label": "7"}), ("hellaswag", {"label": -1}),
+    ("mmlu", {"answer": 4}), ("mmlu", {"choices": ["a", "b"]}),
+])
+def test_malformed_rows_are_refused_not_scored_zero(task, change, tmp_path):
+    tasks = make_tasks(tmp_path)
+    docs, _, _ = ev.load_task(str(tasks), task)
+    ev.build(task, docs[0])  # the row as made is fine
+    with pytest.raises(ev.EvalError, match="choices"):
+        ev.build(task, dict(docs[0], **change))
