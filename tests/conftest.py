@@ -1,6 +1,7 @@
 """Shared test helpers: a small made-up corpus and configs over it."""
 
 import json
+import os
 import random
 
 from config import config_from_dict
@@ -93,3 +94,18 @@ def save_like_amber(tensors, config, folder, max_shard_bytes, dtype=None):
     with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
     return len(shards)
+
+
+def trained_run(root, **kw):
+    """root, after training a 2-layer model on make_corpus(root): data in root/data, the run
+    (a checkpoint per chunk) in root/run. kw: config keys (n_chunks, max_seq_len, ...)."""
+    import subprocess
+    import sys
+
+    make_corpus(root)
+    values = corpus_values(root, "data", dim=64, n_layer=2, n_head=4, intermediate_size=128, out_dir=str(root / "run"),
+                           warmup_steps=5, lr=1e-2, min_lr=1e-3, seq_len=64, **kw)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, os.path.join(repo, "train.py"), write_config(root / "cfg.py", values)], check=True,
+                   capture_output=True, cwd=root)
+    return root

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import evaluate as ev
-from conftest import corpus_values, make_corpus, write_config
+from conftest import trained_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["alpha", "beta", "gamma", "delta", "red", "blue", "cat", "dog", "sun", "moon"]
@@ -53,13 +53,7 @@ def make_tasks(folder, seed=0):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A small trained run: a few checkpoints of a 2-layer model over the test corpus."""
-    root = make_corpus(tmp_path_factory.mktemp("eval_corpus"))
-    values = corpus_values(root, "data", dim=64, n_layer=2, n_head=4, intermediate_size=128, out_dir=str(root / "run"),
-                           warmup_steps=5, lr=1e-2, min_lr=1e-3, val_sequences=16, n_chunks=2, seq_len=64,
-                           max_seq_len=256)
-    cfg = write_config(root / "cfg.py", values)
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), cfg], check=True, capture_output=True, cwd=root)
-    return root
+    return trained_run(tmp_path_factory.mktemp("eval_corpus"), val_sequences=16, n_chunks=2, max_seq_len=256)
 
 
 # -----------------------------------------------------------------------------

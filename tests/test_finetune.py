@@ -14,7 +14,7 @@ import torch
 import data
 import finetune as ft
 import train
-from conftest import corpus_values, make_corpus, write_config
+from conftest import trained_run, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYS = "A chat."
@@ -97,12 +97,7 @@ def test_dpo_loss_and_gradient_equal_a_direct_computation():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A small pre-trained run to fine-tune."""
-    root = make_corpus(tmp_path_factory.mktemp("ft_corpus"))
-    values = corpus_values(root, "data", dim=64, n_layer=2, n_head=4, intermediate_size=128, out_dir=str(root / "run"),
-                           warmup_steps=5, lr=1e-2, min_lr=1e-3, n_chunks=2, seq_len=64, max_seq_len=128)
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), write_config(root / "cfg.py", values)], check=True,
-                   capture_output=True, cwd=root)
-    return root
+    return trained_run(tmp_path_factory.mktemp("ft_corpus"), n_chunks=2, max_seq_len=128)
 
 
 def finetune_run(root, name, **values):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import evaluate as ev
 import memorize as mem
 import release as rel
-from conftest import corpus_values, make_corpus, write_config
+from conftest import trained_run
 from test_evaluate import make_tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,13 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = make_corpus(tmp_path_factory.mktemp("release_corpus"))
-    values = corpus_values(root, "data", dim=64, n_layer=2, n_head=4, intermediate_size=128, out_dir=str(root / "run"),
-                           warmup_steps=5, lr=1e-2, min_lr=1e-3, val_sequences=16, n_chunks=3, seq_len=64,
-                           max_seq_len=128)
-    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), write_config(root / "cfg.py", values)], check=True,
-                   capture_output=True, cwd=root)
-    return root
+    return trained_run(tmp_path_factory.mktemp("release_corpus"), val_sequences=16, n_chunks=3, max_seq_len=128)
 
 
 def links(card):
