@@ -128,7 +128,7 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
     out_dir = os.path.join(run_dir, "memorization")
     os.makedirs(out_dir, exist_ok=True)
     if rank == 0:
-        data.hold_lock(os.path.join(out_dir, ".lock"), "a memorize.py analysis")
+        data.hold_lock(os.path.join(run_dir, ".memorization.lock"), "a memorize.py analysis")  # beside the results
     n_chunks = len(table)
     pairs = []
     for name, path, seen, _ in ckpts:
