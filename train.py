@@ -832,6 +832,7 @@ def _run(cfg, rank, world_size, device):
                   dtype=str(dtype).removeprefix("torch."), **precision)  # the machine may have changed
         print0(f"resuming from {resume}: step {state['step']}, schedule position {state['pos']}", rank=rank)
     else:
+        log.truncate_metrics(0)  # lines of a run killed before its first checkpoint: they are redone
         if cfg.init_from:
             load_init_from(cfg, raw_model, optimizer, data_sha, rank, fsdp)
             log.event("init_from", checkpoint=os.path.abspath(cfg.init_from), optimizer=cfg.init_optimizer)
