@@ -54,21 +54,14 @@ class EvalError(ValueError):
 def load_for_eval(path, device="cpu", need_tokenizer=True):
     """(model, tokenizer, info) of a checkpoint folder of ours or a Hugging Face folder.
     With need_tokenizer=False (memorization reads token ids only) a missing tokenizer is None."""
+    info = identity(path)
     if os.path.exists(os.path.join(path, "state.json")):
         from train import load_model
 
         model = load_model(path, device)
-        with open(os.path.join(path, "state.json")) as f:
-            state = json.load(f)
-        from train import chunk_table, stage_dirs
-
-        dirs = stage_dirs(state["config"])
-        last = state["schedule"][max(0, state["pos"] - 1)]
-        data_dir = chunk_table(dirs)[last][0] if len(dirs) > 1 else dirs[0]  # the stage trained last
-        tok_info = data.load_manifest(data_dir)["tokenizer"]
+        tok_info = data.load_manifest(info["data_dir"])["tokenizer"]
         has_tok = tok_info["kind"] == "tiktoken" or tok_info.get("file")  # converted AMBER data may have none
-        tok = data.load_tokenizer(data_dir) if has_tok or need_tokenizer else None
-        info = {"step": state["step"], "tokens": state["tokens"], "data_dir": data_dir}
+        tok = data.load_tokenizer(info["data_dir"]) if has_tok or need_tokenizer else None
     elif os.path.exists(os.path.join(path, "config.json")):
         model = load_hf(path, device=device)
         tok_file, tok = os.path.join(path, "tokenizer.model"), None
@@ -78,10 +71,54 @@ def load_for_eval(path, device="cpu", need_tokenizer=True):
             _hf_special_tokens(path, tok)
         elif need_tokenizer:
             raise EvalError(f"{path}: no tokenizer.model (SentencePiece) beside the weights")
-        info = {"step": None, "tokens": None, "data_dir": None}
-    else:
-        raise EvalError(f"{path} is neither a checkpoint of ours (state.json) nor a Hugging Face folder (config.json)")
     return model.eval(), tok, info
+
+
+def identity(path):
+    """{step, tokens, data_dir, tokenizer} of a checkpoint, read without its weights:
+    `tokenizer` is the sha256 of what encodes text for it (the manifest's tokenizer, or a
+    Hugging Face folder's tokenizer.model and tokenizer_config.json), which is part of
+    every result's cache key."""
+    if os.path.exists(os.path.join(path, "state.json")):
+        from train import CheckpointError, chunk_table, read_state, stage_dirs
+
+        state = read_state(path)
+        if state is None:
+            raise CheckpointError(f"{path}/state.json is missing or not valid JSON: the checkpoint is damaged")
+        dirs = stage_dirs(state["config"])
+        last = state["schedule"][max(0, state["pos"] - 1)]
+        data_dir = chunk_table(dirs)[last][0] if len(dirs) > 1 else dirs[0]  # the stage trained last
+        tok = data.load_manifest(data_dir)["tokenizer"]
+        return {"step": state["step"], "tokens": state["tokens"], "data_dir": data_dir,
+                "tokenizer": tok.get("sha256") or tok.get("name")}
+    if os.path.exists(os.path.join(path, "config.json")):
+        h = hashlib.sha256()
+        for name in ("tokenizer.model", "tokenizer_config.json"):
+            if os.path.exists(os.path.join(path, name)):
+                h.update(name.encode() + open(os.path.join(path, name), "rb").read())
+        return {"step": None, "tokens": None, "data_dir": None, "tokenizer": h.hexdigest()}
+    raise EvalError(f"{path} is neither a checkpoint of ours (state.json) nor a Hugging Face folder (config.json)")
+
+
+def scorer_version():
+    """sha256 of this file's code, part of every result's cache key: after any change to
+    evaluate.py a rerun scores again (rows of older code stay in evals.jsonl, unused)."""
+    if "scorer" not in _SCORER:
+        with open(__file__, "rb") as f:
+            _SCORER["scorer"] = hashlib.sha256(f.read()).hexdigest()[:16]
+    return _SCORER["scorer"]
+
+
+_SCORER = {}
+
+
+def result_key(task, task_sha, limit, tokenizer):
+    """What a result depends on beyond the checkpoint's weights: the task's files (or text,
+    or validation split), how many rows (--limit), the few-shot count, the tokenizer and
+    the scoring code. evals.jsonl rows are reused only when all of these are equal."""
+    parts = {"task": task, "task_sha256": task_sha, "limit": limit, "n_shots": FEWSHOT.get(task),
+             "tokenizer": tokenizer, "scorer": scorer_version()}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _hf_special_tokens(path, tok):
@@ -105,8 +142,8 @@ def list_checkpoints(run_dir):
     """A run's checkpoints in training order, a folder of HF checkpoints, or one HF folder."""
     if os.path.exists(os.path.join(run_dir, "config.json")) and not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         return [run_dir]
-    names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and not n.endswith(".tmp")
-                   and os.path.isdir(os.path.join(run_dir, n)) and n != "ckpt_rolling")
+    names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and n[5:].isdigit()
+                   and os.path.isdir(os.path.join(run_dir, n)))  # not *.tmp, *.damaged-TIME, ckpt_rolling
     found = [os.path.join(run_dir, n) for n in names
              if os.path.exists(os.path.join(run_dir, n, "state.json")) or os.path.exists(os.path.join(run_dir, n, "config.json"))]
     if not found:
@@ -610,30 +647,34 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
         data.hold_lock(os.path.join(run_dir, "evals.lock"), "an evaluate.py sweep")
     out_path = os.path.join(run_dir, "evals.jsonl")
     part_paths = sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")))
-    done = {(r["checkpoint"], r["task"], r["task_sha256"]) for p in [out_path] + part_paths for r in _read_rows(p)}
+    done = {(r["checkpoint"], r["task"], r.get("key")) for p in [out_path] + part_paths for r in _read_rows(p)}
     paths = [p for p in list_checkpoints(run_dir)
              if not checkpoints or os.path.basename(os.path.normpath(p)) in checkpoints]
     mine = os.path.join(run_dir, f"evals.rank{rank}.jsonl")
     for path in paths[rank::world_size]:
         name = os.path.basename(os.path.normpath(path))
         model = tok = None
+        info = identity(path)  # no weights read: a rerun over 360 done checkpoints loads none
         for task in tasks:
-            sha = None
             if task != "ppl":
                 sha = load_task(task_dir, task)[2]
             elif text:
                 sha = hashlib.sha256(open(text, "rb").read()).hexdigest()
+            elif info["data_dir"]:
+                sha = data.manifest_sha256(info["data_dir"])
+            else:
+                raise EvalError(f"{path}: ppl of a Hugging Face folder needs --text=FILE (it has no data dir)")
+            key = result_key(task, sha, limit, info["tokenizer"])
+            if (name, task, key) in done:
+                continue
             if model is None:
                 model, tok, info = load_for_eval(path, device)
-            if task == "ppl" and not text:
-                sha = data.manifest_sha256(info["data_dir"])
-            if (name, task, sha) in done:
-                continue
             rows = evaluate_checkpoint(model, tok, info, task, task_dir, limit, text, allow_code_execution)
             with open(mine, "a") as f:
                 for r in rows:
                     f.write(json.dumps({"checkpoint": name, "step": info["step"], "tokens": info["tokens"],
-                                        "task": task, **r}) + "\n")
+                                        "task": task, **r, "limit": limit, "tokenizer": info["tokenizer"],
+                                        "scorer": scorer_version(), "key": key}) + "\n")
             print(f"{name} {task}: " + ", ".join(f"{r['metric']} {r['value']:.4f}" for r in rows), flush=True)
     wait_for_ranks(run_dir, token, rank, world_size)
     if rank != 0:

@@ -35,7 +35,7 @@ import data
 from config import config_from_dict, format_config, write_json_atomic
 from evaluate import list_checkpoints
 from model import export, hf_config
-from train import stage_dirs
+from train import stage_dirs, verify_checkpoint
 
 CARD_FIGURES = [("logs/training.png", "training"), ("evals/evals.png", "evaluations over training"),
                 ("memorization/scores.png", "memorization scores"), ("memorization/matrix.png", "memorization by chunk")]
@@ -106,6 +106,10 @@ def release(run_dir, out_dir=None):
         source = f"{sha256_file(os.path.join(path, 'state.json'))[:16]}-{weights.st_size}-{weights.st_mtime_ns}"
         if index["checkpoints"].get(name, {}).get("source") != source or not os.path.exists(
                 os.path.join(dst, "config.json")):
+            problems = verify_checkpoint(path)  # every file against the sha256 written with it
+            if problems:
+                raise ReleaseError(f"{path} is damaged ({'; '.join(problems)}); nothing of it was released. Move it "
+                                   "aside, or retrain it: a resume from the checkpoint before it rewrites it")
             if hf_reason:  # our own format: optimizer/NAME holds the whole checkpoint
                 copied += link(os.path.join(path, "model.safetensors"), os.path.join(dst, "model.safetensors"))
             else:

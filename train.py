@@ -4,6 +4,7 @@ The pre-training run: a loop over data chunks, one checkpoint after each.
     python train.py CONFIG [--key=value ...]                 one process (CPU or one GPU)
     torchrun --nproc_per_node=N train.py CONFIG              data parallel: DDP, or FSDP2 (parallel="fsdp")
     python train.py CONFIG --dry_run=True                    the plan, without allocating the model
+    python train.py verify RUN_DIR                           check checkpoints, metrics and data; change nothing
 
 Running the same command again resumes from the newest complete checkpoint, and
 a resumed run is bitwise identical to an uninterrupted one on a CPU. The run dir
@@ -15,8 +16,13 @@ a resumed run is bitwise identical to an uninterrupted one on a CPU. The run dir
     training.png               loss, validation loss, LR, grad norm, tokens/s; redrawn at each checkpoint
     ckpt_000 ... ckpt_N        after schedule position c: model.safetensors (float32),
                                optimizer.pt (AdamW state; a torch.distributed.checkpoint
-                               folder `optimizer/` under FSDP), state.json, rng_rank*.pt
+                               folder `optimizer/` under FSDP), rng_rank*.pt, and state.json
+                               (the run's state, and the size and sha256 of every other file)
     ckpt_rolling               the newest mid-chunk checkpoint, when ckpt_interval > 0
+
+A resume verifies the newest checkpoint against those hashes. A damaged one (a disk
+error, a truncated copy) is moved aside as ckpt_NNN.damaged-TIME and the run resumes
+from the newest intact one, with metrics.jsonl cut back to it.
 
 Tests inject faults with the environment variable LLM360_FAULT: "step:N" kills
 the process (SIGKILL) after optimizer step N, "save:N" in the middle of writing
@@ -157,6 +163,19 @@ def chunk_table(dirs):
     return table
 
 
+def check_data_config(cfg, manifest):
+    """Refuse a config whose sources, tokenizer, val_fraction, seq_len, n_chunks or seed
+    differ from those its data_dir was prepared with (data.py refuses it alike)."""
+    saved, wanted = manifest.get("config", {}), data.data_config(cfg)
+    if "sources" not in saved or saved == wanted:  # converted releases record no sources
+        return
+    changed = [k for k in wanted if saved.get(k) != wanted[k]]
+    shown = ", ".join(f"{k}={saved.get(k)!r} there, {wanted[k]!r} here" if k != "sources" else "sources differ"
+                      for k in changed)
+    raise ConfigError(f"{cfg.data_dir} was prepared with another data config ({shown}); set another data_dir to "
+                      "prepare this one, or drop the changed keys to train on it as it is")
+
+
 def grad_accum(cfg, world_size):
     per_step = cfg.micro_batch_size * world_size
     if cfg.global_batch_size % per_step:
@@ -212,32 +231,180 @@ def save_checkpoint(path, raw_model, optimizer, state, cfg, rank, world_size, fs
                os.path.join(tmp, f"rng_rank{rank}.pt"))
     _fault("save", n_saved)
     barrier(world_size)
+    files = hash_files(tmp, rank, world_size)  # collective: each rank hashes a share
     if rank == 0:
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(state | {"config": config_to_dict(cfg), "world_size": world_size}, f, indent=1)
+            json.dump(state | {"config": config_to_dict(cfg), "world_size": world_size, "files": files}, f, indent=1)
         if os.path.exists(path):  # the rolling checkpoint: replace the previous one
             shutil.rmtree(path)
         os.rename(tmp, path)
     barrier(world_size)
 
 
-def find_checkpoint(out_dir, chunk_ends_only=False):
-    """The newest complete checkpoint of a run dir, or None. Folders without state.json,
-    and *.tmp folders, are incomplete and never taken. chunk_ends_only: leave out the
-    rolling mid-chunk checkpoint."""
-    best, best_key = None, None
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        path = os.path.join(out_dir, name)
-        if not name.startswith("ckpt_") or name.endswith(".tmp") or not os.path.exists(os.path.join(path, "state.json")):
-            continue
-        if chunk_ends_only and name == "ckpt_rolling":
-            continue
+class CheckpointError(data.DataError):
+    pass
+
+
+def read_state(path):
+    """The state.json of a checkpoint folder, or None when it is missing or unreadable."""
+    try:
         with open(os.path.join(path, "state.json")) as f:
-            st = json.load(f)
+            state = json.load(f)
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
+    return state if isinstance(state, dict) and {"pos", "step", "config"} <= set(state) else None
+
+
+def checkpoint_names(out_dir):
+    """ckpt_NNN and ckpt_rolling folders of a run dir; never *.tmp (being written) or
+    *.damaged-TIME (moved aside)."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(n for n in os.listdir(out_dir) if (n[5:].isdigit() or n == "ckpt_rolling") and n.startswith("ckpt_")
+                  and os.path.isdir(os.path.join(out_dir, n)))
+
+
+def find_checkpoint(out_dir, chunk_ends_only=False):
+    """The newest complete checkpoint of a run dir, or None. Folders without a readable
+    state.json are left out (resume_point moves the newer of them aside). chunk_ends_only:
+    leave out the rolling mid-chunk checkpoint."""
+    best, best_key = None, None
+    for name in checkpoint_names(out_dir):
+        st = read_state(os.path.join(out_dir, name))
+        if st is None or (chunk_ends_only and name == "ckpt_rolling"):
+            continue
         key = (st["pos"], st["step"])  # positions only grow; a rolling checkpoint is ahead of the last chunk's
         if best_key is None or key > best_key:
-            best, best_key = path, key
+            best, best_key = os.path.join(out_dir, name), key
     return best
+
+
+def hash_files(folder, rank=0, world_size=1):
+    """{relative path: {"bytes", "sha256"}} of every file under a checkpoint folder but
+    state.json. Collective: rank r hashes files r, r + world_size, ... (a 7B checkpoint is
+    80 GB; sha256 runs at about 1.4 GB/s a core)."""
+    names = [sorted(os.path.relpath(os.path.join(root, f), folder) for root, _, fs in os.walk(folder) for f in fs
+                    if f != "state.json" or root != folder)]
+    if world_size > 1:
+        dist.broadcast_object_list(names, src=0)  # rank 0's listing: every rank hashes from the same list
+    mine = {n: {"bytes": os.path.getsize(os.path.join(folder, n)), "sha256": data.sha256_file(os.path.join(folder, n))}
+            for n in names[0][rank::world_size]}
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, mine)
+        mine = {k: v for part in parts for k, v in part.items()}
+    return dict(sorted(mine.items()))
+
+
+def verify_checkpoint(path, rank=0, world_size=1):
+    """What is wrong with a checkpoint folder: [] when every file its state.json records is
+    there with its size and sha256. Collective when the sizes match (the hashing is shared).
+    Checkpoints written before files were recorded are taken as they are."""
+    state = read_state(path)
+    if state is None:
+        return ["state.json is missing or not valid JSON"]
+    files = state.get("files")
+    if files is None:
+        return []
+    problems = []
+    for name, rec in files.items():
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            problems.append(f"{name} is missing")
+        elif os.path.getsize(p) != rec["bytes"]:
+            problems.append(f"{name} has {os.path.getsize(p):,} bytes, {rec['bytes']:,} were written")
+    if problems:
+        return problems
+    got = hash_files(path, rank, world_size)
+    return [f"{n}: sha256 differs from the one written" for n, rec in files.items() if got[n]["sha256"] != rec["sha256"]]
+
+
+def resume_point(out_dir, log, rank=0, world_size=1):
+    """The newest intact checkpoint of a run dir, or None. A damaged one that is newer (a
+    file missing, truncated or changed since it was written; state.json unreadable) is
+    moved aside as NAME.damaged-TIME, said in one line and in the ledger, and the next
+    newest is tried. Older checkpoints are not read past state.json: a damaged one of them
+    never blocks a resume (python train.py verify RUN_DIR finds it)."""
+    while True:
+        best = find_checkpoint(out_dir)
+        best_pos = read_state(best)["pos"] if best else -1
+        damaged = {}
+        for name in checkpoint_names(out_dir):  # unreadable state.json: newer than best by its name?
+            path = os.path.join(out_dir, name)
+            if read_state(path) is None and (name == "ckpt_rolling" or int(name[5:]) + 1 > best_pos):
+                damaged[path] = ["state.json is missing or not valid JSON"]
+        if best and not damaged:
+            problems = verify_checkpoint(best, rank, world_size)
+            if not problems:
+                return best
+            damaged[best] = problems
+        if not damaged:
+            return None
+        if rank == 0:
+            for path, problems in damaged.items():
+                aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+                os.rename(path, aside)
+                log.event("damaged_checkpoint", checkpoint=os.path.basename(path), moved_to=os.path.basename(aside),
+                          problems=problems)
+                print(f"{path} is damaged ({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}): "
+                      f"moved aside to {os.path.basename(aside)}; resuming from the newest intact checkpoint",
+                      flush=True)
+        barrier(world_size)
+
+
+def verify_run(out_dir):
+    """python train.py verify RUN_DIR: every checkpoint against the sizes and sha256 its
+    state.json recorded, metrics.jsonl line by line, and every chunk of the data dirs
+    against its manifest; one line each. Returns the number of problems (the exit status
+    is 1 when there are any). Nothing is changed."""
+    bad = 0
+    if not os.path.isdir(out_dir):
+        raise CheckpointError(f"{out_dir}: no such run dir")
+    names = checkpoint_names(out_dir)
+    for name in names:
+        path = os.path.join(out_dir, name)
+        problems = verify_checkpoint(path)
+        st = read_state(path)
+        if problems:
+            bad += 1
+            print(f"{name:14s} DAMAGED: {'; '.join(problems)}")
+        elif "files" not in st:
+            print(f"{name:14s} not checked: written before checkpoints recorded their files")
+        else:
+            print(f"{name:14s} ok ({len(st['files'])} files, {sum(r['bytes'] for r in st['files'].values()) / 1e6:,.1f} MB)")
+    newest = find_checkpoint(out_dir)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        n, broken = 0, []
+        with open(metrics_path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    json.loads(line)
+                except ValueError:
+                    broken.append(n)
+        need = read_state(newest).get("metrics_lines", 0) if newest else 0
+        if broken or n < need:
+            bad += 1
+            print(f"metrics.jsonl  DAMAGED: {f'lines {broken[:5]} are not JSON; ' if broken else ''}{n} lines, "
+                  f"the newest checkpoint counted {need}")
+        else:
+            print(f"metrics.jsonl  ok ({n} lines)")
+    config_path = os.path.join(out_dir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            dirs = stage_dirs(json.load(f))
+        for d in dirs:
+            try:
+                manifest = data.load_manifest(d)
+                for entry in manifest["chunks"] + ([manifest["val"]] if manifest.get("val") else []):
+                    data.open_split(d, entry, verify=True)
+                print(f"{d}  ok ({len(manifest['chunks'])} chunks)")
+            except data.DataError as e:
+                bad += 1
+                print(f"{d}  DAMAGED: {e}")
+    if not names:
+        print(f"{out_dir} holds no checkpoints")
+    return bad
 
 
 def load_model(ckpt_dir, device="cpu"):
@@ -246,10 +413,17 @@ def load_model(ckpt_dir, device="cpu"):
 
     from config import config_from_dict
 
-    with open(os.path.join(ckpt_dir, "state.json")) as f:
-        cfg = config_from_dict(json.load(f)["config"])
-    model = Transformer(cfg.model)
-    _load_weights(model, load_file(os.path.join(ckpt_dir, "model.safetensors")), ckpt_dir)
+    state = read_state(ckpt_dir)
+    if state is None:
+        raise CheckpointError(f"{ckpt_dir}/state.json is missing or not valid JSON: the checkpoint is damaged")
+    weights = os.path.join(ckpt_dir, "model.safetensors")
+    written = state.get("files", {}).get("model.safetensors")
+    if written and (not os.path.exists(weights) or data.sha256_file(weights) != written["sha256"]):
+        raise CheckpointError(f"{weights} is missing or differs from the file written (sha256 in state.json): the "
+                              f"checkpoint is damaged; `python train.py verify {os.path.dirname(ckpt_dir) or '.'}` "
+                              "checks the whole run")
+    model = Transformer(config_from_dict(state["config"]).model)
+    _load_weights(model, load_file(weights), ckpt_dir)
     return model.to(device)
 
 
@@ -318,15 +492,22 @@ def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True)
             set_optimizer_state_dict(raw_model, optimizer, osd)
         else:
             optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
     rng_path = os.path.join(path, f"rng_rank{rank}.pt")
-    if os.path.exists(rng_path):
+    if not os.path.exists(rng_path):
+        if state["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1):
+            raise CheckpointError(f"{rng_path} is missing: the checkpoint is damaged")
+        # another world size: this rank had no RNG state then (its stream starts from the seed)
+        print(f"rank {rank}: {path} was written by {state['world_size']} ranks and holds no RNG state for this one",
+              flush=True)
+    else:
         rng = torch.load(rng_path, weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    with open(os.path.join(path, "state.json")) as f:
-        return json.load(f)
+    return state
 
 
 def check_resumable(state, cfg, data_sha, path):
@@ -756,6 +937,8 @@ def _run(cfg, rank, world_size, device):
         if manifest["seq_len"] != cfg.seq_len:
             raise ConfigError(f"{d} holds sequences of {manifest['seq_len']} tokens, the config asks for "
                               f"seq_len={cfg.seq_len}; prepare another data dir")
+    if cfg.sources and not cfg.stages:  # a config that names its data must train on that data
+        check_data_config(cfg, table[0][1])
     tokenizers = {m["tokenizer"].get("sha256") or m["tokenizer"].get("name") for _, m, _ in table}
     if len(tokenizers) > 1:
         raise ConfigError(f"the stages {dirs} were tokenized with different tokenizers; prepare every stage with "
@@ -770,10 +953,9 @@ def _run(cfg, rank, world_size, device):
     if rank == 0:  # import matplotlib and draw once while the first chunk trains (0.5 s, once)
         _WARM.append(threading.Thread(target=warm_figures, daemon=True))
         _WARM[0].start()
-    resume = find_checkpoint(cfg.out_dir)
+    resume = resume_point(cfg.out_dir, log, rank, world_size)  # the newest intact checkpoint
     if resume:
-        with open(os.path.join(resume, "state.json")) as f:
-            saved = json.load(f)
+        saved = read_state(resume)
         check_resumable(saved, cfg, data_sha, resume)
         if saved.get("finished") or (cfg.max_steps and saved["step"] >= cfg.max_steps):
             print0(f"{cfg.out_dir} has reached {'the end of its schedule' if saved.get('finished') else 'max_steps'} "
@@ -1007,12 +1189,21 @@ def _run(cfg, rank, world_size, device):
         if cfg.max_steps and state["step"] >= cfg.max_steps and not state["finished"]:
             log.event("max_steps", step=state["step"], checkpoint=f"ckpt_{pos:03d}")
             return state
+    if len(state["skipped"]) == len(state["schedule"]):
+        log.event("failed", reason="every chunk was skipped", skipped=[s["chunk"] for s in state["skipped"]])
+        raise SystemExit(f"error: every chunk of the schedule ({len(state['schedule'])}) gave a non-finite loss and was "
+                         "skipped; nothing was trained and no checkpoint written. Lower lr, or look at the data with "
+                         "`python data.py inspect CONFIG --chunk=C --step=S`")
     log.event("finish", step=state["step"], tokens=state["tokens"], skipped=[s["chunk"] for s in state["skipped"]])
     return state
 
 
 if __name__ == "__main__":
     try:
+        if sys.argv[1:2] == ["verify"]:
+            if len(sys.argv) != 3:
+                raise ConfigError("usage: python train.py verify RUN_DIR")
+            sys.exit(1 if verify_run(sys.argv[2]) else 0)
         main(load_config(sys.argv[1:]))
     except (ConfigError, data.DataError) as e:
         sys.exit(f"error: {e}")

@@ -324,6 +324,30 @@ def test_sweep_evaluates_nothing_twice_and_picks_up_new_checkpoints(run, tmp_pat
         ev.list_checkpoints(str(tmp_path / "tasks"))
 
 
+def test_results_are_reused_only_when_everything_that_makes_them_is_equal(run, tmp_path, monkeypatch):
+    """The cache key is the checkpoint, task files, --limit, shots, tokenizer and scoring
+    code: a --limit=2 result is never taken for the full benchmark."""
+    tasks = make_tasks(tmp_path / "tasks")
+    run_dir = tmp_path / "copy"
+    shutil.copytree(run / "run", run_dir, ignore=shutil.ignore_patterns("ckpt_001"))
+
+    def arc(rows):
+        return [r["n"] for r in rows if r["task"] == "arc_challenge" and r["metric"] == "acc"]
+
+    n_full = len(ev.load_task(str(tasks), "arc_challenge")[0])
+    assert arc(ev.sweep(str(run_dir), ["arc_challenge"], str(tasks), limit=2)) == [2]
+    assert arc(ev.sweep(str(run_dir), ["arc_challenge"], str(tasks))) == [2, n_full]  # scored again, in full
+    lines = (run_dir / "evals.jsonl").read_text()
+    monkeypatch.setattr(ev, "load_for_eval", lambda *a, **k: pytest.fail("a cached result loaded the weights"))
+    for limit in (2, None):
+        ev.sweep(str(run_dir), ["arc_challenge"], str(tasks), limit=limit)
+    assert (run_dir / "evals.jsonl").read_text() == lines  # both are cached now
+    assert (run_dir / "evals.csv").read_text().splitlines()[1].split(",")[0] == "ckpt_000"
+    monkeypatch.undo()
+    monkeypatch.setitem(ev._SCORER, "scorer", "changed-code")
+    assert arc(ev.sweep(str(run_dir), ["arc_challenge"], str(tasks))) == [2, n_full, n_full]
+
+
 def test_hugging_face_folder_evaluates_like_our_checkpoint(run, tmp_path):
     """A released checkpoint in the Llama layout (weights + tokenizer.model) gives the
     same scores as the checkpoint of ours it was exported from."""
@@ -340,6 +364,10 @@ def test_hugging_face_folder_evaluates_like_our_checkpoint(run, tmp_path):
     expected = ev.multiple_choice(model, tok, "hellaswag", docs, shots)[0]
     got = {r["metric"]: r["value"] for r in rows if r["task"] == "hellaswag"}
     assert got == pytest.approx(expected) and rows[0]["checkpoint"] == "ckpt_001"
+    # another tokenizer setting changes the prompts' ids: the folder is scored again
+    n = len(rows)
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "bos_token": "</s>"}))
+    assert len(ev.sweep(str(tmp_path / "amber_like"), ["arc_challenge", "hellaswag"], str(tasks))) == 2 * n
 
 
 def test_adapter_rolling_loglikelihood_and_generation(run):

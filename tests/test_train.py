@@ -198,6 +198,77 @@ def test_sigkill_and_rerun_equals_uninterrupted(corpus, reference, fault):
     assert ("resume" in [e["event"] for e in ledger(corpus / name)]) == (fault != "step:3")
 
 
+def _flip_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+def _truncate(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+DAMAGE = {
+    "weights-bit-flip": lambda d: _flip_byte(d / "model.safetensors"),
+    "weights-truncated": lambda d: _truncate(d / "model.safetensors"),
+    "optimizer-truncated": lambda d: _truncate(d / "optimizer.pt"),
+    "rng-missing": lambda d: os.remove(d / "rng_rank0.pt"),
+    "state-garbage": lambda d: (d / "state.json").write_bytes(b"\x00{not json"),
+}
+
+
+@pytest.fixture(scope="module")
+def killed_after_two_chunks(corpus, reference):
+    """A run killed in its third chunk: ckpt_000 and ckpt_001 on disk."""
+    assert train(corpus, "two_chunks", fault="step:100").returncode == -9
+    assert train_py.checkpoint_names(corpus / "two_chunks") == ["ckpt_000", "ckpt_001"]
+    return corpus / "two_chunks"
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_ends_bitwise(corpus, reference, killed_after_two_chunks,
+                                                                         damage):
+    import shutil
+
+    run = corpus / f"damaged_{damage}"
+    shutil.copytree(killed_after_two_chunks, run)
+    DAMAGE[damage](run / "ckpt_001")
+    if damage == "weights-bit-flip":  # evaluate.py, memorize.py and release.py load weights through load_model
+        with pytest.raises(train_py.CheckpointError, match="differs from the file written"):
+            train_py.load_model(str(run / "ckpt_001"))
+    proc = train(corpus, run.name)
+    moved = [n for n in os.listdir(run) if n.startswith("ckpt_001.damaged-")]
+    assert len(moved) == 1 and "ckpt_001 is damaged" in proc.stdout and "moved aside" in proc.stdout
+    events = ledger(run)
+    assert [e["checkpoint"] for e in events if e["event"] == "damaged_checkpoint"] == ["ckpt_001"]
+    assert [e["checkpoint"] for e in events if e["event"] == "resume"] == ["ckpt_000"]
+    assert_same_checkpoint(reference / "ckpt_002", run / "ckpt_002")  # as if nothing had happened
+    assert metrics(run) == metrics(reference)  # cut back to ckpt_000, then retrained
+
+
+def test_a_damaged_old_checkpoint_blocks_nothing_and_verify_finds_it(corpus, reference, killed_after_two_chunks):
+    import shutil
+
+    verify = [sys.executable, os.path.join(ROOT, "train.py"), "verify"]
+    ok = subprocess.run(verify + [str(reference)], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.count(" ok (") == 5, ok.stdout  # 3 checkpoints, metrics, data dir
+    run = corpus / "damaged_old"
+    shutil.copytree(killed_after_two_chunks, run)
+    DAMAGE["state-garbage"](run / "ckpt_000")
+    train(corpus, run.name)
+    assert [e["checkpoint"] for e in ledger(run) if e["event"] == "resume"] == ["ckpt_001"]
+    assert not [n for n in os.listdir(run) if "damaged" in n]
+    assert_same_checkpoint(reference / "ckpt_002", run / "ckpt_002")
+    _flip_byte(run / "ckpt_002" / "optimizer.pt")
+    bad = subprocess.run(verify + [str(run)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    lines = {line.split()[0]: line for line in bad.stdout.splitlines()}
+    assert "DAMAGED: state.json" in lines["ckpt_000"] and " ok (" in lines["ckpt_001"]
+    assert "DAMAGED: optimizer.pt: sha256 differs" in lines["ckpt_002"]
+
+
 def rolling_weights(run_dir):
     from safetensors.torch import load_file
 
@@ -264,6 +335,14 @@ def test_nan_chunk_is_skipped_and_replaced(corpus, reference):
 
     for ckpt in ("ckpt_000", "ckpt_002", "ckpt_003"):
         assert all(torch.isfinite(t).all() for t in load_file(corpus / "nan" / ckpt / "model.safetensors").values())
+
+
+def test_a_run_that_skipped_every_chunk_fails(corpus):
+    proc = train(corpus, "nan_all", nan_test_chunks=(0, 1, 2), expect_ok=False)
+    last = proc.stderr.strip().splitlines()[-1]  # above it: the progress bars
+    assert proc.returncode == 1 and last.startswith("error: every chunk of the schedule (5) gave a non-finite loss")
+    assert "Traceback" not in proc.stderr and train_py.checkpoint_names(corpus / "nan_all") == []  # 3 + 2 replacements
+    assert [e["event"] for e in ledger(corpus / "nan_all")][-1] == "failed"
 
 
 def test_nan_stop_exits_cleanly_with_the_last_good_checkpoint(corpus):
