@@ -15,9 +15,12 @@ through JSON so that it is saved with every run.
 """
 
 import ast
+import contextlib
 import difflib
+import errno
 import json
 import os
+import shutil
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -217,7 +220,14 @@ def read_config_file(path):
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     namespace = {"__file__": path, "__name__": "__config__"}
-    exec(compile(source, path, "exec"), namespace)
+    try:
+        exec(compile(source, path, "exec"), namespace)  # a config file is Python: loading it runs it
+    except Exception as e:  # noqa: BLE001 -- whatever the user's file raises, name the file and line
+        import traceback
+
+        lines = [f.lineno for f in traceback.extract_tb(e.__traceback__) if f.filename == path]
+        line = getattr(e, "lineno", None) if isinstance(e, SyntaxError) else (lines[-1] if lines else "?")
+        raise ConfigError(f"{path}:{line}: the config file raised {type(e).__name__}: {e}") from None
     return {k: v for k, v in namespace.items() if not k.startswith("_") and not isinstance(v, types.ModuleType)}
 
 
@@ -243,6 +253,36 @@ def config_to_dict(cfg):
 
 def format_config(cfg):
     return "\n".join(f"{k} = {v!r}" for k, v in config_to_dict(cfg).items())
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Writes under `path`: an OSError that names no file (a write to a full disk; numpy's
+    short write "N requested and M written") is raised again naming `path`, so that the
+    one-line error says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        short = e.errno is None and "written" in str(e)
+        raise OSError(errno.ENOSPC if short else e.errno, "No space left on device (a short write)" if short
+                      else e.strerror or str(e), path) from None
+
+
+def os_error_line(e):
+    """One line for an OSError met by a script: the path, the reason, and for a full disk
+    what is free there. A read-only or full out_dir is the user's to fix, not a traceback."""
+    path = e.filename or ""
+    line = f"{path}: {e.strerror or e}" if path else str(e)
+    if e.errno == errno.ENOSPC and path:
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        line += f" ({shutil.disk_usage(folder).free / 2**20:,.1f} MiB free on {folder}); free space and run again"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        line += "; give a folder this process can write to"
+    return line
 
 
 def write_json_atomic(path, obj, indent=1):

@@ -52,7 +52,7 @@ import time
 import numpy as np
 import torch
 
-from config import write_json_atomic
+from config import os_error_line, write_json_atomic, writing
 
 MANIFEST_FORMAT, MANIFEST_VERSION = "llm360-mini data", 2  # 2: the two-pass global shuffle
 DATA_KEYS = ("sources", "tokenizer", "val_fraction", "seq_len", "n_chunks", "seed")  # what defines a data dir
@@ -618,7 +618,7 @@ def prepare(cfg, progress=True):
 
     # everything is written into a temporary sibling and renamed into place at the end,
     # so that a crash never leaves a data dir that looks valid
-    with _staging(out) as tmp:
+    with _staging(out) as tmp, writing(tmp):  # a full disk: one line that names the folder
         work = os.path.join(tmp, "_work")  # token files and packed streams, deleted before the rename
         os.makedirs(work)
         # 1. tokenizer
@@ -1306,6 +1306,8 @@ def main(argv):
             print(mix_table(prepare(cfg)))
     except (ConfigError, DataError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {os_error_line(e)}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import data
+from config import os_error_line
 from model import KVCache, load_hf
 
 FEWSHOT = {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "truthfulqa_mc": 0}
@@ -140,6 +141,8 @@ def _hf_special_tokens(path, tok):
 
 def list_checkpoints(run_dir):
     """A run's checkpoints in training order, a folder of HF checkpoints, or one HF folder."""
+    if not os.path.isdir(run_dir):
+        raise EvalError(f"{run_dir}: no such folder; give a run dir, a checkpoint folder or a folder of them")
     if os.path.exists(os.path.join(run_dir, "config.json")) and not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         return [run_dir]
     names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and n[5:].isdigit()
@@ -275,6 +278,8 @@ def perplexity_text(model, tok, text):
     """(loss, ppl) of a text: EOS, then its tokens, in windows of max_seq_len + 1 that
     overlap by one token; the last window is padded with -1, never counted."""
     ids = [tok.prefix_id] + tok.encode(text)
+    if len(ids) == 1:
+        raise EvalError("the text holds no tokens: there is nothing to score")
     L = model.config.max_seq_len + 1
     rows = []
     for start in range(0, max(1, len(ids) - 1), L - 1):
@@ -571,12 +576,27 @@ def code_task(model, tok, task, docs, max_new_tokens=128, timeout=10.0, compile=
 
 
 def read_rows(path):
+    """The rows of a task file; a malformed line is refused with its file:line, and a file
+    without rows too (a benchmark of 0 items is not a score)."""
     if path.endswith(".parquet"):
         import pyarrow.parquet
 
-        return pyarrow.parquet.read_table(path).to_pylist()
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    else:
+        rows = []
+        with open(path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except ValueError as e:
+                    raise EvalError(f"{path}:{lineno}: not a JSON object ({e}); fix or remove the line") from None
+                if not isinstance(rows[-1], dict):
+                    raise EvalError(f"{path}:{lineno}: a {type(rows[-1]).__name__}, not a JSON object")
+    if not rows:
+        raise EvalError(f"{path} holds no rows; save the task's rows there")
+    return rows
 
 
 def task_file(task_dir, name):
@@ -606,7 +626,11 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, limit=None, text=None,
     """[{metric, value, n, task_sha256}] of one task on one model."""
     if task == "ppl":
         if text:
-            loss, ppl = perplexity_text(model, tok, open(text).read())
+            with open(text, encoding="utf-8", errors="replace") as f:
+                content = f.read()
+            if not content:
+                raise EvalError(f"--text={text} is empty: give a file holding the text to score")
+            loss, ppl = perplexity_text(model, tok, content)
             sha = hashlib.sha256(open(text, "rb").read()).hexdigest()
             return [{"metric": "loss", "value": loss, "n": 1, "task_sha256": sha},
                     {"metric": "ppl", "value": ppl, "n": 1, "task_sha256": sha}]
@@ -640,8 +664,16 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
     for task in tasks:
         if task not in ("ppl", "humaneval", "mbpp") and task not in FEWSHOT:
             raise EvalError(f"unknown task {task!r}; known: ppl, {', '.join(FEWSHOT)}, humaneval, mbpp")
+        if task != "ppl" and not task_dir:
+            raise EvalError(f"{task} needs --task_dir=DIR, the folder holding {task}.jsonl (the rows of the public "
+                            "dataset, saved by you)")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise EvalError(f"limit={limit!r}: give a whole number >= 1, or no limit")
+    if text and not os.path.isfile(text):
+        raise EvalError(f"--text={text}: no such file")
     from train import rank_token, wait_for_ranks
 
+    list_checkpoints(run_dir)  # a missing or empty run dir stops here, before anything is written
     token = rank_token(world_size)
     if rank == 0:  # one evaluation per run dir at a time (training may go on beside it)
         data.hold_lock(os.path.join(run_dir, "evals.lock"), "an evaluate.py sweep")
@@ -650,6 +682,10 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
     done = {(r["checkpoint"], r["task"], r.get("key")) for p in [out_path] + part_paths for r in _read_rows(p)}
     paths = [p for p in list_checkpoints(run_dir)
              if not checkpoints or os.path.basename(os.path.normpath(p)) in checkpoints]
+    unknown = set(checkpoints or ()) - {os.path.basename(os.path.normpath(p)) for p in paths}
+    if unknown:
+        raise EvalError(f"{run_dir} has no checkpoint {', '.join(sorted(unknown))}; it has "
+                        f"{', '.join(os.path.basename(os.path.normpath(p)) for p in list_checkpoints(run_dir))}")
     mine = os.path.join(run_dir, f"evals.rank{rank}.jsonl")
     for path in paths[rank::world_size]:
         name = os.path.basename(os.path.normpath(path))
@@ -767,6 +803,12 @@ def register_lm_eval():
 # -----------------------------------------------------------------------------
 
 
+def _whole_number(text, what):
+    if not text.isdigit() or int(text) < 1:
+        raise EvalError(f"{what}={text!r}: give a whole number >= 1")
+    return int(text)
+
+
 def main(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python evaluate.py RUN_DIR --tasks=ppl,arc_challenge,... [--task_dir=DIR] "
@@ -781,10 +823,12 @@ def main(argv):
         rank, world_size, device = init_distributed()  # one process: rank 0 of 1, on a GPU if there is one
         sweep(argv[0], opts.get("tasks", "ppl").split(","), opts.get("task_dir"),
               opts["checkpoints"].split(",") if "checkpoints" in opts else None,
-              int(opts["limit"]) if "limit" in opts else None, opts.get("text"), opts.get("device", device),
+              _whole_number(opts["limit"], "--limit") if "limit" in opts else None, opts.get("text"), opts.get("device", device),
               rank, world_size, opts.get("allow_code_execution") == "True")
     except (EvalError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {os_error_line(e)}")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -45,7 +45,7 @@ from dataclasses import replace
 import numpy as np
 
 import data
-from config import ConfigError, load_config, write_json_atomic
+from config import ConfigError, load_config, os_error_line, write_json_atomic
 from model import model_config_from_hf
 
 VICUNA_ROLES = ("USER", "ASSISTANT")
@@ -343,6 +343,8 @@ def main(argv):
         train.main(cfg)
     except (FinetuneError, ConfigError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {os_error_line(e)}")
 
 
 if __name__ == "__main__":

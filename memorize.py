@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 import data
-from config import write_json_atomic
-from train import chunk_table, stage_dirs
+from config import os_error_line, write_json_atomic
+from train import chunk_table, read_state, stage_dirs
 
 
 class MemorizeError(ValueError):
@@ -54,8 +54,10 @@ def checkpoints_of(run_dir):
     for name in names:
         path = os.path.join(run_dir, name)
         if os.path.exists(os.path.join(path, "state.json")):
-            with open(os.path.join(path, "state.json")) as f:
-                st = json.load(f)
+            st = read_state(path)
+            if st is None:
+                raise MemorizeError(f"{path}/state.json is not valid: the checkpoint is damaged; move it aside (or "
+                                    "leave it out with --checkpoints=...)")
             skipped = {(s["pos"]) for s in st["skipped"]}
             seen = [c for p, c in enumerate(st["schedule"][: st["pos"]]) if p not in skipped]
             out.append((name, path, seen, stage_dirs(st["config"])))
@@ -115,8 +117,15 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
     from evaluate import load_for_eval
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for key, value in (("k", k), ("l", l), ("samples", samples), ("batch_size", batch_size)):
+        if value < 1:
+            raise MemorizeError(f"{key}={value}: must be >= 1")
     ckpts = checkpoints_of(run_dir)
     if checkpoints:
+        unknown = set(checkpoints) - {c[0] for c in ckpts}
+        if unknown:
+            raise MemorizeError(f"{run_dir} has no checkpoint {', '.join(sorted(unknown))}; it has "
+                                f"{', '.join(c[0] for c in ckpts)}")
         ckpts = [c for c in ckpts if c[0] in checkpoints]
     dirs = [data_dir] if data_dir else ckpts[0][3]
     if dirs is None:
@@ -144,11 +153,9 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
         files.append(file)
         if i % world_size != rank:
             continue
-        if os.path.exists(file):
-            with open(file) as f:
-                old = json.load(f)
-            if (old["k"], old["l"], old["samples"], old["seed"]) == (k, l, samples, seed):
-                continue  # done before: nothing is recomputed
+        old = read_result(file)
+        if old and (old["k"], old["l"], old["samples"], old["seed"]) == (k, l, samples, seed):
+            continue  # done before: nothing is recomputed
         d, manifest, local = table[chunk]
         if name not in model_for:
             model_for.clear()
@@ -178,14 +185,26 @@ def check_vocab(model, manifest, where):
                             f"go up to {vocab - 1}: these checkpoints were not trained on this data")
 
 
+def read_result(path):
+    """A (checkpoint, chunk) result file, or None when there is none or it is unreadable
+    (cut short by a full disk or a copy: it is computed again, with a line that says so)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            result = json.load(f)
+        if {"k", "l", "samples", "seed", "scores", "checkpoint", "chunk"} <= set(result):
+            return result
+    except (OSError, ValueError):
+        pass
+    print(f"{path} is unreadable (cut short?): not used, computed again when its pair is run", flush=True)
+    return None
+
+
 def load_results(run_dir):
     out_dir = os.path.join(run_dir, "memorization")
-    results = []
-    for name in sorted(os.listdir(out_dir)):
-        if name.endswith(".json") and "__chunk_" in name:
-            with open(os.path.join(out_dir, name)) as f:
-                results.append(json.load(f))
-    return results
+    names = sorted(n for n in os.listdir(out_dir) if n.endswith(".json") and "__chunk_" in n)
+    return [r for r in (read_result(os.path.join(out_dir, n)) for n in names) if r]
 
 
 def summarize(run_dir):
@@ -335,6 +354,8 @@ def main(argv):
             summarize(argv[0])
     except (MemorizeError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {os_error_line(e)}")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

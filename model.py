@@ -869,7 +869,7 @@ def summary(cfg: ModelConfig, seq_len):
 if __name__ == "__main__":
     import sys
 
-    from config import ConfigError, load_config
+    from config import ConfigError, load_config, os_error_line
 
     usage = ("usage: python model.py CONFIG [--key=value ...]            summary of the config's model\n"
              "       python model.py export CKPT_DIR OUT_DIR             a Hugging Face folder, with its tokenizer\n"
@@ -897,5 +897,7 @@ if __name__ == "__main__":
         else:
             cfg = load_config(args)
             print(summary(cfg.model, cfg.seq_len))
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {os_error_line(e)}")

@@ -32,7 +32,7 @@ import shutil
 import sys
 
 import data
-from config import config_from_dict, format_config, write_json_atomic
+from config import config_from_dict, format_config, os_error_line, write_json_atomic
 from evaluate import list_checkpoints
 from model import export, hf_config
 from train import stage_dirs, verify_checkpoint
@@ -292,8 +292,10 @@ def main(argv):
         sys.exit("usage: python release.py RUN_DIR [OUT_DIR]")
     try:
         release(*argv)
-    except (ReleaseError, data.DataError, ValueError, FileExistsError) as e:
+    except (ReleaseError, data.DataError, ValueError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {os_error_line(e)}")
 
 
 if __name__ == "__main__":

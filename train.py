@@ -52,7 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import data
-from config import ConfigError, config_to_dict, format_config, load_config, save_config
+from config import ConfigError, config_to_dict, format_config, load_config, os_error_line, save_config, writing
 from model import Transformer
 
 # -----------------------------------------------------------------------------
@@ -209,13 +209,24 @@ def full_state_dict(raw_model, fsdp):
 
 def save_checkpoint(path, raw_model, optimizer, state, cfg, rank, world_size, fsdp, n_saved):
     """Write a checkpoint folder atomically: everything into path.tmp, then one rename."""
-    from safetensors.torch import save_file
-
     tmp = path + ".tmp"
+    check_free_space(os.path.dirname(path), 12 * raw_model.num_params(), rank, world_size)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier(world_size)
+    try:
+        with writing(tmp):
+            _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp, n_saved)
+    except OSError:
+        if rank == 0:  # a full disk: give back what the unfinished checkpoint took
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp, n_saved):
+    from safetensors.torch import save_file
+
     model_sd = full_state_dict(raw_model, fsdp)  # collective under FSDP
     if rank == 0:
         save_file(model_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
@@ -262,6 +273,23 @@ def checkpoint_names(out_dir):
         return []
     return sorted(n for n in os.listdir(out_dir) if (n[5:].isdigit() or n == "ckpt_rolling") and n.startswith("ckpt_")
                   and os.path.isdir(os.path.join(out_dir, n)))
+
+
+def _size(n):
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.2f} MiB"
+
+
+def check_free_space(folder, needed, rank=0, world_size=1):
+    """Stop before writing a checkpoint that cannot fit (float32 weights and both AdamW
+    moments: 12 bytes a parameter, 84 GB at 7B), rather than fail in the middle of it.
+    Rank 0 looks and every rank stops alike."""
+    free = [shutil.disk_usage(folder).free if rank == 0 else 0]
+    if world_size > 1:
+        dist.broadcast_object_list(free, src=0)
+    if free[0] < needed * 1.01:
+        newest = find_checkpoint(folder)
+        raise CheckpointError(f"{folder}: {_size(free[0])} free, a checkpoint needs about {_size(needed)}; free space and run the same command again (it resumes "
+                              f"from {os.path.basename(newest) if newest else 'the start'})")
 
 
 def find_checkpoint(out_dir, chunk_ends_only=False):
@@ -541,7 +569,7 @@ class RunLog:
 
     def _append(self, path, record):
         if self.rank == 0:
-            with open(path, "a") as f:
+            with writing(path), open(path, "a") as f:
                 f.write(json.dumps(record) + "\n")
                 f.flush()
 
@@ -914,6 +942,9 @@ def _run(cfg, rank, world_size, device):
         return plan(cfg, world_size) if rank == 0 else None
     accum = grad_accum(cfg, world_size)
     fsdp = cfg.parallel == "fsdp" and world_size > 1
+    for key, folder in [("out_dir", cfg.out_dir), ("data_dir", cfg.data_dir)] + [("stages", d) for d in cfg.stages]:
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ConfigError(f"{key}={folder!r} is a file, not a folder; give a folder")
     if rank == 0:  # one writer per run dir: a second train.py on it (a requeued job) stops here, changing nothing
         data.hold_lock(os.path.join(cfg.out_dir, ".lock"), "a train.py run")
     dtype, precision = choose_dtype(cfg, device, rank, world_size)
@@ -1198,12 +1229,19 @@ def _run(cfg, rank, world_size, device):
     return state
 
 
-if __name__ == "__main__":
+def cli(argv):
+    """The command line: every error the user can fix is one line, not a traceback."""
     try:
-        if sys.argv[1:2] == ["verify"]:
-            if len(sys.argv) != 3:
+        if argv[:1] == ["verify"]:
+            if len(argv) != 2:
                 raise ConfigError("usage: python train.py verify RUN_DIR")
-            sys.exit(1 if verify_run(sys.argv[2]) else 0)
-        main(load_config(sys.argv[1:]))
+            sys.exit(1 if verify_run(argv[1]) else 0)
+        main(load_config(argv))
     except (ConfigError, data.DataError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a read-only or full disk: what and where
+        sys.exit(f"error: {os_error_line(e)}")
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -1,0 +1,180 @@
+"""Every bad input the user can make gets one line that says what is wrong and where,
+never a traceback, and changes nothing on disk: train.py, evaluate.py, memorize.py and
+data.py convert-amber, through their command lines (in this process: a traceback would
+be an exception here, not a SystemExit)."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import data
+import evaluate
+import memorize
+import train
+from conftest import corpus_values, trained_run, write_config
+from test_evaluate import make_tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A trained run (root/run, two checkpoints), its data (root/data) and task files."""
+    root = trained_run(tmp_path_factory.mktemp("bad_input"), val_sequences=16, n_chunks=2, max_seq_len=128)
+    make_tasks(root / "tasks")
+    return root
+
+
+def config(root, **kw):
+    values = corpus_values(root, "data", dim=64, n_layer=2, n_head=4, intermediate_size=128, seq_len=64,
+                           max_seq_len=128, n_chunks=2, out_dir=str(root / "run"))
+    return write_config(root / "case.py", values | kw)
+
+
+def task_dir(root, name, **files):
+    """A copy of the task files with some replaced: {file stem: text}."""
+    folder = root / name
+    shutil.copytree(root / "tasks", folder, dirs_exist_ok=True)
+    for stem, text in files.items():
+        (folder / f"{stem}.jsonl").write_text(text)
+    return str(folder)
+
+
+def arc_row(key):
+    return ('{"id": "x", "question": "q?", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, '
+            f'"answerKey": "{key}"}}\n')
+
+
+CASES = {  # id: (script's main, argv from root), what the line must say
+    # train.py and its config
+    "micro_batch_size=0": (lambda r: (train.cli, [config(r), "--micro_batch_size=0"]),
+                           "micro_batch_size=0: must be >= 1"),
+    "n_chunks=0, fresh dir": (lambda r: (train.cli, [config(r, data_dir=str(r / "fresh"), out_dir=str(r / "o")),
+                                                     "--n_chunks=0"]), "n_chunks=0: must be >= 1"),
+    "config that raises": (lambda r: (train.cli, [str(_write(r / "raises.py", "lr = 1e-3\n\nx = 1 / 0\n"))]),
+                           "raises.py:3: the config file raised ZeroDivisionError"),
+    "config with a syntax error": (lambda r: (train.cli, [str(_write(r / "syntax.py", "lr = 1e-3\nlr ==== 2\n"))]),
+                                   "syntax.py:2: the config file raised SyntaxError"),
+    "data_dir is a file": (lambda r: (train.cli, [config(r, data_dir=str(_write(r / "a_file", "x")))]),
+                           "data_dir='.*a_file' is a file, not a folder"),
+    "out_dir is a file": (lambda r: (train.cli, [config(r, out_dir=str(_write(r / "a_file", "x")))]),
+                          "out_dir='.*a_file' is a file, not a folder"),
+    "data keys differ from the data dir's": (lambda r: (train.cli, [config(r, val_fraction=0.5, out_dir=str(r / "o2"))]),
+                                             r"prepared with another data config \(val_fraction=0.1 there, 0.5 here\)"),
+    "verify a missing run dir": (lambda r: (train.cli, ["verify", str(r / "nowhere")]), "nowhere: no such run dir"),
+    # evaluate.py
+    "no --task_dir": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=arc_challenge"]),
+                      "arc_challenge needs --task_dir=DIR"),
+    "malformed JSON line": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=arc_challenge", "--task_dir=" + task_dir(
+        r, "t_json", arc_challenge=arc_row("A") + "{broken\n")]), r"arc_challenge.jsonl:2: not a JSON object"),
+    "bad answerKey": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=arc_challenge", "--task_dir=" + task_dir(
+        r, "t_key", arc_challenge=arc_row("Z"))]), "its answer 'Z' names none of its 2 choices"),
+    "2-choice MMLU row": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=mmlu", "--task_dir=" + task_dir(
+        r, "t_mmlu", mmlu='{"question": "q", "subject": "s", "choices": ["a", "b"], "answer": 0}\n')]),
+        "2 choices; MMLU rows have 4"),
+    "--limit=abc": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=ppl", "--limit=abc"]),
+                    "--limit='abc': give a whole number >= 1"),
+    "missing run dir": (lambda r: (evaluate.main, [str(r / "nowhere"), "--tasks=ppl"]), "nowhere: no such folder"),
+    "empty --text": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=ppl", "--text=" + str(_write(r / "e.txt", ""))]),
+                     "e.txt is empty"),
+    "task file with 0 rows": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=arc_challenge", "--task_dir=" + task_dir(
+        r, "t_empty", arc_challenge="\n")]), "arc_challenge.jsonl holds no rows"),
+    "unknown checkpoint (evaluate)": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=ppl", "--checkpoints=ckpt_9"]),
+                                      "has no checkpoint ckpt_9; it has ckpt_000, ckpt_001"),
+    # memorize.py
+    "k=0": (lambda r: (memorize.main, [str(r / "run"), "--k=0"]), "k=0: must be >= 1"),
+    "l=-1": (lambda r: (memorize.main, [str(r / "run"), "--l=-1"]), "l=-1: must be >= 1"),
+    "batch_size=0": (lambda r: (memorize.main, [str(r / "run"), "--batch_size=0"]), "batch_size=0: must be >= 1"),
+    "unknown checkpoint (memorize)": (lambda r: (memorize.main, [str(r / "run"), "--checkpoints=ckpt_999"]),
+                                      "has no checkpoint ckpt_999; it has ckpt_000, ckpt_001"),
+    # data.py convert-amber
+    "convert-amber: a row without token_ids": (lambda r: (data.main, ["convert-amber", str(_release(
+        r, '{"tokens": [1, 2]}\n')), str(r / "converted")]), r"train_000.jsonl:1: no 'token_ids' list"),
+    "convert-amber: an empty file": (lambda r: (data.main, ["convert-amber", str(_release(r, "")),
+                                                            str(r / "converted")]), "train_000.jsonl: the file holds no rows"),
+}
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def _release(root, text):
+    folder = root / "release"
+    folder.mkdir(exist_ok=True)
+    (folder / "train_000.jsonl").write_text(text)
+    return folder
+
+
+def snapshot(root):
+    """Every file under root but this test's own inputs and lock files, with size and mtime."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            if not f.endswith(".lock"):
+                out[p] = (os.path.getsize(p), os.stat(p).st_mtime_ns)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_line_and_changes_nothing(root, case, capsys):
+    make, expected = CASES[case]
+    main, argv = make(root)
+    before = {p: v for p, v in snapshot(root).items() if "/run/" in p or "/data/" in p}
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    assert re.search(expected, message), message
+    after = {p: v for p, v in snapshot(root).items() if "/run/" in p or "/data/" in p}
+    assert after == before  # nothing written, nothing lost
+    assert not os.path.exists(root / "converted" / "manifest.json")
+
+
+def test_a_truncated_memorization_result_is_computed_again(root):
+    argv = [str(root / "run"), "--samples=2", "--batch_size=2", "--checkpoints=ckpt_000"]
+    memorize.main(argv)
+    path = root / "run" / "memorization" / "ckpt_000__chunk_000.json"
+    good = path.read_text()
+    path.write_text(good[: len(good) // 2])
+    memorize.main(argv)
+    assert path.read_text() == good
+
+
+def _can_mount():
+    try:
+        return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,
+                              timeout=10).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount(), reason="needs unprivileged user and mount namespaces (unshare)")
+def test_a_full_or_read_only_disk_gives_one_line(root, tmp_path):
+    """In a mount namespace of its own: a 300 KiB tmpfs (full before the first checkpoint,
+    and before the data dir is built) and a read-only bind mount."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    cfg = config(root)
+    train_py = os.path.join(ROOT, "train.py")
+    script = (f"mount -t tmpfs -o size=300k tmpfs {mnt} && mkdir {mnt}/ro && mount --bind -o ro {mnt}/ro {mnt}/ro && "
+              f"for out in {mnt}/ro/run {mnt}/full_run; do {sys.executable} {train_py} {cfg} --out_dir=$out "
+              "2>&1 >/dev/null | tr '\\r' '\\n' | tail -1; done; "
+              f"{sys.executable} {train_py} {cfg} --out_dir={mnt}/run2 --data_dir={mnt}/data 2>&1 >/dev/null "
+              "| tr '\\r' '\\n' | tail -1; ls -A " + str(mnt))
+    proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    read_only, full_ckpt, full_data, *listing = proc.stdout.splitlines()
+    assert read_only == f"error: {mnt}/ro/run: Read-only file system; give a folder this process can write to"
+    assert re.fullmatch(f"error: {mnt}/full_run: [0-9.]+ MiB free, a checkpoint needs about [0-9.]+ MiB; free space "
+                        r"and run the same command again \(it resumes from the start\)", full_ckpt), full_ckpt
+    assert full_data.startswith(f"error: {mnt}/data.tmp") and "No space left on device" in full_data, full_data
+    assert "MiB free on" in full_data
+    # nothing half-built is left: no data dir staging folder, no checkpoint folder
+    assert not [n for n in listing if n.startswith("data.tmp")] and "data" not in listing, listing
