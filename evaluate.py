@@ -671,7 +671,7 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
         raise EvalError(f"limit={limit!r}: give a whole number >= 1, or no limit")
     if text and not os.path.isfile(text):
         raise EvalError(f"--text={text}: no such file")
-    from train import rank_token, wait_for_ranks
+    from train import CheckpointError, rank_token, wait_for_ranks
 
     list_checkpoints(run_dir)  # a missing or empty run dir stops here, before anything is written
     token = rank_token(world_size)
@@ -687,34 +687,53 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
         raise EvalError(f"{run_dir} has no checkpoint {', '.join(sorted(unknown))}; it has "
                         f"{', '.join(os.path.basename(os.path.normpath(p)) for p in list_checkpoints(run_dir))}")
     mine = os.path.join(run_dir, f"evals.rank{rank}.jsonl")
+    damaged = []
     for path in paths[rank::world_size]:
-        name = os.path.basename(os.path.normpath(path))
-        model = tok = None
-        info = identity(path)  # no weights read: a rerun over 360 done checkpoints loads none
-        for task in tasks:
-            if task != "ppl":
-                sha = load_task(task_dir, task)[2]
-            elif text:
-                sha = hashlib.sha256(open(text, "rb").read()).hexdigest()
-            elif info["data_dir"]:
-                sha = data.manifest_sha256(info["data_dir"])
-            else:
-                raise EvalError(f"{path}: ppl of a Hugging Face folder needs --text=FILE (it has no data dir)")
-            key = result_key(task, sha, limit, info["tokenizer"])
-            if (name, task, key) in done:
-                continue
-            if model is None:
-                model, tok, info = load_for_eval(path, device)
-            rows = evaluate_checkpoint(model, tok, info, task, task_dir, limit, text, allow_code_execution)
-            with open(mine, "a") as f:
-                for r in rows:
-                    f.write(json.dumps({"checkpoint": name, "step": info["step"], "tokens": info["tokens"],
-                                        "task": task, **r, "limit": limit, "tokenizer": info["tokenizer"],
-                                        "scorer": scorer_version(), "key": key}) + "\n")
-            print(f"{name} {task}: " + ", ".join(f"{r['metric']} {r['value']:.4f}" for r in rows), flush=True)
+        try:
+            _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, allow_code_execution)
+        except CheckpointError as e:  # a damaged checkpoint stops nothing else: it is named at the end
+            print(f"{os.path.basename(os.path.normpath(path))}: not evaluated: {e}", flush=True)
+            damaged.append(os.path.basename(os.path.normpath(path)))
     wait_for_ranks(run_dir, token, rank, world_size)
-    if rank != 0:
-        return None
+    if rank == 0:
+        rows = _merge(run_dir, out_path, tasks)
+    if damaged:
+        raise EvalError(f"{len(damaged)} damaged checkpoint(s) not evaluated ({', '.join(damaged)}); the others are in "
+                        f"{out_path}. `python train.py verify {run_dir}` checks the whole run")
+    return rows if rank == 0 else None
+
+
+def _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, allow_code_execution):
+    """The tasks of one checkpoint that are not done, appended to the rank's file."""
+    name = os.path.basename(os.path.normpath(path))
+    model = tok = None
+    info = identity(path)  # no weights read: a rerun over 360 done checkpoints loads none
+    for task in tasks:
+        if task != "ppl":
+            sha = load_task(task_dir, task)[2]
+        elif text:
+            sha = hashlib.sha256(open(text, "rb").read()).hexdigest()
+        elif info["data_dir"]:
+            sha = data.manifest_sha256(info["data_dir"])
+        else:
+            raise EvalError(f"{path}: ppl of a Hugging Face folder needs --text=FILE (it has no data dir)")
+        key = result_key(task, sha, limit, info["tokenizer"])
+        if (name, task, key) in done:
+            continue
+        if model is None:
+            model, tok, info = load_for_eval(path, device)
+        rows = evaluate_checkpoint(model, tok, info, task, task_dir, limit, text, allow_code_execution)
+        with open(mine, "a") as f:
+            for r in rows:
+                f.write(json.dumps({"checkpoint": name, "step": info["step"], "tokens": info["tokens"],
+                                    "task": task, **r, "limit": limit, "tokenizer": info["tokenizer"],
+                                    "scorer": scorer_version(), "key": key}) + "\n")
+        print(f"{name} {task}: " + ", ".join(f"{r['metric']} {r['value']:.4f}" for r in rows), flush=True)
+
+
+def _merge(run_dir, out_path, tasks):
+    """Rank 0, after every rank is done: the ranks' rows into evals.jsonl in checkpoint,
+    then task order; evals.csv and evals.png from all rows."""
     order = {os.path.basename(os.path.normpath(p)): i for i, p in enumerate(list_checkpoints(run_dir))}
     new = [r for p in sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl"))) for r in _read_rows(p)]
     new.sort(key=lambda r: (order.get(r["checkpoint"], len(order)), tasks.index(r["task"]) if r["task"] in tasks

@@ -348,6 +348,18 @@ def test_results_are_reused_only_when_everything_that_makes_them_is_equal(run, t
     assert arc(ev.sweep(str(run_dir), ["arc_challenge"], str(tasks))) == [2, n_full, n_full]
 
 
+def test_a_damaged_checkpoint_is_named_and_the_others_evaluated(run, tmp_path):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(run / "run", run_dir)
+    weights = run_dir / "ckpt_000" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-5] ^= 1  # one flipped bit in the last weight
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ev.EvalError, match=r"1 damaged checkpoint\(s\) not evaluated \(ckpt_000\)"):
+        ev.sweep(str(run_dir), ["ppl"])
+    assert {r["checkpoint"] for r in ev._read_rows(str(run_dir / "evals.jsonl"))} == {"ckpt_001"}
+
+
 def test_hugging_face_folder_evaluates_like_our_checkpoint(run, tmp_path):
     """A released checkpoint in the Llama layout (weights + tokenizer.model) gives the
     same scores as the checkpoint of ours it was exported from."""
