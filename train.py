@@ -467,8 +467,10 @@ def load_init_from(cfg, raw_model, optimizer, data_sha, rank, fsdp):
     state when cfg.init_optimizer) or a Hugging Face folder (weights: AMBER's release)."""
     path = cfg.init_from
     if os.path.exists(os.path.join(path, "state.json")):
-        with open(os.path.join(path, "state.json")) as f:
-            check_resumable(json.load(f) | {"data_manifest_sha256": data_sha}, cfg, data_sha, path)
+        problems = verify_checkpoint(path, rank, dist.get_world_size() if dist.is_initialized() else 1)
+        if problems:
+            raise CheckpointError(f"init_from={path!r} is damaged ({'; '.join(problems)}); start from another checkpoint")
+        check_resumable(read_state(path) | {"data_manifest_sha256": data_sha}, cfg, data_sha, path)
         load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=cfg.init_optimizer)
         return
     if not os.path.exists(os.path.join(path, "config.json")):
