@@ -7,7 +7,8 @@ The pre-training run: a loop over data chunks, one checkpoint after each.
     python train.py verify RUN_DIR                           check checkpoints, metrics and data; change nothing
 
 Running the same command again resumes from the newest complete checkpoint, and
-a resumed run is bitwise identical to an uninterrupted one on a CPU. The run dir
+a resumed run is bitwise identical to an uninterrupted one on a CPU (with one thread,
+or MKL_CBWR=COMPATIBLE: MKL's multi-threaded matmul differs from process to process). The run dir
 (out_dir) holds:
 
     config.json, run.json      the resolved config; git commit, versions, devices
