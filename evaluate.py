@@ -673,19 +673,18 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
         raise EvalError(f"--text={text}: no such file")
     from train import CheckpointError, rank_token, wait_for_ranks
 
-    list_checkpoints(run_dir)  # a missing or empty run dir stops here, before anything is written
+    # a missing or empty run dir, or an unknown checkpoint, stops here, before anything is written
+    names = {os.path.basename(os.path.normpath(p)): p for p in list_checkpoints(run_dir)}
+    unknown = set(checkpoints or ()) - set(names)
+    if unknown:
+        raise EvalError(f"{run_dir} has no checkpoint {', '.join(sorted(unknown))}; it has {', '.join(names)}")
+    paths = [p for name, p in names.items() if not checkpoints or name in checkpoints]
     token = rank_token(world_size)
     if rank == 0:  # one evaluation per run dir at a time (training may go on beside it)
         data.hold_lock(os.path.join(run_dir, "evals.lock"), "an evaluate.py sweep")
     out_path = os.path.join(run_dir, "evals.jsonl")
     part_paths = sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")))
     done = {(r["checkpoint"], r["task"], r.get("key")) for p in [out_path] + part_paths for r in _read_rows(p)}
-    paths = [p for p in list_checkpoints(run_dir)
-             if not checkpoints or os.path.basename(os.path.normpath(p)) in checkpoints]
-    unknown = set(checkpoints or ()) - {os.path.basename(os.path.normpath(p)) for p in paths}
-    if unknown:
-        raise EvalError(f"{run_dir} has no checkpoint {', '.join(sorted(unknown))}; it has "
-                        f"{', '.join(os.path.basename(os.path.normpath(p)) for p in list_checkpoints(run_dir))}")
     mine = os.path.join(run_dir, f"evals.rank{rank}.jsonl")
     damaged = []
     for path in paths[rank::world_size]:
@@ -842,8 +841,8 @@ def main(argv):
         rank, world_size, device = init_distributed()  # one process: rank 0 of 1, on a GPU if there is one
         sweep(argv[0], opts.get("tasks", "ppl").split(","), opts.get("task_dir"),
               opts["checkpoints"].split(",") if "checkpoints" in opts else None,
-              _whole_number(opts["limit"], "--limit") if "limit" in opts else None, opts.get("text"), opts.get("device", device),
-              rank, world_size, opts.get("allow_code_execution") == "True")
+              _whole_number(opts["limit"], "--limit") if "limit" in opts else None, opts.get("text"),
+              opts.get("device", device), rank, world_size, opts.get("allow_code_execution") == "True")
     except (EvalError, data.DataError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:

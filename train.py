@@ -289,8 +289,9 @@ def check_free_space(folder, needed, rank=0, world_size=1):
         dist.broadcast_object_list(free, src=0)
     if free[0] < needed * 1.01:
         newest = find_checkpoint(folder)
-        raise CheckpointError(f"{folder}: {_size(free[0])} free, a checkpoint needs about {_size(needed)}; free space and run the same command again (it resumes "
-                              f"from {os.path.basename(newest) if newest else 'the start'})")
+        raise CheckpointError(f"{folder}: {_size(free[0])} free, a checkpoint needs about {_size(needed)}; free space "
+                              "and run the same command again (it resumes from "
+                              f"{os.path.basename(newest) if newest else 'the start'})")
 
 
 def find_checkpoint(out_dir, chunk_ends_only=False):
