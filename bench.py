@@ -49,6 +49,7 @@ import time
 
 import torch
 
+from common import parse_options
 from config import ConfigError, load_config
 from model import Transformer, hf_config, to_hf_state_dict
 from train import make_optimizer, matmul_rate
@@ -337,7 +338,7 @@ def bench_eval(cfg, n_items=40, n_shots=5):
 
     import data
     import evaluate as ev
-    from model import save_hf
+    from checkpoint import save_hf
 
     manifest = data.prepare(cfg, progress=False)
     tok = data.load_tokenizer(cfg.data_dir, manifest)
@@ -388,7 +389,7 @@ def bench_figures(run_dir="runs/tiny", reps=5):
     against the run's mean training time per chunk (its steps' step_time)."""
     import json
 
-    from train import plot_run
+    from plot import plot_run, warm_figures
 
     if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         sys.exit(f"error: {run_dir}/metrics.jsonl not found; train first (python train.py configs/tiny.py)")
@@ -397,8 +398,6 @@ def bench_figures(run_dir="runs/tiny", reps=5):
         for r in map(json.loads, f):
             if "step_time" in r:
                 per_chunk[r["pos"]] = per_chunk.get(r["pos"], 0.0) + r["step_time"]
-    from train import warm_figures
-
     warm = timed(warm_figures, 1)  # train.py does this in a thread while the first chunk trains
     first = timed(lambda: plot_run(run_dir), 1)
     again = statistics.median(timed(lambda: plot_run(run_dir), 1) for _ in range(reps))
@@ -434,7 +433,7 @@ def bench_gpu(argv):
     from train import peak_flops, peak_memory_gb
 
     smoke = "--smoke" in argv
-    opts = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+    opts = parse_options([a for a in argv if a.startswith("--") and a != "--smoke"], error=ConfigError)
     device = torch.device(opts.pop("device", "cuda"))
     args = [a for a in argv if not a.startswith("--")] or ["configs/tiny.py" if smoke else "configs/one_gpu_1b.py"]
     cfg = load_config(args + [f"--{k}={v}" for k, v in opts.items()])

@@ -15,20 +15,17 @@ through JSON so that it is saved with every run.
 """
 
 import ast
-import contextlib
 import difflib
-import errno
 import json
-import os
-import shutil
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 
+from common import UserError, parse_options, write_json_atomic
 from model import PRESETS, ModelConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     pass
 
 
@@ -52,7 +49,6 @@ class Config:
     val_interval: int = 0  # optimizer steps between validation losses; 0: at every checkpoint only
     val_sequences: int = 64  # held-out sequences per validation (the first ones of the val split)
     nan_policy: str = "skip_chunk"  # non-finite loss or grad norm: "skip_chunk" (roll back, skip, replace) | "stop"
-    nan_test_chunks: tuple[int, ...] = ()  # tests only: chunks whose loss is forced to NaN wherever they are
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps; 0: run the whole schedule
     init_from: str = ""  # start a new run from another run's checkpoint (weights and AdamW state), new data
     init_optimizer: bool = True  # init_from also takes the AdamW state (False: weights only, as fine-tuning does)
@@ -197,10 +193,7 @@ def config_from_dict(values, where="", base=None):
 def parse_overrides(args):
     """['--lr=1e-3', '--out_dir=runs/x'] -> {'lr': 0.001, 'out_dir': 'runs/x'}."""
     out = {}
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ConfigError(f"bad argument {arg!r}: overrides are written --key=value")
-        key, raw = arg[2:].split("=", 1)
+    for key, raw in parse_options(args, error=ConfigError).items():
         annotation = RUN_KEYS[key].type if key in RUN_KEYS else MODEL_KEYS[key].type if key in MODEL_KEYS else None
         if annotation is str or key == "model":
             out[key] = raw  # paths and names need no quotes
@@ -255,50 +248,19 @@ def format_config(cfg):
     return "\n".join(f"{k} = {v!r}" for k, v in config_to_dict(cfg).items())
 
 
-@contextlib.contextmanager
-def writing(path):
-    """Writes under `path`: an OSError that names no file (a write to a full disk; numpy's
-    short write "N requested and M written") is raised again naming `path`, so that the
-    one-line error says where."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename:
-            raise
-        short = e.errno is None and "written" in str(e)
-        raise OSError(errno.ENOSPC if short else e.errno, "No space left on device (a short write)" if short
-                      else e.strerror or str(e), path) from None
-
-
-def os_error_line(e):
-    """One line for an OSError met by a script: the path, the reason, and for a full disk
-    what is free there. A read-only or full out_dir is the user's to fix, not a traceback."""
-    path = e.filename or ""
-    line = f"{path}: {e.strerror or e}" if path else str(e)
-    if e.errno == errno.ENOSPC and path:
-        folder = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(folder):
-            folder = os.path.dirname(folder)
-        line += f" ({shutil.disk_usage(folder).free / 2**20:,.1f} MiB free on {folder}); free space and run again"
-    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        line += "; give a folder this process can write to"
-    return line
-
-
-def write_json_atomic(path, obj, indent=1):
-    """Write JSON to a temporary file, then rename it: a crash never leaves half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def save_config(cfg, path):
     write_json_atomic(path, config_to_dict(cfg), indent=2)
+
+
+def saved_config(values, where=""):
+    """The Config a run saved (config.json, a checkpoint's state.json), by this code or an
+    older one: a key that no field has now is dropped when its value is empty (0, False,
+    "", []: it changed nothing then), and refused otherwise."""
+    known = {"model", *RUN_KEYS, *MODEL_KEYS}
+    return config_from_dict({k: v for k, v in values.items() if k in known or v}, where=where)
 
 
 def load_saved_config(path):
     with open(path) as f:
         values = json.load(f)
-    return config_from_dict(values, where=f"in {path}")
+    return saved_config(values, where=f"in {path}")

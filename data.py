@@ -47,18 +47,19 @@ import re
 import shutil
 import sys
 import sysconfig
-import time
 
 import numpy as np
 import torch
 
-from config import os_error_line, write_json_atomic, writing
+from common import (UserError, dir_lock, hold_lock, one_line_errors, parse_options, sha256_file, write_json_atomic,
+                    writing)
+from config import ConfigError, load_config
 
 MANIFEST_FORMAT, MANIFEST_VERSION = "llm360-mini data", 2  # 2: the two-pass global shuffle
 DATA_KEYS = ("sources", "tokenizer", "val_fraction", "seq_len", "n_chunks", "seed")  # what defines a data dir
 
 
-class DataError(ValueError):
+class DataError(UserError):
     pass
 
 
@@ -264,14 +265,6 @@ def _source_documents(src, files):
                       "replaced_bytes": _ReplacementCounter.count - before})
 
 
-def sha256_file(path, bufsize=1 << 20):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(bufsize):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # -----------------------------------------------------------------------------
 # Tokenizer
 
@@ -292,7 +285,7 @@ class Tokenizer:
             self.enc = load_tiktoken(name)
             self.vocab_size, self.eos_id = self.enc.n_vocab, self.enc.eot_token
         # what starts a document: our documents follow an EOS and no BOS is added (a Hugging
-        # Face folder's tokenizer_config.json may say otherwise, see evaluate.load_for_eval)
+        # Face folder's tokenizer_config.json may say otherwise, see checkpoint.load)
         self.prefix_id, self.add_bos = self.eos_id, False
 
     def encode(self, text):
@@ -301,6 +294,15 @@ class Tokenizer:
     def decode(self, ids):
         ids = [int(i) for i in ids]
         return self.sp.decode(ids) if self.kind == "sentencepiece" else self.enc.decode(ids, errors="replace")
+
+
+VICUNA_ROLES = ("USER", "ASSISTANT")  # FastChat's vicuna_v1.1, the template AmberChat was trained with
+
+
+def chat_turn(question, system=""):
+    """The prompt part of one turn, "[SYSTEM ]USER: q ASSISTANT:"; the reply follows it
+    (finetune.py trains on that, sample.py --chat=True prompts with it)."""
+    return (f"{system} " if system else "") + f"{VICUNA_ROLES[0]}: {question} {VICUNA_ROLES[1]}:"
 
 
 # -----------------------------------------------------------------------------
@@ -725,41 +727,6 @@ def prepare(cfg, progress=True):
     return manifest
 
 
-_LOCKS = {}  # lock file -> its open descriptor, held for the life of the process
-
-
-def hold_lock(lock_path, what):
-    """One writer at a time: an exclusive flock on lock_path, held until the process ends
-    (the kernel lets go when it dies, even by SIGKILL, so no lock goes stale). Another
-    holder makes this a one-line DataError naming it (pid, host, start time)."""
-    lock_path = os.path.abspath(lock_path)
-    if lock_path in _LOCKS:
-        return
-    import fcntl
-    import socket
-
-    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise DataError(f"{os.path.dirname(lock_path)} is in use by {holder} ({what}); wait for it to end or stop "
-                        "it, then run this again") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode(),
-              0)
-    _LOCKS[lock_path] = fd
-
-
-def dir_lock(folder):
-    """The lock file of a folder that is built elsewhere and renamed into place: a hidden
-    sibling, ".NAME.lock"."""
-    folder = os.path.abspath(folder.rstrip("/"))
-    return os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.lock")
-
-
 @contextlib.contextmanager
 def _staging(out):
     """A temporary sibling folder of `out` to build in: renamed to `out` when the block
@@ -844,6 +811,68 @@ def check_vocab(manifest, model_cfg, where=""):
     if vocab > model_cfg.vocab_size:
         raise DataError(f"{where}the data's tokenizer has {vocab} tokens but the model's vocab_size is "
                         f"{model_cfg.vocab_size}: set vocab_size >= {vocab} or prepare the data with this model")
+
+
+def stage_dirs(config):
+    """The data dirs a run trains on, in order: its stages, or its one data_dir (a Config or its dict)."""
+    get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
+    return list(get("stages") or [get("data_dir")])
+
+
+def chunk_table(dirs):
+    """[(data dir, manifest, chunk inside it)] for every chunk of every stage. The run's
+    schedule counts chunks over all stages: stage 2's first chunk follows stage 1's last."""
+    table = []
+    for d in dirs:
+        manifest = load_manifest(d)
+        table += [(d, manifest, c) for c in range(len(manifest["chunks"]))]
+    return table
+
+
+def chunk_steps(manifest, chunk, global_batch_size):
+    return manifest["chunks"][chunk]["sequences"] // global_batch_size
+
+
+def check_data_config(cfg, manifest):
+    """Refuse a config whose sources, tokenizer, val_fraction, seq_len, n_chunks or seed
+    differ from those its data_dir was prepared with (prepare refuses it alike)."""
+    saved, wanted = manifest.get("config", {}), data_config(cfg)
+    if "sources" not in saved or saved == wanted:  # converted releases record no sources
+        return
+    changed = [k for k in wanted if saved.get(k) != wanted[k]]
+    shown = ", ".join(f"{k}={saved.get(k)!r} there, {wanted[k]!r} here" if k != "sources" else "sources differ"
+                      for k in changed)
+    raise ConfigError(f"{cfg.data_dir} was prepared with another data config ({shown}); set another data_dir to "
+                      "prepare this one, or drop the changed keys to train on it as it is")
+
+
+def training_data(cfg):
+    """(dirs, chunk table, data sha256) of the prepared data a run trains on, after every
+    check that the data fits the config: each stage prepared, vocabularies and sequence
+    lengths, the data keys of a config that names its sources, one tokenizer for all
+    stages, n_chunks. The sha256 is the manifest's (of all stages' manifests)."""
+    dirs = stage_dirs(cfg)
+    for d in dirs:
+        if not os.path.exists(os.path.join(d, "manifest.json")):
+            raise DataError(f"stage {d} is not prepared: run `python data.py CONFIG --data_dir={d}` with its "
+                            "sources first")
+    table = chunk_table(dirs)
+    for d, manifest in {d: m for d, m, _ in table}.items():
+        check_vocab(manifest, cfg.model, where=f"{d}: ")
+        if manifest["seq_len"] != cfg.seq_len:
+            raise ConfigError(f"{d} holds sequences of {manifest['seq_len']} tokens, the config asks for "
+                              f"seq_len={cfg.seq_len}; prepare another data dir")
+    if cfg.sources and not cfg.stages:  # a config that names its data must train on that data
+        check_data_config(cfg, table[0][1])
+    tokenizers = {m["tokenizer"].get("sha256") or m["tokenizer"].get("name") for _, m, _ in table}
+    if len(tokenizers) > 1:
+        raise ConfigError(f"the stages {dirs} were tokenized with different tokenizers; prepare every stage with "
+                          "the first one's (tokenizer='STAGE1_DIR/tokenizer.model')")
+    if not cfg.stages and cfg.n_chunks != len(table):
+        raise ConfigError(f"n_chunks={cfg.n_chunks} but {cfg.data_dir} has {len(table)} chunks")
+    shas = [manifest_sha256(d) for d in dirs]
+    data_sha = shas[0] if len(shas) == 1 else hashlib.sha256(" ".join(shas).encode()).hexdigest()
+    return dirs, table, data_sha
 
 
 def open_split(data_dir, entry, verify=True):
@@ -1281,16 +1310,14 @@ def convert_amber(src_dir, out_dir, workers=None, vocab_size=32000, sources=AMBE
 
 
 def main(argv):
-    from config import ConfigError, load_config
-
-    try:
+    with one_line_errors():
         if argv and argv[0] == "convert-amber":
-            opts = {a.split("=", 1)[0][2:]: a.split("=", 1)[1] for a in argv[1:] if a.startswith("--") and "=" in a}
             paths = [a for a in argv[1:] if not a.startswith("--")]
-            unknown = set(opts) - {"workers", "vocab_size", "sources", "tokenizer"}
-            if len(paths) != 2 or unknown or len(paths) + len(opts) != len(argv) - 1:
+            if len(paths) != 2:
                 raise DataError("usage: python data.py convert-amber SRC_DIR DATA_DIR [--workers=N] "
                                 "[--vocab_size=32000] [--sources=a,b,c] [--tokenizer=tokenizer.model]")
+            opts = parse_options([a for a in argv[1:] if a.startswith("--")],
+                                 {"workers", "vocab_size", "sources", "tokenizer"}, DataError)
             manifest = convert_amber(paths[0], paths[1], workers=int(opts.get("workers", 0)) or None,
                                      vocab_size=int(opts.get("vocab_size", 32000)),
                                      sources=opts["sources"].split(",") if "sources" in opts else AMBER_SOURCES,
@@ -1298,16 +1325,12 @@ def main(argv):
             t = manifest["totals"]
             print(f"{paths[1]}: {t['chunks']} chunks, {t['train_sequences']:,} sequences, {t['train_tokens']:,} tokens")
         elif argv and argv[0] == "inspect":
-            picks = {a.split("=")[0][2:]: int(a.split("=")[1]) for a in argv[1:] if a.startswith(("--chunk=", "--step="))}
-            rest = [a for a in argv[1:] if not a.startswith(("--chunk=", "--step="))]
-            inspect(load_config(rest), picks.get("chunk", 0), picks.get("step", 0))
+            where = [a for a in argv[1:] if a.startswith(("--chunk=", "--step="))]
+            picks = {k: int(v) for k, v in parse_options(where, error=DataError).items()}
+            inspect(load_config([a for a in argv[1:] if a not in where]), picks.get("chunk", 0), picks.get("step", 0))
         else:
             cfg = load_config(argv)
             print(mix_table(prepare(cfg)))
-    except (ConfigError, DataError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {os_error_line(e)}")
 
 
 if __name__ == "__main__":

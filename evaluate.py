@@ -35,70 +35,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
-from config import os_error_line
-from model import KVCache, load_hf
+from common import (UserError, hold_lock, init_distributed, one_line_errors, parse_options, rank_token,
+                    wait_for_ranks)
+from model import KVCache
+from plot import plot_evals
 
 FEWSHOT = {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "truthfulqa_mc": 0}
 FEWSHOT_SPLIT = {"mmlu": "dev"}
 FEWSHOT_SEED = 1234
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     pass
 
 
 # -----------------------------------------------------------------------------
-# a model and its tokenizer, from a checkpoint of ours or a Hugging Face folder
-
-
-def load_for_eval(path, device="cpu", need_tokenizer=True):
-    """(model, tokenizer, info) of a checkpoint folder of ours or a Hugging Face folder.
-    With need_tokenizer=False (memorization reads token ids only) a missing tokenizer is None."""
-    info = identity(path)
-    if os.path.exists(os.path.join(path, "state.json")):
-        from train import load_model
-
-        model = load_model(path, device)
-        tok_info = data.load_manifest(info["data_dir"])["tokenizer"]
-        has_tok = tok_info["kind"] == "tiktoken" or tok_info.get("file")  # converted AMBER data may have none
-        tok = data.load_tokenizer(info["data_dir"]) if has_tok or need_tokenizer else None
-    elif os.path.exists(os.path.join(path, "config.json")):
-        model = load_hf(path, device=device)
-        tok_file, tok = os.path.join(path, "tokenizer.model"), None
-        if os.path.exists(tok_file):
-            with open(tok_file, "rb") as f:
-                tok = data.Tokenizer("sentencepiece", f.read())
-            _hf_special_tokens(path, tok)
-        elif need_tokenizer:
-            raise EvalError(f"{path}: no tokenizer.model (SentencePiece) beside the weights")
-    return model.eval(), tok, info
-
-
-def identity(path):
-    """{step, tokens, data_dir, tokenizer} of a checkpoint, read without its weights:
-    `tokenizer` is the sha256 of what encodes text for it (the manifest's tokenizer, or a
-    Hugging Face folder's tokenizer.model and tokenizer_config.json), which is part of
-    every result's cache key."""
-    if os.path.exists(os.path.join(path, "state.json")):
-        from train import CheckpointError, chunk_table, read_state, stage_dirs
-
-        state = read_state(path)
-        if state is None:
-            raise CheckpointError(f"{path}/state.json is missing or not valid JSON: the checkpoint is damaged")
-        dirs = stage_dirs(state["config"])
-        last = state["schedule"][max(0, state["pos"] - 1)]
-        data_dir = chunk_table(dirs)[last][0] if len(dirs) > 1 else dirs[0]  # the stage trained last
-        tok = data.load_manifest(data_dir)["tokenizer"]
-        return {"step": state["step"], "tokens": state["tokens"], "data_dir": data_dir,
-                "tokenizer": tok.get("sha256") or tok.get("name")}
-    if os.path.exists(os.path.join(path, "config.json")):
-        h = hashlib.sha256()
-        for name in ("tokenizer.model", "tokenizer_config.json"):
-            if os.path.exists(os.path.join(path, name)):
-                h.update(name.encode() + open(os.path.join(path, name), "rb").read())
-        return {"step": None, "tokens": None, "data_dir": None, "tokenizer": h.hexdigest()}
-    raise EvalError(f"{path} is neither a checkpoint of ours (state.json) nor a Hugging Face folder (config.json)")
+# what a result depends on, and which checkpoints there are
 
 
 def scorer_version():
@@ -122,33 +76,15 @@ def result_key(task, task_sha, limit, tokenizer):
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _hf_special_tokens(path, tok):
-    """Take a Hugging Face folder's BOS conventions from its tokenizer_config.json, as
-    lm-evaluation-harness sees them: the prefix of an empty context is bos_token (else
-    EOS), and add_bos_token puts BOS in front of every encoded text (LLaMA, AMBER)."""
-    cfg_path = os.path.join(path, "tokenizer_config.json")
-    if not os.path.exists(cfg_path):
-        return
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    bos = cfg.get("bos_token")
-    bos = bos.get("content") if isinstance(bos, dict) else bos
-    bos_id = tok.sp.piece_to_id(bos) if bos else None
-    if bos_id is not None and tok.sp.id_to_piece(bos_id) == bos:
-        tok.prefix_id = bos_id
-        tok.add_bos = bool(cfg.get("add_bos_token", cfg.get("tokenizer_class", "").startswith("Llama")))
-
-
-def list_checkpoints(run_dir):
-    """A run's checkpoints in training order, a folder of HF checkpoints, or one HF folder."""
+def checkpoints_to_evaluate(run_dir):
+    """A run's checkpoints in training order (the chunk ends, not ckpt_rolling), a folder of
+    Hugging Face checkpoints, or one Hugging Face folder."""
     if not os.path.isdir(run_dir):
         raise EvalError(f"{run_dir}: no such folder; give a run dir, a checkpoint folder or a folder of them")
-    if os.path.exists(os.path.join(run_dir, "config.json")) and not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+    if checkpoint.kind(run_dir) == "hf" and not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         return [run_dir]
-    names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and n[5:].isdigit()
-                   and os.path.isdir(os.path.join(run_dir, n)))  # not *.tmp, *.damaged-TIME, ckpt_rolling
-    found = [os.path.join(run_dir, n) for n in names
-             if os.path.exists(os.path.join(run_dir, n, "state.json")) or os.path.exists(os.path.join(run_dir, n, "config.json"))]
+    found = [os.path.join(run_dir, n) for n in checkpoint.checkpoint_names(run_dir)
+             if checkpoint.kind(os.path.join(run_dir, n))]
     if not found:
         raise EvalError(f"{run_dir} holds no checkpoints (ckpt_NNN folders); train first, or give a checkpoint folder")
     return found
@@ -671,17 +607,15 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
         raise EvalError(f"limit={limit!r}: give a whole number >= 1, or no limit")
     if text and not os.path.isfile(text):
         raise EvalError(f"--text={text}: no such file")
-    from train import CheckpointError, rank_token, wait_for_ranks
-
     # a missing or empty run dir, or an unknown checkpoint, stops here, before anything is written
-    names = {os.path.basename(os.path.normpath(p)): p for p in list_checkpoints(run_dir)}
+    names = {os.path.basename(os.path.normpath(p)): p for p in checkpoints_to_evaluate(run_dir)}
     unknown = set(checkpoints or ()) - set(names)
     if unknown:
         raise EvalError(f"{run_dir} has no checkpoint {', '.join(sorted(unknown))}; it has {', '.join(names)}")
     paths = [p for name, p in names.items() if not checkpoints or name in checkpoints]
     token = rank_token(world_size)
     if rank == 0:  # one evaluation per run dir at a time (training may go on beside it)
-        data.hold_lock(os.path.join(run_dir, "evals.lock"), "an evaluate.py sweep")
+        hold_lock(os.path.join(run_dir, "evals.lock"), "an evaluate.py sweep")
     out_path = os.path.join(run_dir, "evals.jsonl")
     part_paths = sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")))
     done = {(r["checkpoint"], r["task"], r.get("key")) for p in [out_path] + part_paths for r in _read_rows(p)}
@@ -690,7 +624,7 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
     for path in paths[rank::world_size]:
         try:
             _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, allow_code_execution)
-        except CheckpointError as e:  # a damaged checkpoint stops nothing else: it is named at the end
+        except checkpoint.CheckpointError as e:  # a damaged checkpoint stops nothing else: it is named at the end
             print(f"{os.path.basename(os.path.normpath(path))}: not evaluated: {e}", flush=True)
             damaged.append(os.path.basename(os.path.normpath(path)))
     wait_for_ranks(run_dir, token, rank, world_size)
@@ -706,7 +640,7 @@ def _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, al
     """The tasks of one checkpoint that are not done, appended to the rank's file."""
     name = os.path.basename(os.path.normpath(path))
     model = tok = None
-    info = identity(path)  # no weights read: a rerun over 360 done checkpoints loads none
+    info = checkpoint.identity(path)  # no weights read: a rerun over 360 done checkpoints loads none
     for task in tasks:
         if task != "ppl":
             sha = load_task(task_dir, task)[2]
@@ -720,7 +654,7 @@ def _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, al
         if (name, task, key) in done:
             continue
         if model is None:
-            model, tok, info = load_for_eval(path, device)
+            model, tok, info = checkpoint.load(path, device)
         rows = evaluate_checkpoint(model, tok, info, task, task_dir, limit, text, allow_code_execution)
         with open(mine, "a") as f:
             for r in rows:
@@ -733,7 +667,7 @@ def _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, al
 def _merge(run_dir, out_path, tasks):
     """Rank 0, after every rank is done: the ranks' rows into evals.jsonl in checkpoint,
     then task order; evals.csv and evals.png from all rows."""
-    order = {os.path.basename(os.path.normpath(p)): i for i, p in enumerate(list_checkpoints(run_dir))}
+    order = {os.path.basename(os.path.normpath(p)): i for i, p in enumerate(checkpoints_to_evaluate(run_dir))}
     new = [r for p in sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl"))) for r in _read_rows(p)]
     new.sort(key=lambda r: (order.get(r["checkpoint"], len(order)), tasks.index(r["task"]) if r["task"] in tasks
                             else len(tasks)))  # stable: a task's metrics keep their order
@@ -749,7 +683,7 @@ def _merge(run_dir, out_path, tasks):
 
 
 def write_table(run_dir, rows):
-    """evals.csv (checkpoint x task/metric) and evals.png (curves over tokens)."""
+    """evals.csv (checkpoint x task/metric; the newest result of each) and evals.png (plot.py)."""
     keys = sorted({f"{r['task']}/{r['metric']}" for r in rows})
     ckpts = list(dict.fromkeys(r["checkpoint"] for r in rows))
     table = {(r["checkpoint"], f"{r['task']}/{r['metric']}"): r["value"] for r in rows}
@@ -758,16 +692,7 @@ def write_table(run_dir, rows):
         f.write(",".join(["checkpoint", "tokens"] + keys) + "\n")
         for c in ckpts:
             f.write(",".join([c, str(tokens[c])] + [f"{table[(c, k)]:.6g}" if (c, k) in table else "" for k in keys]) + "\n")
-    from train import new_figure, save_figure
-
-    fig, axes = new_figure(1, len(keys), (4 * len(keys), 3))
-    for ax, k in zip(axes[0], keys):
-        xs = [tokens[c] if tokens[c] is not None else i for i, c in enumerate(ckpts) if (c, k) in table]
-        ax.plot(xs, [table[(c, k)] for c in ckpts if (c, k) in table], marker="o")
-        ax.set_title(k, fontsize=9)
-        ax.set_xlabel("tokens seen")
-    fig.tight_layout()
-    save_figure(fig, os.path.join(run_dir, "evals.png"), dpi=100)
+    plot_evals(run_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -788,11 +713,13 @@ def register_lm_eval():
     except ImportError:
         raise EvalError("the lm_eval adapter needs lm-evaluation-harness: pip install -r requirements-eval.txt") from None
 
+    load = checkpoint.load  # lm_eval passes model_args="checkpoint=PATH": the parameter hides the module
+
     @register_model("llm360")
     class LLM360LM(LM):
         def __init__(self, checkpoint, device="cpu", **kwargs):
             super().__init__()
-            self.model, self.tok, _ = load_for_eval(checkpoint, device)
+            self.model, self.tok, _ = load(checkpoint, device)
 
         def loglikelihood(self, requests, disable_tqdm=False):
             return loglikelihoods(self.model, self.tok, [r.args for r in requests])
@@ -831,25 +758,14 @@ def main(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python evaluate.py RUN_DIR --tasks=ppl,arc_challenge,... [--task_dir=DIR] "
                  "[--checkpoints=a,b] [--limit=N] [--text=FILE] [--device=cpu] [--allow_code_execution=True]")
-    opts = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
-    unknown = set(opts) - {"tasks", "task_dir", "checkpoints", "limit", "text", "device", "allow_code_execution"}
-    try:
-        if unknown:
-            raise EvalError(f"unknown option(s) {', '.join(sorted(unknown))}")
-        from train import init_distributed
-
+    with one_line_errors():
+        opts = parse_options(argv[1:], {"tasks", "task_dir", "checkpoints", "limit", "text", "device",
+                                        "allow_code_execution"}, EvalError)
         rank, world_size, device = init_distributed()  # one process: rank 0 of 1, on a GPU if there is one
         sweep(argv[0], opts.get("tasks", "ppl").split(","), opts.get("task_dir"),
               opts["checkpoints"].split(",") if "checkpoints" in opts else None,
               _whole_number(opts["limit"], "--limit") if "limit" in opts else None, opts.get("text"),
               opts.get("device", device), rank, world_size, opts.get("allow_code_execution") == "True")
-    except (EvalError, data.DataError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {os_error_line(e)}")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

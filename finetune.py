@@ -44,15 +44,17 @@ from dataclasses import replace
 
 import numpy as np
 
+import checkpoint
 import data
-from config import ConfigError, load_config, os_error_line, write_json_atomic
-from model import model_config_from_hf
+import train
+from common import UserError, dir_lock, hold_lock, one_line_errors, sha256_file, write_json_atomic
+from config import load_config
+from data import chat_turn
 
-VICUNA_ROLES = ("USER", "ASSISTANT")
 ROLE_OF = {"human": 0, "user": 0, "gpt": 1, "assistant": 1, "chatgpt": 1, "bing": 1, "bard": 1}
 
 
-class FinetuneError(ValueError):
+class FinetuneError(UserError):
     pass
 
 
@@ -62,10 +64,7 @@ class FinetuneError(ValueError):
 
 def vicuna_text(system, turns):
     """The conversation as FastChat's vicuna_v1.1 renders it: "SYSTEM USER: q ASSISTANT: a</s>USER: ..."."""
-    out = system + " "
-    for q, a in turns:
-        out += f"{VICUNA_ROLES[0]}: {q} {VICUNA_ROLES[1]}: {a}</s>"
-    return out
+    return system + " " + "".join(f"{chat_turn(q)} {a}</s>" for q, a in turns)
 
 
 def sft_row(tok, system, turns, length):
@@ -76,7 +75,7 @@ def sft_row(tok, system, turns, length):
     after them; None if not even the first fits."""
     ids, counted = [tok.eos_id], [False]
     for i, (q, a) in enumerate(turns):
-        prompt = (f"{system} " if i == 0 else "") + f"{VICUNA_ROLES[0]}: {q} {VICUNA_ROLES[1]}:"
+        prompt = chat_turn(q, system if i == 0 else "")
         p, r = tok.encode(prompt), tok.encode(a) + [tok.eos_id]
         if len(ids) + len(p) + len(r) > length:
             break
@@ -88,7 +87,7 @@ def sft_row(tok, system, turns, length):
 def pair_rows(tok, system, prompt, chosen, rejected, length):
     """(ids, counted) of the chosen and of the rejected response after the same prompt,
     each a row of at most `length` tokens; None if either does not fit."""
-    p = [tok.eos_id] + tok.encode(f"{system} {VICUNA_ROLES[0]}: {prompt} {VICUNA_ROLES[1]}:")
+    p = [tok.eos_id] + tok.encode(chat_turn(prompt, system))
     out = []
     for response in (chosen, rejected):
         r = tok.encode(response) + [tok.eos_id]
@@ -219,26 +218,12 @@ def builtin_examples(seed, limit=3000):
 
 
 def base_of(init_from):
-    """(ModelConfig, Tokenizer) of the checkpoint fine-tuning starts from."""
-    if os.path.exists(os.path.join(init_from, "state.json")):
-        from config import config_from_dict
-        from train import chunk_table, stage_dirs
-
-        with open(os.path.join(init_from, "state.json")) as f:
-            state = json.load(f)
-        dirs = stage_dirs(state["config"])
-        data_dir = chunk_table(dirs)[state["schedule"][max(0, state["pos"] - 1)]][0] if len(dirs) > 1 else dirs[0]
-        return config_from_dict(state["config"]).model, data.load_tokenizer(data_dir)
-    if os.path.exists(os.path.join(init_from, "config.json")):
-        tok_file = os.path.join(init_from, "tokenizer.model")
-        if not os.path.exists(tok_file):
-            raise FinetuneError(f"{init_from}: no tokenizer.model (SentencePiece) beside the weights")
-        with open(os.path.join(init_from, "config.json")) as f:
-            cfg = model_config_from_hf(json.load(f))
-        with open(tok_file, "rb") as f:
-            return cfg, data.Tokenizer("sentencepiece", f.read())
-    raise FinetuneError(f"init_from={init_from!r} is neither a checkpoint of ours (state.json) nor a Hugging Face "
-                        "folder (config.json); fine-tuning starts from one")
+    """(ModelConfig, Tokenizer) of the checkpoint fine-tuning starts from: ours, or a
+    Hugging Face folder with a tokenizer.model."""
+    if not checkpoint.kind(init_from):
+        raise FinetuneError(f"init_from={init_from!r} is neither a checkpoint of ours (state.json) nor a Hugging Face "
+                            "folder (config.json); fine-tuning starts from one")
+    return checkpoint.model_config(init_from), checkpoint.load_tokenizer(init_from)
 
 
 def prepare(cfg, tok, val_fraction=0.1):
@@ -250,8 +235,8 @@ def prepare(cfg, tok, val_fraction=0.1):
             "epochs": cfg.epochs, "system_prompt": cfg.system_prompt, "tokenizer_sha256":
             hashlib.sha256(tok.blob).hexdigest(), "val_fraction": val_fraction}
     if cfg.finetune_data and not cfg.finetune_data.startswith("builtin:"):
-        what["data_sha256"] = data.sha256_file(cfg.finetune_data)
-    data.hold_lock(data.dir_lock(cfg.data_dir), "finetune.py preparing it")
+        what["data_sha256"] = sha256_file(cfg.finetune_data)
+    hold_lock(dir_lock(cfg.data_dir), "finetune.py preparing it")
     path = os.path.join(cfg.data_dir, "manifest.json")
     if os.path.exists(path):
         if data.load_manifest(cfg.data_dir).get("config") == what:
@@ -329,7 +314,7 @@ def finetune_config(argv):
 
 
 def main(argv):
-    try:
+    with one_line_errors():
         cfg, tok = finetune_config(argv)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 builds the data; the others wait for it
             prepare(cfg, tok)
@@ -338,13 +323,7 @@ def main(argv):
 
             while not os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
                 time.sleep(0.5)
-        import train
-
         train.main(cfg)
-    except (FinetuneError, ConfigError, data.DataError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {os_error_line(e)}")
 
 
 if __name__ == "__main__":

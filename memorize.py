@@ -32,12 +32,14 @@ import sys
 import numpy as np
 import torch
 
+import checkpoint
 import data
-from config import os_error_line, write_json_atomic
-from train import chunk_table, read_state, stage_dirs
+from common import (UserError, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, wait_for_ranks,
+                    write_json_atomic)
+from plot import plot_memorization
 
 
-class MemorizeError(ValueError):
+class MemorizeError(UserError):
     pass
 
 
@@ -48,20 +50,18 @@ class MemorizeError(ValueError):
 def checkpoints_of(run_dir):
     """[(name, path, seen chunk ids in training order, the run's data dirs or None)]. Chunk
     ids count over all stages of a run, as train.py's schedule does."""
-    names = sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and n[5:].isdigit()) \
-        if os.path.isdir(run_dir) else []
     out = []
-    for name in names:
+    for name in checkpoint.checkpoint_names(run_dir):
         path = os.path.join(run_dir, name)
-        if os.path.exists(os.path.join(path, "state.json")):
-            st = read_state(path)
+        if checkpoint.kind(path) == "ours":
+            st = checkpoint.read_state(path)
             if st is None:
                 raise MemorizeError(f"{path}/state.json is not valid: the checkpoint is damaged; move it aside (or "
                                     "leave it out with --checkpoints=...)")
             skipped = {(s["pos"]) for s in st["skipped"]}
             seen = [c for p, c in enumerate(st["schedule"][: st["pos"]]) if p not in skipped]
-            out.append((name, path, seen, stage_dirs(st["config"])))
-        elif os.path.exists(os.path.join(path, "config.json")):  # AMBER's release: ckpt_i has seen chunks 0..i
+            out.append((name, path, seen, data.stage_dirs(st["config"])))
+        elif checkpoint.kind(path) == "hf":  # AMBER's release: ckpt_i has seen chunks 0..i
             out.append((name, path, list(range(int(name[5:]) + 1)), None))
     if not out:
         raise MemorizeError(f"{run_dir} holds no checkpoints (ckpt_NNN folders with state.json or config.json)")
@@ -114,8 +114,6 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
     """Score every (checkpoint, chunk) pair not yet on disk; returns the result files' paths.
     compile: True, False, or "auto": compile the decoding step for a checkpoint whose pairs
     here take COMPILE_MIN_STEPS steps or more (a compile takes seconds to a minute)."""
-    from evaluate import load_for_eval
-
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for key, value in (("k", k), ("l", l), ("samples", samples), ("batch_size", batch_size)):
         if value < 1:
@@ -130,14 +128,14 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
     dirs = [data_dir] if data_dir else ckpts[0][3]
     if dirs is None:
         raise MemorizeError("these checkpoints do not name their data: give --data_dir (converted AMBER chunks)")
-    table = chunk_table(dirs)
+    table = data.chunk_table(dirs)
     L = min(m["seq_len"] for _, m, _ in table) + 1
     if k + l > L:
         raise MemorizeError(f"k + l = {k + l} is longer than the {L} tokens of each stored sequence; lower k or l")
     out_dir = os.path.join(run_dir, "memorization")
     os.makedirs(out_dir, exist_ok=True)
     if rank == 0:
-        data.hold_lock(os.path.join(run_dir, ".memorization.lock"), "a memorize.py analysis")  # beside the results
+        hold_lock(os.path.join(run_dir, ".memorization.lock"), "a memorize.py analysis")  # beside the results
     n_chunks = len(table)
     pairs = []
     for name, path, seen, _ in ckpts:
@@ -159,7 +157,7 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
         d, manifest, local = table[chunk]
         if name not in model_for:
             model_for.clear()
-            model, _, _ = load_for_eval(path, device, need_tokenizer=False)
+            model, _, _ = checkpoint.load(path, device, need_tokenizer=False)
             model_for[name] = model
         check_vocab(model_for[name], manifest, path)
         # a chunk's sha256 is checked once per process, not once per checkpoint: at AMBER's
@@ -266,7 +264,7 @@ def summarize(run_dir):
             f.write(f"{name},{len(v)},{np.mean(v):.6f},{np.mean(np.array(v) == 1.0):.6f}\n")
             lines.append(f"source {name}: {len(v)} sequences, mean {np.mean(v):.4f}, "
                          f"k-extractible {np.mean(np.array(v) == 1.0):.4f}")
-    _figures(out_dir, results, ckpts, chunks, matrix, corr_s, l)
+    plot_memorization(out_dir)
     print("\n".join(lines))
     return {"checkpoints": ckpts, "chunks": chunks, "matrix": matrix, "score_corr": corr_s, "extractible_corr": corr_x}
 
@@ -296,32 +294,6 @@ def _pearson(x, y):
     return float(np.corrcoef(x, y)[0, 1])
 
 
-def _figures(out_dir, results, ckpts, chunks, matrix, corr, l):
-    from train import new_figure, save_figure
-
-    fig, ax = new_figure(1, 1, (6, 3.5))
-    ax = ax[0, 0]
-    for c in ckpts:
-        s = np.concatenate([r["scores"] for r in results if r["checkpoint"] == c and r["seen"]] or [np.zeros(0)])
-        if len(s):
-            ax.hist(s, bins=np.linspace(0, 1, l + 2), histtype="step", label=c)
-    ax.set_yscale("log")
-    ax.set_xlabel("memorization score")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    save_figure(fig, os.path.join(out_dir, "scores.png"), dpi=100)
-    for name, m, label in [("matrix.png", matrix, "mean score"), ("correlation.png", corr, "score correlation")]:
-        fig, ax = new_figure(1, 1, (6, 4))
-        ax = ax[0, 0]
-        im = ax.imshow(m, aspect="auto", cmap="viridis")
-        ax.set_yticks(range(len(ckpts)), ckpts, fontsize=6)
-        labels = [f"{c}" for c in chunks] if name == "matrix.png" else ckpts
-        ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
-        fig.colorbar(im, ax=ax, label=label)
-        fig.tight_layout()
-        save_figure(fig, os.path.join(out_dir, name), dpi=100)
-
-
 # -----------------------------------------------------------------------------
 
 
@@ -329,20 +301,16 @@ def main(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python memorize.py RUN_DIR [--k=32] [--l=32] [--samples=1000] [--checkpoints=a,b] "
                  "[--unseen=True] [--data_dir=DIR] [--batch_size=64] [--seed=0] [--compile=auto|True|False]")
-    opts = dict(a[2:].split("=", 1) for a in argv[1:] if a.startswith("--") and "=" in a)
-    # torchrun takes --l for its own --log-dir, so --prompt_len / --gen_len are the same as --k / --l
-    opts["k"], opts["l"] = opts.pop("prompt_len", opts.get("k", 32)), opts.pop("gen_len", opts.get("l", 32))
     ints = {"k": 32, "l": 32, "samples": 1000, "batch_size": 64, "seed": 0}
-    try:
-        unknown = set(opts) - set(ints) - {"checkpoints", "unseen", "data_dir", "compile"}
-        if unknown:
-            raise MemorizeError(f"unknown option(s) {', '.join(sorted(unknown))}")
+    with one_line_errors():
+        # torchrun takes --l for its own --log-dir, so --prompt_len / --gen_len are the same as --k / --l
+        opts = parse_options(argv[1:], {*ints, "prompt_len", "gen_len", "checkpoints", "unseen", "data_dir",
+                                        "compile"}, MemorizeError)
+        opts["k"], opts["l"] = opts.pop("prompt_len", opts.get("k", 32)), opts.pop("gen_len", opts.get("l", 32))
         try:
             kw = {key: int(opts.get(key, default)) for key, default in ints.items()}
         except ValueError as e:
             raise MemorizeError(f"--k, --l, --samples, --batch_size and --seed take integers ({e})") from None
-        from train import init_distributed, rank_token, wait_for_ranks
-
         rank, world_size, device = init_distributed()
         token = rank_token(world_size)
         run(argv[0], checkpoints=opts["checkpoints"].split(",") if "checkpoints" in opts else None,
@@ -352,13 +320,6 @@ def main(argv):
         wait_for_ranks(os.path.join(argv[0], "memorization"), token, rank, world_size)  # no timeout
         if rank == 0:
             summarize(argv[0])
-    except (MemorizeError, data.DataError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {os_error_line(e)}")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

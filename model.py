@@ -11,14 +11,11 @@ pick the variant:
 The module knows nothing of DDP, FSDP or torch.compile: train.py applies them
 from outside. Weights convert both ways to the Hugging Face LlamaForCausalLM
 layout (the format of LLM360's AMBER release) and to StableLmForCausalLM (the
-closest Hugging Face layout to CrystalCoder without muP).
-
-    python model.py CONFIG [--key=value ...]    # summary of the config's model
+closest Hugging Face layout to CrystalCoder without muP); checkpoint.py reads
+and writes those folders. It imports nothing of the project.
 """
 
-import json
 import math
-import os
 import re
 from dataclasses import dataclass, fields
 
@@ -532,7 +529,7 @@ _HF_LAYER = {
 _HF_TOP = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
 
 
-def _hf_parts(cfg, name):
+def hf_parts(cfg, name):
     """Our tensor name -> [(HF tensor name, rows)], the HF tensors it concatenates."""
     m = re.fullmatch(r"layers\.(\d+)\.(.+)\.(weight|bias)", name)
     if not m:
@@ -550,7 +547,7 @@ def to_hf_state_dict(model):
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and model.config.tie_embeddings:
             continue  # HF re-ties it from embed_tokens
-        parts = _hf_parts(model.config, name)
+        parts = hf_parts(model.config, name)
         pieces = t.split([r for _, r in parts]) if len(parts) > 1 else [t]
         for (hf_name, _), piece in zip(parts, pieces):
             out[hf_name] = piece.detach().to(device="cpu", dtype=torch.float32).contiguous()
@@ -626,226 +623,8 @@ def model_config_from_hf(hf):
                        qkv_bias=hf.get("use_qkv_bias", False), proj_bias=False, rotary_pct=pct)
 
 
-def _atomic_write(path, write):
-    tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_hf(model, out_dir, max_shard_bytes=5 * 2**30, bos_token_id=None, eos_token_id=None):
-    """Write `model` as a Hugging Face folder (config.json + safetensors, float32) that
-    LlamaForCausalLM / StableLmForCausalLM.from_pretrained(out_dir) loads.
-
-    Each file is written atomically, config.json last, so an interrupted save never
-    leaves a folder that loads. Shards above max_shard_bytes, with an index, as HF does.
-    """
-    from safetensors.torch import save_file
-
-    config = hf_config(model.config, bos_token_id, eos_token_id)  # refuses before anything is written
-    tensors = to_hf_state_dict(model)
-    shards, size = [{}], 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    os.makedirs(out_dir, exist_ok=True)
-    if len(shards) == 1:
-        _atomic_write(os.path.join(out_dir, "model.safetensors"),
-                      lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write(os.path.join(out_dir, fname), lambda p: save_file(shard, p, metadata={"format": "pt"}))
-            weight_map.update(dict.fromkeys(shard, fname))
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                 "weight_map": weight_map}
-        _write_json(os.path.join(out_dir, "model.safetensors.index.json"), index)
-    _write_json(os.path.join(out_dir, "config.json"), config)
-
-
-def _write_json(path, obj):
-    def write(p):
-        with open(p, "w") as f:
-            json.dump(obj, f, indent=2)
-
-    _atomic_write(path, write)
-
-
-def _hf_shards(hf_dir):
-    """The weight files of a HF folder, in order: safetensors or .bin, single or sharded."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index_path = os.path.join(hf_dir, index_name)
-        single = os.path.join(hf_dir, index_name.replace(".index.json", ""))
-        if os.path.exists(index_path):
-            with open(index_path) as f:
-                return [os.path.join(hf_dir, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
-        if os.path.exists(single):
-            return [single]
-    raise FileNotFoundError(f"{hf_dir}: no model.safetensors, pytorch_model.bin or their .index.json; "
-                            "is this a Hugging Face model folder?")
-
-
-def _shard_tensors(path):
-    """Yield (name, tensor) of one weight file, holding as little of it as the format allows:
-    safetensors one tensor at a time, .bin memory-mapped when it is a zip-format pickle."""
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-        return
-    # a .bin checkpoint is a pickle: weights_only=True so loading never runs code
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    while sd:
-        yield sd.popitem()  # each tensor is released once copied
-
-
-def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
-    """Build our Transformer from a Hugging Face llama or stablelm folder (e.g. one of
-    AMBER's released checkpoints, sharded pytorch_model-0000i-of-0000n.bin files).
-
-    The model's tensors are allocated once in `dtype` and filled shard by shard, so memory
-    holds the model plus one shard (with .bin zip files and safetensors, one tensor),
-    never two full copies of the weights."""
-    config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found; is {hf_dir} a Hugging Face model folder?")
-    with open(config_path) as f:
-        cfg = model_config_from_hf(json.load(f))
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    where = {}  # HF tensor -> (our tensor, first row, rows): fused matrices take several HF tensors
-    for name in model.state_dict():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        row = 0
-        for hf, rows in _hf_parts(cfg, name):
-            where[hf] = (name, row, rows)
-            row += rows or 0
-    shapes = model.state_dict()
-    state = {name: torch.empty(shapes[name].shape, dtype=dtype, device=device) for name, _, _ in where.values()}
-    filled = set()
-    for path in _hf_shards(hf_dir):
-        for hf, t in _shard_tensors(path):
-            if hf.endswith("rotary_emb.inv_freq") or (hf == "lm_head.weight" and cfg.tie_embeddings):
-                continue  # recomputed / re-tied; some tied checkpoints store the head anyway
-            if hf not in where:
-                raise ValueError(f"{path}: unexpected tensor {hf!r} for a model of this config.json")
-            name, row, rows = where[hf]
-            dst = state[name] if rows is None else state[name][row : row + rows]
-            if dst.shape != t.shape:
-                raise ValueError(f"{path}: tensor {hf!r} has shape {tuple(t.shape)}, config.json implies "
-                                 f"{tuple(dst.shape)}")
-            dst.copy_(t)
-            filled.add(hf)
-            del t
-    missing = sorted(set(where) - filled)
-    if missing:
-        raise ValueError(f"{hf_dir}: tensor {missing[0]!r} is missing for a model of this config.json")
-    if cfg.tie_embeddings:
-        state["lm_head.weight"] = state["tok_emb.weight"]
-    model.load_state_dict(state, assign=True, strict=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight  # assign=True replaced the shared Parameter
-    return model
-
-
 # -----------------------------------------------------------------------------
-# python model.py export / sample: a checkpoint as a Hugging Face folder, and what it writes
-
-
-def export(ckpt_dir, out_dir, max_shard_bytes=5 * 2**30):
-    """Write a checkpoint (ours, or a Hugging Face folder) as a folder that transformers
-    loads offline with AutoModelForCausalLM / AutoTokenizer.from_pretrained(out_dir):
-    config.json and safetensors weights (float32), tokenizer.model / tokenizer.json /
-    tokenizer_config.json / special_tokens_map.json (data.hf_tokenizer_files), and
-    generation_config.json. Everything is written to OUT_DIR.tmp and renamed into place,
-    so OUT_DIR is either the whole export or absent (or the previous export)."""
-    import shutil
-
-    import data
-    from evaluate import load_for_eval  # reads our checkpoints and their tokenizer (through the data manifest)
-
-    model, tok, info = load_for_eval(ckpt_dir)
-    cfg = model.config
-    hf_config(cfg)  # refuses a shape no Hugging Face layout holds, before anything is written
-    files = data.hf_tokenizer_files(tok, cfg.max_seq_len)
-    ours = set(files) | {"config.json", "generation_config.json", "model.safetensors.index.json"}
-    other = [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
-             if n not in ours and not re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", n)]
-    if other or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
-        raise FileExistsError(f"{out_dir} holds files an export does not write ({(other or [out_dir])[0]}), so it "
-                              "is not a previous export to replace; give a new or empty folder")
-    tmp = out_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for name, blob in files.items():
-        with open(os.path.join(tmp, name), "wb") as f:
-            f.write(blob)
-    eos = tok.eos_id
-    _write_json(os.path.join(tmp, "generation_config.json"),
-                {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False,
-                 "max_length": cfg.max_seq_len})
-    save_hf(model, tmp, max_shard_bytes, bos_token_id=eos, eos_token_id=eos)  # config.json last
-    umask = os.umask(0)
-    os.umask(umask)
-    for name in os.listdir(tmp):  # safetensors writes 0600; a release is for reading
-        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-    old = out_dir.rstrip("/") + ".old"
-    if os.path.exists(out_dir):
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return info
-
-
-def sample_text(ckpt_dir, prompt, max_new_tokens=200, temperature=0.8, top_k=200, seed=1337, device="cpu",
-                out=None, chat=False):
-    """Print what a checkpoint writes after `prompt`, token by token as it comes (to `out`,
-    default stdout), until EOS or max_new_tokens; return the text. The prompt follows EOS
-    (the start of a document, as in training; a Hugging Face folder's BOS if it has one).
-    chat=True wraps it in the Vicuna v1.1 template that finetune.py trains with."""
-    import sys
-
-    from evaluate import load_for_eval
-
-    if chat:
-        from config import Config
-        from finetune import VICUNA_ROLES
-
-        prompt = f"{Config().system_prompt} {VICUNA_ROLES[0]}: {prompt} {VICUNA_ROLES[1]}:"
-    out = sys.stdout if out is None else out
-    model, tok, _ = load_for_eval(ckpt_dir, device)
-    if max_new_tokens >= model.config.max_seq_len:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be below the model's context of "
-                         f"{model.config.max_seq_len} tokens")
-    ids = ([tok.prefix_id] + tok.encode(prompt))[-(model.config.max_seq_len - max_new_tokens):]
-    g = torch.Generator(device=device).manual_seed(seed)
-    printed, new = tok.decode(ids), []
-    out.write(prompt)
-    for t in model.stream(torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, g):
-        if int(t) == tok.eos_id:
-            break
-        new.append(int(t))
-        text = tok.decode(ids + new)
-        if not text.endswith("\ufffd"):  # wait for the rest of a character split over byte tokens
-            out.write(text[len(printed):])
-            out.flush()
-            printed = text
-    out.write(tok.decode(ids + new)[len(printed):] + "\n")
-    return tok.decode(ids + new)[len(tok.decode(ids)):]
-
-
-# -----------------------------------------------------------------------------
-# python model.py CONFIG: what the config's model is, without allocating it
+# what a config's model is, without allocating it (train.py --dry_run prints it)
 
 
 def summary(cfg: ModelConfig, seq_len):
@@ -864,40 +643,3 @@ def summary(cfg: ModelConfig, seq_len):
     except ValueError:
         lines.append(f"{'hugging face layout':22s} none (muP or biases that no HF layout holds)")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import sys
-
-    from config import ConfigError, load_config, os_error_line
-
-    usage = ("usage: python model.py CONFIG [--key=value ...]            summary of the config's model\n"
-             "       python model.py export CKPT_DIR OUT_DIR             a Hugging Face folder, with its tokenizer\n"
-             "       python model.py sample CKPT_DIR --prompt=TEXT [--max_new_tokens=200 --temperature=0.8 "
-             "--top_k=200 --seed=1337 --device=cpu --chat=True]")
-    args = sys.argv[1:]
-    try:
-        if args[:1] == ["export"]:
-            if len(args) != 3:
-                sys.exit(usage)
-            export(args[1], args[2])
-            print(f"wrote {args[2]}")
-        elif args[:1] == ["sample"]:
-            if len(args) < 2 or args[1].startswith("--"):
-                sys.exit(usage)
-            opts = dict(a[2:].split("=", 1) for a in args[2:] if a.startswith("--") and "=" in a)
-            types = {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "seed": int,
-                     "device": str, "chat": lambda v: v == "True"}
-            bad = sorted(set(opts) - set(types)) + [a for a in args[2:] if not (a.startswith("--") and "=" in a)]
-            if bad:
-                sys.exit(f"error: unknown option {bad[0]!r}\n{usage}")
-            sample_text(args[1], **{k: types[k](v) for k, v in opts.items()})
-        elif not args:
-            sys.exit(usage)
-        else:
-            cfg = load_config(args)
-            print(summary(cfg.model, cfg.seq_len))
-    except (ConfigError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {os_error_line(e)}")

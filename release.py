@@ -3,13 +3,14 @@ A run as a release: one folder to upload, laid out as LLM360 released AMBER, wit
 model card that links every part of it.
 
     python release.py RUN_DIR [OUT_DIR]        default OUT_DIR: RUN_DIR/release
+    python release.py export CKPT_DIR OUT_DIR  one checkpoint as a Hugging Face folder, with its tokenizer
 
     OUT_DIR/
         README.md                 the model card, generated: the paper's Table 1 and Table 2 for
                                   this run, final metrics and evaluations, memorization, figures
         config.json, model.safetensors, tokenizer.*, generation_config.json
                                   the final checkpoint: from_pretrained(OUT_DIR) loads it
-        checkpoints/ckpt_NNN/     every checkpoint as a Hugging Face folder (model.py export)
+        checkpoints/ckpt_NNN/     every checkpoint as a Hugging Face folder (export, below)
         optimizer/ckpt_NNN/       its AdamW state, RNG states and state.json: a run resumes from here
         data/                     manifest.json, tokenizer.model and every chunk of training sequences
         logs/                     config.py (train.py takes it as it is), run.json, metrics.jsonl,
@@ -25,23 +26,25 @@ after new checkpoints, evaluations or memorization results: only new or changed
 checkpoints are exported, and everything else, the card included, is refreshed.
 """
 
-import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 
+import torch
+
+import checkpoint
 import data
-from config import config_from_dict, format_config, os_error_line, write_json_atomic
-from evaluate import list_checkpoints
-from model import export, hf_config
-from train import stage_dirs, verify_checkpoint
+from common import UserError, one_line_errors, sha256_file, write_json_atomic, write_text_atomic
+from config import format_config, saved_config
+from model import Transformer, hf_config
 
 CARD_FIGURES = [("logs/training.png", "training"), ("evals/evals.png", "evaluations over training"),
                 ("memorization/scores.png", "memorization scores"), ("memorization/matrix.png", "memorization by chunk")]
 
 
-class ReleaseError(ValueError):
+class ReleaseError(UserError):
     pass
 
 
@@ -70,23 +73,18 @@ def link_tree(src, dst):
     return copied
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def release(run_dir, out_dir=None):
     """Write or refresh the release of run_dir; returns its folder."""
     out_dir = out_dir or os.path.join(run_dir, "release")
     if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         raise ReleaseError(f"{run_dir} is not a run dir (no metrics.jsonl); give the out_dir of a train.py run")
-    ckpts = [p for p in list_checkpoints(run_dir) if os.path.exists(os.path.join(p, "state.json"))]
+    ckpts = [os.path.join(run_dir, n) for n in checkpoint.checkpoint_names(run_dir)
+             if checkpoint.kind(os.path.join(run_dir, n)) == "ours"]
+    if not ckpts:
+        raise ReleaseError(f"{run_dir} holds no checkpoints (ckpt_NNN folders); train first")
     with open(os.path.join(ckpts[-1], "state.json")) as f:
         last_state = json.load(f)
-    cfg = config_from_dict(last_state["config"])
+    cfg = saved_config(last_state["config"])
     try:
         hf_config(cfg.model)
         hf_reason = None
@@ -106,7 +104,7 @@ def release(run_dir, out_dir=None):
         source = f"{sha256_file(os.path.join(path, 'state.json'))[:16]}-{weights.st_size}-{weights.st_mtime_ns}"
         if index["checkpoints"].get(name, {}).get("source") != source or not os.path.exists(
                 os.path.join(dst, "config.json")):
-            problems = verify_checkpoint(path)  # every file against the sha256 written with it
+            problems = checkpoint.verify_checkpoint(path)  # every file against the sha256 written with it
             if problems:
                 raise ReleaseError(f"{path} is damaged ({'; '.join(problems)}); nothing of it was released. Move it "
                                    "aside, or retrain it: a resume from the checkpoint before it rewrites it")
@@ -134,7 +132,7 @@ def release(run_dir, out_dir=None):
             link(os.path.join(final, f), os.path.join(out_dir, f))
 
     # the data: manifests, tokenizers and chunks of every stage, linked
-    dirs = stage_dirs(last_state["config"])
+    dirs = data.stage_dirs(last_state["config"])
     data_dsts = [os.path.join(out_dir, "data")] if len(dirs) == 1 else [
         os.path.join(out_dir, "data", f"stage_{i}_{os.path.basename(os.path.normpath(d))}") for i, d in enumerate(dirs)]
     manifests = []
@@ -150,9 +148,8 @@ def release(run_dir, out_dir=None):
     # logs, evaluations, memorization
     logs = os.path.join(out_dir, "logs")
     os.makedirs(logs, exist_ok=True)
-    with open(os.path.join(logs, "config.py.tmp"), "w") as f:
-        f.write("# the resolved config of this run: python train.py logs/config.py\n" + format_config(cfg) + "\n")
-    os.replace(os.path.join(logs, "config.py.tmp"), os.path.join(logs, "config.py"))
+    write_text_atomic(os.path.join(logs, "config.py"),
+                      "# the resolved config of this run: python train.py logs/config.py\n" + format_config(cfg) + "\n")
     for f in ("run.json", "metrics.jsonl", "ledger.jsonl", "training.png", "config.json"):
         if os.path.exists(os.path.join(run_dir, f)):
             copied += link(os.path.join(run_dir, f), os.path.join(logs, f))
@@ -163,12 +160,54 @@ def release(run_dir, out_dir=None):
         copied += link_tree(os.path.join(run_dir, "memorization"), os.path.join(out_dir, "memorization"))
 
     card = model_card(run_dir, out_dir, cfg, last_state, manifests, data_dsts, index, hf_reason)
-    with open(os.path.join(out_dir, "README.md.tmp"), "w") as f:
-        f.write(card)
-    os.replace(os.path.join(out_dir, "README.md.tmp"), os.path.join(out_dir, "README.md"))
+    write_text_atomic(os.path.join(out_dir, "README.md"), card)
     print(f"released {len(ckpts)} checkpoints of {run_dir} to {out_dir} ({copied / 1e6:.1f} MB copied where "
           "hard links were not possible)")
     return out_dir
+
+
+# -----------------------------------------------------------------------------
+# one checkpoint as a Hugging Face folder
+
+
+def export(ckpt_dir, out_dir, max_shard_bytes=5 * 2**30):
+    """Write a checkpoint (ours, or a Hugging Face folder) as a folder that transformers
+    loads offline with AutoModelForCausalLM / AutoTokenizer.from_pretrained(out_dir):
+    config.json and safetensors weights (float32), tokenizer.model / tokenizer.json /
+    tokenizer_config.json / special_tokens_map.json (data.hf_tokenizer_files), and
+    generation_config.json. Everything is written to OUT_DIR.tmp and renamed into place,
+    so OUT_DIR is either the whole export or absent (or the previous export)."""
+    model, tok, info = checkpoint.load(ckpt_dir)
+    cfg = model.config
+    hf_config(cfg)  # refuses a shape no Hugging Face layout holds, before anything is written
+    files = data.hf_tokenizer_files(tok, cfg.max_seq_len)
+    ours = set(files) | {"config.json", "generation_config.json", "model.safetensors.index.json"}
+    other = [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+             if n not in ours and not re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", n)]
+    if other or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
+        raise FileExistsError(f"{out_dir} holds files an export does not write ({(other or [out_dir])[0]}), so it "
+                              "is not a previous export to replace; give a new or empty folder")
+    tmp = out_dir.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, blob in files.items():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(blob)
+    eos = tok.eos_id
+    write_json_atomic(os.path.join(tmp, "generation_config.json"),
+                      {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False,
+                       "max_length": cfg.max_seq_len}, indent=2)
+    checkpoint.save_hf(model, tmp, max_shard_bytes, bos_token_id=eos, eos_token_id=eos)  # config.json last
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp):  # safetensors writes 0600; a release is for reading
+        os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+    old = out_dir.rstrip("/") + ".old"
+    if os.path.exists(out_dir):
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+    return info
 
 
 # -----------------------------------------------------------------------------
@@ -206,9 +245,6 @@ def model_card(run_dir, out_dir, cfg, state, manifests, data_dsts, index, hf_rea
     commit = run.get("git_commit") or "unknown"
     rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
     m = cfg.model
-    from model import Transformer
-    import torch
-
     with torch.device("meta"):
         n_params = Transformer(m).num_params()
     ckpt_names = sorted(index["checkpoints"])
@@ -288,14 +324,18 @@ def model_card(run_dir, out_dir, cfg, state, manifests, data_dsts, index, hf_rea
 
 
 def main(argv):
-    if not argv or argv[0].startswith("-") or len(argv) > 2:
-        sys.exit("usage: python release.py RUN_DIR [OUT_DIR]")
-    try:
-        release(*argv)
-    except (ReleaseError, data.DataError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    except OSError as e:
-        sys.exit(f"error: {os_error_line(e)}")
+    usage = "usage: python release.py RUN_DIR [OUT_DIR]\n       python release.py export CKPT_DIR OUT_DIR"
+    if not argv or argv[0].startswith("-") or len(argv) > 3 or (len(argv) == 3) != (argv[0] == "export"):
+        sys.exit(usage)
+    with one_line_errors():
+        try:
+            if argv[0] == "export":
+                export(argv[1], argv[2])
+                print(f"wrote {argv[2]}")
+            else:
+                release(*argv)
+        except ValueError as e:  # a shape that no Hugging Face layout holds (model.hf_config), said as it is
+            raise ReleaseError(str(e)) from None
 
 
 if __name__ == "__main__":

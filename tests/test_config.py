@@ -97,3 +97,34 @@ def test_values_out_of_range_are_refused(bad):
     key = bad[2:].split("=")[0]
     with pytest.raises(ConfigError, match=rf"{key}=.*must be"):
         load_config([os.path.join(CONFIGS, "tiny.py"), bad])
+
+
+def test_the_config_reference_lists_every_key_with_its_default():
+    """docs/config.md has a row for every field of Config and of ModelConfig, with the
+    default the code has (the tiny and amber_7b presets' for model keys), and no other."""
+    import re
+
+    from model import ModelConfig
+
+    with open(os.path.join(CONFIGS, "..", "docs", "config.md")) as f:
+        run_part, model_part = f.read().split("## Model keys")
+    run_rows = dict(re.findall(r"^\| `(\w+)` \| (.*?) \|", run_part, re.M))
+    model_rows = {k: (a, b) for k, a, b in re.findall(r"^\| `(\w+)` \| (`.*?`) \| (`.*?`) \|", model_part, re.M)}
+    cfg = Config()
+    shown = {f.name: f"`{getattr(cfg, f.name)!r}`" for f in dataclasses.fields(Config)} | {"model": "`'tiny'`"}
+    shown["system_prompt"] = '`"A chat between ..."` (Vicuna v1.1)'  # too long for a table cell
+    assert run_rows == shown
+    assert model_rows == {f.name: (f"`{getattr(PRESETS['tiny'], f.name)!r}`", f"`{getattr(PRESETS['amber_7b'], f.name)!r}`")
+                          for f in dataclasses.fields(ModelConfig)}
+    assert cfg.system_prompt.startswith("A chat between") and cfg.model == PRESETS["tiny"]
+
+
+def test_a_run_saved_by_older_code_still_loads(tmp_path):
+    """A key an older version saved and no field has now is dropped when it was empty (it
+    changed nothing), and refused when it was set."""
+    from config import saved_config
+
+    values = config_to_dict(Config())
+    assert saved_config(values | {"nan_test_chunks": []}) == Config()
+    with pytest.raises(ConfigError, match="unknown config key 'nan_test_chunks'"):
+        saved_config(values | {"nan_test_chunks": [1]})

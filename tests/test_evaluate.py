@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import evaluate as ev
 from conftest import trained_run
 
@@ -124,7 +125,7 @@ def test_prompts_and_scores_equal_the_harness(run, tmp_path, monkeypatch):
 
 
 def test_shared_context_scores_equal_one_forward_per_choice(run):
-    model, tok, _ = ev.load_for_eval(str(run / "run" / "ckpt_001"))
+    model, tok, _ = checkpoint.load(str(run / "run" / "ckpt_001"))
     ctx, conts = "alpha beta gamma", [" red", " blue moon", " cat dog sun moon"]
     shared = ev.loglikelihoods(model, tok, [(ctx, c) for c in conts])
     for (ll, greedy), c in zip(shared, conts):
@@ -194,7 +195,7 @@ def test_a_model_that_prefers_the_gold_answer_scores_one(tmp_path):
 
 
 def test_perplexity_by_hand_and_padding_never_counts(run):
-    model, tok, _ = ev.load_for_eval(str(run / "run" / "ckpt_001"))
+    model, tok, _ = checkpoint.load(str(run / "run" / "ckpt_001"))
     text = "alpha beta gamma delta " * 40
     loss, ppl = ev.perplexity_text(model, tok, text)
     ids = [tok.eos_id] + tok.encode(text)
@@ -289,7 +290,7 @@ def test_without_isolation_code_runs_only_when_allowed(monkeypatch):
 
 
 def test_code_task_reports_timeouts_and_goes_on(run, monkeypatch):
-    model, tok, _ = ev.load_for_eval(str(run / "run" / "ckpt_001"))
+    model, tok, _ = checkpoint.load(str(run / "run" / "ckpt_001"))
     answers = iter(["    return a + b\n", "    while True:\n        pass\n", "    return a - b\n"])
     monkeypatch.setattr(ev, "complete", lambda *a, **k: next(answers))
     docs = [{"task_id": f"T/{i}", "prompt": "def add(a, b):\n", "test": "def check(f):\n    assert f(1, 2) == 3\n",
@@ -321,7 +322,7 @@ def test_sweep_evaluates_nothing_twice_and_picks_up_new_checkpoints(run, tmp_pat
     assert (run_dir / "evals.csv").read_text().splitlines()[0].startswith("checkpoint,tokens,arc_challenge/acc")
     assert (run_dir / "evals.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ev.EvalError, match="no checkpoints"):
-        ev.list_checkpoints(str(tmp_path / "tasks"))
+        ev.checkpoints_to_evaluate(str(tmp_path / "tasks"))
 
 
 def test_results_are_reused_only_when_everything_that_makes_them_is_equal(run, tmp_path, monkeypatch):
@@ -338,7 +339,7 @@ def test_results_are_reused_only_when_everything_that_makes_them_is_equal(run, t
     assert arc(ev.sweep(str(run_dir), ["arc_challenge"], str(tasks), limit=2)) == [2]
     assert arc(ev.sweep(str(run_dir), ["arc_challenge"], str(tasks))) == [2, n_full]  # scored again, in full
     lines = (run_dir / "evals.jsonl").read_text()
-    monkeypatch.setattr(ev, "load_for_eval", lambda *a, **k: pytest.fail("a cached result loaded the weights"))
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: pytest.fail("a cached result loaded the weights"))
     for limit in (2, None):
         ev.sweep(str(run_dir), ["arc_challenge"], str(tasks), limit=limit)
     assert (run_dir / "evals.jsonl").read_text() == lines  # both are cached now
@@ -363,10 +364,10 @@ def test_a_damaged_checkpoint_is_named_and_the_others_evaluated(run, tmp_path):
 def test_hugging_face_folder_evaluates_like_our_checkpoint(run, tmp_path):
     """A released checkpoint in the Llama layout (weights + tokenizer.model) gives the
     same scores as the checkpoint of ours it was exported from."""
-    from model import save_hf
+    from checkpoint import save_hf
 
     ours = str(run / "run" / "ckpt_001")
-    model, tok, _ = ev.load_for_eval(ours)
+    model, tok, _ = checkpoint.load(ours)
     hf_dir = tmp_path / "amber_like" / "ckpt_001"
     save_hf(model, hf_dir)
     (hf_dir / "tokenizer.model").write_bytes(tok.blob)
@@ -401,13 +402,13 @@ def test_adapter_rolling_loglikelihood_and_generation(run):
 
 
 # -----------------------------------------------------------------------------
-# python model.py export: a Hugging Face folder that transformers and the harness load
+# python release.py export: a Hugging Face folder that transformers and the harness load
 
 
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "ckpt_001"
-    subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "export", str(run / "run" / "ckpt_001"), str(out)],
+    subprocess.run([sys.executable, os.path.join(ROOT, "release.py"), "export", str(run / "run" / "ckpt_001"), str(out)],
                    check=True, capture_output=True)
     return out
 
@@ -431,7 +432,7 @@ def test_export_loads_in_transformers_with_our_tokenizer_and_logits(run, exporte
     stops at our EOS."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    model, tok, _ = ev.load_for_eval(str(run / "run" / "ckpt_001"))
+    model, tok, _ = checkpoint.load(str(run / "run" / "ckpt_001"))
     hf_tok = AutoTokenizer.from_pretrained(exported)
     for text in fuzz_texts():
         ids = tok.encode(text)
@@ -447,9 +448,9 @@ def test_export_loads_in_transformers_with_our_tokenizer_and_logits(run, exporte
     gen = GenerationConfig.from_pretrained(exported)
     assert gen.eos_token_id == tok.eos_id and gen.max_length == model.config.max_seq_len
     # re-export over the first: the folder is replaced whole, never left half-written
-    subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "export", str(run / "run" / "ckpt_000"),
+    subprocess.run([sys.executable, os.path.join(ROOT, "release.py"), "export", str(run / "run" / "ckpt_000"),
                     str(exported) + "_again"], check=True, capture_output=True)
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "export", str(run / "run" / "ckpt_000"),
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "release.py"), "export", str(run / "run" / "ckpt_000"),
                           str(run / "run")], capture_output=True, text=True)
     assert bad.returncode != 0 and "not a previous export" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
@@ -467,7 +468,7 @@ def test_harness_scores_of_the_export_equal_ours_on_over_long_prompts(run, expor
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     L = 20
-    model, tok, _ = ev.load_for_eval(str(run / "run" / "ckpt_001"))
+    model, tok, _ = checkpoint.load(str(run / "run" / "ckpt_001"))
     model.config = dataclasses.replace(model.config, max_seq_len=L)
     hflm = HFLM(pretrained=str(exported), max_length=L, dtype="float32", device="cpu", batch_size=4)
     rng = random.Random(2)
@@ -509,10 +510,10 @@ def test_harness_scores_of_the_export_equal_ours_on_over_long_prompts(run, expor
 
 
 def test_sample_streams_what_generate_writes_from_both_folder_kinds(run, exported):
-    """model.py sample prints the prompt, then the text piece by piece as tokens come; the
+    """sample.py prints the prompt, then the text piece by piece as tokens come; the
     whole is what generate() writes with the same seed, cut at EOS; the exported folder
     writes the same text greedily."""
-    from model import sample_text
+    from sample import sample_text
 
     class Chunks(list):
         def write(self, s):
@@ -522,7 +523,7 @@ def test_sample_streams_what_generate_writes_from_both_folder_kinds(run, exporte
             pass
 
     ckpt = str(run / "run" / "ckpt_001")
-    model, tok, _ = ev.load_for_eval(ckpt)
+    model, tok, _ = checkpoint.load(ckpt)
     out = Chunks()
     text = sample_text(ckpt, "alpha beta", max_new_tokens=40, temperature=1.0, top_k=50, seed=3, out=out)
     ids = [tok.eos_id] + tok.encode("alpha beta")
@@ -533,7 +534,7 @@ def test_sample_streams_what_generate_writes_from_both_folder_kinds(run, exporte
     assert "".join(out) == "alpha beta" + text + "\n" and len(out) > 5  # streamed, not printed at the end
     greedy = [sample_text(p, "alpha", max_new_tokens=20, temperature=0.0, out=Chunks()) for p in (ckpt, str(exported))]
     assert greedy[0] == greedy[1]
-    bad = subprocess.run([sys.executable, os.path.join(ROOT, "model.py"), "sample", ckpt, "--promt=x"],
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), ckpt, "--promt=x"],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown option 'promt'" in bad.stderr
 
@@ -573,7 +574,7 @@ def test_a_llama_tokenizer_folder_is_scored_with_bos_as_the_harness_does(exporte
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
          "add_bos_token": True, "add_eos_token": False}))
-    model, tok, _ = ev.load_for_eval(str(folder))
+    model, tok, _ = checkpoint.load(str(folder))
     assert tok.add_bos and tok.prefix_id == tok.sp.piece_to_id("<s>")
     rng = random.Random(4)
     requests = [(w(rng, rng.randrange(1, 12)), " " + w(rng, rng.randrange(1, 4))) for _ in range(12)]

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from model import PRESETS, ModelConfig, Transformer, load_hf, save_hf
+from checkpoint import load_hf, save_hf
+from model import PRESETS, ModelConfig, Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -82,7 +83,7 @@ def test_llama_equals_hf_both_directions(tmp_path, n_kv_head, tie):
 def test_amber_release_layout_loads_shard_by_shard(tmp_path, monkeypatch):
     import weakref
 
-    import model as model_module
+    import checkpoint
     from conftest import save_like_amber
 
     hf_cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -105,7 +106,7 @@ def test_amber_release_layout_loads_shard_by_shard(tmp_path, monkeypatch):
         loads.append(os.path.basename(path))
         return sd
 
-    monkeypatch.setattr(model_module.torch, "load", watched_load)
+    monkeypatch.setattr(checkpoint.torch, "load", watched_load)
     ours = load_hf(tmp_path / "ckpt_000").eval()
     assert len(loads) == n_shards and all(p.dtype == torch.float32 for p in ours.parameters())
     idx = idx_batch(128)

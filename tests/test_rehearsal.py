@@ -57,7 +57,7 @@ def test_amber_shaped_release_through_convert_train_inspect_memorize(tmp_path, c
                                                         "ckpt_002__chunk_001.json", "ckpt_002__chunk_002.json"]
     # the same weights as AMBER's release: a folder of ckpt_NNN HF folders and --data_dir
     from model import hf_config, to_hf_state_dict
-    from train import load_model
+    from checkpoint import load_model
 
     amber = tmp_path / "amber_ckpts"
     for name in ("ckpt_000", "ckpt_001", "ckpt_002"):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import evaluate as ev
 import memorize as mem
 import release as rel
@@ -55,7 +56,7 @@ def test_release_links_loads_and_reproduces(run, tmp_path):
     # every checkpoint loads in transformers with our logits; the final one at the top level
     tok = AutoTokenizer.from_pretrained(out)
     for name in ("ckpt_000", "ckpt_001", "ckpt_002"):
-        ours, our_tok, _ = ev.load_for_eval(str(run_dir / name))
+        ours, our_tok, _ = checkpoint.load(str(run_dir / name))
         hf = AutoModelForCausalLM.from_pretrained(out / "checkpoints" / name, dtype=torch.float32).eval()
         ids = torch.tensor([[our_tok.eos_id] + tok.encode("alpha beta gamma delta red blue")])
         with torch.no_grad():
@@ -95,3 +96,24 @@ def test_bad_run_dir_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "release.py"), str(tmp_path)], capture_output=True,
                           text=True)
     assert proc.returncode != 0 and "not a run dir" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_plot_redraws_every_figure_of_a_run_from_its_files(run, tmp_path):
+    """python plot.py RUN_DIR draws training.png, evals.png and the memorization figures
+    again from metrics.jsonl and the CSV files alone: the same bytes as the ones drawn
+    while the run, the sweep and the analysis went on."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(run / "run", run_dir, copy_function=os.link)
+    ev.sweep(str(run_dir), ["ppl"], limit=2)
+    mem.run(str(run_dir), k=8, l=8, samples=3, checkpoints=["ckpt_000", "ckpt_002"])
+    mem.summarize(str(run_dir))
+    figures = ["training.png", "evals.png"] + [f"memorization/{n}.png" for n in ("scores", "matrix", "correlation")]
+    drawn = {f: (run_dir / f).read_bytes() for f in figures}
+    for f in figures:
+        os.remove(run_dir / f)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), str(run_dir)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert {f: (run_dir / f).read_bytes() for f in figures} == drawn
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), str(tmp_path / "tasks_none")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.startswith("usage: python plot.py RUN_DIR")

@@ -13,6 +13,7 @@ import torch
 from conftest import corpus_values, make_corpus, write_config
 from config import config_from_dict
 from model import ModelConfig, Transformer
+import checkpoint
 import train as train_py
 from train import get_lr
 
@@ -105,17 +106,18 @@ def run_values(corpus, name, **kw):
     return values
 
 
-def train(corpus, name, nproc=1, fault=None, expect_ok=True, **kw):
+def train(corpus, name, nproc=1, fault=None, expect_ok=True, nan_chunks=(), **kw):
+    """train.py on the corpus in a subprocess; faults (fault="step:N" / "save:N", chunks
+    whose loss is NaN) are injected from outside by tests/faulty_train.py."""
     cfg_path = write_config(corpus / f"{name}.py", run_values(corpus, name, **kw))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    env.pop("LLM360_FAULT", None)
-    if fault:
-        env["LLM360_FAULT"] = fault
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, LLM360_FAULT=fault or "",
+               LLM360_NAN_CHUNKS=",".join(map(str, nan_chunks)))
+    script = os.path.join(ROOT, "tests", "faulty_train.py") if fault or nan_chunks else os.path.join(ROOT, "train.py")
     if nproc == 1:
-        cmd = [sys.executable, os.path.join(ROOT, "train.py"), cfg_path]
+        cmd = [sys.executable, script, cfg_path]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + os.getpid() % 1000), os.path.join(ROOT, "train.py"), cfg_path]
+               str(29500 + os.getpid() % 1000), script, cfg_path]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(corpus))
     if expect_ok and not fault:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -223,7 +225,7 @@ DAMAGE = {
 def killed_after_two_chunks(corpus, reference):
     """A run killed in its third chunk: ckpt_000 and ckpt_001 on disk."""
     assert train(corpus, "two_chunks", fault="step:100").returncode == -9
-    assert train_py.checkpoint_names(corpus / "two_chunks") == ["ckpt_000", "ckpt_001"]
+    assert checkpoint.checkpoint_names(corpus / "two_chunks") == ["ckpt_000", "ckpt_001"]
     return corpus / "two_chunks"
 
 
@@ -236,8 +238,8 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_ends_bitwise(corpu
     shutil.copytree(killed_after_two_chunks, run)
     DAMAGE[damage](run / "ckpt_001")
     if damage == "weights-bit-flip":  # evaluate.py, memorize.py and release.py load weights through load_model
-        with pytest.raises(train_py.CheckpointError, match="differs from the file written"):
-            train_py.load_model(str(run / "ckpt_001"))
+        with pytest.raises(checkpoint.CheckpointError, match="differs from the file written"):
+            checkpoint.load_model(str(run / "ckpt_001"))
     proc = train(corpus, run.name)
     moved = [n for n in os.listdir(run) if n.startswith("ckpt_001.damaged-")]
     assert len(moved) == 1 and "ckpt_001 is damaged" in proc.stdout and "moved aside" in proc.stdout
@@ -323,7 +325,7 @@ def test_fsdp_matches_one_process_and_resumes_bitwise(corpus, short_reference):
 
 
 def test_nan_chunk_is_skipped_and_replaced(corpus, reference):
-    train(corpus, "nan", nan_test_chunks=(1,))
+    train(corpus, "nan", nan_chunks=(1,))
     events = ledger(corpus / "nan")
     skips = [e for e in events if e["event"] == "skip_chunk"]
     assert len(skips) == 1 and skips[0]["chunk"] == 1 and skips[0]["replacement"] == 0
@@ -338,15 +340,15 @@ def test_nan_chunk_is_skipped_and_replaced(corpus, reference):
 
 
 def test_a_run_that_skipped_every_chunk_fails(corpus):
-    proc = train(corpus, "nan_all", nan_test_chunks=(0, 1, 2), expect_ok=False)
+    proc = train(corpus, "nan_all", nan_chunks=(0, 1, 2), expect_ok=False)
     last = proc.stderr.strip().splitlines()[-1]  # above it: the progress bars
     assert proc.returncode == 1 and last.startswith("error: every chunk of the schedule (5) gave a non-finite loss")
-    assert "Traceback" not in proc.stderr and train_py.checkpoint_names(corpus / "nan_all") == []  # 3 + 2 replacements
+    assert "Traceback" not in proc.stderr and checkpoint.checkpoint_names(corpus / "nan_all") == []  # 3 + 2 replacements
     assert [e["event"] for e in ledger(corpus / "nan_all")][-1] == "failed"
 
 
 def test_nan_stop_exits_cleanly_with_the_last_good_checkpoint(corpus):
-    proc = train(corpus, "nan_stop", nan_test_chunks=(1,), nan_policy="stop", expect_ok=False)
+    proc = train(corpus, "nan_stop", nan_chunks=(1,), nan_policy="stop", expect_ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "non-finite loss" in proc.stderr and "last good checkpoint is ckpt_000" in proc.stderr
     assert os.path.exists(corpus / "nan_stop" / "ckpt_000" / "state.json")
@@ -448,22 +450,22 @@ def test_one_writer_per_run_dir_and_no_stale_lock(corpus, tmp_path):
     and changes nothing; a holder killed by SIGKILL leaves no lock behind."""
     import signal
 
-    import data
+    import common
 
     out = corpus / "locked"
     lock = str(out / ".lock")
-    data.hold_lock(lock, "this test")
+    common.hold_lock(lock, "this test")
     try:
         proc = train(corpus, "locked", expect_ok=False)
         assert proc.returncode != 0 and f"pid {os.getpid()}" in proc.stderr and len(proc.stderr.splitlines()) == 1
         assert sorted(os.listdir(out)) == [".lock"]  # nothing written
     finally:
-        os.close(data._LOCKS.pop(os.path.abspath(lock)))
-    holder = subprocess.Popen([sys.executable, "-c", f"import data, time; data.hold_lock({lock!r}, 'x'); "
+        os.close(common._LOCKS.pop(os.path.abspath(lock)))
+    holder = subprocess.Popen([sys.executable, "-c", f"import common, time; common.hold_lock({lock!r}, 'x'); "
                                "print('held', flush=True); time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE,
                               text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert holder.stdout.readline().strip() == "held"
     holder.send_signal(signal.SIGKILL)
     holder.wait()
-    data.hold_lock(lock, "this test")  # free again
-    os.close(data._LOCKS.pop(os.path.abspath(lock)))
+    common.hold_lock(lock, "this test")  # free again
+    os.close(common._LOCKS.pop(os.path.abspath(lock)))

@@ -1,0 +1,614 @@
+"""
+Checkpoints and run dirs: what they hold, and every read and write of them.
+
+A run dir (train.py's out_dir) holds:
+
+    config.json, run.json      the resolved config; git commit, versions, devices, precision
+    metrics.jsonl              one line per optimizer step (+ validation lines)
+    ledger.jsonl               events: start, resume, checkpoint, skipped chunk, finish
+    training.png               the curves (plot.py)
+    ckpt_000 ... ckpt_N        one checkpoint after each schedule position (a chunk)
+    ckpt_rolling               the newest mid-chunk checkpoint (ckpt_interval > 0, max_steps)
+
+A checkpoint folder holds:
+
+    model.safetensors          every parameter in float32 (a tied output head stored once)
+    optimizer.pt               the AdamW state; under FSDP a torch.distributed.checkpoint
+                               folder optimizer/ instead, one shard per rank
+    rng_rank{r}.pt             each rank's torch, Python (and CUDA) RNG state
+    state.json                 the run's state: step, tokens, schedule position `pos`, the
+                               schedule, skipped chunks, the reader's position inside a chunk,
+                               the data manifest's sha256, metrics lines, the config, the world
+                               size, and `files`: the size and sha256 of every other file
+
+A checkpoint is written into NAME.tmp and renamed into place, so a folder named
+ckpt_NNN is always complete; a resume verifies the newest against `files`, moves a
+damaged one aside as NAME.damaged-TIME and takes the newest intact one. A Hugging
+Face folder (config.json + safetensors or .bin shards, LLM360's release format)
+is read and written here too; model.py maps the names.
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import fields
+
+import torch
+import torch.distributed as dist
+
+import data
+from common import atomic_write, barrier, broadcast0, sha256_file, size_text, write_json_atomic, writing
+from config import ConfigError, config_to_dict, saved_config
+from model import Transformer, hf_config, hf_parts, model_config_from_hf, to_hf_state_dict
+
+
+class CheckpointError(data.DataError):
+    pass
+
+
+# -----------------------------------------------------------------------------
+# listing and reading state.json
+
+
+def checkpoint_names(run_dir, rolling=False):
+    """The checkpoint folders of a run dir in training order: ckpt_NNN, and ckpt_rolling
+    last when rolling=True; never *.tmp (being written) or *.damaged-TIME (moved aside)."""
+    if not os.path.isdir(run_dir):
+        return []
+    return sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and (n[5:].isdigit() or
+                  (rolling and n == "ckpt_rolling")) and os.path.isdir(os.path.join(run_dir, n)))
+
+
+def kind(path):
+    """"ours" (state.json), "hf" (a Hugging Face folder: config.json) or None."""
+    if os.path.exists(os.path.join(path, "state.json")):
+        return "ours"
+    return "hf" if os.path.exists(os.path.join(path, "config.json")) else None
+
+
+def read_state(path):
+    """The state.json of a checkpoint folder, or None when it is missing or unreadable."""
+    try:
+        with open(os.path.join(path, "state.json")) as f:
+            state = json.load(f)
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return None
+    return state if isinstance(state, dict) and {"pos", "step", "config"} <= set(state) else None
+
+
+# -----------------------------------------------------------------------------
+# writing a checkpoint
+
+
+def full_state_dict(raw_model, fsdp):
+    """Float32 CPU tensors of every parameter; the tied output head is stored once."""
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = raw_model.state_dict()
+    if raw_model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous() for k, v in sd.items()}
+
+
+def save_checkpoint(path, raw_model, optimizer, state, cfg, rank, world_size, fsdp):
+    """Write a checkpoint folder atomically: everything into path.tmp, then one rename."""
+    tmp = path + ".tmp"
+    check_free_space(os.path.dirname(path), 12 * raw_model.num_params(), rank, world_size)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    barrier(world_size)
+    try:
+        with writing(tmp):
+            _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp)
+    except OSError:
+        if rank == 0:  # a full disk: give back what the unfinished checkpoint took
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp):
+    from safetensors.torch import save_file
+
+    model_sd = full_state_dict(raw_model, fsdp)  # collective under FSDP
+    if rank == 0:
+        save_file(model_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    if fsdp:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        dcp.save(get_optimizer_state_dict(raw_model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
+    elif rank == 0:
+        torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+               os.path.join(tmp, f"rng_rank{rank}.pt"))
+    barrier(world_size)
+    files = hash_files(tmp, rank, world_size)  # collective: each rank hashes a share
+    if rank == 0:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state | {"config": config_to_dict(cfg), "world_size": world_size, "files": files}, f, indent=1)
+        if os.path.exists(path):  # the rolling checkpoint: replace the previous one
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    barrier(world_size)
+
+
+def check_free_space(folder, needed, rank=0, world_size=1):
+    """Stop before writing a checkpoint that cannot fit (float32 weights and both AdamW
+    moments: 12 bytes a parameter, 84 GB at 7B), rather than fail in the middle of it.
+    Rank 0 looks and every rank stops alike."""
+    free = broadcast0(shutil.disk_usage(folder).free if rank == 0 else 0, world_size)
+    if free < needed * 1.01:
+        newest = find_checkpoint(folder)
+        raise CheckpointError(f"{folder}: {size_text(free)} free, a checkpoint needs about {size_text(needed)}; free space "
+                              "and run the same command again (it resumes from "
+                              f"{os.path.basename(newest) if newest else 'the start'})")
+
+
+def hash_files(folder, rank=0, world_size=1):
+    """{relative path: {"bytes", "sha256"}} of every file under a checkpoint folder but
+    state.json. Collective: rank r hashes files r, r + world_size, ... (a 7B checkpoint is
+    80 GB; sha256 runs at about 1.4 GB/s a core)."""
+    names = [sorted(os.path.relpath(os.path.join(root, f), folder) for root, _, fs in os.walk(folder) for f in fs
+                    if f != "state.json" or root != folder)]
+    if world_size > 1:
+        dist.broadcast_object_list(names, src=0)  # rank 0's listing: every rank hashes from the same list
+    mine = {n: {"bytes": os.path.getsize(os.path.join(folder, n)), "sha256": sha256_file(os.path.join(folder, n))}
+            for n in names[0][rank::world_size]}
+    if world_size > 1:
+        parts = [None] * world_size
+        dist.all_gather_object(parts, mine)
+        mine = {k: v for part in parts for k, v in part.items()}
+    return dict(sorted(mine.items()))
+
+
+# -----------------------------------------------------------------------------
+# verifying, and the point a run resumes from
+
+
+def find_checkpoint(out_dir, chunk_ends_only=False):
+    """The newest complete checkpoint of a run dir, or None. Folders without a readable
+    state.json are left out (resume_point moves the newer of them aside). chunk_ends_only:
+    leave out the rolling mid-chunk checkpoint."""
+    best, best_key = None, None
+    for name in checkpoint_names(out_dir, rolling=True):
+        st = read_state(os.path.join(out_dir, name))
+        if st is None or (chunk_ends_only and name == "ckpt_rolling"):
+            continue
+        key = (st["pos"], st["step"])  # positions only grow; a rolling checkpoint is ahead of the last chunk's
+        if best_key is None or key > best_key:
+            best, best_key = os.path.join(out_dir, name), key
+    return best
+
+
+def verify_checkpoint(path, rank=0, world_size=1):
+    """What is wrong with a checkpoint folder: [] when every file its state.json records is
+    there with its size and sha256. Collective when the sizes match (the hashing is shared).
+    Checkpoints written before files were recorded are taken as they are."""
+    state = read_state(path)
+    if state is None:
+        return ["state.json is missing or not valid JSON"]
+    files = state.get("files")
+    if files is None:
+        return []
+    problems = []
+    for name, rec in files.items():
+        p = os.path.join(path, name)
+        if not os.path.isfile(p):
+            problems.append(f"{name} is missing")
+        elif os.path.getsize(p) != rec["bytes"]:
+            problems.append(f"{name} has {os.path.getsize(p):,} bytes, {rec['bytes']:,} were written")
+    if problems:
+        return problems
+    got = hash_files(path, rank, world_size)
+    return [f"{n}: sha256 differs from the one written" for n, rec in files.items() if got[n]["sha256"] != rec["sha256"]]
+
+
+def resume_point(out_dir, log, rank=0, world_size=1):
+    """The newest intact checkpoint of a run dir, or None. A damaged one that is newer (a
+    file missing, truncated or changed since it was written; state.json unreadable) is
+    moved aside as NAME.damaged-TIME, said in one line and in the ledger, and the next
+    newest is tried. Older checkpoints are not read past state.json: a damaged one of them
+    never blocks a resume (python train.py verify RUN_DIR finds it)."""
+    while True:
+        best = find_checkpoint(out_dir)
+        best_pos = read_state(best)["pos"] if best else -1
+        damaged = {}
+        for name in checkpoint_names(out_dir, rolling=True):  # unreadable state.json: newer than best by its name?
+            path = os.path.join(out_dir, name)
+            if read_state(path) is None and (name == "ckpt_rolling" or int(name[5:]) + 1 > best_pos):
+                damaged[path] = ["state.json is missing or not valid JSON"]
+        if best and not damaged:
+            problems = verify_checkpoint(best, rank, world_size)
+            if not problems:
+                return best
+            damaged[best] = problems
+        if not damaged:
+            return None
+        if rank == 0:
+            for path, problems in damaged.items():
+                aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+                os.rename(path, aside)
+                log.event("damaged_checkpoint", checkpoint=os.path.basename(path), moved_to=os.path.basename(aside),
+                          problems=problems)
+                print(f"{path} is damaged ({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}): "
+                      f"moved aside to {os.path.basename(aside)}; resuming from the newest intact checkpoint",
+                      flush=True)
+        barrier(world_size)
+
+
+def verify_run(out_dir):
+    """python train.py verify RUN_DIR: every checkpoint against the sizes and sha256 its
+    state.json recorded, metrics.jsonl line by line, and every chunk of the data dirs
+    against its manifest; one line each. Returns the number of problems (the exit status
+    is 1 when there are any). Nothing is changed."""
+    bad = 0
+    if not os.path.isdir(out_dir):
+        raise CheckpointError(f"{out_dir}: no such run dir")
+    names = checkpoint_names(out_dir, rolling=True)
+    for name in names:
+        path = os.path.join(out_dir, name)
+        problems = verify_checkpoint(path)
+        st = read_state(path)
+        if problems:
+            bad += 1
+            print(f"{name:14s} DAMAGED: {'; '.join(problems)}")
+        elif "files" not in st:
+            print(f"{name:14s} not checked: written before checkpoints recorded their files")
+        else:
+            print(f"{name:14s} ok ({len(st['files'])} files, {sum(r['bytes'] for r in st['files'].values()) / 1e6:,.1f} MB)")
+    newest = find_checkpoint(out_dir)
+    metrics_path = os.path.join(out_dir, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        n, broken = 0, []
+        with open(metrics_path, "rb") as f:
+            for n, line in enumerate(f, 1):
+                try:
+                    json.loads(line)
+                except ValueError:
+                    broken.append(n)
+        need = read_state(newest).get("metrics_lines", 0) if newest else 0
+        if broken or n < need:
+            bad += 1
+            print(f"metrics.jsonl  DAMAGED: {f'lines {broken[:5]} are not JSON; ' if broken else ''}{n} lines, "
+                  f"the newest checkpoint counted {need}")
+        else:
+            print(f"metrics.jsonl  ok ({n} lines)")
+    config_path = os.path.join(out_dir, "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            dirs = data.stage_dirs(json.load(f))
+        for d in dirs:
+            try:
+                manifest = data.load_manifest(d)
+                for entry in manifest["chunks"] + ([manifest["val"]] if manifest.get("val") else []):
+                    data.open_split(d, entry, verify=True)
+                print(f"{d}  ok ({len(manifest['chunks'])} chunks)")
+            except data.DataError as e:
+                bad += 1
+                print(f"{d}  DAMAGED: {e}")
+    if not names:
+        print(f"{out_dir} holds no checkpoints")
+    return bad
+
+
+# -----------------------------------------------------------------------------
+# loading into a training run: resume, or init_from
+
+
+def load_weights(model, sd, where):
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]:
+        raise ConfigError(f"{where}: weights do not fit this model (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}); it was saved by a model of another shape")
+
+
+def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True):
+    from safetensors.torch import load_file
+
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if raw_model.config.tie_embeddings:
+            sd["lm_head.weight"] = sd["tok_emb.weight"]
+        set_model_state_dict(raw_model, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        with torch.no_grad():
+            load_weights(raw_model, sd, path)
+    if load_optimizer:
+        if fsdp:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+            osd = get_optimizer_state_dict(raw_model, optimizer)
+            dcp.load(osd, checkpoint_id=os.path.join(path, "optimizer"))
+            set_optimizer_state_dict(raw_model, optimizer, osd)
+        else:
+            optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    rng_path = os.path.join(path, f"rng_rank{rank}.pt")
+    if not os.path.exists(rng_path):
+        if state["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1):
+            raise CheckpointError(f"{rng_path} is missing: the checkpoint is damaged")
+        # another world size: this rank had no RNG state then (its stream starts from the seed)
+        print(f"rank {rank}: {path} was written by {state['world_size']} ranks and holds no RNG state for this one",
+              flush=True)
+    else:
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+def check_resumable(state, cfg, data_sha, path):
+    """Refuse to resume with another model shape or another data manifest."""
+    saved = state["config"]
+    changed = [f.name for f in fields(cfg.model) if saved.get(f.name) != getattr(cfg.model, f.name)]
+    if changed:
+        raise ConfigError(f"{path} was trained with another model shape ({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); "
+                          "use another out_dir, or init_from to start a new run from it")
+    if state["data_manifest_sha256"] != data_sha:
+        raise ConfigError(f"{path} was trained on other data (manifest sha256 {state['data_manifest_sha256'][:12]}..., "
+                          f"now {data_sha[:12]}...); use another out_dir, or init_from to continue on new data")
+
+
+def load_init_from(cfg, raw_model, optimizer, data_sha, rank, fsdp):
+    """Start a new run from cfg.init_from: a checkpoint of ours (its weights, and its AdamW
+    state when cfg.init_optimizer) or a Hugging Face folder (weights: AMBER's release)."""
+    path = cfg.init_from
+    if os.path.exists(os.path.join(path, "state.json")):
+        problems = verify_checkpoint(path, rank, dist.get_world_size() if dist.is_initialized() else 1)
+        if problems:
+            raise CheckpointError(f"init_from={path!r} is damaged ({'; '.join(problems)}); start from another checkpoint")
+        check_resumable(read_state(path) | {"data_manifest_sha256": data_sha}, cfg, data_sha, path)
+        load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=cfg.init_optimizer)
+        return
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise ConfigError(f"init_from={path!r} is neither a checkpoint of ours (state.json) nor a Hugging Face "
+                          "folder (config.json)")
+    sd = load_hf(path).state_dict()
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(raw_model, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        with torch.no_grad():
+            load_weights(raw_model, sd, path)
+
+
+# -----------------------------------------------------------------------------
+# reading a checkpoint to use it: ours or a Hugging Face folder, with its tokenizer
+
+
+def load_model(ckpt_dir, device="cpu"):
+    """The Transformer of a checkpoint folder of ours, its weights checked against the
+    sha256 written with them."""
+    from safetensors.torch import load_file
+
+    state = read_state(ckpt_dir)
+    if state is None:
+        raise CheckpointError(f"{ckpt_dir}/state.json is missing or not valid JSON: the checkpoint is damaged")
+    weights = os.path.join(ckpt_dir, "model.safetensors")
+    written = state.get("files", {}).get("model.safetensors")
+    if written and (not os.path.exists(weights) or sha256_file(weights) != written["sha256"]):
+        raise CheckpointError(f"{weights} is missing or differs from the file written (sha256 in state.json): the "
+                              f"checkpoint is damaged; `python train.py verify {os.path.dirname(ckpt_dir) or '.'}` "
+                              "checks the whole run")
+    model = Transformer(saved_config(state["config"]).model)
+    load_weights(model, load_file(weights), ckpt_dir)
+    return model.to(device)
+
+
+def identity(path):
+    """{step, tokens, data_dir, tokenizer} of a checkpoint, read without its weights:
+    `tokenizer` is the sha256 of what encodes text for it (the manifest's tokenizer, or a
+    Hugging Face folder's tokenizer.model and tokenizer_config.json), part of the cache
+    key of every evaluation result."""
+    if kind(path) == "ours":
+        state = read_state(path)
+        if state is None:
+            raise CheckpointError(f"{path}/state.json is missing or not valid JSON: the checkpoint is damaged")
+        dirs = data.stage_dirs(state["config"])
+        last = state["schedule"][max(0, state["pos"] - 1)]
+        data_dir = data.chunk_table(dirs)[last][0] if len(dirs) > 1 else dirs[0]  # the stage trained last
+        tok = data.load_manifest(data_dir)["tokenizer"]
+        return {"step": state["step"], "tokens": state["tokens"], "data_dir": data_dir,
+                "tokenizer": tok.get("sha256") or tok.get("name")}
+    if kind(path) == "hf":
+        h = hashlib.sha256()
+        for name in ("tokenizer.model", "tokenizer_config.json"):
+            if os.path.exists(os.path.join(path, name)):
+                with open(os.path.join(path, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+        return {"step": None, "tokens": None, "data_dir": None, "tokenizer": h.hexdigest()}
+    raise CheckpointError(f"{path} is neither a checkpoint of ours (state.json) nor a Hugging Face folder "
+                          "(config.json)")
+
+
+def model_config(path):
+    """The ModelConfig of a checkpoint of ours or a Hugging Face folder, without its weights."""
+    identity(path)  # neither kind, or a damaged state.json: one line that says so
+    if kind(path) == "ours":
+        return saved_config(read_state(path)["config"]).model
+    with open(os.path.join(path, "config.json")) as f:
+        return model_config_from_hf(json.load(f))
+
+
+def load_tokenizer(path, info=None, required=True):
+    """The tokenizer of a checkpoint: ours, through its data dir's manifest; a Hugging Face
+    folder's tokenizer.model with the BOS conventions of its tokenizer_config.json. With
+    required=False (memorization reads token ids only) a missing one is None."""
+    info = info or identity(path)
+    if info["data_dir"]:
+        tok_info = data.load_manifest(info["data_dir"])["tokenizer"]
+        has_tok = tok_info["kind"] == "tiktoken" or tok_info.get("file")  # converted AMBER data may have none
+        return data.load_tokenizer(info["data_dir"]) if has_tok or required else None
+    tok_file = os.path.join(path, "tokenizer.model")
+    if not os.path.exists(tok_file):
+        if required:
+            raise CheckpointError(f"{path}: no tokenizer.model (SentencePiece) beside the weights")
+        return None
+    with open(tok_file, "rb") as f:
+        tok = data.Tokenizer("sentencepiece", f.read())
+    _hf_special_tokens(path, tok)
+    return tok
+
+
+def _hf_special_tokens(path, tok):
+    """Take a Hugging Face folder's BOS conventions from its tokenizer_config.json, as
+    lm-evaluation-harness sees them: the prefix of an empty context is bos_token (else
+    EOS), and add_bos_token puts BOS in front of every encoded text (LLaMA, AMBER)."""
+    cfg_path = os.path.join(path, "tokenizer_config.json")
+    if not os.path.exists(cfg_path):
+        return
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    bos = cfg.get("bos_token")
+    bos = bos.get("content") if isinstance(bos, dict) else bos
+    bos_id = tok.sp.piece_to_id(bos) if bos else None
+    if bos_id is not None and tok.sp.id_to_piece(bos_id) == bos:
+        tok.prefix_id = bos_id
+        tok.add_bos = bool(cfg.get("add_bos_token", cfg.get("tokenizer_class", "").startswith("Llama")))
+
+
+def load(path, device="cpu", need_tokenizer=True):
+    """(model in eval mode, tokenizer, identity) of a checkpoint of ours or a Hugging Face
+    folder: what evaluate.py, memorize.py, sample.py and the export read."""
+    info = identity(path)
+    model = load_model(path, device) if kind(path) == "ours" else load_hf(path, device=device)
+    return model.eval(), load_tokenizer(path, info, required=need_tokenizer), info
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face folders: config.json and safetensors (or .bin) shards
+
+
+def save_hf(model, out_dir, max_shard_bytes=5 * 2**30, bos_token_id=None, eos_token_id=None):
+    """Write `model` as a Hugging Face folder (config.json + safetensors, float32) that
+    LlamaForCausalLM / StableLmForCausalLM.from_pretrained(out_dir) loads.
+
+    Each file is written atomically, config.json last, so an interrupted save never
+    leaves a folder that loads. Shards above max_shard_bytes, with an index, as HF does.
+    """
+    from safetensors.torch import save_file
+
+    config = hf_config(model.config, bos_token_id, eos_token_id)  # refuses before anything is written
+    tensors = to_hf_state_dict(model)
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    os.makedirs(out_dir, exist_ok=True)
+    if len(shards) == 1:
+        atomic_write(os.path.join(out_dir, "model.safetensors"),
+                      lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            atomic_write(os.path.join(out_dir, fname), lambda p: save_file(shard, p, metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(shard, fname))
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": weight_map}
+        write_json_atomic(os.path.join(out_dir, "model.safetensors.index.json"), index, indent=2)
+    write_json_atomic(os.path.join(out_dir, "config.json"), config, indent=2)
+
+
+def _hf_shards(hf_dir):
+    """The weight files of a HF folder, in order: safetensors or .bin, single or sharded."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = os.path.join(hf_dir, index_name)
+        single = os.path.join(hf_dir, index_name.replace(".index.json", ""))
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                return [os.path.join(hf_dir, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+        if os.path.exists(single):
+            return [single]
+    raise FileNotFoundError(f"{hf_dir}: no model.safetensors, pytorch_model.bin or their .index.json; "
+                            "is this a Hugging Face model folder?")
+
+
+def _shard_tensors(path):
+    """Yield (name, tensor) of one weight file, holding as little of it as the format allows:
+    safetensors one tensor at a time, .bin memory-mapped when it is a zip-format pickle."""
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+        return
+    # a .bin checkpoint is a pickle: weights_only=True so loading never runs code
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    while sd:
+        yield sd.popitem()  # each tensor is released once copied
+
+
+def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
+    """Build our Transformer from a Hugging Face llama or stablelm folder (e.g. one of
+    AMBER's released checkpoints, sharded pytorch_model-0000i-of-0000n.bin files).
+
+    The model's tensors are allocated once in `dtype` and filled shard by shard, so memory
+    holds the model plus one shard (with .bin zip files and safetensors, one tensor),
+    never two full copies of the weights."""
+    config_path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise FileNotFoundError(f"{config_path} not found; is {hf_dir} a Hugging Face model folder?")
+    with open(config_path) as f:
+        cfg = model_config_from_hf(json.load(f))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    where = {}  # HF tensor -> (our tensor, first row, rows): fused matrices take several HF tensors
+    for name in model.state_dict():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        row = 0
+        for hf, rows in hf_parts(cfg, name):
+            where[hf] = (name, row, rows)
+            row += rows or 0
+    shapes = model.state_dict()
+    state = {name: torch.empty(shapes[name].shape, dtype=dtype, device=device) for name, _, _ in where.values()}
+    filled = set()
+    for path in _hf_shards(hf_dir):
+        for hf, t in _shard_tensors(path):
+            if hf.endswith("rotary_emb.inv_freq") or (hf == "lm_head.weight" and cfg.tie_embeddings):
+                continue  # recomputed / re-tied; some tied checkpoints store the head anyway
+            if hf not in where:
+                raise ValueError(f"{path}: unexpected tensor {hf!r} for a model of this config.json")
+            name, row, rows = where[hf]
+            dst = state[name] if rows is None else state[name][row : row + rows]
+            if dst.shape != t.shape:
+                raise ValueError(f"{path}: tensor {hf!r} has shape {tuple(t.shape)}, config.json implies "
+                                 f"{tuple(dst.shape)}")
+            dst.copy_(t)
+            filled.add(hf)
+            del t
+    missing = sorted(set(where) - filled)
+    if missing:
+        raise ValueError(f"{hf_dir}: tensor {missing[0]!r} is missing for a model of this config.json")
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # assign=True replaced the shared Parameter
+    return model
+
+

@@ -1,0 +1,267 @@
+"""
+What every script shares about processes and files: ranks, locks, atomic writes,
+hashes, one-line errors and the `--key=value` options.
+
+- Ranks: init_distributed() gives (rank, world size, device) under torchrun or alone;
+  print0, barrier and all_reduce_sum do nothing in a single process; rank_token and
+  wait_for_ranks let rank 0 wait for the others with no timeout (an evaluation rank may
+  be hours behind).
+- Files: one writer per folder (hold_lock, a flock the kernel drops when the process
+  dies), writes that never leave half a file (atomic_write, write_json_atomic), one
+  sha256_file, and `writing` / os_error_line, which turn a full or read-only disk into
+  one line that names the path.
+- one_line_errors: what every script's main runs in, so that a user's error is one line.
+- parse_options: the `--key=value` options of evaluate.py, memorize.py, sample.py and
+  bench.py (config.py types its own keys on top of it).
+
+Nothing here imports the project.
+"""
+
+import contextlib
+import difflib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+class UserError(ValueError):
+    """An error the user can fix (a bad option, a missing file, a folder in use): every
+    script prints it as one line, `error: ...`, never as a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# ranks
+
+
+def init_distributed():
+    """(rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; the
+    backend is NCCL on CUDA and gloo on CPU, so every mode runs on a laptop too."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world_size, device
+
+
+def close_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, rank=0, **kwargs):
+    if rank == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_sum(x, world_size):
+    if world_size > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+def barrier(world_size):
+    if world_size > 1:
+        dist.barrier()
+
+
+def broadcast0(value, world_size):
+    """Rank 0's value on every rank (any picklable object)."""
+    box = [value]
+    if world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def rank_token(world_size):
+    """A token from rank 0, the same on every rank; call it when all ranks start a job
+    that ends in wait_for_ranks."""
+    return broadcast0(os.urandom(8).hex(), world_size)
+
+
+def wait_for_ranks(folder, token, rank, world_size, poll_s=2.0):
+    """Let rank 0 go on once every rank has reached this point, with no timeout: a rank
+    of an evaluation may wait hours for the others, and a collective barrier would time
+    out (NCCL's default is 10 minutes). Each rank leaves a file holding the job's token;
+    rank 0 polls for them, then removes them. Other ranks return at once (torchrun stops
+    every rank if one of them fails, so rank 0 never waits for a dead one)."""
+    if world_size == 1:
+        return
+    marks = [os.path.join(folder, f".rank{r}.done") for r in range(world_size)]
+    with open(marks[rank], "w") as f:
+        f.write(token)
+    if rank != 0:
+        return
+
+    def done(path):
+        with contextlib.suppress(OSError), open(path) as f:
+            return f.read() == token
+        return False
+
+    while not all(done(p) for p in marks):
+        time.sleep(poll_s)
+    for p in marks:
+        os.remove(p)
+
+
+# -----------------------------------------------------------------------------
+# one writer per folder
+
+
+_LOCKS = {}  # lock file -> its open descriptor, held for the life of the process
+
+
+def hold_lock(lock_path, what):
+    """One writer at a time: an exclusive flock on lock_path, held until the process ends
+    (the kernel lets go when it dies, even by SIGKILL, so no lock goes stale). Another
+    holder makes this a one-line UserError naming it (pid, host, start time)."""
+    lock_path = os.path.abspath(lock_path)
+    if lock_path in _LOCKS:
+        return
+    import fcntl
+    import socket
+
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{os.path.dirname(lock_path)} is in use by {holder} ({what}); wait for it to end or stop "
+                        "it, then run this again") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode(),
+              0)
+    _LOCKS[lock_path] = fd
+
+
+def dir_lock(folder):
+    """The lock file of a folder that is built elsewhere and renamed into place: a hidden
+    sibling, ".NAME.lock"."""
+    folder = os.path.abspath(folder.rstrip("/"))
+    return os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.lock")
+
+
+# -----------------------------------------------------------------------------
+# files: atomic writes, hashes, one-line OS errors
+
+
+def atomic_write(path, write):
+    """write(tmp) to a temporary name beside path, then one rename: a crash never leaves
+    a file at `path` that looks valid and is not."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def write_json_atomic(path, obj, indent=1):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=indent)
+            f.write("\n")
+
+    atomic_write(path, write)
+
+
+def write_text_atomic(path, text):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def sha256_file(path, bufsize=1 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(bufsize):
+            h.update(block)
+    return h.hexdigest()
+
+
+def size_text(n):
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.2f} MiB"
+
+
+@contextlib.contextmanager
+def writing(path):
+    """Writes under `path`: an OSError that names no file (a write to a full disk; numpy's
+    short write "N requested and M written") is raised again naming `path`, so that the
+    one-line error says where."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        short = e.errno is None and "written" in str(e)
+        raise OSError(errno.ENOSPC if short else e.errno, "No space left on device (a short write)" if short
+                      else e.strerror or str(e), path) from None
+
+
+def os_error_line(e):
+    """One line for an OSError met by a script: the path, the reason, and for a full disk
+    what is free there. A read-only or full out_dir is the user's to fix, not a traceback."""
+    path = e.filename or ""
+    line = f"{path}: {e.strerror or e}" if path else str(e)
+    if e.errno == errno.ENOSPC and path:
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        line += f" ({shutil.disk_usage(folder).free / 2**20:,.1f} MiB free on {folder}); free space and run again"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        line += "; give a folder this process can write to"
+    return line
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """The body of a script's main: an error the user can fix (UserError, a full or
+    read-only disk) ends the process with one line, `error: ...`, and exit status 1,
+    never a traceback; the process group, if any, is closed on the way out."""
+    try:
+        yield
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    except OSError as e:
+        sys.exit(f"error: {os_error_line(e)}")
+    finally:
+        close_distributed()
+
+
+# -----------------------------------------------------------------------------
+# --key=value options
+
+
+def parse_options(args, known=None, error=UserError):
+    """['--a=1', '--b=x'] -> {'a': '1', 'b': 'x'}, values as text. Anything not written
+    --key=value, or a key not in `known` (when given), is an `error` naming the closest
+    known key."""
+    out = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise error(f"bad argument {arg!r}: options are written --key=value")
+        key, value = arg[2:].split("=", 1)
+        if known is not None and key not in known:
+            close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+            raise error(f"unknown option {key!r}{hint}")
+        out[key] = value
+    return out

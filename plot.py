@@ -1,0 +1,200 @@
+"""
+Every figure of a run, drawn from the files the run wrote, so any of them can be
+drawn again at any time:
+
+    python plot.py RUN_DIR        training.png, evals.png and memorization/*.png, from
+                                  metrics.jsonl, evals.csv and memorization/*.csv
+
+    training.png              loss and validation loss, learning rate, gradient norm and
+                              tokens/s against tokens seen (train.py redraws it at every
+                              checkpoint, in about 0.1 s)
+    evals.png                 one curve per task and metric over training (evaluate.py)
+    memorization/scores.png   the score distribution of each checkpoint (paper Figure 7)
+    memorization/matrix.png   mean score, checkpoint x chunk (Figure 8)
+    memorization/correlation.png  score correlation between checkpoints (Figure 9)
+
+matplotlib's object API on the Agg canvas (headless, no pyplot state); every PNG is
+written atomically.
+"""
+
+import csv
+import json
+import math
+import os
+import sys
+import threading
+
+import numpy as np
+
+from common import atomic_write
+
+_WARM = []  # the warm-up thread, joined before the first figure: matplotlib is not thread-safe
+
+
+def warm_up_in_background():
+    """Import matplotlib and draw a training figure off-screen (fonts, glyph caches, the
+    "1e6" offset's mathtext) in a thread, so that the first checkpoint's figure costs
+    what the others do; train.py starts it while the first chunk trains."""
+    _WARM.append(threading.Thread(target=warm_figures, daemon=True))
+    _WARM[-1].start()
+
+
+def warm_figures():
+    import io
+
+    x = [float(i) * 4096 for i in range(1, 300)]
+    series = {"tokens": x, "loss": [8.0 / i for i in range(1, 300)], "lr": [1e-3] * 299, "grad_norm": [0.5] * 299,
+              "tok_per_s": [6000.0] * 299}
+    draw_run(series, (x[::40], series["loss"][::40]), "warm-up", io.BytesIO())
+
+
+def new_figure(rows, cols, size):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def save_figure(fig, path, dpi=80):
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+
+
+# -----------------------------------------------------------------------------
+# training.png
+
+
+def _binned(x, y, n=2000):
+    """At most n points: means over equal runs of steps (AMBER logs ~300k steps)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) <= n:
+        return x, y
+    edges = np.linspace(0, len(x), n + 1).astype(int)
+    return np.add.reduceat(x, edges[:-1]) / np.diff(edges), np.add.reduceat(y, edges[:-1]) / np.diff(edges)
+
+
+def plot_run(out_dir):
+    """training.png of a run from its metrics.jsonl, read line by line."""
+    for t in _WARM:
+        t.join()
+    keys = ("loss", "lr", "grad_norm", "tok_per_s")
+    series, val = {k: [] for k in ("tokens",) + keys}, ([], [])
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "val_loss" in r:
+                val[0].append(r["tokens"])
+                val[1].append(r["val_loss"])
+            elif "loss" in r:
+                for k in series:
+                    series[k].append(r.get(k, float("nan")))
+    draw_run(series, val, os.path.basename(os.path.normpath(out_dir)), os.path.join(out_dir, "training.png"))
+
+
+def draw_run(series, val, title, out):
+    """The four panels of training.png from series {tokens, loss, lr, grad_norm, tok_per_s}
+    and validation points val (tokens, losses), to a path (atomically) or a file object."""
+    keys = ("loss", "lr", "grad_norm", "tok_per_s")
+    fig, axes = new_figure(2, 2, (10, 6))
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.94, bottom=0.09, hspace=0.4, wspace=0.22)
+    titles = {"loss": "loss", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
+              "tok_per_s": "tokens / s (all devices)"}
+    for ax, k in zip(axes.flat, keys):
+        ax.plot(*_binned(series["tokens"], series[k]), lw=0.8, label="train")
+        if k == "loss" and val[0]:
+            ax.plot(val[0], val[1], "o-", ms=3, label="validation")
+            ax.legend(fontsize=8)
+        ax.set_title(titles[k], fontsize=9)
+        ax.set_xlabel("tokens seen", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.locator_params(nbins=4)  # ticks are most of a draw's time
+    fig.suptitle(title, fontsize=10)
+    if isinstance(out, str):
+        save_figure(fig, out)
+    else:
+        fig.savefig(out, format="png", dpi=80)
+
+
+# -----------------------------------------------------------------------------
+# evals.png and the memorization figures, from the CSV files beside them
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f))
+
+
+def _number(text):
+    return float(text) if text not in ("", "None") else math.nan
+
+
+def plot_evals(run_dir):
+    """evals.png from evals.csv (checkpoint, tokens, one column per task/metric)."""
+    header, *rows = _read_csv(os.path.join(run_dir, "evals.csv"))
+    keys = header[2:]
+    fig, axes = new_figure(1, len(keys), (4 * len(keys), 3))
+    for j, (ax, k) in enumerate(zip(axes[0], keys)):
+        points = [(_number(r[1]) if r[1] != "None" else i, float(r[2 + j])) for i, r in enumerate(rows) if r[2 + j]]
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o")
+        ax.set_title(k, fontsize=9)
+        ax.set_xlabel("tokens seen")
+    fig.tight_layout()
+    save_figure(fig, os.path.join(run_dir, "evals.png"), dpi=100)
+
+
+def plot_memorization(out_dir):
+    """scores.png, matrix.png and correlation.png from per_checkpoint.csv, matrix.csv and
+    correlation.csv in a memorization folder."""
+    header, *rows = _read_csv(os.path.join(out_dir, "per_checkpoint.csv"))
+    l = len(header) - 5  # score_0/l ... score_l/l
+    fig, ax = new_figure(1, 1, (6, 3.5))
+    ax = ax[0, 0]
+    for r in rows:
+        if int(r[1]):  # sequences seen
+            ax.stairs([int(v) for v in r[4:]], np.linspace(0, 1, l + 2), label=r[0])
+    ax.set_yscale("log")
+    ax.set_xlabel("memorization score")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(out_dir, "scores.png"), dpi=100)
+
+    header, *rows = _read_csv(os.path.join(out_dir, "matrix.csv"))
+    ckpts, chunks = [r[0] for r in rows], [h.removeprefix("chunk_") for h in header[1:-1]]
+    matrix = np.array([[_number(v) for v in r[1:-1]] for r in rows]).reshape(len(ckpts), len(chunks))
+    corr = np.full((len(ckpts), len(ckpts)), np.nan)
+    for a, b, s, _ in _read_csv(os.path.join(out_dir, "correlation.csv"))[1:]:
+        corr[ckpts.index(a), ckpts.index(b)] = _number(s)
+    for name, m, labels, label in [("matrix.png", matrix, chunks, "mean score"),
+                                   ("correlation.png", corr, ckpts, "score correlation")]:
+        fig, ax = new_figure(1, 1, (6, 4))
+        ax = ax[0, 0]
+        im = ax.imshow(m, aspect="auto", cmap="viridis")
+        ax.set_yticks(range(len(ckpts)), ckpts, fontsize=6)
+        ax.set_xticks(range(len(labels)), labels, fontsize=6, rotation=90)
+        fig.colorbar(im, ax=ax, label=label)
+        fig.tight_layout()
+        save_figure(fig, os.path.join(out_dir, name), dpi=100)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv):
+    if len(argv) != 1 or not os.path.isdir(argv[0]):
+        sys.exit("usage: python plot.py RUN_DIR   (redraws the figures of a run from its metrics and results)")
+    run_dir, drawn = argv[0], []
+    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        plot_run(run_dir)
+        drawn.append("training.png")
+    if os.path.exists(os.path.join(run_dir, "evals.csv")):
+        plot_evals(run_dir)
+        drawn.append("evals.png")
+    if os.path.exists(os.path.join(run_dir, "memorization", "matrix.csv")):
+        plot_memorization(os.path.join(run_dir, "memorization"))
+        drawn.append("memorization/scores.png, matrix.png, correlation.png")
+    if not drawn:
+        sys.exit(f"error: {run_dir} holds no metrics.jsonl, evals.csv or memorization results to draw")
+    print(f"{run_dir}: drew {', '.join(drawn)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
