@@ -189,6 +189,14 @@ def write_text_atomic(path, text):
     atomic_write(path, write)
 
 
+def read_jsonl(path):
+    """The records of a JSON-lines file written by us; [] when there is none."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def sha256_file(path, bufsize=1 << 20):
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -51,8 +51,8 @@ import sysconfig
 import numpy as np
 import torch
 
-from common import (UserError, dir_lock, hold_lock, one_line_errors, parse_options, sha256_file, write_json_atomic,
-                    writing)
+from common import (UserError, atomic_write, dir_lock, hold_lock, one_line_errors, parse_options, sha256_file,
+                    write_json_atomic, writing)
 from config import ConfigError, load_config
 
 MANIFEST_FORMAT, MANIFEST_VERSION = "llm360-mini data", 2  # 2: the two-pass global shuffle
@@ -620,7 +620,7 @@ def prepare(cfg, progress=True):
 
     # everything is written into a temporary sibling and renamed into place at the end,
     # so that a crash never leaves a data dir that looks valid
-    with _staging(out) as tmp, writing(tmp):  # a full disk: one line that names the folder
+    with staging(out) as tmp, writing(tmp):  # a full disk: one line that names the folder
         work = os.path.join(tmp, "_work")  # token files and packed streams, deleted before the rename
         os.makedirs(work)
         # 1. tokenizer
@@ -728,10 +728,11 @@ def prepare(cfg, progress=True):
 
 
 @contextlib.contextmanager
-def _staging(out):
-    """A temporary sibling folder of `out` to build in: renamed to `out` when the block
-    succeeds, removed when it fails, so a half-built data dir never looks valid."""
-    hold_lock(dir_lock(out), "data.py preparing it")
+def staging(out, what="data.py preparing it"):
+    """A temporary sibling folder of `out` to build in, under out's lock: renamed to `out`
+    when the block succeeds, removed when it fails, so a half-built data dir never looks
+    valid (data.py and finetune.py build theirs in one)."""
+    hold_lock(dir_lock(out), what)
     for stale in glob.glob(f"{glob.escape(out.rstrip('/'))}.tmp[0-9]*"):  # the lock's holder owns staging: the rest
         shutil.rmtree(stale, ignore_errors=True)  # were left by processes that died
     tmp = f"{out.rstrip('/')}.tmp{os.getpid()}"
@@ -1255,9 +1256,7 @@ def convert_amber(src_dir, out_dir, workers=None, vocab_size=32000, sources=AMBE
         tok = Tokenizer("sentencepiece", blob)
         if tok.vocab_size > vocab_size:
             raise DataError(f"{tokenizer}: {tok.vocab_size} tokens, more than --vocab_size={vocab_size}")
-        with open(os.path.join(out_dir, "tokenizer.model.tmp"), "wb") as f:
-            f.write(blob)
-        os.replace(os.path.join(out_dir, "tokenizer.model.tmp"), os.path.join(out_dir, "tokenizer.model"))
+        atomic_write(os.path.join(out_dir, "tokenizer.model"), lambda tmp: open(tmp, "wb").write(blob))
 
     records = {c: r for c, path in enumerate(files) if (r := _finished_chunk(out_dir, c, path))}
     jobs = [(c, path, out_dir, L, vocab_size, names, dtype) for c, path in enumerate(files) if c not in records]

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
-from common import (UserError, hold_lock, init_distributed, one_line_errors, parse_options, rank_token,
-                    wait_for_ranks)
+from common import (UserError, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, read_jsonl,
+                    sha256_file, wait_for_ranks)
 from model import KVCache
 from plot import plot_evals
 
@@ -567,7 +567,7 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, limit=None, text=None,
             if not content:
                 raise EvalError(f"--text={text} is empty: give a file holding the text to score")
             loss, ppl = perplexity_text(model, tok, content)
-            sha = hashlib.sha256(open(text, "rb").read()).hexdigest()
+            sha = sha256_file(text)
             return [{"metric": "loss", "value": loss, "n": 1, "task_sha256": sha},
                     {"metric": "ppl", "value": ppl, "n": 1, "task_sha256": sha}]
         res = perplexity_val(model, info["data_dir"], limit)
@@ -580,13 +580,6 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, limit=None, text=None,
     else:
         metrics, _ = multiple_choice(model, tok, task, docs, shots)
     return [{"metric": k, "value": v, "n": len(docs), "task_sha256": sha} for k, v in metrics.items()]
-
-
-def _read_rows(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None, device="cpu", rank=0,
@@ -618,7 +611,7 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
         hold_lock(os.path.join(run_dir, "evals.lock"), "an evaluate.py sweep")
     out_path = os.path.join(run_dir, "evals.jsonl")
     part_paths = sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")))
-    done = {(r["checkpoint"], r["task"], r.get("key")) for p in [out_path] + part_paths for r in _read_rows(p)}
+    done = {(r["checkpoint"], r["task"], r.get("key")) for p in [out_path] + part_paths for r in read_jsonl(p)}
     mine = os.path.join(run_dir, f"evals.rank{rank}.jsonl")
     damaged = []
     for path in paths[rank::world_size]:
@@ -645,7 +638,7 @@ def _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, al
         if task != "ppl":
             sha = load_task(task_dir, task)[2]
         elif text:
-            sha = hashlib.sha256(open(text, "rb").read()).hexdigest()
+            sha = sha256_file(text)
         elif info["data_dir"]:
             sha = data.manifest_sha256(info["data_dir"])
         else:
@@ -668,7 +661,7 @@ def _merge(run_dir, out_path, tasks):
     """Rank 0, after every rank is done: the ranks' rows into evals.jsonl in checkpoint,
     then task order; evals.csv and evals.png from all rows."""
     order = {os.path.basename(os.path.normpath(p)): i for i, p in enumerate(checkpoints_to_evaluate(run_dir))}
-    new = [r for p in sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl"))) for r in _read_rows(p)]
+    new = [r for p in sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl"))) for r in read_jsonl(p)]
     new.sort(key=lambda r: (order.get(r["checkpoint"], len(order)), tasks.index(r["task"]) if r["task"] in tasks
                             else len(tasks)))  # stable: a task's metrics keep their order
     with open(out_path, "a") as f:
@@ -677,7 +670,7 @@ def _merge(run_dir, out_path, tasks):
         os.fsync(f.fileno())
     for p in glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")):
         os.remove(p)
-    rows = _read_rows(out_path)
+    rows = read_jsonl(out_path)
     write_table(run_dir, rows)
     return rows
 

@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import sys
 import sysconfig
 from dataclasses import replace
@@ -266,38 +265,35 @@ def prepare(cfg, tok, val_fraction=0.1):
         raise FinetuneError(f"no example fits seq_len={cfg.seq_len}: raise seq_len")
     order = np.random.default_rng(cfg.seed).permutation(len(rows))
     n_val = max(1, int(len(rows) * val_fraction))
-    tmp = cfg.data_dir.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    entries = {}
-    for split, idx in (("train", order[n_val:]), ("val", order[:n_val])):
-        arr = np.stack([rows[i] for i in sorted(idx)])
-        sha = data._write_npy(os.path.join(tmp, f"{split}.npy"), arr)
-        src_sha = data._write_npy(os.path.join(tmp, f"{split}.src.npy"), np.zeros(len(arr), dtype=np.uint8))
-        counted = int((arr[:, 1:] >= 0).sum())
-        entries[split] = {"file": f"{split}.npy", "sha256": sha, "sources_file": f"{split}.src.npy",
-                          "sources_sha256": src_sha, "sequences": len(arr), "tokens_per_source": {"finetune": counted}}
-    with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
-        f.write(tok.blob)
-    train_n = entries["train"]["sequences"]
-    manifest = {
-        "format": data.MANIFEST_FORMAT, "version": data.MANIFEST_VERSION, "config": what,
-        "tokenizer": {"kind": "sentencepiece", "file": "tokenizer.model", "sha256": what["tokenizer_sha256"],
-                      "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
-        "seed": cfg.seed, "seq_len": cfg.seq_len, "dtype": "int32",
-        "row": "chosen | rejected, seq_len + 1 tokens each" if cfg.objective == "dpo" else "one conversation",
-        "sources": [{"name": "finetune", "id": 0, "origin": cfg.finetune_data, "license": "see the data's own",
-                     "format": cfg.objective, "weight": cfg.epochs, "documents": len(examples),
-                     "dropped_too_long": dropped, "train_sequences": train_n,
-                     "train_tokens": entries["train"]["tokens_per_source"]["finetune"]}],
-        "chunks": [entries["train"]] * cfg.epochs,  # one chunk per epoch, each shuffled by (seed, epoch)
-        "val": entries["val"],
-        "totals": {"train_sequences": train_n * cfg.epochs, "train_tokens": entries["train"]["tokens_per_source"]
-                   ["finetune"] * cfg.epochs, "val_sequences": entries["val"]["sequences"], "chunks": cfg.epochs},
-    }
-    write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
-    shutil.rmtree(cfg.data_dir, ignore_errors=True)
-    os.replace(tmp, cfg.data_dir)
+    with data.staging(cfg.data_dir, "finetune.py preparing it") as tmp:  # renamed into place when complete
+        entries = {}
+        for split, idx in (("train", order[n_val:]), ("val", order[:n_val])):
+            arr = np.stack([rows[i] for i in sorted(idx)])
+            sha = data._write_npy(os.path.join(tmp, f"{split}.npy"), arr)
+            src_sha = data._write_npy(os.path.join(tmp, f"{split}.src.npy"), np.zeros(len(arr), dtype=np.uint8))
+            counted = int((arr[:, 1:] >= 0).sum())
+            entries[split] = {"file": f"{split}.npy", "sha256": sha, "sources_file": f"{split}.src.npy",
+                              "sources_sha256": src_sha, "sequences": len(arr),
+                              "tokens_per_source": {"finetune": counted}}
+        with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+            f.write(tok.blob)
+        train_n = entries["train"]["sequences"]
+        manifest = {
+            "format": data.MANIFEST_FORMAT, "version": data.MANIFEST_VERSION, "config": what,
+            "tokenizer": {"kind": "sentencepiece", "file": "tokenizer.model", "sha256": what["tokenizer_sha256"],
+                          "vocab_size": tok.vocab_size, "eos_id": tok.eos_id},
+            "seed": cfg.seed, "seq_len": cfg.seq_len, "dtype": "int32",
+            "row": "chosen | rejected, seq_len + 1 tokens each" if cfg.objective == "dpo" else "one conversation",
+            "sources": [{"name": "finetune", "id": 0, "origin": cfg.finetune_data, "license": "see the data's own",
+                         "format": cfg.objective, "weight": cfg.epochs, "documents": len(examples),
+                         "dropped_too_long": dropped, "train_sequences": train_n,
+                         "train_tokens": entries["train"]["tokens_per_source"]["finetune"]}],
+            "chunks": [entries["train"]] * cfg.epochs,  # one chunk per epoch, each shuffled by (seed, epoch)
+            "val": entries["val"],
+            "totals": {"train_sequences": train_n * cfg.epochs, "train_tokens": entries["train"]["tokens_per_source"]
+                       ["finetune"] * cfg.epochs, "val_sequences": entries["val"]["sequences"], "chunks": cfg.epochs},
+        }
+        write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
     print(f"{cfg.data_dir}: {train_n} training and {n_val} held-out {'pairs' if cfg.objective == 'dpo' else 'conversations'}"
           f" ({dropped} longer than seq_len {cfg.seq_len} left out)")
 

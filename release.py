@@ -36,7 +36,7 @@ import torch
 
 import checkpoint
 import data
-from common import UserError, one_line_errors, sha256_file, write_json_atomic, write_text_atomic
+from common import UserError, one_line_errors, read_jsonl, sha256_file, write_json_atomic, write_text_atomic
 from config import format_config, saved_config
 from model import Transformer, hf_config
 
@@ -219,13 +219,6 @@ def _table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
-def _read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def _last_metrics(path):
     """The last training line and the last validation line of metrics.jsonl, read as a stream."""
     train = val = None
@@ -290,7 +283,7 @@ def model_card(run_dir, out_dir, cfg, state, manifests, data_dsts, index, hf_rea
                                      ["final validation loss", f"{val['val_loss']:.4f}" if val else "-"],
                                      ["skipped chunks (NaN policy)", [s["chunk"] for s in state["skipped"]] or "none"]]),
               ""]
-    evals = _read_jsonl(os.path.join(run_dir, "evals.jsonl"))
+    evals = read_jsonl(os.path.join(run_dir, "evals.jsonl"))
     if evals:
         last = evals[-1]["checkpoint"]
         lines += [f"Evaluations of {last} ([evals/evals.csv](evals/evals.csv) has every checkpoint):", "",

@@ -14,6 +14,7 @@ Read it top to bottom: the schedule, the precision, the objectives (next-token
 loss, DPO), the run log, the dry-run plan, then setup() and train(), the loop.
 """
 
+import itertools
 import json
 import math
 import os
@@ -39,7 +40,7 @@ import data
 import plot
 from checkpoint import (check_resumable, find_checkpoint, load_checkpoint, load_init_from, read_state, resume_point,
                         save_checkpoint, verify_run)
-from common import (all_reduce_sum, barrier, broadcast0, close_distributed, hold_lock, init_distributed,
+from common import (all_reduce_sum, atomic_write, barrier, broadcast0, close_distributed, hold_lock, init_distributed,
                     one_line_errors, print0, write_json_atomic, writing)
 from config import Config, ConfigError, config_to_dict, format_config, load_config, save_config
 from model import Transformer, summary
@@ -294,12 +295,11 @@ class RunLog:
         """On resume: keep the lines the checkpoint had seen, drop those written after it."""
         if self.rank != 0 or not os.path.exists(self.metrics_path):
             return
-        with open(self.metrics_path) as f:
-            lines = f.readlines()[:n_lines]
-        tmp = self.metrics_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(lines)
-        os.replace(tmp, self.metrics_path)
+        def keep(tmp):  # line by line: AMBER's run logs ~300k steps
+            with open(self.metrics_path) as src, open(tmp, "w") as dst:
+                dst.writelines(itertools.islice(src, n_lines))
+
+        atomic_write(self.metrics_path, keep)
 
 
 # -----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 
 import checkpoint
 import evaluate as ev
+from common import read_jsonl
 from conftest import trained_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -358,7 +359,7 @@ def test_a_damaged_checkpoint_is_named_and_the_others_evaluated(run, tmp_path):
     weights.write_bytes(bytes(raw))
     with pytest.raises(ev.EvalError, match=r"1 damaged checkpoint\(s\) not evaluated \(ckpt_000\)"):
         ev.sweep(str(run_dir), ["ppl"])
-    assert {r["checkpoint"] for r in ev._read_rows(str(run_dir / "evals.jsonl"))} == {"ckpt_001"}
+    assert {r["checkpoint"] for r in read_jsonl(str(run_dir / "evals.jsonl"))} == {"ckpt_001"}
 
 
 def test_hugging_face_folder_evaluates_like_our_checkpoint(run, tmp_path):
