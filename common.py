@@ -197,6 +197,35 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+def link(src, dst):
+    """dst as a hard link to src (a copy where links fail: across filesystems); returns the
+    bytes copied."""
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        return 0  # linked before (os.replace onto the same file would leave the temporary link behind)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    tmp = dst + ".tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(src, tmp)
+        copied = 0
+    except OSError:
+        shutil.copy2(src, tmp)
+        copied = os.path.getsize(src)
+    os.replace(tmp, dst)
+    return copied
+
+
+def link_tree(src, dst):
+    """Every file under src linked (or copied) to the same place under dst; returns the bytes copied."""
+    copied = 0
+    for folder, _, files in os.walk(src):
+        for name in files:
+            path = os.path.join(folder, name)
+            copied += link(path, os.path.join(dst, os.path.relpath(path, src)))
+    return copied
+
+
 def sha256_file(path, bufsize=1 << 20):
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -52,6 +52,7 @@ class Config:
     max_steps: int = 0  # stop (with a checkpoint) after this many optimizer steps; 0: run the whole schedule
     init_from: str = ""  # start a new run from another run's checkpoint (weights and AdamW state), new data
     init_optimizer: bool = True  # init_from also takes the AdamW state (False: weights only, as fine-tuning does)
+    branch_from: str = ""  # continue another run's schedule from its checkpoint in a new out_dir (branch.py)
     # post-training (finetune.py): the objective, the data, the template
     objective: str = "lm"  # "lm": next-token loss on the counted targets | "dpo": DPO on (chosen, rejected) pairs
     dpo_beta: float = 0.1  # DPO's beta (AmberSafe: 0.1)
@@ -73,6 +74,7 @@ class Config:
     min_lr: float = 3e-4
     warmup_steps: int = 20
     lr_schedule: str = "cosine"  # "cosine" | "linear" decay to min_lr after warmup
+    lr_steps: int = 0  # the LR schedule's length in optimizer steps; 0: the planned chunks' (a branch: its parent's)
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
@@ -100,7 +102,7 @@ class Config:
         ranges = {  # key: (lowest allowed, what it means): a run that would silently do nothing is refused
             "seq_len": (1, "tokens per sequence"), "n_chunks": (1, "chunks"), "global_batch_size": (1, "sequences"),
             "micro_batch_size": (1, "sequences"), "epochs": (1, "passes"), "val_sequences": (0, "sequences"),
-            "max_steps": (0, "steps (0: no limit)"), "ckpt_interval": (0, "steps (0: per chunk only)"),
+            "max_steps": (0, "steps (0: no limit)"), "lr_steps": (0, "steps (0: the planned chunks')"), "ckpt_interval": (0, "steps (0: per chunk only)"),
             "val_interval": (0, "steps (0: per chunk only)"), "warmup_steps": (0, "steps"), "num_workers": (0,
             "processes (0: one per core)"), "lr": (0.0, "learning rate"), "min_lr": (0.0, "learning rate"),
             "weight_decay": (0.0, "decay"), "grad_clip": (0.0, "norm (0: off)"), "eps": (0.0, "epsilon"),
@@ -110,6 +112,9 @@ class Config:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= {low} ({what})")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
             raise ConfigError(f"beta1={self.beta1}, beta2={self.beta2}: each must be in [0, 1)")
+        if self.branch_from and self.init_from:
+            raise ConfigError("branch_from and init_from: give one (a branch continues the parent's schedule, "
+                              "init_from starts a new one)")
         if self.seq_len > self.model.max_seq_len:
             raise ConfigError(f"seq_len={self.seq_len} is longer than the model's max_seq_len="
                               f"{self.model.max_seq_len}; raise max_seq_len or lower seq_len")

@@ -125,7 +125,7 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
             raise MemorizeError(f"{run_dir} has no checkpoint {', '.join(sorted(unknown))}; it has "
                                 f"{', '.join(c[0] for c in ckpts)}")
         ckpts = [c for c in ckpts if c[0] in checkpoints]
-    dirs = [data_dir] if data_dir else ckpts[0][3]
+    dirs = [data_dir] if data_dir else ckpts[-1][3]  # the newest: a branch's stages extend its parent's
     if dirs is None:
         raise MemorizeError("these checkpoints do not name their data: give --data_dir (converted AMBER chunks)")
     table = data.chunk_table(dirs)

@@ -45,7 +45,7 @@ def warm_figures():
     x = [float(i) * 4096 for i in range(1, 300)]
     series = {"tokens": x, "loss": [8.0 / i for i in range(1, 300)], "lr": [1e-3] * 299, "grad_norm": [0.5] * 299,
               "tok_per_s": [6000.0] * 299}
-    draw_run(series, (x[::40], series["loss"][::40]), "warm-up", io.BytesIO())
+    draw_run(series, {"val_loss": (x[::40], series["loss"][::40])}, "warm-up", io.BytesIO())
 
 
 def new_figure(rows, cols, size):
@@ -72,38 +72,54 @@ def _binned(x, y, n=2000):
     return np.add.reduceat(x, edges[:-1]) / np.diff(edges), np.add.reduceat(y, edges[:-1]) / np.diff(edges)
 
 
-def plot_run(out_dir):
-    """training.png of a run from its metrics.jsonl, read line by line."""
-    for t in _WARM:
-        t.join()
-    keys = ("loss", "lr", "grad_norm", "tok_per_s")
-    series, val = {k: [] for k in ("tokens",) + keys}, ([], [])
+def read_metrics(out_dir):
+    """(series {tokens, loss, lr, grad_norm, tok_per_s} of the training steps, validation
+    {"val_loss" or "val_loss/<source>": (tokens, losses)}) of a run's metrics.jsonl, read
+    line by line."""
+    series, val = {k: [] for k in ("tokens",) + KEYS}, {}
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         for line in f:
             r = json.loads(line)
             if "val_loss" in r:
-                val[0].append(r["tokens"])
-                val[1].append(r["val_loss"])
+                for k in (k for k in r if k.startswith("val_loss")):
+                    val.setdefault(k, ([], []))
+                    val[k][0].append(r["tokens"])
+                    val[k][1].append(r[k])
             elif "loss" in r:
                 for k in series:
                     series[k].append(r.get(k, float("nan")))
+    return series, val
+
+
+def plot_run(out_dir):
+    """training.png of a run from its metrics.jsonl."""
+    for t in _WARM:
+        t.join()
+    series, val = read_metrics(out_dir)
     draw_run(series, val, os.path.basename(os.path.normpath(out_dir)), os.path.join(out_dir, "training.png"))
+
+
+KEYS = ("loss", "lr", "grad_norm", "tok_per_s")
+TITLES = {"loss": "loss", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
+          "tok_per_s": "tokens / s (all devices)"}
 
 
 def draw_run(series, val, title, out):
     """The four panels of training.png from series {tokens, loss, lr, grad_norm, tok_per_s}
-    and validation points val (tokens, losses), to a path (atomically) or a file object."""
-    keys = ("loss", "lr", "grad_norm", "tok_per_s")
+    and validation points {"val_loss": (tokens, losses), "val_loss/<source>": ...}, to a
+    path (atomically) or a file object. With more than one source, each source's
+    validation loss is drawn dashed beside the mix's."""
     fig, axes = new_figure(2, 2, (10, 6))
     fig.subplots_adjust(left=0.07, right=0.98, top=0.94, bottom=0.09, hspace=0.4, wspace=0.22)
-    titles = {"loss": "loss", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
-              "tok_per_s": "tokens / s (all devices)"}
-    for ax, k in zip(axes.flat, keys):
+    for ax, k in zip(axes.flat, KEYS):
         ax.plot(*_binned(series["tokens"], series[k]), lw=0.8, label="train")
-        if k == "loss" and val[0]:
-            ax.plot(val[0], val[1], "o-", ms=3, label="validation")
-            ax.legend(fontsize=8)
-        ax.set_title(titles[k], fontsize=9)
+        if k == "loss" and val.get("val_loss"):
+            ax.plot(*val["val_loss"], "o-", ms=3, label="validation")
+            sources = sorted(v for v in val if v.startswith("val_loss/"))
+            for v in sources if len(sources) > 1 else []:
+                ax.plot(*val[v], "--", lw=0.9, label=v.removeprefix("val_loss/"))
+            ax.legend(fontsize=7)
+        ax.set_title(TITLES[k], fontsize=9)
         ax.set_xlabel("tokens seen", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.locator_params(nbins=4)  # ticks are most of a draw's time

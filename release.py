@@ -36,7 +36,7 @@ import torch
 
 import checkpoint
 import data
-from common import UserError, one_line_errors, read_jsonl, sha256_file, write_json_atomic, write_text_atomic
+from common import UserError, link, link_tree, one_line_errors, read_jsonl, sha256_file, write_json_atomic, write_text_atomic
 from config import format_config, saved_config
 from model import Transformer, hf_config
 
@@ -46,31 +46,6 @@ CARD_FIGURES = [("logs/training.png", "training"), ("evals/evals.png", "evaluati
 
 class ReleaseError(UserError):
     pass
-
-
-def link(src, dst):
-    """dst as a hard link to src (a copy across filesystems); returns bytes copied."""
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    tmp = dst + ".tmp"
-    if os.path.lexists(tmp):
-        os.remove(tmp)
-    try:
-        os.link(src, tmp)
-        copied = 0
-    except OSError:
-        shutil.copy2(src, tmp)
-        copied = os.path.getsize(src)
-    os.replace(tmp, dst)
-    return copied
-
-
-def link_tree(src, dst):
-    copied = 0
-    for folder, _, files in os.walk(src):
-        for name in files:
-            path = os.path.join(folder, name)
-            copied += link(path, os.path.join(dst, os.path.relpath(path, src)))
-    return copied
 
 
 def release(run_dir, out_dir=None):
@@ -281,6 +256,8 @@ def model_card(run_dir, out_dir, cfg, state, manifests, data_dsts, index, hf_rea
               _table(["", "value"], [["tokens", f"{state['tokens']:,}"], ["optimizer steps", f"{state['step']:,}"],
                                      ["final training loss", f"{train['loss']:.4f}" if train else "-"],
                                      ["final validation loss", f"{val['val_loss']:.4f}" if val else "-"],
+                                     *[[f"final validation loss, {k.removeprefix('val_loss/')}", f"{v:.4f}"]
+                                       for k, v in (val or {}).items() if k.startswith("val_loss/")],
                                      ["skipped chunks (NaN policy)", [s["chunk"] for s in state["skipped"]] or "none"]]),
               ""]
     evals = read_jsonl(os.path.join(run_dir, "evals.jsonl"))

@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
+import branch
 import data
 import plot
 from checkpoint import (check_resumable, find_checkpoint, load_checkpoint, load_init_from, read_state, resume_point,
@@ -224,34 +225,44 @@ _VAL_VERIFIED = set()
 
 @torch.no_grad()
 def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, autocast, ref_model=None):
-    """{"val_loss": mean loss (the counted tokens' mean for "lm", the pairs' for "dpo"), and for
-    "dpo" the mean of each statistic as "val_<stat>"} over the first val_sequences rows of
-    the held-out split, split over ranks; None without one."""
-    if not manifest.get("val") or manifest["val"]["sequences"] == 0:
+    """{"val_loss": mean loss over a seeded sample of val_sequences rows of the whole held-out
+    split (the counted tokens' mean for "lm", the pairs' for "dpo"), "val_loss/<source>":
+    over val_sequences rows of each source (data.validation_rows), and for "dpo" each
+    statistic's mean over the sample as "val_<stat>"}; None without a held-out split.
+    Micro-batches hold rows of one source and one set (sample or extra), and are dealt to
+    the ranks in turn; a rank with fewer runs a zero-weight batch, so every rank runs the
+    same number of forwards (FSDP)."""
+    if not manifest.get("val") or manifest["val"]["sequences"] == 0 or cfg.val_sequences == 0:
         return None
     # the split's sha256 is checked once per process (a damaged val.npy gives wrong numbers silently)
-    tokens, _ = data.open_split(data_dir, manifest["val"], verify=data_dir not in _VAL_VERIFIED)
+    tokens, sources = data.open_split(data_dir, manifest["val"], verify=data_dir not in _VAL_VERIFIED)
     _VAL_VERIFIED.add(data_dir)
-    per_round = world_size * cfg.micro_batch_size  # every rank runs the same number of forwards (FSDP)
-    n = min(cfg.val_sequences, len(tokens)) // per_round * per_round
-    if n == 0:
-        return None
-    rows = np.arange(n)[rank::world_size]
+    mix, extra = data.validation_rows(sources, cfg.val_sequences, cfg.seed)
+    groups = [(s, True, mix[sources[mix] == s]) for s in extra] + [(s, False, rows) for s, rows in extra.items()]
+    batches = [(g, rows[i : i + cfg.micro_batch_size]) for g, (_, _, rows) in enumerate(groups)
+               for i in range(0, len(rows), cfg.micro_batch_size)]
     names = DPO_STATS if cfg.objective == "dpo" else ()
-    total = torch.zeros(2 + len(names), dtype=torch.float64, device=device)  # loss sum, count, stat sums
+    total = torch.zeros(len(groups), 2 + len(names), dtype=torch.float64, device=device)  # loss sum, count, stats
     model.eval()
-    for i in range(0, len(rows), cfg.micro_batch_size):
-        x, y = (t.to(device) for t in data.rows_to_xy(tokens[rows[i : i + cfg.micro_batch_size]]))
+    for i in range(rank, -(-len(batches) // world_size) * world_size, world_size):
+        g, rows = batches[i] if i < len(batches) else batches[0]
+        x, y = (t.to(device) for t in data.rows_to_xy(tokens[rows]))
         with autocast:
             loss, stats = objective(model, ref_model, x, y, cfg)
         counted = int((y != -1).sum()) if cfg.objective == "lm" else len(x)  # tokens, or pairs
-        total += torch.tensor([loss.item() * counted, counted] + [stats[k].sum().item() for k in names],
-                              dtype=torch.float64, device=device)
+        if i < len(batches):
+            total[g] += torch.tensor([loss.item() * counted, counted] + [stats[k].sum().item() for k in names],
+                                     dtype=torch.float64, device=device)
     model.train()
     all_reduce_sum(total, world_size)
-    pairs = n if names else 1
-    return {"val_loss": (total[0] / total[1]).item()} | {f"val_{k}": (total[2 + i] / pairs).item()
-                                                         for i, k in enumerate(names)}
+    in_mix = torch.tensor([m for _, m, _ in groups], device=device)
+    sample = total[in_mix].sum(0)
+    out = {"val_loss": (sample[0] / sample[1]).item()}
+    names_of = [s["name"] for s in manifest["sources"]]
+    for s in extra:
+        both = total[[g for g, (src, _, _) in enumerate(groups) if src == s]].sum(0)
+        out[f"val_loss/{names_of[s]}"] = (both[0] / both[1]).item()
+    return out | {f"val_{k}": (sample[2 + i] / sample[1]).item() for i, k in enumerate(names)}
 
 
 # -----------------------------------------------------------------------------
@@ -366,8 +377,17 @@ def plan(cfg, world_size):
         f"a JSON-lines release like AMBER's, at {data.CONVERT_TOKENS_PER_S_PER_WORKER / 1e6:.1f}M tokens/s per "
         "worker (python bench.py convert)",
     ]
+    out = {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T, "planned_world": planned_world}
+    if cfg.branch_from:  # where the branch starts, and what is left of its schedule
+        first, left, total, where = branch.plan(cfg, steps)
+        seconds = left * G * T * fpt / (planned_world * 312e12 * 0.36)
+        lines.append(f"branch           from {where}: {left:,} steps left (step {first + left:,} at the end), LR at "
+                     f"the branch point {get_lr(first, cfg, cfg.lr_steps or total):.3g} of a schedule of "
+                     f"{cfg.lr_steps or total:,} steps, {seconds / 86400:,.1f} days on {planned_world} x A100 bf16 at "
+                     "36% MFU")
+        out |= {"branch_step": first, "steps_left": left}
     print("\n".join(lines))
-    return {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T, "planned_world": planned_world}
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -392,7 +412,7 @@ class Run:
     params: list
     ref_model: Transformer | None  # DPO's frozen reference
     accum: int  # micro-batches per optimizer step on each rank
-    total_steps: int  # of the LR schedule: every planned chunk's steps
+    total_steps: int  # the LR schedule's length (state["total_steps"])
     peak: float  # FLOP/s of one device in the run's dtype, for MFU
 
 
@@ -404,8 +424,10 @@ def check_folders(cfg):
 
 def prepare_data(cfg, rank, world_size):
     """(dirs, chunk table, data sha256): the main job prepares the built-in corpus when it
-    is not there yet (rank 0, the others wait), then every check of data.training_data."""
-    if rank == 0 and not cfg.stages and not os.path.exists(os.path.join(cfg.data_dir, "manifest.json")):
+    is not there yet (rank 0, the others wait; never for a branch, whose data must be its
+    parent's or prepared), then every check of data.training_data."""
+    if rank == 0 and not cfg.stages and not cfg.branch_from and not os.path.exists(os.path.join(cfg.data_dir,
+                                                                                               "manifest.json")):
         if not cfg.sources:
             raise data.DataError(f"{cfg.data_dir} is not prepared and the config has no sources; "
                                  "run `python data.py CONFIG` with a config that has them")
@@ -445,6 +467,11 @@ def setup(cfg, rank, world_size, device):
         hold_lock(os.path.join(cfg.out_dir, ".lock"), "a train.py run")
     dtype, precision = choose_dtype(cfg, device, rank, world_size)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not fsdp else nullcontext()
+    parent = None
+    if cfg.branch_from:  # a branch: the parent's schedule goes on, with the data of the config
+        branch.check_out_dir(cfg)
+        parent = branch.parent_of(cfg)
+        cfg = branch.branch_config(cfg, parent)
     dirs, table, data_sha = prepare_data(cfg, rank, world_size)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -453,6 +480,8 @@ def setup(cfg, rank, world_size, device):
     if rank == 0:
         plot.warm_up_in_background()  # matplotlib's import and first draw, while the first chunk trains
     resume = resume_point(cfg.out_dir, log, rank, world_size)  # the newest intact checkpoint
+    if parent and not branch.own_checkpoint(resume, cfg):
+        resume = None  # only the parent's checkpoints, linked: the branch starts (again)
     if resume:
         saved = read_state(resume)
         check_resumable(saved, cfg, data_sha, resume)
@@ -476,14 +505,13 @@ def setup(cfg, rank, world_size, device):
     groups = raw_model.param_groups(cfg.weight_decay)
     optimizer = make_optimizer(groups, cfg, device)
     ref_model = reference_model(cfg, device, dtype, fsdp, data_sha, rank) if cfg.objective == "dpo" else None
-    # the LR schedule spans the planned chunks; replacement chunks fill the steps of skipped ones
-    total_steps = sum(data.chunk_steps(m, c, cfg.global_batch_size) for _, m, c in table)
     run = Run(cfg, rank, world_size, device, fsdp, autocast, log, dirs, table, raw_model, model, optimizer,
-              [p for g in groups for p in g["params"]], ref_model, accum, total_steps,
+              [p for g in groups for p in g["params"]], ref_model, accum, 0,
               peak_flops(cfg, device, dtype, precision["matmul_gflops"]))
 
     info = run_info(device, world_size) | {"dtype": str(dtype).removeprefix("torch."), **precision}
-    state = start(run, resume, data_sha, info)
+    state = start(run, resume, parent, data_sha, info)
+    run.total_steps = state["total_steps"]
     print0(f"git {info['git_commit'][:12]} | torch {info['torch']} | {world_size} x {info['device']} | "
            f"{'FSDP2' if fsdp else 'DDP' if world_size > 1 else 'one process'} | {dtype} ({precision['reason']}"
            + (f"; matmul GFLOP/s {precision['matmul_gflops']}" if precision["matmul_gflops"] else "") + ")", rank=rank)
@@ -491,33 +519,46 @@ def setup(cfg, rank, world_size, device):
     return run, state
 
 
-def start(run, resume, data_sha, info):
+def planned_steps(table, global_batch_size):
+    """The steps of every planned chunk: the LR schedule's length unless lr_steps says
+    otherwise (a replacement chunk fills the steps of a skipped one)."""
+    return sum(data.chunk_steps(m, c, global_batch_size) for _, m, c in table)
+
+
+def start(run, resume, parent, data_sha, info):
     """The state the run starts from: its newest intact checkpoint's (weights, AdamW, RNG),
-    or a fresh one (with init_from's weights, and config.json and run.json written)."""
+    its parent's (a branch, branch.py), or a fresh one (with init_from's weights); a run
+    that starts writes config.json and run.json."""
     cfg, log, rank = run.cfg, run.log, run.rank
     precision = {k: info[k] for k in ("dtype", "reason", "matmul_gflops")}
     if resume:
         state = load_checkpoint(resume, run.raw_model, run.optimizer, rank, run.fsdp)
+        state.setdefault("total_steps", planned_steps(run.table, cfg.global_batch_size))  # written before it was saved
         log.truncate_metrics(state["metrics_lines"])
         log.event("resume", checkpoint=os.path.basename(resume), step=state["step"], pos=state["pos"],
                   **precision)  # the machine may have changed
         print0(f"resuming from {resume}: step {state['step']}, schedule position {state['pos']}", rank=rank)
         return state
-    state = {"step": 0, "tokens": 0, "pos": 0, "schedule": list(range(len(run.table))),
-             "skipped": [], "reader": None, "data_manifest_sha256": data_sha, "metrics_lines": 0}
-    log.truncate_metrics(0)  # lines of a run killed before its first checkpoint: they are redone
-    if cfg.init_from:
-        load_init_from(cfg, run.raw_model, run.optimizer, data_sha, rank, run.fsdp)
-        log.event("init_from", checkpoint=os.path.abspath(cfg.init_from), optimizer=cfg.init_optimizer)
-        first_dir, first_manifest, _ = run.table[state["schedule"][0]]
-        vals = validate(run, first_dir, first_manifest)  # where fine-tuning starts from
-        if vals:
-            log.metric({"step": 0, "pos": 0, "chunk": state["schedule"][0], "tokens": 0, **vals})
+    if parent:
+        state = branch.start(run, parent, data_sha, precision)
+    else:
+        state = {"step": 0, "tokens": 0, "pos": 0, "schedule": list(range(len(run.table))),
+                 "skipped": [], "reader": None, "data_manifest_sha256": data_sha, "metrics_lines": 0,
+                 "total_steps": cfg.lr_steps or planned_steps(run.table, cfg.global_batch_size)}
+        log.truncate_metrics(0)  # lines of a run killed before its first checkpoint: they are redone
+        if cfg.init_from:
+            load_init_from(cfg, run.raw_model, run.optimizer, data_sha, rank, run.fsdp)
+            log.event("init_from", checkpoint=os.path.abspath(cfg.init_from), optimizer=cfg.init_optimizer)
+            first_dir, first_manifest, _ = run.table[state["schedule"][0]]
+            vals = validate(run, first_dir, first_manifest)  # where fine-tuning starts from
+            if vals:
+                log.metric({"step": 0, "pos": 0, "chunk": state["schedule"][0], "tokens": 0, **vals})
     if rank == 0:
         save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
         write_json_atomic(os.path.join(cfg.out_dir, "run.json"), info)
-    log.event("start", world_size=run.world_size,
-              parallel="fsdp" if run.fsdp else "ddp" if run.world_size > 1 else "single", **precision)
+    if not parent:
+        log.event("start", world_size=run.world_size,
+                  parallel="fsdp" if run.fsdp else "ddp" if run.world_size > 1 else "single", **precision)
     return state
 
 
@@ -631,8 +672,8 @@ def skip_chunk(run, state, pos, chunk, nonfinite):
         state = state | {"step": 0, "tokens": 0}
     state["skipped"], state["reader"] = skipped, None
     bad = {s["chunk"] for s in skipped}
-    used = len(schedule) - len(run.table)  # replacements appended so far
-    candidates = [c for c in range(len(run.table)) if c not in bad]
+    used = len(skipped) - 1  # replacements appended so far: one for each chunk skipped before
+    candidates = [c for c in dict.fromkeys(schedule) if c not in bad]  # the planned chunks, in their order
     state["schedule"] = schedule + ([candidates[used % len(candidates)]] if candidates else [])
     state["pos"] = pos + 1
     log.event("skip_chunk", chunk=chunk, pos=pos, step=nonfinite["step"], rolled_back_to=where,

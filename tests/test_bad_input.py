@@ -91,6 +91,14 @@ CASES = {  # id: (script's main, argv from root), what the line must say
     "batch_size=0": (lambda r: (memorize.main, [str(r / "run"), "--batch_size=0"]), "batch_size=0: must be >= 1"),
     "unknown checkpoint (memorize)": (lambda r: (memorize.main, [str(r / "run"), "--checkpoints=ckpt_999"]),
                                       "has no checkpoint ckpt_999; it has ckpt_000, ckpt_001"),
+    # train.py --branch_from, data.py remix
+    "a branch point that does not exist": (lambda r: (train.cli, [config(r, out_dir=str(r / "b")), "--branch_from="
+                                                      + str(r / "run" / "ckpt_009")]), "ckpt_009'?: no checkpoint there"),
+    "a branch into a non-empty run dir": (lambda r: (train.cli, [config(r, out_dir=str(r / "tasks")), "--branch_from="
+                                                     + str(r / "run" / "ckpt_000")]),
+                                          "is not empty and is not this branch's run dir"),
+    "a remix weight on a source the data dir lacks": (lambda r: (data.main, ["remix", str(r / "data"), str(r / "rmx"),
+                                                                             "--weights=nope:2"]), "has no source 'nope'"),
     # data.py convert-amber
     "convert-amber: a row without token_ids": (lambda r: (data.main, ["convert-amber", str(_release(
         r, '{"tokens": [1, 2]}\n')), str(r / "converted")]), r"train_000.jsonl:1: no 'token_ids' list"),

@@ -82,6 +82,9 @@ def test_release_links_loads_and_reproduces(run, tmp_path):
         assert f"| {s['name']} |" in card and f"{s['train_tokens']:,}" in card
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert f"final validation loss | {[m for m in metrics if 'val_loss' in m][-1]['val_loss']:.4f}" in card
+    for s in manifest["sources"]:  # and each source's
+        last = [m for m in metrics if 'val_loss' in m][-1][f"val_loss/{s['name']}"]
+        assert f"final validation loss, {s['name']} | {last:.4f}" in card
     assert "Evaluations of ckpt_002" in card and "| arc_challenge | acc |" in card
 
     # the release reproduces its run: its config and data train the same final weights

@@ -175,13 +175,14 @@ def test_run_writes_fp32_checkpoints_with_full_adamw_state(reference):
 
 def assert_same_checkpoint(a, b):
     """Every file of two checkpoint folders byte for byte (RNG states included), and
-    state.json equal but for the run's own out_dir."""
+    state.json equal but for the run's own out_dir (and branch_from: a branch's parent)."""
     names = sorted(os.listdir(a))
     assert names == sorted(os.listdir(b))
     for name in names:
         if name == "state.json":
             sa, sb = (json.loads((d / name).read_text()) for d in (a, b))
-            sa["config"].pop("out_dir"), sb["config"].pop("out_dir")
+            for s in (sa, sb):
+                s["config"].pop("out_dir"), s["config"].pop("branch_from", None)
             assert sa == sb
         else:
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -469,3 +470,128 @@ def test_one_writer_per_run_dir_and_no_stale_lock(corpus, tmp_path):
     holder.wait()
     common.hold_lock(lock, "this test")  # free again
     os.close(common._LOCKS.pop(os.path.abspath(lock)))
+
+
+def test_validation_is_over_a_seeded_sample_of_the_whole_mix(tmp_path, monkeypatch):
+    """The held-out split is stored source by source. val_loss is the token mean over a
+    seeded sample of the whole split (rows of several sources), val_loss/<source> over
+    val_sequences rows of each source (all of them when it has fewer), both equal to the
+    losses computed row by row; the same rows and values on 2 ranks as on one. (The code
+    before took the split's first rows: one source's.)"""
+    import data
+
+    root = make_corpus(tmp_path)
+    cfg = config_from_dict(corpus_values(root, "data", **SMALL_MODEL, val_fraction=0.3, val_sequences=6,
+                                         micro_batch_size=4))
+    data.prepare(cfg, progress=False)
+    manifest = data.load_manifest(cfg.data_dir)
+    tokens, sources = data.open_split(cfg.data_dir, manifest["val"])
+    assert (np.diff(sources) >= 0).all() and len(set(sources.tolist())) == 3  # stored source by source
+    model = Transformer(cfg.model)
+    model.init_weights(0)
+    cpu, off = torch.device("cpu"), torch.autocast("cpu", enabled=False)
+    got = train_py.validation_loss(model, cfg.data_dir, manifest, cfg, 0, 1, cpu, off)
+
+    def mean_loss(rows):  # row by row: the sum of each row's token losses over all their tokens
+        sums = []
+        for r in rows:
+            x, y = data.rows_to_xy(tokens[[r]])
+            sums.append((model(x, y)[1].item() * y.numel(), y.numel()))
+        return sum(s for s, _ in sums) / sum(n for _, n in sums)
+
+    mix, extra = data.validation_rows(sources, 6, cfg.seed)
+    assert len(set(mix.tolist())) == 6 and len(set(sources[mix].tolist())) > 1  # a sample of the mix
+    assert got["val_loss"] == pytest.approx(mean_loss(mix), rel=1e-6)
+    assert got["val_loss"] != pytest.approx(mean_loss(range(6)), rel=1e-3)  # not the split's head
+    for s, source in enumerate(manifest["sources"]):
+        rows = np.union1d(mix[sources[mix] == s], extra[s])
+        assert len(rows) == min(6, int((sources == s).sum())) and (sources[rows] == s).all()
+        assert got[f"val_loss/{source['name']}"] == pytest.approx(mean_loss(rows), rel=1e-6)
+    # two ranks: each runs its share, then the sums are reduced
+    shares = {}
+    monkeypatch.setattr(train_py, "all_reduce_sum", lambda x, ws: shares.setdefault("rank1", x.clone()))
+    train_py.validation_loss(model, cfg.data_dir, manifest, cfg, 1, 2, cpu, off)
+    monkeypatch.setattr(train_py, "all_reduce_sum", lambda x, ws: x.add_(shares["rank1"]))
+    two = train_py.validation_loss(model, cfg.data_dir, manifest, cfg, 0, 2, cpu, off)
+    assert two.keys() == got.keys() and all(two[k] == pytest.approx(got[k], rel=1e-12) for k in got)
+    # the sample is uniform: every row of a 40-row split is drawn 2,000 x 8 / 40 times, within chance
+    counts = np.bincount(np.concatenate([data.validation_rows(np.zeros(40, int), 8, s)[0] for s in range(2000)]),
+                         minlength=40)
+    assert ((counts - 400) ** 2 / 400).sum() < 80  # chi-square, 39 degrees of freedom: p < 1e-4 above 80
+
+
+# -----------------------------------------------------------------------------
+# branches
+
+
+def test_a_branch_with_the_parents_config_is_the_parent_bit_for_bit(corpus, reference):
+    """Branched at ckpt_000 with nothing changed, a run's later checkpoints and metrics are
+    its parent's, byte for byte; the parent's checkpoint is a hard link, the ledger's first
+    event names it and its sha256; killed (after its first checkpoint, and before it) and
+    run again, the branch still ends as the parent."""
+    branch_of = dict(branch_from=str(reference / "ckpt_000"))
+    train(corpus, "branch_same", **branch_of)
+    run = corpus / "branch_same"
+    for name in ("ckpt_001", "ckpt_002"):
+        assert_same_checkpoint(reference / name, run / name)
+    assert metrics(run) == metrics(reference)
+    assert os.path.samefile(run / "ckpt_000" / "model.safetensors", reference / "ckpt_000" / "model.safetensors")
+    first = ledger(run)[0]
+    assert first["event"] == "branch" and first["checkpoint"] == "ckpt_000" and first["changes"] == {}
+    assert first["checkpoint_sha256"] == checkpoint.sha256_file(reference / "ckpt_000" / "state.json")
+    for name, fault, starts in (("branch_kill", "step:100", 1), ("branch_kill_early", "step:49", 2)):
+        assert train(corpus, name, fault=fault, **branch_of).returncode == -9  # step 49: before its first rolling
+        train(corpus, name, **branch_of)  # checkpoint (step 50), so the branch starts again
+        assert_same_checkpoint(reference / "ckpt_002", corpus / name / "ckpt_002")
+        assert metrics(corpus / name) == metrics(reference)
+        assert [e["event"] for e in ledger(corpus / name)].count("branch") == starts
+    refused = train(corpus, "branch_same_again", expect_ok=False, out_dir=str(reference), **branch_of)
+    assert refused.returncode == 1 and "is not empty and is not this branch's run dir" in refused.stderr
+
+
+def test_a_branch_with_other_data_goes_on_from_its_parent(corpus, reference):
+    """A remix of the parent's last two chunks without the "web" source: the branch trains
+    its chunks after the parent's first, from the parent's step, tokens and LR curve, and
+    records the change; memorize.py and plot.py read the branch as any run."""
+    import data
+    import memorize
+
+    remix = str(corpus / "remix_noweb")
+    data.main(["remix", str(corpus / "data"), remix, "--weights=web:0,code:2", "--chunks=1-2"])
+    m = data.load_manifest(remix)
+    assert m["config"]["remix_of"] == str(corpus / "data") and all(c["tokens_per_source"]["web"] == 0
+                                                                   for c in m["chunks"])
+    train(corpus, "branch_remix", branch_from=str(reference / "ckpt_000"), data_dir=remix)
+    run = corpus / "branch_remix"
+    state = json.loads((run / "ckpt_002" / "state.json").read_text())
+    assert state["schedule"] == [0, 3, 4] and state["config"]["stages"] == [str(corpus / "data"), remix]
+    parent_ckpt = json.loads((reference / "ckpt_000" / "state.json").read_text())
+    ref, ours = metrics(reference), metrics(run)
+    k = [r for r in ref if "loss" in r].index(next(r for r in ref if r["step"] == parent_ckpt["step"] and "loss" in r))
+    assert ours[: parent_ckpt["metrics_lines"]] == ref[: parent_ckpt["metrics_lines"]]  # the parent's lines
+    after = [r for r in ours[parent_ckpt["metrics_lines"]:] if "loss" in r]
+    assert after[0]["step"] == parent_ckpt["step"] + 1 and after[0]["tokens"] == parent_ckpt["tokens"] + 8 * 32
+    assert after[0]["lr"] == [r for r in ref if "loss" in r][k + 1]["lr"]  # the parent's LR curve goes on
+    first = ledger(run)[0]
+    assert first["event"] == "branch" and first["changes"]["data_dir"] == [str(corpus / "data"), remix]
+    memorize.run(str(run), k=8, l=8, samples=2, checkpoints=["ckpt_000", "ckpt_002"])
+    seen = json.loads((run / "memorization" / "ckpt_002__chunk_004.json").read_text())
+    assert seen["data_dir"] == remix and seen["seen"]
+
+
+def test_a_branch_refuses_a_parent_whose_data_changed_or_is_gone(corpus):
+    """One line, and nothing but the lock written into the branch's run dir."""
+    import shutil
+
+    moved = corpus / "data_moving"
+    shutil.copytree(corpus / "data", moved)
+    train(corpus, "parent_moving", data_dir=str(moved), max_steps=48)  # ckpt_000 at the end of chunk 0
+    branch_of = dict(branch_from=str(corpus / "parent_moving" / "ckpt_000"), data_dir=str(moved))
+    manifest = json.loads((moved / "manifest.json").read_text())
+    (moved / "manifest.json").write_text(json.dumps(manifest | {"note": "edited"}))
+    changed = train(corpus, "branch_moving", expect_ok=False, **branch_of)
+    assert changed.returncode == 1 and "changed since" in changed.stderr and len(changed.stderr.splitlines()) == 1
+    shutil.rmtree(moved)
+    gone = train(corpus, "branch_moving", expect_ok=False, **branch_of)
+    assert gone.returncode == 1 and "not prepared" in gone.stderr and len(gone.stderr.splitlines()) == 1
+    assert os.listdir(corpus / "branch_moving") == [".lock"]

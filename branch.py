@@ -1,0 +1,208 @@
+"""
+A branch: a new run that goes on with another run's schedule from one of its
+checkpoints, as the paper's §5 proposes ("starting from an intermediate checkpoint,
+and either increasing or decreasing a specific data ratio"; "resume the pre-training
+to obtain a domain-specific LLM").
+
+    python train.py configs/tiny.py --branch_from=runs/tiny/ckpt_003 --out_dir=runs/b
+    python train.py configs/tiny.py --branch_from=runs/tiny/ckpt_003 --data_dir=data/remix --out_dir=runs/b
+    python train.py configs/amber_7b.py --branch_from=amber/ckpt_179 --out_dir=runs/amber_b   (AMBER's release)
+
+A branch starts exactly where its checkpoint stands: step, tokens, schedule position,
+the LR's place in warmup and decay, AdamW and every RNG. With the parent's config
+unchanged it is the parent: its later checkpoints equal the parent's bit for bit. It
+may change:
+  - the data of the remaining schedule: a data dir (or stages) other than the
+    parent's, such as `data.py remix` writes; its chunks are then the rest of the
+    schedule, after the parent's chunks up to the branch point;
+  - the LR schedule's remainder (lr, min_lr, warmup_steps, lr_schedule), and whatever
+    else a resume would refuse, but the model's shape.
+A Hugging Face folder of AMBER's release (weights only: LLM360 released no optimizer
+states) branches at the position its name gives (ckpt_i has trained chunks 0..i of
+the converted release) with a fresh AdamW, recorded as such.
+
+The branch's run dir is complete: the parent's checkpoints up to the branch point are
+hard links (a copy where links fail, its size printed), metrics.jsonl starts with the
+parent's lines up to it, and the ledger's first event, "branch", names the parent, the
+checkpoint and its sha256, and every change. evaluate.py, memorize.py, release.py and
+plot.py read it as any run. Running the same command again resumes the branch.
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass, replace
+
+import checkpoint
+import data
+from common import atomic_write, barrier, link_tree, print0, sha256_file, size_text
+from config import ConfigError, config_to_dict, saved_config
+
+
+@dataclass
+class Parent:
+    ckpt: str  # the checkpoint folder branched from
+    run_dir: str  # the run dir holding it
+    state: dict | None  # its state.json; None for a Hugging Face folder (weights only)
+    pos: int  # the schedule position the branch starts at
+    dirs: list  # the data dirs the parent trained on (for a Hugging Face folder: the branch's)
+    new_dirs: list  # the data dirs of the remaining schedule when they change; [] when the data goes on
+
+
+def parent_of(cfg):
+    """The checkpoint cfg.branch_from names, checked: one line for a branch point that is
+    not there, damaged, of another model shape, or with data that changed since."""
+    path = os.path.normpath(cfg.branch_from)
+    kind = checkpoint.kind(path) if os.path.isdir(path) else None
+    if kind is None:
+        raise ConfigError(f"branch_from={cfg.branch_from!r}: no checkpoint there (a ckpt_NNN folder of a run, or a "
+                          "Hugging Face folder ckpt_NNN of AMBER's release)")
+    wanted = data.stage_dirs(cfg)
+    if kind == "hf":
+        m = re.fullmatch(r"ckpt_(\d+)", os.path.basename(path))
+        if not m:
+            raise ConfigError(f"branch_from={path!r}: a Hugging Face folder holds no schedule position; name it "
+                              "ckpt_NNN as AMBER's release does (ckpt_i has trained chunks 0..i)")
+        shape = checkpoint.model_config(path)
+        parent = Parent(path, os.path.dirname(path), None, int(m[1]) + 1, wanted, [])
+    else:
+        problems = checkpoint.verify_checkpoint(path)
+        if problems:
+            raise ConfigError(f"branch_from={path!r} is damaged ({'; '.join(problems)}); branch from another checkpoint")
+        state = checkpoint.read_state(path)
+        shape = saved_config(state["config"]).model
+        dirs = data.stage_dirs(state["config"])
+        same = [os.path.realpath(d) for d in wanted] == [os.path.realpath(d) for d in dirs]
+        parent = Parent(path, os.path.dirname(path), state, state["pos"], dirs, [] if same else wanted)
+        if parent.new_dirs and state["reader"]:
+            raise ConfigError(f"branch_from={path!r} is a mid-chunk checkpoint; a branch with other data starts at a "
+                              "chunk's end: give a ckpt_NNN")
+    if shape != cfg.model:
+        changed = [f"{k}={getattr(shape, k)!r}" for k in shape.__dataclass_fields__ if getattr(shape, k) !=
+                   getattr(cfg.model, k)]
+        raise ConfigError(f"branch_from={path!r} has another model shape ({', '.join(changed)}); a branch keeps the "
+                          "parent's model: use its shape (or init_from to start a new run from its weights)")
+    return parent
+
+
+def branch_config(cfg, parent):
+    """The branch's config: with other data, its stages are the parent's data dirs and then
+    the new ones, so that chunk ids, and every tool that reads them, cover the whole schedule."""
+    return replace(cfg, stages=tuple(parent.dirs + parent.new_dirs)) if parent.new_dirs else cfg
+
+
+def check_out_dir(cfg):
+    """A branch goes into a new run dir, or into its own (the same command again: it resumes)."""
+    out = cfg.out_dir
+    names = [n for n in os.listdir(out) if n != ".lock"] if os.path.isdir(out) else []
+    first = None
+    if os.path.exists(os.path.join(out, "ledger.jsonl")):
+        with open(os.path.join(out, "ledger.jsonl")) as f:
+            first = json.loads(f.readline() or "{}")
+    ours = first and first.get("event") == "branch" and first.get("from") == os.path.abspath(cfg.branch_from)
+    if names and not ours:
+        raise ConfigError(f"out_dir={out!r} is not empty and is not this branch's run dir; a branch writes a new run "
+                          "dir: give another out_dir")
+
+
+def own_checkpoint(resume, cfg):
+    """Whether the checkpoint a resume found was written by this branch, not linked from its parent."""
+    return resume is not None and checkpoint.read_state(resume)["config"].get("branch_from") == cfg.branch_from
+
+
+def start(run, parent, data_sha, precision):
+    """The state a branch starts from. First the ledger's first event, which records where
+    the branch comes from and every change; then the parent's checkpoints and metrics,
+    linked into the run dir; then its weights, AdamW and RNG (a Hugging Face folder: its
+    weights and a fresh AdamW, at the step its position gives)."""
+    cfg, rank = run.cfg, run.rank
+    if parent.state is None and parent.pos > len(run.table):
+        raise ConfigError(f"{parent.ckpt} has trained {parent.pos} chunks; the data has {len(run.table)}")
+    if parent.state and not parent.new_dirs and parent.state["data_manifest_sha256"] != data_sha:
+        raise ConfigError(f"the data of {parent.run_dir} changed since {parent.ckpt} was written (manifest sha256 "
+                          f"{parent.state['data_manifest_sha256'][:12]}..., now {data_sha[:12]}...); restore it, or "
+                          "branch with a data dir of your own")
+    if parent.state is None:
+        step = sum(data.chunk_steps(m, c, cfg.global_batch_size) for _, m, c in run.table[: parent.pos])
+        start_at = {"step": step, "tokens": step * cfg.global_batch_size * cfg.seq_len, "pos": parent.pos}
+        changes, optimizer = {}, "fresh: the folder holds weights only"
+        fingerprint = sha256_file(os.path.join(parent.ckpt, "config.json"))
+    else:
+        start_at = {k: parent.state[k] for k in ("step", "tokens", "pos")}
+        before = config_to_dict(saved_config(parent.state["config"]))
+        changes = {k: [before.get(k), v] for k, v in config_to_dict(cfg).items()
+                   if before.get(k) != v and k not in ("out_dir", "branch_from")}
+        optimizer, fingerprint = "the parent's", sha256_file(os.path.join(parent.ckpt, "state.json"))
+    run.log.event("branch", **{"from": os.path.abspath(cfg.branch_from)}, parent_run=os.path.abspath(parent.run_dir),
+                  checkpoint=os.path.basename(parent.ckpt), checkpoint_sha256=fingerprint, **start_at,
+                  optimizer=optimizer, data=parent.new_dirs or "the parent's", changes=changes,
+                  world_size=run.world_size, **precision)
+    if rank == 0:
+        copied = _link_parent(cfg.out_dir, parent)
+        if copied:
+            print(f"{parent.run_dir}: hard links failed, {size_text(copied)} of checkpoints copied", flush=True)
+    barrier(run.world_size)
+
+    if parent.state is None:
+        checkpoint.load_init_from(replace(cfg, init_from=parent.ckpt), run.raw_model, None, data_sha, rank, run.fsdp)
+        state = start_at | {"schedule": list(range(len(run.table))), "skipped": [], "reader": None,
+                            "data_manifest_sha256": data_sha, "metrics_lines": 0,
+                            "total_steps": cfg.lr_steps or sum(data.chunk_steps(m, c, cfg.global_batch_size)
+                                                               for _, m, c in run.table)}
+    else:
+        state = checkpoint.load_checkpoint(parent.ckpt, run.raw_model, run.optimizer, rank, run.fsdp)
+        state["total_steps"] = cfg.lr_steps or parent_steps(parent)  # the parent's LR curve goes on
+        if parent.new_dirs:  # the rest of the schedule: every chunk of the new data, in order
+            n_parent = len(data.chunk_table(parent.dirs))
+            state["schedule"] = state["schedule"][: state["pos"]] + list(range(n_parent, len(run.table)))
+            state["data_manifest_sha256"], state["reader"] = data_sha, None
+    print0(f"branching from {parent.ckpt}: step {state['step']}, schedule position {state['pos']}"
+           + (f", then {len(state['schedule']) - state['pos']} chunks of {', '.join(parent.new_dirs)}"
+              if parent.new_dirs else ""), rank=rank)
+    return state
+
+
+def parent_steps(parent):
+    """The length of the parent's LR schedule: recorded in its state, or (a checkpoint
+    written before it was) the steps of its planned chunks."""
+    cfg = saved_config(parent.state["config"])
+    return parent.state.get("total_steps") or cfg.lr_steps or sum(
+        data.chunk_steps(m, c, cfg.global_batch_size) for _, m, c in data.chunk_table(parent.dirs))
+
+
+def _link_parent(out_dir, parent):
+    """The parent's checkpoints up to the branch point, hard-linked into out_dir, and its
+    metrics.jsonl lines up to it, copied (the branch appends to its own); the bytes copied."""
+    names = [n for n in checkpoint.checkpoint_names(parent.run_dir) if int(n[5:]) < parent.pos]
+    if os.path.basename(parent.ckpt) == "ckpt_rolling":  # a mid-chunk branch point: ahead of those
+        names.append("ckpt_rolling")
+    copied = sum(link_tree(os.path.join(parent.run_dir, n), os.path.join(out_dir, n)) for n in names)
+    lines = parent.state["metrics_lines"] if parent.state else 0
+    src = os.path.join(parent.run_dir, "metrics.jsonl")
+
+    def keep(tmp):
+        with open(tmp, "w") as dst:
+            if lines and os.path.exists(src):
+                with open(src) as f:
+                    for _, line in zip(range(lines), f):
+                        dst.write(line)
+
+    atomic_write(os.path.join(out_dir, "metrics.jsonl"), keep)
+    return copied
+
+
+def plan(cfg, steps):
+    """For the dry run, from the steps of each chunk of the branch's data: (the step it
+    starts at, steps left, its LR schedule's length, where it starts)."""
+    path = os.path.normpath(cfg.branch_from)
+    if checkpoint.kind(path) == "ours":
+        parent = parent_of(cfg)
+        left = sum(steps if parent.new_dirs else steps[parent.pos :])
+        return parent.state["step"], left, parent_steps(parent), \
+            f"{path} (step {parent.state['step']:,}, schedule position {parent.pos})"
+    m = re.fullmatch(r"ckpt_(\d+)", os.path.basename(path))
+    if not m:
+        raise ConfigError(f"branch_from={cfg.branch_from!r}: a ckpt_NNN folder of a run or of AMBER's release")
+    pos = int(m[1]) + 1
+    return sum(steps[:pos]), sum(steps[pos:]), sum(steps), \
+        f"{path} (a Hugging Face folder: chunks 0..{pos - 1} trained, a fresh AdamW)"
