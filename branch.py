@@ -77,9 +77,10 @@ def parent_of(cfg):
         if parent.new_dirs and state["reader"]:
             raise ConfigError(f"branch_from={path!r} is a mid-chunk checkpoint; a branch with other data starts at a "
                               "chunk's end: give a ckpt_NNN")
-    if shape != cfg.model:
+    shape, wanted_shape = (replace(m, n_kv_head=m.kv_heads) for m in (shape, cfg.model))  # None means n_head
+    if shape != wanted_shape:
         changed = [f"{k}={getattr(shape, k)!r}" for k in shape.__dataclass_fields__ if getattr(shape, k) !=
-                   getattr(cfg.model, k)]
+                   getattr(wanted_shape, k)]
         raise ConfigError(f"branch_from={path!r} has another model shape ({', '.join(changed)}); a branch keeps the "
                           "parent's model: use its shape (or init_from to start a new run from its weights)")
     return parent
@@ -144,7 +145,8 @@ def start(run, parent, data_sha, precision):
     barrier(run.world_size)
 
     if parent.state is None:
-        checkpoint.load_init_from(replace(cfg, init_from=parent.ckpt), run.raw_model, None, data_sha, rank, run.fsdp)
+        checkpoint.load_init_from(replace(cfg, init_from=parent.ckpt, branch_from=""), run.raw_model, None, data_sha,
+                                  rank, run.fsdp)
         state = start_at | {"schedule": list(range(len(run.table))), "skipped": [], "reader": None,
                             "data_manifest_sha256": data_sha, "metrics_lines": 0,
                             "total_steps": cfg.lr_steps or sum(data.chunk_steps(m, c, cfg.global_batch_size)

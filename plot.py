@@ -4,6 +4,9 @@ drawn again at any time:
 
     python plot.py RUN_DIR        training.png, evals.png and memorization/*.png, from
                                   metrics.jsonl, evals.csv and memorization/*.csv
+    python plot.py RUN_DIR RUN_DIR ... [--out_dir=DIR]
+                                  compare.png and compare.csv: runs on one token axis
+                                  (a trunk and its branches), each branch point marked
 
     training.png              loss and validation loss, learning rate, gradient norm and
                               tokens/s against tokens seen (train.py redraws it at every
@@ -26,7 +29,7 @@ import threading
 
 import numpy as np
 
-from common import atomic_write
+from common import atomic_write, one_line_errors, parse_options
 
 _WARM = []  # the warm-up thread, joined before the first figure: matplotlib is not thread-safe
 
@@ -194,10 +197,89 @@ def plot_memorization(out_dir):
 # -----------------------------------------------------------------------------
 
 
+def branch_tokens(run_dir):
+    """The tokens at which a branch left its parent (its ledger's first event), else None."""
+    path = os.path.join(run_dir, "ledger.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        first = json.loads(f.readline() or "{}")
+    return first.get("tokens") if first.get("event") == "branch" else None
+
+
+def plot_compare(run_dirs, out_dir):
+    """compare.png: the runs on one token axis (training loss, validation loss of the mix and
+    of each source, LR, and the evaluations of evals.csv), each branch point dotted;
+    compare.csv: every run's validation losses at the first run's validation points (the
+    others' linearly interpolated between their own, blank outside them). Returns the rows."""
+    runs = [(os.path.basename(os.path.normpath(d)), *read_metrics(d), branch_tokens(d)) for d in run_dirs]
+    val_keys = sorted({k for _, _, val, _ in runs for k in val}, key=lambda k: (k != "val_loss", k))
+    evals = {}
+    for d in run_dirs:
+        if os.path.exists(os.path.join(d, "evals.csv")):
+            header, *rows = _read_csv(os.path.join(d, "evals.csv"))
+            for j, key in enumerate(header[2:]):
+                evals.setdefault(key, {})[d] = [(_number(r[1]), float(r[2 + j])) for r in rows if r[2 + j]]
+    panels = ["loss", *val_keys, "lr", *evals]
+    cols = 3
+    fig, axes = new_figure(-(-len(panels) // cols), cols, (4.2 * cols, 3 * -(-len(panels) // cols)))
+    for ax, key in zip(axes.flat, panels):
+        for i, (name, series, val, at) in enumerate(runs):
+            color = f"C{i}"
+            if key in ("loss", "lr"):
+                ax.plot(*_binned(series["tokens"], series[key], 500), lw=0.8, color=color, label=name)
+            elif key in val:
+                ax.plot(*val[key], "o-", ms=3, color=color, label=name)
+            elif key in evals and run_dirs[i] in evals[key]:
+                ax.plot(*zip(*evals[key][run_dirs[i]]), "s-", ms=3, color=color, label=name)
+            if at is not None:
+                ax.axvline(at, ls=":", lw=0.8, color=color)
+        ax.set_title({"loss": "training loss", "lr": "learning rate", "val_loss": "validation loss (the mix)"}.get(
+            key, key.replace("val_loss/", "validation loss, ")), fontsize=9)
+        ax.set_xlabel("tokens seen", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    os.makedirs(out_dir, exist_ok=True)
+    save_figure(fig, os.path.join(out_dir, "compare.png"), dpi=90)
+
+    first_val = runs[0][2].get("val_loss", ([], []))[0]
+    header = ["tokens"] + [f"{name}:{k}" for name, _, _, _ in runs for k in val_keys]
+    rows = []
+    for t in first_val:
+        row = [str(t)]
+        for _, _, val, _ in runs:
+            for k in val_keys:
+                xs, ys = val.get(k, ([], []))
+                inside = xs and xs[0] <= t <= xs[-1]
+                row.append(f"{np.interp(t, xs, ys):.6f}" if inside else "")
+        rows.append(row)
+    atomic_write(os.path.join(out_dir, "compare.csv"),
+                 lambda tmp: open(tmp, "w").write("\n".join(",".join(r) for r in [header] + rows) + "\n"))
+    return [header] + rows
+
+
+# -----------------------------------------------------------------------------
+
+
 def main(argv):
-    if len(argv) != 1 or not os.path.isdir(argv[0]):
-        sys.exit("usage: python plot.py RUN_DIR   (redraws the figures of a run from its metrics and results)")
-    run_dir, drawn = argv[0], []
+    runs = [a for a in argv if not a.startswith("--")]
+    with one_line_errors():
+        opts = parse_options([a for a in argv if a.startswith("--")], {"out_dir"})
+    if not runs or not all(os.path.isdir(r) for r in runs):
+        sys.exit("usage: python plot.py RUN_DIR                 redraws the figures of a run from its files\n"
+                 "       python plot.py RUN_DIR RUN_DIR ... [--out_dir=DIR]   compare.png and compare.csv of runs "
+                 "(default DIR: compare/ beside the first run)")
+    if len(runs) > 1:
+        out = opts.get("out_dir") or os.path.join(os.path.dirname(os.path.normpath(runs[0])), "compare")
+        table = plot_compare(runs, out)
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        print("\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in table))
+        print(f"wrote {out}/compare.png and compare.csv")
+        return
+    run_dir, drawn = runs[0], []
     if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         plot_run(run_dir)
         drawn.append("training.png")

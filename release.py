@@ -241,6 +241,12 @@ def model_card(run_dir, out_dir, cfg, state, manifests, data_dsts, index, hf_rea
     ]
     if hf_reason:
         lines += [f"No Hugging Face layout holds this model: {hf_reason}", ""]
+    first = (read_jsonl(os.path.join(run_dir, "ledger.jsonl")) or [{}])[0]
+    if first.get("event") == "branch":  # an experiment: where it left its parent, and what it changed
+        changed = ", ".join(f"`{k}` {a!r} -> {b!r}" for k, (a, b) in first["changes"].items()) or "nothing"
+        lines += [f"Branched from `{first['parent_run']}` at `{first['checkpoint']}` (step {first['step']:,}, "
+                  f"{first['tokens']:,} tokens; its state.json sha256 `{first['checkpoint_sha256'][:16]}...`), "
+                  f"AdamW {first['optimizer']}; changed: {changed}. The checkpoints up to there are the parent's.", ""]
     lines += ["## Data mix (the paper's Table 2, for this run)", ""]
     for mf, d in zip(manifests, data_dsts):
         total = sum(s.get("train_tokens", 0) for s in mf["sources"]) or 1

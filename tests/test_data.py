@@ -488,3 +488,71 @@ def test_a_swapped_tokenizer_or_damaged_validation_split_is_refused(prepared, tm
     with pytest.raises(DataError, match="val.npy"):
         train.validation_loss(model, str(copy), data.load_manifest(str(copy)), cfg, 0, 1, torch.device("cpu"),
                               torch.autocast("cpu", enabled=False))
+
+
+def test_remix_takes_each_row_as_its_weight_says_resumes_and_holds_one_block(tmp_path, monkeypatch):
+    """A remix of a release converted at AMBER's shapes (rows of 2,049 ids under 32,000):
+    every row of a source of weight 2 twice, weight 0 never, 0.5 a seeded half of each
+    chunk's, 1 once, shuffled (no longer grouped by chunk); killed after its first chunk and
+    run again it ends byte for byte as an uninterrupted remix; its peak traced memory does
+    not grow with the rows (a block of rows at a time)."""
+    import hashlib
+    import tracemalloc
+
+    def converted(name, rows):
+        data.write_synthetic_release(str(tmp_path / f"{name}_release"), 2, rows, seed=1)
+        return data.convert_amber(str(tmp_path / f"{name}_release"), str(tmp_path / name), workers=1, progress=False)
+
+    parent = converted("amber", 300)
+    weights = {"arxiv": 2, "c4": 0, "book": 0.5}
+
+    def rows_of(folder, manifest):
+        out = []
+        for entry in manifest["chunks"]:
+            tokens, sources = data.open_split(folder, entry)
+            out += [(hashlib.sha1(t.tobytes()).hexdigest(), int(s)) for t, s in zip(tokens, sources)]
+        return out
+
+    whole = data.remix(str(tmp_path / "amber"), str(tmp_path / "whole"), weights, n_chunks=3, progress=False)
+    got, before = rows_of(tmp_path / "whole", whole), rows_of(tmp_path / "amber", parent)
+    names = [s["name"] for s in parent["sources"]]
+    count = {}
+    for row in got:
+        count[row] = count.get(row, 0) + 1
+    for row in set(before):
+        w = weights.get(names[row[1]], 1)
+        assert count.get(row, 0) == (2 if w == 2 else 0 if w == 0 else 1 if w == 1 else count.get(row, 0)), row
+    for c in range(2):  # a half of each chunk's book rows, exactly
+        book = [r for r in before[c * 300 : (c + 1) * 300] if names[r[1]] == "book"]
+        assert sum(r in count for r in book) == round(len(book) / 2)
+    assert got != sorted(got, key=lambda r: before.index(r))  # shuffled across the parent's order
+    assert whole["config"]["parent_manifest_sha256"] == data.manifest_sha256(str(tmp_path / "amber"))
+    assert {s["name"]: s["train_tokens"] for s in whole["sources"]}["arxiv"] == 2 * 2049 * sum(
+        names[r[1]] == "arxiv" for r in before)
+
+    real = data._remix_chunk
+
+    def die_after_first(src_dir, parent_m, out_dir, k, *args):
+        if k == 1:
+            raise KeyboardInterrupt
+        return real(src_dir, parent_m, out_dir, k, *args)
+
+    monkeypatch.setattr(data, "_remix_chunk", die_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        data.remix(str(tmp_path / "amber"), str(tmp_path / "resumed"), weights, n_chunks=3, progress=False)
+    assert not (tmp_path / "resumed" / "manifest.json").exists()
+    monkeypatch.setattr(data, "_remix_chunk", real)
+    data.remix(str(tmp_path / "amber"), str(tmp_path / "resumed"), weights, n_chunks=3, progress=False)
+    for name in sorted(os.listdir(tmp_path / "whole")):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+
+    monkeypatch.setattr(data, "REMIX_BLOCK", 32)
+    peaks = []
+    for name, rows in (("small", 300), ("large", 1200)):
+        converted(name, rows)
+        tracemalloc.start()
+        data.remix(str(tmp_path / name), str(tmp_path / f"{name}_remix"), weights, progress=False)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    chunk_bytes = 1200 * 2049 * 2  # 4.9 MB: the large data is two of them
+    assert peaks[1] < 1.5 * peaks[0] and peaks[1] < chunk_bytes / 2, peaks

@@ -70,3 +70,26 @@ def test_amber_shaped_release_through_convert_train_inspect_memorize(tmp_path, c
         with open(a) as fa, open(b) as fb:
             ra, rb = json.load(fa), json.load(fb)
         assert (ra["indices"], ra["scores"], ra["sources"]) == (rb["indices"], rb["scores"], rb["sources"])
+
+    # a branch from AMBER's ckpt_000 (weights only): it goes on at chunk 1, from the step and LR the
+    # position gives, with a fresh AdamW; its first loss is the trunk's at that step (the same weights and rows)
+    branch_dir = tmp_path / "branch"
+    branch_cfg = write_config(tmp_path / "amber_branch.py", values | dict(out_dir=str(branch_dir),
+                                                                         branch_from=str(amber / "ckpt_000")))
+    plan = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), branch_cfg, "--dry_run=True"], env=env,
+                          capture_output=True, text=True, cwd=str(tmp_path))
+    assert "branch           from" in plan.stdout and "4 steps left (step 6 at the end)" in plan.stdout, plan.stdout
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), branch_cfg], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(branch_dir / "metrics.jsonl") as f:
+        branch_steps = [json.loads(line) for line in f if '"loss"' in line]
+    assert [s["step"] for s in branch_steps] == [3, 4, 5, 6] and branch_steps[0]["tokens"] == 3 * 8 * 2048
+    assert [s["lr"] for s in branch_steps] == [s["lr"] for s in steps[2:]]  # the trunk's LR curve
+    assert branch_steps[0]["loss"] == pytest.approx(steps[2]["loss"], rel=1e-6)
+    with open(branch_dir / "ledger.jsonl") as f:
+        first = json.loads(f.readline())
+    assert first["event"] == "branch" and first["optimizer"].startswith("fresh") and first["step"] == 2
+    assert os.path.samefile(branch_dir / "ckpt_000" / "config.json", amber / "ckpt_000" / "config.json")
+    with open(branch_dir / "ckpt_002" / "state.json") as f:
+        assert (json.load(f)["step"], mem.checkpoints_of(str(branch_dir))[-1][2]) == (6, [0, 1, 2])

@@ -3,6 +3,7 @@ exact resume after SIGKILL, DDP and FSDP2 against one process, the NaN policy.""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -577,6 +578,19 @@ def test_a_branch_with_other_data_goes_on_from_its_parent(corpus, reference):
     memorize.run(str(run), k=8, l=8, samples=2, checkpoints=["ckpt_000", "ckpt_002"])
     seen = json.loads((run / "memorization" / "ckpt_002__chunk_004.json").read_text())
     assert seen["data_dir"] == remix and seen["seen"]
+    # trunk and branch on one axis: the same validation up to the branch point, then the branch's own
+    import plot
+    import release
+
+    table = plot.plot_compare([str(reference), str(run)], str(corpus / "compare"))
+    assert os.path.exists(corpus / "compare" / "compare.png")
+    col = table[0].index("branch_remix:val_loss")
+    vals = [r for r in metrics(reference) if "val_loss" in r and "loss" not in r]
+    assert [float(r[1]) for r in table[1:]][:1] == pytest.approx([vals[0]["val_loss"]], rel=1e-6)  # the shared past
+    assert float(table[1][col]) == pytest.approx(vals[0]["val_loss"], rel=1e-6)
+    assert float(table[2][col]) != pytest.approx(vals[1]["val_loss"], rel=1e-4)  # its own data from there
+    card = (pathlib.Path(release.release(str(run), str(corpus / "branch_release"))) / "README.md").read_text()
+    assert f"Branched from `{reference}` at `ckpt_000` (step {parent_ckpt['step']}" in card
 
 
 def test_a_branch_refuses_a_parent_whose_data_changed_or_is_gone(corpus):
