@@ -1436,7 +1436,7 @@ def _remix_weights(text):
         raise DataError(f"--weights={text!r}: write source:weight pairs, e.g. books:2,code:0.5") from None
 
 
-def _chunk_ids(text):
+def chunk_ids(text):
     """None, "4-7" or "1,3,5" -> chunk ids (a range's end included)."""
     if not text:
         return None
@@ -1503,7 +1503,7 @@ def main(argv):
             if len(paths) != 2 or "weights" not in opts:
                 raise DataError("usage: python data.py remix DATA_DIR OUT_DIR --weights=books:2,code:0.5 "
                                 "[--chunks=4-7] [--n_chunks=N] [--seed=0]")
-            manifest = remix(paths[0], paths[1], _remix_weights(opts["weights"]), _chunk_ids(opts.get("chunks")),
+            manifest = remix(paths[0], paths[1], _remix_weights(opts["weights"]), chunk_ids(opts.get("chunks")),
                              int(opts.get("n_chunks", 0)) or None, int(opts.get("seed", 0)))
             for s in manifest["sources"]:
                 print(f"{s['name']:16s} weight {s['remix_weight']:<5g} {s['train_tokens']:15,d} training tokens")
