@@ -559,7 +559,8 @@ def load_task(task_dir, task):
 
 
 def evaluate_checkpoint(model, tok, info, task, task_dir, limit=None, text=None, allow_code_execution=False):
-    """[{metric, value, n, task_sha256}] of one task on one model."""
+    """[{metric, value, n, task_sha256, items}] of one task on one model (items: each row's value,
+    for the multiple-choice and code tasks)."""
     if task == "ppl":
         if text:
             with open(text, encoding="utf-8", errors="replace") as f:
@@ -576,10 +577,14 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, limit=None, text=None,
     docs, shots, sha = load_task(task_dir, task)
     docs = docs[:limit] if limit else docs
     if task in ("humaneval", "mbpp"):
-        metrics, _ = code_task(model, tok, task, docs, allow_code_execution=allow_code_execution)
+        metrics, per_doc = code_task(model, tok, task, docs, allow_code_execution=allow_code_execution)
+        per_doc = [{"pass@1": float(d["result"] == "passed"), "timeouts": float(d["result"] == "timeout")}
+                   for d in per_doc]
     else:
-        metrics, _ = multiple_choice(model, tok, task, docs, shots)
-    return [{"metric": k, "value": v, "n": len(docs), "task_sha256": sha} for k, v in metrics.items()]
+        metrics, per_doc = multiple_choice(model, tok, task, docs, shots)
+    # items: each row's value, in the task file's order (trace.py contamination splits them clean / dirty)
+    return [{"metric": k, "value": v, "n": len(docs), "task_sha256": sha, "items": [d[k] for d in per_doc]}
+            for k, v in metrics.items()]
 
 
 def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None, device="cpu", rank=0,

@@ -128,7 +128,7 @@ def release(run_dir, out_dir=None):
     for f in ("run.json", "metrics.jsonl", "ledger.jsonl", "training.png", "config.json"):
         if os.path.exists(os.path.join(run_dir, f)):
             copied += link(os.path.join(run_dir, f), os.path.join(logs, f))
-    for f in ("evals.jsonl", "evals.csv", "evals.png"):
+    for f in ("evals.jsonl", "evals.csv", "evals.png", "contamination.csv", "contamination_rows.jsonl"):
         if os.path.exists(os.path.join(run_dir, f)):
             copied += link(os.path.join(run_dir, f), os.path.join(out_dir, "evals", f))
     if os.path.isdir(os.path.join(run_dir, "memorization")):
@@ -267,12 +267,23 @@ def model_card(run_dir, out_dir, cfg, state, manifests, data_dsts, index, hf_rea
                                      ["skipped chunks (NaN policy)", [s["chunk"] for s in state["skipped"]] or "none"]]),
               ""]
     evals = read_jsonl(os.path.join(run_dir, "evals.jsonl"))
+    last_ckpt = evals[-1]["checkpoint"] if evals else None
     if evals:
-        last = evals[-1]["checkpoint"]
+        last = last_ckpt
         lines += [f"Evaluations of {last} ([evals/evals.csv](evals/evals.csv) has every checkpoint):", "",
                   _table(["task", "metric", "value", "items"],
                          [[r["task"], r["metric"], f"{r['value']:.4f}", r["n"] if r["n"] is not None else ""]
                           for r in evals if r["checkpoint"] == last]), ""]
+    contam = os.path.join(run_dir, "contamination.csv")
+    if os.path.exists(contam):  # trace.py contamination: benchmark rows found in this run's training data
+        with open(contam) as f:
+            rows = [line.rstrip("\n").split(",") for line in f][1:]
+        lines += ["Benchmark contamination ([evals/contamination.csv](evals/contamination.csv), `trace.py "
+                  "contamination`): rows of which a 13-gram occurs in the training data, and the last "
+                  "checkpoint's score on the clean and the dirty rows:", "",
+                  _table(["task", "rows", "dirty", "share", "metric", "clean", "dirty rows"],
+                         [[r[0], r[1], r[2], f"{100 * float(r[3]):.1f}%", r[5], r[6][:6], r[7][:6]] for r in rows
+                          if not r[4] or r[4] == last_ckpt]), ""]
     mem = os.path.join(run_dir, "memorization", "per_checkpoint.csv")
     if os.path.exists(mem):
         with open(mem) as f:

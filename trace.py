@@ -41,7 +41,8 @@ import numpy as np
 
 import checkpoint
 import data
-from common import UserError, hold_lock, one_line_errors, parse_options, write_json_atomic
+from common import (UserError, hold_lock, one_line_errors, parse_options, read_jsonl, write_json_atomic,
+                    write_text_atomic)
 
 INDEX_FORMAT = "llm360-mini infini-gram shard"
 SMALL_SHARD = 64 << 20  # bytes of ids under which a shard is built by one indexer process
@@ -286,6 +287,83 @@ class Index:
 
 
 # -----------------------------------------------------------------------------
+# contamination: benchmark rows found in the training data
+
+
+# the text of a benchmark row, from the fields of the schemas evaluate.py reads: question, choices, answer, code
+ROW_TEXT = {
+    "arc_challenge": lambda d: [d["question"], *d["choices"]["text"]],
+    "hellaswag": lambda d: [d["ctx_a"] + " " + d["ctx_b"], *d["endings"]],
+    "mmlu": lambda d: [d["question"], *d["choices"]],
+    "truthfulqa_mc": lambda d: [d["question"], *d["mc1_targets"]["choices"]],
+    "humaneval": lambda d: [d["prompt"] + d.get("canonical_solution", "")],
+    "mbpp": lambda d: [d["text"], d.get("code", "")],
+}
+
+
+def row_overlap(index, ids, n):
+    """(the longest span of ids found in the training data, whether an n-gram of ids is)."""
+    longest, start = 0, 0
+    for start in range(len(ids)):
+        end = start + longest + 1  # only a longer span than the longest so far matters
+        while end <= len(ids) and index.count(ids[start:end]) > 0:
+            longest, end = end - start, end + 1
+    return longest, longest >= n
+
+
+def contamination(run_dir, task_dir, n=13, out=print):
+    """For every row of every benchmark in task_dir: its longest span in the training data
+    and whether it is dirty (an n-gram occurs), to contamination_rows.jsonl; per task the
+    dirty share, and per checkpoint and metric the score on the clean and the dirty rows
+    (from evals.jsonl's per-row items), to contamination.csv. Returns the summary rows."""
+    index = Index(run_dir)
+    if index.tok is None:
+        raise TraceError(f"{run_dir}'s data has no tokenizer: benchmark text cannot be encoded for it")
+    evals = read_jsonl(os.path.join(run_dir, "evals.jsonl"))
+    summary, per_row = [], []
+    for task in ROW_TEXT:
+        path = next((os.path.join(task_dir, task + ext) for ext in (".jsonl", ".parquet")
+                     if os.path.exists(os.path.join(task_dir, task + ext))), None)
+        if path is None:
+            continue
+        dirty = []
+        for i, doc in enumerate(read_task_rows(path)):
+            ids = index.tok.encode("\n".join(ROW_TEXT[task](doc)))
+            longest, is_dirty = row_overlap(index, ids, n)
+            per_row.append({"task": task, "row": i, "tokens": len(ids), "longest_span": longest, "dirty": is_dirty})
+            dirty.append(is_dirty)
+        line = {"task": task, "rows": len(dirty), "dirty": sum(dirty), "dirty_share": sum(dirty) / len(dirty)}
+        summary.append(line | {"checkpoint": "", "metric": "", "clean": "", "dirty_score": ""})
+        newest = {}
+        for r in evals:  # the newest result of each checkpoint and metric that has its rows
+            if r["task"] == task and r.get("items"):
+                newest[(r["checkpoint"], r["metric"])] = r
+        for (ckpt, metric), r in newest.items():
+            items = np.array(r["items"], dtype=float)
+            flags = np.array(dirty[: len(items)])
+            summary.append(line | {"checkpoint": ckpt, "metric": metric,
+                                   "clean": float(items[~flags].mean()) if (~flags).any() else "",
+                                   "dirty_score": float(items[flags].mean()) if flags.any() else ""})
+        out(f"{task}: {sum(dirty)} of {len(dirty)} rows dirty ({100 * line['dirty_share']:.1f}%, an {n}-gram in the "
+            "training data)")
+    if not summary:
+        raise TraceError(f"{task_dir} holds none of {', '.join(ROW_TEXT)} (.jsonl or .parquet)")
+    write_text_atomic(os.path.join(run_dir, "contamination_rows.jsonl"), "".join(json.dumps(r) + "\n" for r in per_row))
+    keys = ["task", "rows", "dirty", "dirty_share", "checkpoint", "metric", "clean", "dirty_score"]
+    write_text_atomic(os.path.join(run_dir, "contamination.csv"),
+                      ",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in summary))
+    return summary
+
+
+def read_task_rows(path):
+    if path.endswith(".parquet"):
+        import pyarrow.parquet
+
+        return pyarrow.parquet.read_table(path).to_pylist()
+    return read_jsonl(path)
+
+
+# -----------------------------------------------------------------------------
 # commands
 
 
@@ -337,6 +415,13 @@ def main(argv):
             built = index(argv[1], int(opts.get("workers", 1)), data.chunk_ids(opts.get("chunks")),
                           int(opts.get("mem_gb", 2)))
             print(f"{argv[1]}: {len(built)} shard(s) built, the others were up to date")
+        elif argv[0] == "contamination":
+            if len(argv) < 2 or argv[1].startswith("--"):
+                sys.exit(usage)
+            opts = parse_options(argv[2:], {"task_dir", "n"}, TraceError)
+            if "task_dir" not in opts:
+                raise TraceError("contamination needs --task_dir=DIR, the benchmark rows evaluate.py reads")
+            contamination(argv[1], opts["task_dir"], int(opts.get("n", 13)))
         else:
             opts = parse_options(argv[1:], {"text", "ids", "max", "spans", "min_len"}, TraceError)
             query(argv[0], opts.get("text"), opts.get("ids"), int(opts.get("max", 10)), opts.get("spans") == "True",

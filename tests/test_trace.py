@@ -2,6 +2,7 @@
 row that holds it, with the steps that trained those rows as data.py inspect's reader
 gives them; an index of other data is refused; a rebuild does only what is missing."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -12,12 +13,14 @@ import pytest
 
 import data
 from conftest import corpus_values, make_corpus, write_config
+from test_evaluate import make_tasks
 
 pytest.importorskip("infini_gram")
 import trace as tr  # noqa: E402  (ours, not the standard library's: the repo is first on the path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANTED = "zorbify quelm vantrix oplu mendabor"
+LEAKED = (1, 3)  # the ARC rows planted in the corpus
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +30,10 @@ def run(tmp_path_factory):
     make_corpus(root)
     for i in range(6):
         (root / "txt" / f"planted{i}.txt").write_text(f"some words {i} before it. {PLANTED} and after it {i}.\n")
+    arc = [json.loads(line) for line in (make_tasks(root / "tasks") / "arc_challenge.jsonl").read_text().splitlines()]
+    for j in LEAKED:  # two ARC rows leak into the training data, each in several documents
+        for copy in range(4):
+            (root / "txt" / f"arc{j}_{copy}.txt").write_text("\n".join(tr.ROW_TEXT["arc_challenge"](arc[j])) + "\n")
     values = corpus_values(root, "data", dim=32, n_layer=1, n_head=2, intermediate_size=64, out_dir=str(root / "run"),
                            warmup_steps=2, lr=1e-2, min_lr=1e-3, val_fraction=0.2, seq_len=128, max_seq_len=128)
     cfg_path = write_config(root / "cfg.py", values)
@@ -86,3 +93,29 @@ def test_the_index_refuses_other_data_and_a_rebuild_does_only_what_is_missing(ru
     tr.index(str(root / "run"), progress=False)
     with pytest.raises(SystemExit, match="tokenizes to nothing"):
         tr.main([str(root / "run"), "--text="])
+
+
+def test_contamination_flags_exactly_the_leaked_rows_and_splits_the_scores(run):
+    """Two ARC rows were put into training documents: exactly those are dirty (a 13-gram in
+    the training data), no row of any other task is; the score on the clean and dirty rows
+    is the mean of evaluate.py's per-row results over each."""
+    import evaluate as ev
+
+    root, _ = run
+    ev.sweep(str(root / "run"), ["arc_challenge"], str(root / "tasks"))
+    summary = tr.contamination(str(root / "run"), str(root / "tasks"), out=lambda *a: None)
+    rows = [json.loads(line) for line in (root / "run" / "contamination_rows.jsonl").read_text().splitlines()]
+    assert {(r["task"], r["row"]) for r in rows if r["dirty"]} == {("arc_challenge", j) for j in LEAKED}
+    assert {r["task"] for r in rows} == {"arc_challenge", "hellaswag", "mmlu", "truthfulqa_mc"}
+    assert all(r["longest_span"] == r["tokens"] for r in rows if r["dirty"])  # the whole row is in a document
+    evals = [r for r in ev.read_jsonl(str(root / "run" / "evals.jsonl")) if r["task"] == "arc_challenge"]
+    for line in (s for s in summary if s["task"] == "arc_challenge" and s["checkpoint"]):
+        items = next(r["items"] for r in evals if (r["checkpoint"], r["metric"]) == (line["checkpoint"], line["metric"]))
+        assert line["dirty_score"] == pytest.approx(np.mean([items[j] for j in LEAKED]))
+        assert line["clean"] == pytest.approx(np.mean([v for j, v in enumerate(items) if j not in LEAKED]))
+    assert (root / "run" / "contamination.csv").read_text().startswith("task,rows,dirty,dirty_share")
+    import release
+
+    card = (root / "release" / "README.md")
+    release.release(str(root / "run"), str(root / "release"))
+    assert "Benchmark contamination" in card.read_text() and "| arc_challenge | 5 | 2 | 40.0% |" in card.read_text()
