@@ -194,6 +194,27 @@ def plot_memorization(out_dir):
         save_figure(fig, os.path.join(out_dir, name), dpi=100)
 
 
+def plot_duplication(folder):
+    """duplication.png from duplication_summary.csv (trace.py memorization): the mean
+    memorization score and the k-extractible share by how often a sequence was trained on,
+    one line per checkpoint."""
+    header, *rows = _read_csv(os.path.join(folder, "duplication_summary.csv"))
+    buckets = list(dict.fromkeys(r[1] for r in rows))
+    fig, axes = new_figure(1, 2, (10, 3.5))
+    for ckpt in dict.fromkeys(r[0] for r in rows):
+        mine = {r[1]: r for r in rows if r[0] == ckpt}
+        xs = [i for i, b in enumerate(buckets) if b in mine]
+        for ax, col in zip(axes[0], (3, 4)):
+            ax.plot(xs, [float(mine[buckets[i]][col]) for i in xs], "o-", ms=3, label=ckpt)
+    for ax, title in zip(axes[0], ("mean memorization score", "k-extractible share")):
+        ax.set_xticks(range(len(buckets)), buckets, fontsize=7)
+        ax.set_xlabel("times the sequence was trained on before the checkpoint", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(folder, "duplication.png"), dpi=100)
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -289,6 +310,9 @@ def main(argv):
     if os.path.exists(os.path.join(run_dir, "memorization", "matrix.csv")):
         plot_memorization(os.path.join(run_dir, "memorization"))
         drawn.append("memorization/scores.png, matrix.png, correlation.png")
+    if os.path.exists(os.path.join(run_dir, "memorization", "duplication_summary.csv")):
+        plot_duplication(os.path.join(run_dir, "memorization"))
+        drawn.append("memorization/duplication.png")
     if not drawn:
         sys.exit(f"error: {run_dir} holds no metrics.jsonl, evals.csv or memorization results to draw")
     print(f"{run_dir}: drew {', '.join(drawn)}")

@@ -6,6 +6,7 @@ token ids (OLMoTrace's engine; requirements-trace.txt).
     python trace.py index RUN_DIR|DATA_DIR [--workers=2] [--chunks=0-99] [--mem_gb=2]
     python trace.py RUN_DIR --text="And God said" | --ids=1,2,3 [--max=10] [--spans=True --min_len=8]
     python trace.py contamination RUN_DIR --task_dir=DIR [--n=13]
+    python trace.py memorization RUN_DIR [--max_rows=1000]    memorize.py's scores against duplication
 
 `index` writes one shard per chunk, DATA_DIR/index/chunk_NNN/, and one for the held-out
 split, DATA_DIR/index/val/, straight from the chunk files (never from raw text): each
@@ -33,257 +34,14 @@ task, the dirty share, and per checkpoint the score on the clean and the dirty r
 
 import json
 import os
-import shutil
-import subprocess
 import sys
 
 import numpy as np
 
-import checkpoint
 import data
-from common import (UserError, hold_lock, one_line_errors, parse_options, read_jsonl, write_json_atomic,
-                    write_text_atomic)
-
-INDEX_FORMAT = "llm360-mini infini-gram shard"
-SMALL_SHARD = 64 << 20  # bytes of ids under which a shard is built by one indexer process
-
-
-class TraceError(UserError):
-    pass
-
-
-def _engine_class():
-    try:
-        from infini_gram.engine import InfiniGramEngine
-    except ImportError:
-        raise TraceError("trace.py needs infini-gram: pip install -r requirements-trace.txt") from None
-    return InfiniGramEngine
-
-
-def data_dirs(path):
-    """The data dirs of a run dir (its stages), or [path] for a data dir."""
-    if os.path.exists(os.path.join(path, "manifest.json")):
-        return [path]
-    newest = checkpoint.find_checkpoint(path, chunk_ends_only=False)
-    if newest is None:
-        raise TraceError(f"{path} is neither a data dir (manifest.json) nor a run dir with a checkpoint")
-    return data.stage_dirs(checkpoint.read_state(newest)["config"])
-
-
-# -----------------------------------------------------------------------------
-# the index: a shard per chunk, written from the chunk files
-
-
-def _shards(data_dir, manifest):
-    """[(shard name, manifest entry)]: every chunk, then the held-out split."""
-    out = [(f"chunk_{c:03d}", e) for c, e in enumerate(manifest["chunks"])]
-    return out + ([("val", manifest["val"])] if manifest.get("val") and manifest["val"]["sequences"] else [])
-
-
-def build_shard(data_dir, entry, folder, mem_gb=2, cpus=1, block=4096):
-    """One chunk's infini-gram shard: tokenized.0 (each row after a separator of all-ones
-    ids, which no token has), offset.0 (where each row starts), then infini-gram's
-    suffix array, table.0, built by its own indexer; in folder.tmp, then renamed."""
-    tokens, _ = data.open_split(data_dir, entry, verify=True)
-    width = tokens.dtype.itemsize
-    if tokens.dtype.kind != "u" or width not in (2, 4):
-        raise TraceError(f"{data_dir}: tokens of dtype {tokens.dtype} cannot be indexed (uint16 or uint32 only; "
-                         "fine-tuning data is not pre-training data)")
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    L = tokens.shape[1] + 1
-    with open(os.path.join(tmp, "tokenized.0"), "wb") as f, open(os.path.join(tmp, "offset.0"), "wb") as o:
-        for start in range(0, len(tokens), block):  # a block of rows at a time: memory holds one
-            rows = np.asarray(tokens[start : start + block])
-            out = np.full((len(rows), L), np.iinfo(tokens.dtype).max, dtype=tokens.dtype)
-            out[:, 1:] = rows
-            f.write(out.tobytes())
-            o.write((np.arange(start, start + len(rows), dtype=np.uint64) * (L * width)).tobytes())
-    import resource
-
-    if L * width * len(tokens) < SMALL_SHARD:  # its parallel jobs overlap by 100 kB, and a small shard gets
-        cpus = 1  # suffixes twice (a wrong table, then a crashed query): measured with infini-gram 2.6.0
-    cmd = [sys.executable, "-m", "infini_gram.indexing", "--data_dir", os.path.abspath(tmp), "--save_dir",
-           os.path.abspath(tmp), "--token_dtype", f"u{8 * width}", "--mem", str(mem_gb), "--cpus", str(cpus),
-           "--ulimit", str(resource.getrlimit(resource.RLIMIT_NOFILE)[1])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    size = L * width * len(tokens)
-    want = size // width * int(np.ceil(np.log2(size) / 8))  # a pointer of `ratio` bytes per token
-    if proc.returncode or not os.path.exists(os.path.join(tmp, "table.0")) or \
-            os.path.getsize(os.path.join(tmp, "table.0")) != want:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise TraceError(f"infini-gram's indexer failed on {folder}: {tail[0]}")
-    write_json_atomic(os.path.join(tmp, "shard.json"), {"format": INDEX_FORMAT, "sha256": entry["sha256"],
-                                                        "rows": len(tokens), "row_length": L - 1,
-                                                        "dtype": tokens.dtype.name, "table_bytes": want})
-    shutil.rmtree(folder, ignore_errors=True)
-    os.rename(tmp, folder)
-
-
-def index(path, workers=1, chunks=None, mem_gb=2, progress=True):
-    """Build the shards of every data dir of path that are missing or stale; returns them."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    from tqdm import tqdm
-
-    jobs = []
-    for d in data_dirs(path):
-        manifest = data.load_manifest(d)
-        hold_lock(os.path.join(d, "index.lock"), "trace.py index")
-        for name, entry in _shards(d, manifest):
-            if chunks is not None and not (name == "val" or int(name[6:]) in chunks):
-                continue
-            folder = os.path.join(d, "index", name)
-            if _shard_record(folder).get("sha256") != entry["sha256"]:
-                jobs.append((d, entry, folder))
-    cpus = max(1, (os.cpu_count() or 1) // max(1, workers))
-    with tqdm(total=len(jobs), desc="indexing", unit="shard", disable=not progress) as bar:
-        if workers <= 1:
-            for d, entry, folder in jobs:
-                build_shard(d, entry, folder, mem_gb, cpus)
-                bar.update(1)
-        else:
-            with ProcessPoolExecutor(workers) as pool:
-                for future in [pool.submit(build_shard, d, e, f, mem_gb, cpus) for d, e, f in jobs]:
-                    future.result()
-                    bar.update(1)
-    return [f for _, _, f in jobs]
-
-
-def _shard_record(folder):
-    try:
-        with open(os.path.join(folder, "shard.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-# -----------------------------------------------------------------------------
-# the engine over a run's shards, and where each row was trained
-
-
-class Index:
-    """infini-gram over every training chunk of a run's data dirs (chunk ids as the run's
-    schedule counts them, over all stages), and apart from it over the held-out splits."""
-
-    def __init__(self, path):
-        Engine = _engine_class()
-        self.path, self.dirs = path, data_dirs(path)
-        self.table = data.chunk_table(self.dirs)
-        self.run = None if os.path.exists(os.path.join(path, "manifest.json")) else path
-        folders, vals = [], []
-        for d, manifest, c in self.table:
-            folders.append(self._checked(d, f"chunk_{c:03d}", manifest["chunks"][c]))
-        for d in self.dirs:
-            manifest = data.load_manifest(d)
-            if manifest.get("val") and manifest["val"]["sequences"]:
-                vals.append(self._checked(d, "val", manifest["val"]))
-        manifest = self.table[0][1]
-        self.dtype = np.dtype(manifest["dtype"])
-        kw = dict(eos_token_id=0, vocab_size=int(np.iinfo(self.dtype).max), version=4,
-                  token_dtype=f"u{8 * self.dtype.itemsize}")
-        self.engine = Engine(index_dir=folders, **kw)
-        self.val = Engine(index_dir=vals, **kw) if vals else None
-        self.rows_before = np.cumsum([0] + [m["chunks"][c]["sequences"] for _, m, c in self.table])
-        self.tok = None
-        if manifest["tokenizer"]["kind"] == "tiktoken" or manifest["tokenizer"].get("file"):
-            self.tok = data.load_tokenizer(self.table[0][0], manifest)
-        self.state = checkpoint.read_state(checkpoint.find_checkpoint(self.run)) if self.run else None
-        self._orders = {}
-
-    def _checked(self, data_dir, name, entry):
-        folder = os.path.join(data_dir, "index", name)
-        record = _shard_record(folder)
-        if not record:
-            raise TraceError(f"{data_dir} has no index of {name}; build it: python trace.py index {self.path}")
-        table = os.path.join(folder, "table.0")
-        if record.get("sha256") != entry["sha256"] or not os.path.exists(table) or \
-                os.path.getsize(table) != record.get("table_bytes"):
-            raise TraceError(f"{folder} was built from other data than {data_dir}'s {name} (sha256 differs); build "
-                             f"it again: python trace.py index {self.path}")
-        return os.path.abspath(folder)
-
-    def count(self, ids, val=False):
-        engine = self.val if val else self.engine
-        return engine.count(input_ids=[int(i) for i in ids])["count"] if engine else 0
-
-    def occurrences(self, ids, limit=None):
-        """[(chunk, row, position in the row)] of every occurrence of ids in the training
-        chunks (the first `limit` rows found, when given), and the exact total count."""
-        ids = [int(i) for i in ids]
-        found = self.engine.find(input_ids=ids)
-        rows = set()
-        for s, (lo, hi) in enumerate(found["segment_by_shard"]):
-            for rank in range(lo, hi):
-                doc = self.engine.get_doc_by_rank(s=s, rank=rank, max_disp_len=1)["doc_ix"]
-                rows.add((s, doc - int(self.rows_before[s])))
-                if limit and len(rows) >= limit:
-                    break
-        out = []
-        for c, r in sorted(rows):
-            d, manifest, local = self.table[c]
-            row = np.load(os.path.join(d, manifest["chunks"][local]["file"]), mmap_mode="r")[r]
-            windows = np.lib.stride_tricks.sliding_window_view(np.asarray(row), len(ids))
-            out += [(c, r, int(i)) for i in np.flatnonzero((windows == ids).all(axis=1))]
-        return out, found["cnt"]
-
-    def trained(self, chunk, row):
-        """Where a run trained a row: [{pos, step, chunk_step, slot, checkpoint}], one per
-        schedule position of its chunk that trained it (a replacement chunk trains its
-        rows again); [] when the run never reached it or the row is in the chunk's
-        untrained remainder."""
-        if not self.state:
-            return []
-        cfg = self.state["config"]
-        G = cfg["global_batch_size"]
-        d, manifest, local = self.table[chunk]
-        if chunk not in self._orders:
-            order = np.random.default_rng([cfg["seed"], local]).permutation(manifest["chunks"][local]["sequences"])
-            self._orders[chunk] = np.argsort(order)  # row -> its place in the chunk's order
-        place = int(self._orders[chunk][row])
-        chunk_step, slot = divmod(place, G)
-        skipped = {s["pos"] for s in self.state["skipped"]}
-        out, base = [], 0
-        for pos, c in enumerate(self.state["schedule"]):
-            d_c, m_c, l_c = self.table[c]
-            steps = data.chunk_steps(m_c, l_c, G)
-            if pos in skipped:
-                continue
-            done = pos < self.state["pos"] or (self.state["reader"] and pos == self.state["pos"] and
-                                               chunk_step < self.state["reader"]["step"])
-            if c == chunk and chunk_step < steps and done:
-                out.append({"pos": pos, "step": base + chunk_step + 1, "chunk_step": chunk_step, "slot": slot,
-                            "checkpoint": f"ckpt_{pos:03d}" if pos < self.state["pos"] else "ckpt_rolling"})
-            base += steps
-        return out
-
-    def source(self, chunk, row):
-        d, manifest, local = self.table[chunk]
-        sources = np.load(os.path.join(d, manifest["chunks"][local]["sources_file"]), mmap_mode="r")
-        return manifest["sources"][int(sources[row])]["name"]
-
-    def context(self, chunk, row, i, n, width=12):
-        d, manifest, local = self.table[chunk]
-        ids = np.load(os.path.join(d, manifest["chunks"][local]["file"]), mmap_mode="r")[row]
-        piece = ids[max(0, i - width) : i + n + width].tolist()
-        return self.tok.decode(piece) if self.tok else " ".join(map(str, piece))
-
-    def spans(self, ids, min_len):
-        """The maximal spans [(start, end, count)] of ids, at least min_len tokens long, that
-        occur in the training data (each as long as it can be from its start, and not
-        inside an earlier one)."""
-        out, end_max = [], 0
-        for start in range(len(ids)):
-            end = start + min_len
-            if end > len(ids) or self.count(ids[start:end]) == 0:
-                continue
-            while end < len(ids) and self.count(ids[start : end + 1]) > 0:
-                end += 1
-            if end > end_max:
-                out.append((start, end, self.count(ids[start:end])))
-                end_max = end
-        return out
+import index as suffix
+from common import one_line_errors, parse_options, read_jsonl, write_text_atomic
+from index import Index, TraceError
 
 
 # -----------------------------------------------------------------------------
@@ -364,6 +122,92 @@ def read_task_rows(path):
 
 
 # -----------------------------------------------------------------------------
+# memorization explained by duplication and recency
+
+
+def _ranks(x):
+    """Ranks of x (1-based), ties given their mean rank."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(1, len(x) + 1)
+    values, inverse = np.unique(x, return_inverse=True)
+    return (np.bincount(inverse, ranks) / np.bincount(inverse))[inverse]
+
+
+def spearman(x, y):
+    """Spearman's rank correlation (Pearson's over ranks, ties averaged); nan when one is constant."""
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = _ranks(x), _ranks(y)
+    return float("nan") if rx.std() == 0 or ry.std() == 0 else float(np.corrcoef(rx, ry)[0, 1])
+
+
+BUCKETS = [(0, 0), (1, 1), (2, 2), (3, 4), (5, 8), (9, 16), (17, 10**12)]  # times a sequence was trained on
+
+
+def duplication(run_dir, max_rows=1000, out=print):
+    """For every sequence memorize.py scored: how often its k + l tokens occur in the
+    training data, how many of those the checkpoint had trained on and how many steps ago
+    the last one was, and how often its l-token continuation occurs; to
+    memorization/duplication.csv. Then per checkpoint the score and k-extractible share
+    by how often the sequence was trained on (duplication_summary.csv, duplication.png),
+    and Spearman's correlation of the score with that count and with recency. Returns
+    (rows, {checkpoint: (rho duplicates, rho recency)})."""
+    from plot import plot_duplication
+
+    index = Index(run_dir)
+    folder = os.path.join(run_dir, "memorization")
+    names = sorted(n for n in os.listdir(folder) if "__chunk_" in n and n.endswith(".json")) \
+        if os.path.isdir(folder) else []
+    if not names:
+        raise TraceError(f"{folder} holds no memorization results; run python memorize.py {run_dir} first")
+    rows, cache, steps_of = [], {}, {}
+    for name in names:
+        with open(os.path.join(folder, name)) as f:
+            res = json.load(f)
+        ckpt, k, l = res["checkpoint"], res["k"], res["l"]
+        if ckpt not in steps_of:
+            with open(os.path.join(run_dir, ckpt, "state.json")) as f:
+                steps_of[ckpt] = json.load(f)["step"]
+        d, local = res["data_dir"], res["chunk_in_data_dir"]
+        tokens = np.load(os.path.join(d, data.load_manifest(d)["chunks"][local]["file"]), mmap_mode="r")
+        for i, score in zip(res["indices"], res["scores"]):
+            key = (d, local, i, k + l)
+            if key not in cache:  # the same sequences are scored at every checkpoint: looked up once
+                seq = np.asarray(tokens[i][: k + l]).tolist()
+                found, total = index.occurrences(seq, limit=max_rows)
+                cache[key] = (sorted(t["step"] for c, r, _ in found for t in index.trained(c, r)), total,
+                              index.count(seq[k:]))
+            steps, total, cont = cache[key]
+            before = [s for s in steps if s <= steps_of[ckpt]]
+            rows.append({"checkpoint": ckpt, "chunk": res["chunk"], "index": i, "score": score, "occurrences": total,
+                         "trained_before": len(before), "continuation_occurrences": cont,
+                         "steps_since_last": steps_of[ckpt] - before[-1] if before else ""})
+    keys = list(rows[0])
+    write_text_atomic(os.path.join(folder, "duplication.csv"),
+                      ",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))
+    summary, rho = [], {}
+    for ckpt in sorted(steps_of):
+        mine = [r for r in rows if r["checkpoint"] == ckpt]
+        for lo, hi in BUCKETS:
+            s = [r["score"] for r in mine if lo <= r["trained_before"] <= hi]
+            if s:
+                summary.append([ckpt, f"{lo}-{hi}" if hi < 10**12 else f"{lo}+", len(s), float(np.mean(s)),
+                                float(np.mean(np.array(s) == 1.0))])
+        seen = [r for r in mine if r["trained_before"]]
+        rho[ckpt] = (spearman([r["score"] for r in seen], [r["trained_before"] for r in seen]),
+                     spearman([r["score"] for r in seen], [-r["steps_since_last"] for r in seen]))
+        out(f"{ckpt}: {len(seen)} sequences it trained on; Spearman's rho of the score with the times trained on "
+            f"{rho[ckpt][0]:.3f}, with recency (fewer steps since last seen) {rho[ckpt][1]:.3f}")
+    write_text_atomic(os.path.join(folder, "duplication_summary.csv"),
+                      "checkpoint,trained_before,sequences,mean_score,k_extractible\n"
+                      + "".join(",".join(map(str, r)) + "\n" for r in summary))
+    plot_duplication(folder)
+    return rows, rho
+
+
+# -----------------------------------------------------------------------------
 # commands
 
 
@@ -412,8 +256,8 @@ def main(argv):
             if len(argv) < 2 or argv[1].startswith("--"):
                 sys.exit(usage)
             opts = parse_options(argv[2:], {"workers", "chunks", "mem_gb"}, TraceError)
-            built = index(argv[1], int(opts.get("workers", 1)), data.chunk_ids(opts.get("chunks")),
-                          int(opts.get("mem_gb", 2)))
+            built = suffix.build(argv[1], int(opts.get("workers", 1)), data.chunk_ids(opts.get("chunks")),
+                                 int(opts.get("mem_gb", 2)))
             print(f"{argv[1]}: {len(built)} shard(s) built, the others were up to date")
         elif argv[0] == "contamination":
             if len(argv) < 2 or argv[1].startswith("--"):
@@ -422,6 +266,10 @@ def main(argv):
             if "task_dir" not in opts:
                 raise TraceError("contamination needs --task_dir=DIR, the benchmark rows evaluate.py reads")
             contamination(argv[1], opts["task_dir"], int(opts.get("n", 13)))
+        elif argv[0] == "memorization":
+            if len(argv) < 2 or argv[1].startswith("--"):
+                sys.exit(usage)
+            duplication(argv[1], int(parse_options(argv[2:], {"max_rows"}, TraceError).get("max_rows", 1000)))
         else:
             opts = parse_options(argv[1:], {"text", "ids", "max", "spans", "min_len"}, TraceError)
             query(argv[0], opts.get("text"), opts.get("ids"), int(opts.get("max", 10)), opts.get("spans") == "True",

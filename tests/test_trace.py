@@ -16,6 +16,7 @@ from conftest import corpus_values, make_corpus, write_config
 from test_evaluate import make_tasks
 
 pytest.importorskip("infini_gram")
+import index as suffix  # noqa: E402
 import trace as tr  # noqa: E402  (ours, not the standard library's: the repo is first on the path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,7 +40,7 @@ def run(tmp_path_factory):
     cfg_path = write_config(root / "cfg.py", values)
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), cfg_path], check=True, capture_output=True,
                    cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
-    tr.index(str(root / "run"), progress=False)
+    suffix.build(str(root / "run"), progress=False)
     return root, values
 
 
@@ -85,12 +86,12 @@ def test_the_index_refuses_other_data_and_a_rebuild_does_only_what_is_missing(ru
     (index_dir / "chunk_001.tmp").mkdir()  # a build killed halfway: never read
     with pytest.raises(tr.TraceError, match="no index of chunk_001; build it: python trace.py index"):
         tr.Index(str(root / "run"))
-    assert tr.index(str(root / "run"), progress=False) == [str(index_dir / "chunk_001")]
+    assert suffix.build(str(root / "run"), progress=False) == [str(index_dir / "chunk_001")]
     record = (index_dir / "chunk_002" / "shard.json").read_text()
     (index_dir / "chunk_002" / "shard.json").write_text(record.replace('"sha256": "', '"sha256": "0'))
     with pytest.raises(tr.TraceError, match="built from other data"):
         tr.Index(str(root / "run"))
-    tr.index(str(root / "run"), progress=False)
+    suffix.build(str(root / "run"), progress=False)
     with pytest.raises(SystemExit, match="tokenizes to nothing"):
         tr.main([str(root / "run"), "--text="])
 
@@ -119,3 +120,39 @@ def test_contamination_flags_exactly_the_leaked_rows_and_splits_the_scores(run):
     card = (root / "release" / "README.md")
     release.release(str(root / "run"), str(root / "release"))
     assert "Benchmark contamination" in card.read_text() and "| arc_challenge | 5 | 2 | 40.0% |" in card.read_text()
+
+
+def test_memorization_is_explained_by_the_times_each_sequence_was_trained_on(run):
+    """For every sequence memorize.py scored, the occurrences of its k + l tokens in the
+    training data and how many the checkpoint had trained on (and how many steps ago) equal
+    a brute-force scan of the chunks with the reader's order; the summary and the rank
+    correlations are written."""
+    import memorize
+
+    root, values = run
+    run_dir = str(root / "run")
+    memorize.run(run_dir, k=8, l=8, samples=20, checkpoints=["ckpt_001", "ckpt_003"])
+    rows, rho = tr.duplication(run_dir, out=lambda *a: None)
+    data_dir = str(root / "data")
+    manifest = data.load_manifest(data_dir)
+    G = values["global_batch_size"]
+    readers = [data.ChunkReader(data_dir, c, values["seed"], G, G) for c in range(len(manifest["chunks"]))]
+    step_of = {}  # (chunk, row) -> the step that trained it, from the reader's order
+    for c, reader in enumerate(readers):
+        for s in range(reader.steps):
+            for r in reader.step_rows(s).tolist():
+                step_of[(c, r)] = c * reader.steps + s + 1
+    checked = 0
+    for r in rows:
+        seq = np.load(os.path.join(data_dir, manifest["chunks"][r["chunk"]]["file"]))[r["index"]][:16]
+        found = brute(data_dir, manifest["chunks"], seq.tolist())
+        state_step = json.loads((root / "run" / r["checkpoint"] / "state.json").read_text())["step"]
+        trained = sorted(step_of[(c, row)] for c, row, _ in found if (c, row) in step_of)
+        before = [s for s in trained if s <= state_step]
+        assert r["occurrences"] == len(found) and r["trained_before"] == len(before)
+        assert r["steps_since_last"] == (state_step - before[-1] if before else "")
+        checked += bool(before)
+    assert checked >= 20 and set(rho) == {"ckpt_001", "ckpt_003"}
+    for name in ("duplication.csv", "duplication_summary.csv", "duplication.png"):
+        assert (root / "run" / "memorization" / name).exists()
+    assert tr.spearman([1, 2, 3, 4], [10, 20, 20, 40]) == pytest.approx(0.9486833, rel=1e-6)  # scipy's value
