@@ -118,7 +118,7 @@ def build(path, workers=1, chunks=None, mem_gb=2, progress=True):
             if chunks is not None and not (name == "val" or int(name[6:]) in chunks):
                 continue
             folder = os.path.join(d, "index", name)
-            if _shard_record(folder).get("sha256") != entry["sha256"]:
+            if not fresh(folder, entry):
                 jobs.append((d, entry, folder))
     cpus = max(1, (os.cpu_count() or 1) // max(1, workers))
     with tqdm(total=len(jobs), desc="indexing", unit="shard", disable=not progress) as bar:
@@ -140,6 +140,13 @@ def _shard_record(folder):
             return json.load(f)
     except (OSError, ValueError):
         return {}
+
+
+def fresh(folder, entry):
+    """Whether a shard is complete and was built from this chunk (its sha256 and table size)."""
+    record, table = _shard_record(folder), os.path.join(folder, "table.0")
+    return record.get("sha256") == entry["sha256"] and os.path.exists(table) and \
+        os.path.getsize(table) == record.get("table_bytes")
 
 
 # -----------------------------------------------------------------------------
@@ -180,9 +187,7 @@ class Index:
         record = _shard_record(folder)
         if not record:
             raise TraceError(f"{data_dir} has no index of {name}; build it: python trace.py index {self.path}")
-        table = os.path.join(folder, "table.0")
-        if record.get("sha256") != entry["sha256"] or not os.path.exists(table) or \
-                os.path.getsize(table) != record.get("table_bytes"):
+        if not fresh(folder, entry):
             raise TraceError(f"{folder} was built from other data than {data_dir}'s {name} (sha256 differs); build "
                              f"it again: python trace.py index {self.path}")
         return os.path.abspath(folder)

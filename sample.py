@@ -3,15 +3,19 @@ Text from a checkpoint, as nanoGPT's sample.py: the prompt, then what the model
 writes after it, printed token by token as it comes.
 
     python sample.py CKPT_DIR --prompt="def fib(n):" [--max_new_tokens=200] [--temperature=0.8]
-                     [--top_k=200] [--seed=1337] [--device=cpu] [--chat=True]
+                     [--top_k=200] [--seed=1337] [--device=cpu] [--chat=True] [--trace=True --min_len=8]
 
 CKPT_DIR is a checkpoint of ours (runs/tiny/ckpt_007) or a Hugging Face folder with
 a tokenizer.model (one of AMBER's, or an export). The prompt follows EOS, the start
 of a document as in training (a Hugging Face folder's BOS if it has one).
 temperature=0 is greedy; --chat=True wraps the prompt in the Vicuna v1.1 template
-that finetune.py trains with.
+that finetune.py trains with. --trace=True then lists the spans of the output of at
+least --min_len (8) tokens that occur verbatim in the training data the checkpoint had
+seen, with the last step that trained one (OLMoTrace's view; `python trace.py index
+RUN_DIR` first).
 """
 
+import os
 import sys
 
 import torch
@@ -22,13 +26,15 @@ from common import UserError, one_line_errors, parse_options
 from config import Config
 
 OPTIONS = {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "seed": int, "device": str,
-           "chat": lambda v: v == "True"}
+           "chat": lambda v: v == "True", "trace": lambda v: v == "True", "min_len": int}
 
 
 def sample_text(ckpt_dir, prompt, max_new_tokens=200, temperature=0.8, top_k=200, seed=1337, device="cpu",
-                out=None, chat=False):
+                out=None, chat=False, trace=False, min_len=8):
     """Write the prompt and what the checkpoint writes after it to `out` (default stdout),
-    piece by piece, until EOS or max_new_tokens; return the new text."""
+    piece by piece, until EOS or max_new_tokens; return the new text. trace=True then lists
+    the spans of the new text (min_len tokens or more) that occur verbatim in the training
+    data the checkpoint had seen (its run's index, `python trace.py index RUN_DIR`)."""
     if chat:
         prompt = data.chat_turn(prompt, Config().system_prompt)
     out = sys.stdout if out is None else out
@@ -50,7 +56,29 @@ def sample_text(ckpt_dir, prompt, max_new_tokens=200, temperature=0.8, top_k=200
             out.flush()
             printed = text
     out.write(tok.decode(ids + new)[len(printed):] + "\n")
+    if trace:
+        for start, end, n, last in traced_spans(ckpt_dir, new, min_len):
+            out.write(f"  [{n} in the training data, last trained at step {last}] {tok.decode(new[start:end])!r}\n")
     return tok.decode(ids + new)[len(tok.decode(ids)):]
+
+
+def traced_spans(ckpt_dir, ids, min_len=8, max_rows=100):
+    """[(start, end, occurrences, the last step up to the checkpoint's that trained one)] of
+    the maximal spans of ids found in the run's training data (at most max_rows rows
+    looked at for the step)."""
+    import index
+
+    state = checkpoint.read_state(ckpt_dir)
+    if state is None:
+        raise UserError(f"--trace=True needs a checkpoint of a run (state.json): {ckpt_dir} has none")
+    found = index.Index(os.path.dirname(os.path.abspath(ckpt_dir)))
+    out = []
+    for start, end, n in found.spans(ids, min_len):
+        rows, _ = found.occurrences(ids[start:end], limit=max_rows)
+        steps = [t["step"] for c, r, _ in rows for t in found.trained(c, r) if t["step"] <= state["step"]]
+        if steps:
+            out.append((start, end, n, max(steps)))
+    return out
 
 
 def main(argv):

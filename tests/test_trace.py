@@ -156,3 +156,22 @@ def test_memorization_is_explained_by_the_times_each_sequence_was_trained_on(run
     for name in ("duplication.csv", "duplication_summary.csv", "duplication.png"):
         assert (root / "run" / "memorization" / name).exists()
     assert tr.spearman([1, 2, 3, 4], [10, 20, 20, 40]) == pytest.approx(0.9486833, rel=1e-6)  # scipy's value
+
+
+def test_sample_lists_the_spans_of_its_output_that_the_checkpoint_trained_on(run, capsys):
+    """sample.py --trace: a span holding the planted sentence is found, with the last step up
+    to the checkpoint that trained a row holding it (the query's own steps); the command
+    prints the spans after the text."""
+    import sample
+
+    root, _ = run
+    ids = data.load_tokenizer(str(root / "data")).encode(PLANTED)
+    rows, _ = tr.query(str(root / "run"), ids=",".join(map(str, ids)), limit=100, out=lambda *a: None)
+    trained = [t["step"] for r in rows for t in r["trained"]]
+    spans = sample.traced_spans(str(root / "run" / "ckpt_003"), [5, 5] + ids + [5], min_len=len(ids))
+    assert any(s <= 2 and e >= 2 + len(ids) and last == max(trained) for s, e, _, last in spans), spans
+    early = json.loads((root / "run" / "ckpt_000" / "state.json").read_text())["step"]
+    assert all(last <= early for *_, last in sample.traced_spans(str(root / "run" / "ckpt_000"), ids, len(ids)))
+    sample.main([str(root / "run" / "ckpt_003"), "--prompt=some words", "--max_new_tokens=20", "--temperature=0",
+                 "--trace=True", "--min_len=2"])
+    assert "in the training data, last trained at step" in capsys.readouterr().out
