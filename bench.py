@@ -7,6 +7,7 @@ Benchmark of model.py against transformers on this machine, in float32.
     python bench.py convert
     python bench.py prepare
     python bench.py figures [RUN_DIR]
+    python bench.py trace [DATA_DIR]                        trace.py: index build, memory, query latency
     python bench.py gpu [CONFIG] [--device=cpu --smoke]     the GPU check (see bench_gpu)
 
 `model` times, in one run and on the same weights and batch:
@@ -47,6 +48,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 
 from common import parse_options
@@ -408,6 +410,72 @@ def bench_figures(run_dir="runs/tiny", reps=5):
           f"({100 * again / chunk:.2f}%, median of {reps})")
 
 
+def bench_trace(data_dir="data/tiny", spans=200, span_len=32):
+    """trace.py at the main job's data: the index build (ours, from the chunk files) in
+    tokens/s against infini-gram's own pipeline from JSON lines of the same rows' text (the
+    one way it runs offline: UTF-8 bytes, no tokenizer), and peak memory as the data grows
+    4x (a remix of every source at weight 4); query latency of a 32-token span; the
+    memorization-duplication pass on runs/tiny if memorize.py has results there."""
+    import json
+    import subprocess
+    import tempfile
+
+    import data
+    import index
+
+    if not os.path.exists(os.path.join(data_dir, "manifest.json")):
+        sys.exit(f"error: {data_dir} is not prepared; run python train.py configs/tiny.py first")
+    manifest = data.load_manifest(data_dir)
+    tokens = sum(e["sequences"] for e in manifest["chunks"]) * (manifest["seq_len"] + 1)
+    work = tempfile.mkdtemp(prefix="bench_trace_")
+    big = os.path.join(work, "x4")
+    data.remix(data_dir, big, {s["name"]: 4 for s in manifest["sources"]}, progress=False)
+    code = "import sys, index; index.build(sys.argv[1], progress=False)"
+    for name, folder, n in (("1x", os.path.join(work, "x1"), tokens), ("4x", big, 4 * tokens)):
+        if name == "1x":
+            shutil.copytree(data_dir, folder, ignore=shutil.ignore_patterns("index"))
+        seconds, rss, anon = _peak_run([sys.executable, "-c", code, folder])
+        print(f"index {name}: {n:,} tokens in {seconds:.1f} s, {n / seconds / 1e6:.2f}M tokens/s; peak resident "
+              f"{rss:.0f} MB, anonymous {anon:.0f} MB")
+    # infini-gram's own pipeline from JSON lines: the same rows as text
+    tok = data.load_tokenizer(data_dir)
+    raw = os.path.join(work, "jsonl")
+    os.makedirs(raw)
+    with open(os.path.join(raw, "rows.jsonl"), "w") as f:
+        for entry in manifest["chunks"]:
+            for row in data.open_split(data_dir, entry, verify=False)[0]:
+                f.write(json.dumps({"text": tok.decode(row)}) + "\n")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "infini_gram.indexing", "--data_dir", raw, "--save_dir",
+                    os.path.join(work, "theirs"), "--token_dtype", "u8", "--mem", "2", "--cpus", "1",
+                    "--ulimit", "1024"], check=True, capture_output=True)
+    seconds = time.perf_counter() - t0
+    text_bytes = os.path.getsize(os.path.join(work, "theirs", "tokenized.0"))
+    print(f"infini-gram's pipeline from JSON lines: {text_bytes:,} bytes of the same rows' text in {seconds:.1f} s, "
+          f"{text_bytes / seconds / 1e6:.2f}M byte-tokens/s (ours above: {tokens:,} tokens of 2 bytes)")
+    # query latency: spans drawn from the data
+    found = index.Index(os.path.join(work, "x1"))
+    rng = np.random.default_rng(0)
+    rows = data.open_split(data_dir, manifest["chunks"][0], verify=False)[0]
+    times = []
+    for _ in range(spans):
+        r, i = rng.integers(len(rows)), rng.integers(rows.shape[1] - span_len)
+        t0 = time.perf_counter()
+        found.occurrences(rows[r, i : i + span_len].tolist(), limit=10)
+        times.append(time.perf_counter() - t0)
+    print(f"query of a {span_len}-token span (count, rows, positions): median {1e3 * np.median(times):.2f} ms, "
+          f"p99 {1e3 * np.percentile(times, 99):.2f} ms over {spans}")
+    shutil.rmtree(work)
+    if os.path.isdir("runs/tiny/memorization"):
+        import trace
+
+        index.build("runs/tiny", progress=False)
+        t0 = time.perf_counter()
+        rows, _ = trace.duplication("runs/tiny")
+        print(f"memorization-duplication pass on runs/tiny: {len(rows)} scored sequences in "
+              f"{time.perf_counter() - t0:.1f} s")
+
+
 def bench_gpu(argv):
     """The GPU check, one script for the first session that is lent a GPU (fits in 8
     minutes on one H100/H200), and runnable end to end on a CPU first:
@@ -541,8 +609,10 @@ def bench_gpu(argv):
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare", "figures", "gpu") \
-        else "model"
+    mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare", "figures", "gpu",
+                                               "trace") else "model"
+    if mode == "trace":
+        sys.exit(bench_trace(*args))
     if mode == "gpu":
         sys.exit(bench_gpu(args))
     if mode == "figures":
