@@ -54,7 +54,8 @@ import torch
 from common import parse_options
 from config import ConfigError, load_config
 from model import Transformer, hf_config, to_hf_state_dict
-from train import make_optimizer, matmul_rate
+from machine import matmul_rate
+from train import make_optimizer
 
 BATCH = 8  # sequences per training step (of the config's seq_len)
 ROUNDS = 5  # alternating timing rounds
@@ -498,7 +499,7 @@ def bench_gpu(argv):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
-    from train import peak_flops, peak_memory_gb
+    from machine import peak_flops, peak_memory_gb
 
     smoke = "--smoke" in argv
     opts = parse_options([a for a in argv if a.startswith("--") and a != "--smoke"], error=ConfigError)

@@ -110,6 +110,7 @@ def build(path, workers=1, chunks=None, mem_gb=2, progress=True):
 
     from tqdm import tqdm
 
+    _engine_class()  # infini-gram installed, or one line that says what to install
     jobs = []
     for d in data_dirs(path):
         manifest = data.load_manifest(d)

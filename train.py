@@ -10,19 +10,18 @@ Running the same command again resumes from the newest intact checkpoint, bitwis
 as if the run had not stopped (on a CPU with one thread: docs/reproducibility.md).
 What a run dir and a checkpoint hold is written in checkpoint.py.
 
-Read it top to bottom: the schedule, the precision, the objectives (next-token
-loss, DPO), the run log, the dry-run plan, then setup() and train(), the loop.
+Read it top to bottom: the schedule, the optimizer, the objectives (next-token loss,
+DPO), the run log, the dry-run plan, then setup() and train(), the loop. The machine
+(devices, the dtype, FLOP/s, memory) is machine.py's; a branch's start is branch.py's.
 """
 
 import itertools
 import json
 import math
 import os
-import platform
 import random
-import resource
 import shutil
-import subprocess
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -41,9 +40,10 @@ import data
 import plot
 from checkpoint import (check_resumable, find_checkpoint, load_checkpoint, load_init_from, read_state, resume_point,
                         save_checkpoint, verify_run)
-from common import (all_reduce_sum, atomic_write, barrier, broadcast0, close_distributed, hold_lock, init_distributed,
+from common import (all_reduce_sum, atomic_write, barrier, close_distributed, hold_lock, init_distributed,
                     one_line_errors, print0, write_json_atomic, writing)
 from config import Config, ConfigError, config_to_dict, format_config, load_config, save_config
+from machine import choose_dtype, peak_flops, peak_memory_gb, run_info
 from model import Transformer, summary
 
 # -----------------------------------------------------------------------------
@@ -84,40 +84,7 @@ def shard(model, dtype):
 
 
 # -----------------------------------------------------------------------------
-# precision, throughput and the machine
-
-
-def run_info(device, world_size):
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    import sentencepiece
-
-    return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "sentencepiece": sentencepiece.__version__, "world_size": world_size,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "host": platform.node()}
-
-
-GPU_BF16_PEAK = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12}
-
-
-def peak_flops(cfg, device, dtype, measured=None):
-    """FLOP/s of one device for MFU, in the dtype the run computes in: the config's, a known
-    GPU's bf16 peak, or this machine's measured matmul rate in that dtype (CPU)."""
-    if cfg.peak_flops:
-        return cfg.peak_flops
-    if device.type == "cuda" and dtype == torch.bfloat16:
-        name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_BF16_PEAK.items():
-            if key in name:
-                return flops
-    name = str(dtype).removeprefix("torch.")
-    if measured and name in measured:
-        return measured[name] * 1e9
-    return matmul_rate(device, dtype)
+# the optimizer
 
 
 def make_optimizer(groups, cfg, device):
@@ -125,58 +92,6 @@ def make_optimizer(groups, cfg, device):
     for-loop's time there: 4 ms against 13 ms a step on the tiny model)."""
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=device.type in ("cuda", "cpu"))
-
-
-def matmul_rate(device, dtype=torch.float32, n=1024, tries=3, min_s=0.05, budget_s=1.0):
-    """FLOP/s of an n x n matmul in `dtype` on `device`: the best of `tries` timings of at
-    least min_s each. The inputs come from a private generator (the run's RNG is never
-    touched). A dtype this device emulates slowly (bf16 on a CPU without AVX512-BF16 or
-    AMX: 5-300x slower) is timed once and given up on after budget_s."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
-
-    def run(reps):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    one = run(1)  # warm-up, and the scale of the timing
-    if one > budget_s:
-        return 2 * n**3 / one
-    reps = max(1, math.ceil(min_s / max(one, 1e-6)))
-    return 2 * n**3 * reps / min(run(reps) for _ in range(tries))
-
-
-BF16_CPU_MARGIN = 1.5  # dtype="auto" takes bf16 on a CPU when its measured matmul rate is this much faster
-
-
-def choose_dtype(cfg, device, rank=0, world_size=1):
-    """(dtype, {"reason", "matmul_gflops"}) of the run's matmuls. dtype="auto": bf16 on a
-    GPU that has it; on a CPU, bf16 only where its matmul measures BF16_CPU_MARGIN times
-    float32's (Intel AMX: 4-7x; elsewhere bf16 is emulated and 5-300x slower). Rank 0
-    measures and broadcasts, so every rank decides alike. Weights, optimizer state and
-    checkpoints stay float32 whatever this says."""
-    if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype), {"reason": f"dtype={cfg.dtype!r} in the config", "matmul_gflops": {}}
-    if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-        return (torch.bfloat16 if ok else torch.float32), {
-            "reason": "a GPU with bf16" if ok else "a GPU without bf16", "matmul_gflops": {}}
-    r = broadcast0({"float32": matmul_rate(device, torch.float32) / 1e9,
-                    "bfloat16": matmul_rate(device, torch.bfloat16) / 1e9} if rank == 0 else None, world_size)
-    ratio = r["bfloat16"] / r["float32"]
-    dtype = torch.bfloat16 if ratio >= BF16_CPU_MARGIN else torch.float32
-    return dtype, {"reason": f"measured on this CPU: bf16 matmul {ratio:.2f}x float32 (bf16 from "
-                             f"{BF16_CPU_MARGIN}x)", "matmul_gflops": {k: round(v, 1) for k, v in r.items()}}
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
 
 
 # -----------------------------------------------------------------------------
@@ -698,8 +613,45 @@ def main(cfg):
         close_distributed()
 
 
+class Preemption:
+    """SIGTERM (a scheduler's preemption, before its SIGKILL) or SIGINT (Ctrl-C) asks the run
+    to stop: the step in flight finishes, every rank agrees on the step to stop after (any
+    rank's signal stops all: one all-reduce of a flag per step), and the run writes its
+    checkpoint and exits. A second signal while it saves is noted and changes nothing."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _note(self, signum, frame):
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+            print(f"{self.signal}: stopping after this step, with a checkpoint", file=sys.stderr, flush=True)
+
+    def requested(self, run):
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=run.device)
+        return bool(all_reduce_sum(flag, run.world_size).item())
+
+    def stop(self, run, state, name):
+        run.log.event("preempted", signal=self.signal or "another rank's", step=state["step"], checkpoint=name)
+        raise SystemExit(f"stopped by {self.signal or 'a signal to another rank'} after step {state['step']}: {name} "
+                         "written; run the same command to resume")
+
+    def close(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
 def train(run, state):
     """The loop over the schedule's chunks and their optimizer steps; returns the final state."""
+    preemption = Preemption()
+    try:
+        return _train(run, state, preemption)
+    finally:
+        preemption.close()
+
+
+def _train(run, state, preemption):
     cfg, log, rank = run.cfg, run.log, run.rank
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     flops_per_token = run.raw_model.flops_per_token(cfg.seq_len)
@@ -712,7 +664,7 @@ def train(run, state):
             reader.load_state_dict(state["reader"])
         bar = tqdm(total=reader.steps, initial=reader.step, desc=f"chunk {chunk} ({pos + 1}/{len(state['schedule'])})",
                    disable=rank != 0, leave=False, dynamic_ncols=True)
-        nonfinite = None
+        nonfinite = stopping = None
         while reader.step < reader.steps:
             # one optimizer step
             t0 = time.perf_counter()
@@ -741,8 +693,9 @@ def train(run, state):
                           f"norm {norm:.3f} | tok/s {record['tok_per_s']:,.0f} | mfu {100 * record['mfu']:.0f}%"
                           + (f" | val {record['val_loss']:.4f}" if record.get("val_loss") else ""))
 
-            # stop at max_steps; a rolling checkpoint every ckpt_interval steps
-            if cfg.max_steps and state["step"] >= cfg.max_steps:
+            # stop at max_steps or on a signal; a rolling checkpoint every ckpt_interval steps
+            stopping = preemption.requested(run)
+            if stopping or (cfg.max_steps and state["step"] >= cfg.max_steps):
                 break
             if cfg.ckpt_interval and state["step"] % cfg.ckpt_interval == 0 and reader.step < reader.steps:
                 save(run, state, "ckpt_rolling", reader)
@@ -752,13 +705,17 @@ def train(run, state):
         if nonfinite:
             state = skip_chunk(run, state, pos, chunk, nonfinite)
             continue
-        # stopped by max_steps inside the chunk: a resumable checkpoint
+        # stopped inside the chunk (max_steps, a signal): a resumable checkpoint
         if reader.step < reader.steps:
             save(run, state, "ckpt_rolling", reader)
+            if stopping:
+                preemption.stop(run, state, "ckpt_rolling")
             log.event("max_steps", step=state["step"], checkpoint="ckpt_rolling")
             return state
         # the chunk is done: validation loss, then the checkpoint of this schedule position
         end_chunk(run, state, pos, chunk, data_dir, manifest)
+        if (stopping or preemption.requested(run)) and not state["finished"]:  # a signal came during end_chunk
+            preemption.stop(run, state, f"ckpt_{pos:03d}")
         if cfg.max_steps and state["step"] >= cfg.max_steps and not state["finished"]:
             log.event("max_steps", step=state["step"], checkpoint=f"ckpt_{pos:03d}")
             return state

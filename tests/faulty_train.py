@@ -3,6 +3,8 @@
     LLM360_FAULT="step:N"     SIGKILL after optimizer step N (its metrics line written)
     LLM360_FAULT="save:N"     SIGKILL in the middle of writing this process's N-th checkpoint:
                               its files written, not yet hashed, described or renamed
+    LLM360_FAULT="sigterm:K"  SIGTERM to itself in the K-th forward pass (in the middle of a step)
+    LLM360_FAULT="sigterm_in_save"  SIGTERM to itself in the middle of writing every checkpoint
     LLM360_NAN_CHUNKS="1,2"   the training loss of these chunks is NaN wherever the schedule puts them
 
     python tests/faulty_train.py CONFIG [--key=value ...]    (or under torchrun, like train.py)
@@ -42,6 +44,26 @@ elif kind == "save":
         return hash_files(folder, *args, **kwargs)
 
     checkpoint.hash_files = die_on_nth_save
+
+elif kind == "sigterm":
+    forward, calls = train.objective, [0]
+
+    def objective_then_term(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == int(n) and os.environ.get("RANK", "0") == os.environ.get("LLM360_FAULT_RANK", "0"):
+            os.kill(os.getpid(), signal.SIGTERM)  # under torchrun: to one rank only (LLM360_FAULT_RANK, default 0)
+        return forward(*args, **kwargs)
+
+    train.objective = objective_then_term
+elif kind == "sigterm_in_save":
+    hash_files = checkpoint.hash_files
+
+    def term_while_saving(folder, *args, **kwargs):
+        if str(folder).endswith(".tmp"):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return hash_files(folder, *args, **kwargs)
+
+    checkpoint.hash_files = term_while_saving
 
 nan_chunks = {int(c) for c in os.environ.get("LLM360_NAN_CHUNKS", "").split(",") if c}
 if nan_chunks:

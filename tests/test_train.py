@@ -107,12 +107,12 @@ def run_values(corpus, name, **kw):
     return values
 
 
-def train(corpus, name, nproc=1, fault=None, expect_ok=True, nan_chunks=(), **kw):
+def train(corpus, name, nproc=1, fault=None, expect_ok=True, nan_chunks=(), fault_rank=0, **kw):
     """train.py on the corpus in a subprocess; faults (fault="step:N" / "save:N", chunks
     whose loss is NaN) are injected from outside by tests/faulty_train.py."""
     cfg_path = write_config(corpus / f"{name}.py", run_values(corpus, name, **kw))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, LLM360_FAULT=fault or "",
-               LLM360_NAN_CHUNKS=",".join(map(str, nan_chunks)))
+               LLM360_NAN_CHUNKS=",".join(map(str, nan_chunks)), LLM360_FAULT_RANK=str(fault_rank))
     script = os.path.join(ROOT, "tests", "faulty_train.py") if fault or nan_chunks else os.path.join(ROOT, "train.py")
     if nproc == 1:
         cmd = [sys.executable, script, cfg_path]
@@ -428,21 +428,23 @@ def test_auto_dtype_takes_bf16_only_where_it_measures_faster(monkeypatch, refere
     float32 where it does not (AMD EPYC: 10-300x slower), measured without touching the
     run's RNG; the choice and both rates go to run.json, and MFU counts against the
     dtype used. An explicit dtype is taken as given."""
+    import machine
+
     cpu = torch.device("cpu")
     cfg = config_from_dict(dict(dtype="auto"))
     before = torch.get_rng_state()
-    dtype, info = train_py.choose_dtype(cfg, cpu)  # this machine, measured for real
+    dtype, info = machine.choose_dtype(cfg, cpu)  # this machine, measured for real
     assert torch.equal(torch.get_rng_state(), before)
     r = info["matmul_gflops"]
     assert r["float32"] > 0 and r["bfloat16"] > 0
-    assert (dtype == torch.bfloat16) == (r["bfloat16"] >= train_py.BF16_CPU_MARGIN * r["float32"])
+    assert (dtype == torch.bfloat16) == (r["bfloat16"] >= machine.BF16_CPU_MARGIN * r["float32"])
     for bf16_rate, expected in [(4e12, torch.bfloat16), (1.2e11, torch.float32), (1e9, torch.float32)]:
-        monkeypatch.setattr(train_py, "matmul_rate", lambda device, dtype=torch.float32, **k: (
+        monkeypatch.setattr(machine, "matmul_rate", lambda device, dtype=torch.float32, **k: (
             1e11 if dtype == torch.float32 else bf16_rate))
-        dtype, info = train_py.choose_dtype(cfg, cpu)
+        dtype, info = machine.choose_dtype(cfg, cpu)
         assert dtype == expected and info["matmul_gflops"] == {"float32": 100.0, "bfloat16": bf16_rate / 1e9}
-        assert train_py.peak_flops(cfg, cpu, dtype, info["matmul_gflops"]) == (1e11 if expected == torch.float32 else 4e12)
-    assert train_py.choose_dtype(config_from_dict(dict(dtype="float32")), cpu)[0] == torch.float32
+        assert machine.peak_flops(cfg, cpu, dtype, info["matmul_gflops"]) == (1e11 if expected == torch.float32 else 4e12)
+    assert machine.choose_dtype(config_from_dict(dict(dtype="float32")), cpu)[0] == torch.float32
     run = json.loads((reference / "run.json").read_text())  # the tests pin float32
     assert run["dtype"] == "float32" and "config" in run["reason"]
 
@@ -609,3 +611,42 @@ def test_a_branch_refuses_a_parent_whose_data_changed_or_is_gone(corpus):
     gone = train(corpus, "branch_moving", expect_ok=False, **branch_of)
     assert gone.returncode == 1 and "not prepared" in gone.stderr and len(gone.stderr.splitlines()) == 1
     assert os.listdir(corpus / "branch_moving") == [".lock"]
+
+
+@pytest.mark.parametrize("fault", ["sigterm:130", "sigterm_in_save"], ids=["mid-step", "again-while-saving"])
+def test_sigterm_finishes_the_step_checkpoints_and_resumes_bitwise(corpus, reference, fault):
+    """SIGTERM in the middle of a step (and, the second case, at the first rolling save and
+    again while the stopping checkpoint is written): the run finishes the step, writes
+    ckpt_rolling at the last step it logged (no step lost), records "preempted" and exits 1
+    with one line that says the same command resumes; that command ends bitwise as the
+    uninterrupted run."""
+    name = "term_" + fault.replace(":", "_")
+    proc = train(corpus, name, fault=fault)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") is False and "stopped by SIGTERM after step" in last and "resume" in last
+    steps = [r["step"] for r in metrics(corpus / name) if "loss" in r]
+    state = json.loads((corpus / name / "ckpt_rolling" / "state.json").read_text())
+    assert state["step"] == steps[-1] and f"after step {steps[-1]}:" in last  # no step lost
+    assert ledger(corpus / name)[-1]["event"] == "preempted"
+    assert train_py.verify_run(str(corpus / name)) == 0
+    train(corpus, name)
+    assert_same_checkpoint(reference / "ckpt_002", corpus / name / "ckpt_002")
+    assert metrics(corpus / name) == metrics(reference)
+
+
+@pytest.mark.slow
+def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step(corpus):
+    """Under torchrun, SIGTERM to rank 1 alone: both ranks stop after the same step (one
+    rolling checkpoint with both ranks' RNG states, at the last logged step), and the resumed
+    run ends bitwise as an uninterrupted one."""
+    proc = train(corpus, "ddp_term", nproc=2, fault="sigterm:130", fault_rank=1)
+    assert proc.returncode != 0
+    steps = [r["step"] for r in metrics(corpus / "ddp_term") if "loss" in r]
+    rolling = corpus / "ddp_term" / "ckpt_rolling"
+    assert json.loads((rolling / "state.json").read_text())["step"] == steps[-1] < 144
+    assert (rolling / "rng_rank0.pt").exists() and (rolling / "rng_rank1.pt").exists()
+    assert ledger(corpus / "ddp_term")[-1]["event"] == "preempted"
+    train(corpus, "ddp_term", nproc=2)
+    train(corpus, "ddp_term_ref", nproc=2)
+    assert_same_checkpoint(corpus / "ddp_term_ref" / "ckpt_002", corpus / "ddp_term" / "ckpt_002")

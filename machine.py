@@ -1,0 +1,102 @@
+"""
+What this machine is and can do, measured rather than assumed: the devices, the dtype
+the run computes in (bf16 only where it is fast here), the FLOP/s that MFU counts
+against, peak memory, and the versions a run records in run.json.
+"""
+
+import math
+import os
+import platform
+import resource
+import subprocess
+import time
+
+import numpy as np
+import torch
+
+from common import broadcast0
+
+
+def run_info(device, world_size):
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    import sentencepiece
+
+    return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "sentencepiece": sentencepiece.__version__, "world_size": world_size,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "host": platform.node()}
+
+
+GPU_BF16_PEAK = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12}
+
+
+def peak_flops(cfg, device, dtype, measured=None):
+    """FLOP/s of one device for MFU, in the dtype the run computes in: the config's, a known
+    GPU's bf16 peak, or this machine's measured matmul rate in that dtype (CPU)."""
+    if cfg.peak_flops:
+        return cfg.peak_flops
+    if device.type == "cuda" and dtype == torch.bfloat16:
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_BF16_PEAK.items():
+            if key in name:
+                return flops
+    name = str(dtype).removeprefix("torch.")
+    if measured and name in measured:
+        return measured[name] * 1e9
+    return matmul_rate(device, dtype)
+
+
+def matmul_rate(device, dtype=torch.float32, n=1024, tries=3, min_s=0.05, budget_s=1.0):
+    """FLOP/s of an n x n matmul in `dtype` on `device`: the best of `tries` timings of at
+    least min_s each. The inputs come from a private generator (the run's RNG is never
+    touched). A dtype this device emulates slowly (bf16 on a CPU without AVX512-BF16 or
+    AMX: 5-300x slower) is timed once and given up on after budget_s."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+
+    def run(reps):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    one = run(1)  # warm-up, and the scale of the timing
+    if one > budget_s:
+        return 2 * n**3 / one
+    reps = max(1, math.ceil(min_s / max(one, 1e-6)))
+    return 2 * n**3 * reps / min(run(reps) for _ in range(tries))
+
+
+BF16_CPU_MARGIN = 1.5  # dtype="auto" takes bf16 on a CPU when its measured matmul rate is this much faster
+
+
+def choose_dtype(cfg, device, rank=0, world_size=1):
+    """(dtype, {"reason", "matmul_gflops"}) of the run's matmuls. dtype="auto": bf16 on a
+    GPU that has it; on a CPU, bf16 only where its matmul measures BF16_CPU_MARGIN times
+    float32's (Intel AMX: 4-7x; elsewhere bf16 is emulated and 5-300x slower). Rank 0
+    measures and broadcasts, so every rank decides alike. Weights, optimizer state and
+    checkpoints stay float32 whatever this says."""
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype), {"reason": f"dtype={cfg.dtype!r} in the config", "matmul_gflops": {}}
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return (torch.bfloat16 if ok else torch.float32), {
+            "reason": "a GPU with bf16" if ok else "a GPU without bf16", "matmul_gflops": {}}
+    r = broadcast0({"float32": matmul_rate(device, torch.float32) / 1e9,
+                    "bfloat16": matmul_rate(device, torch.bfloat16) / 1e9} if rank == 0 else None, world_size)
+    ratio = r["bfloat16"] / r["float32"]
+    dtype = torch.bfloat16 if ratio >= BF16_CPU_MARGIN else torch.float32
+    return dtype, {"reason": f"measured on this CPU: bf16 matmul {ratio:.2f}x float32 (bf16 from "
+                             f"{BF16_CPU_MARGIN}x)", "matmul_gflops": {k: round(v, 1) for k, v in r.items()}}
+
+
+def peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
