@@ -84,6 +84,7 @@ class Config:
     dtype: str = "auto"  # "auto": bf16 autocast on GPUs that have it and on CPUs whose bf16 matmul measures
     #                      1.5x float32 (Intel AMX), else float32 (train.choose_dtype) | "float32" | "bfloat16"
     parallel: str = "ddp"  # "ddp" | "fsdp" when launched with torchrun
+    deterministic: bool = False  # one CPU thread, torch's deterministic algorithms (+ cuBLAS's workspace on GPUs)
     compile: bool = False  # torch.compile each block (one compile for all; ~10 s on a CPU, 1.18x the tiny step there)
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
 

@@ -304,7 +304,8 @@ def model_card(run_dir, out_dir, cfg, state, manifests, data_dsts, index, hf_rea
                   "trained on.", ""]
     data_arg = "--data_dir=data" if len(data_dsts) == 1 else f"--stages=\"{tuple(rel(d) for d in data_dsts)!r}\""
     lines += ["## Reproduce", "", "From this folder, with llm360-mini at the run's commit: the same data in the same "
-              "order, the same config; on a CPU the weights come out identical.", "", "```",
+              "order, the same config; on a CPU with one thread (`--deterministic=True`) the weights come out "
+              "identical.", "", "```",
               f"python train.py logs/config.py {data_arg} --out_dir=rerun", "```", "",
               "Or resume from any checkpoint: copy `optimizer/ckpt_NNN` into the out_dir and run the same command.", ""]
     return "\n".join(lines)

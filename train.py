@@ -43,7 +43,7 @@ from checkpoint import (check_resumable, find_checkpoint, load_checkpoint, load_
 from common import (all_reduce_sum, atomic_write, barrier, close_distributed, hold_lock, init_distributed,
                     one_line_errors, print0, write_json_atomic, writing)
 from config import Config, ConfigError, config_to_dict, format_config, load_config, save_config
-from machine import choose_dtype, peak_flops, peak_memory_gb, run_info
+from machine import choose_dtype, determinism, peak_flops, peak_memory_gb, run_info
 from model import Transformer, summary
 
 # -----------------------------------------------------------------------------
@@ -380,6 +380,7 @@ def setup(cfg, rank, world_size, device):
     fsdp = cfg.parallel == "fsdp" and world_size > 1
     if rank == 0:  # one writer per run dir: a second train.py on it (a requeued job) stops here, changing nothing
         hold_lock(os.path.join(cfg.out_dir, ".lock"), "a train.py run")
+    repeat = determinism(cfg, device)  # before the first matmul
     dtype, precision = choose_dtype(cfg, device, rank, world_size)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not fsdp else nullcontext()
     parent = None
@@ -424,7 +425,7 @@ def setup(cfg, rank, world_size, device):
               [p for g in groups for p in g["params"]], ref_model, accum, 0,
               peak_flops(cfg, device, dtype, precision["matmul_gflops"]))
 
-    info = run_info(device, world_size) | {"dtype": str(dtype).removeprefix("torch."), **precision}
+    info = run_info(device, world_size) | {"dtype": str(dtype).removeprefix("torch."), **precision, **repeat}
     state = start(run, resume, parent, data_sha, info)
     run.total_steps = state["total_steps"]
     print0(f"git {info['git_commit'][:12]} | torch {info['torch']} | {world_size} x {info['device']} | "

@@ -650,3 +650,17 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step(corpus):
     train(corpus, "ddp_term", nproc=2)
     train(corpus, "ddp_term_ref", nproc=2)
     assert_same_checkpoint(corpus / "ddp_term_ref" / "ckpt_002", corpus / "ddp_term" / "ckpt_002")
+
+
+@pytest.mark.slow
+def test_deterministic_runs_of_the_main_job_shape_repeat_bit_for_bit(tmp_path):
+    """configs/tiny.py (the main job's model, data and dtype="auto") for 8 steps, twice, with
+    two threads allowed and deterministic=True: every file of the checkpoint is the same."""
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=ROOT)
+    for name in ("a", "b"):
+        subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "configs", "tiny.py"),
+                        f"--data_dir={tmp_path / 'data'}", f"--out_dir={tmp_path / name}", "--max_steps=8",
+                        "--deterministic=True"], env=env, check=True, capture_output=True, cwd=tmp_path)
+    assert_same_checkpoint(tmp_path / "a" / "ckpt_rolling", tmp_path / "b" / "ckpt_rolling")
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert run["deterministic"] and run["threads"] == 1
