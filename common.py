@@ -191,10 +191,18 @@ def write_text_atomic(path, text):
 
 def read_jsonl(path):
     """The records of a JSON-lines file written by us; [] when there is none."""
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path):
+    """The records of a JSON-lines file written by us, one at a time (evals.jsonl at AMBER's
+    360 checkpoints, with each row's results, is too large to hold)."""
     if not os.path.exists(path):
-        return []
+        return
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
 
 
 def link(src, dst):

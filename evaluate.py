@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
-from common import (UserError, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, read_jsonl,
+from common import (UserError, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, iter_jsonl, read_jsonl,
                     sha256_file, wait_for_ranks)
 from model import KVCache
 from plot import plot_evals
@@ -616,7 +616,7 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
         hold_lock(os.path.join(run_dir, "evals.lock"), "an evaluate.py sweep")
     out_path = os.path.join(run_dir, "evals.jsonl")
     part_paths = sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")))
-    done = {(r["checkpoint"], r["task"], r.get("key")) for p in [out_path] + part_paths for r in read_jsonl(p)}
+    done = {(r["checkpoint"], r["task"], r.get("key")) for p in [out_path] + part_paths for r in iter_jsonl(p)}
     mine = os.path.join(run_dir, f"evals.rank{rank}.jsonl")
     damaged = []
     for path in paths[rank::world_size]:
@@ -675,7 +675,7 @@ def _merge(run_dir, out_path, tasks):
         os.fsync(f.fileno())
     for p in glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")):
         os.remove(p)
-    rows = read_jsonl(out_path)
+    rows = [{k: v for k, v in r.items() if k != "items"} for r in iter_jsonl(out_path)]  # the table's values
     write_table(run_dir, rows)
     return rows
 

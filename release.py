@@ -36,7 +36,7 @@ import torch
 
 import checkpoint
 import data
-from common import UserError, link, link_tree, one_line_errors, read_jsonl, sha256_file, write_json_atomic, write_text_atomic
+from common import UserError, link, link_tree, iter_jsonl, one_line_errors, read_jsonl, sha256_file, write_json_atomic, write_text_atomic
 from config import format_config, saved_config
 from model import Transformer, hf_config
 
@@ -266,8 +266,11 @@ def model_card(run_dir, out_dir, cfg, state, manifests, data_dsts, index, hf_rea
                                        for k, v in (val or {}).items() if k.startswith("val_loss/")],
                                      ["skipped chunks (NaN policy)", [s["chunk"] for s in state["skipped"]] or "none"]]),
               ""]
-    evals = read_jsonl(os.path.join(run_dir, "evals.jsonl"))
-    last_ckpt = evals[-1]["checkpoint"] if evals else None
+    evals_path = os.path.join(run_dir, "evals.jsonl")
+    last_ckpt = None
+    for r in iter_jsonl(evals_path):  # streamed: the file holds every row's results
+        last_ckpt = r["checkpoint"]
+    evals = [r for r in iter_jsonl(evals_path) if r["checkpoint"] == last_ckpt]
     if evals:
         last = last_ckpt
         lines += [f"Evaluations of {last} ([evals/evals.csv](evals/evals.csv) has every checkpoint):", "",

@@ -40,7 +40,7 @@ import numpy as np
 
 import data
 import index as suffix
-from common import one_line_errors, parse_options, read_jsonl, write_text_atomic
+from common import atomic_write, iter_jsonl, one_line_errors, parse_options, read_jsonl, write_text_atomic
 from index import Index, TraceError
 
 
@@ -77,7 +77,6 @@ def contamination(run_dir, task_dir, n=13, out=print):
     index = Index(run_dir)
     if index.tok is None:
         raise TraceError(f"{run_dir}'s data has no tokenizer: benchmark text cannot be encoded for it")
-    evals = read_jsonl(os.path.join(run_dir, "evals.jsonl"))
     summary, per_row = [], []
     for task in ROW_TEXT:
         path = next((os.path.join(task_dir, task + ext) for ext in (".jsonl", ".parquet")
@@ -92,16 +91,15 @@ def contamination(run_dir, task_dir, n=13, out=print):
             dirty.append(is_dirty)
         line = {"task": task, "rows": len(dirty), "dirty": sum(dirty), "dirty_share": sum(dirty) / len(dirty)}
         summary.append(line | {"checkpoint": "", "metric": "", "clean": "", "dirty_score": ""})
-        newest = {}
-        for r in evals:  # the newest result of each checkpoint and metric that has its rows
+        newest = {}  # (checkpoint, metric) -> its newest (clean, dirty) scores; evals.jsonl is streamed
+        for r in iter_jsonl(os.path.join(run_dir, "evals.jsonl")):
             if r["task"] == task and r.get("items"):
-                newest[(r["checkpoint"], r["metric"])] = r
-        for (ckpt, metric), r in newest.items():
-            items = np.array(r["items"], dtype=float)
-            flags = np.array(dirty[: len(items)])
-            summary.append(line | {"checkpoint": ckpt, "metric": metric,
-                                   "clean": float(items[~flags].mean()) if (~flags).any() else "",
-                                   "dirty_score": float(items[flags].mean()) if flags.any() else ""})
+                items = np.array(r["items"], dtype=float)
+                flags = np.array(dirty[: len(items)])
+                newest[(r["checkpoint"], r["metric"])] = (float(items[~flags].mean()) if (~flags).any() else "",
+                                                          float(items[flags].mean()) if flags.any() else "")
+        for (ckpt, metric), (clean, dirty_score) in newest.items():
+            summary.append(line | {"checkpoint": ckpt, "metric": metric, "clean": clean, "dirty_score": dirty_score})
         out(f"{task}: {sum(dirty)} of {len(dirty)} rows dirty ({100 * line['dirty_share']:.1f}%, an {n}-gram in the "
             "training data)")
     if not summary:
@@ -150,10 +148,11 @@ def duplication(run_dir, max_rows=1000, out=print):
     """For every sequence memorize.py scored: how often its k + l tokens occur in the
     training data, how many of those the checkpoint had trained on and how many steps ago
     the last one was, and how often its l-token continuation occurs; to
-    memorization/duplication.csv. Then per checkpoint the score and k-extractible share
-    by how often the sequence was trained on (duplication_summary.csv, duplication.png),
-    and Spearman's correlation of the score with that count and with recency. Returns
-    (rows, {checkpoint: (rho duplicates, rho recency)})."""
+    memorization/duplication.csv, written as it goes (a checkpoint's rows at a time).
+    Then per checkpoint the score and k-extractible share by how often the sequence was
+    trained on (duplication_summary.csv, duplication.png), and Spearman's correlation of
+    the score with that count and with recency. Returns {checkpoint: (rho duplicates,
+    rho recency)}."""
     from plot import plot_duplication
 
     index = Index(run_dir)
@@ -162,49 +161,68 @@ def duplication(run_dir, max_rows=1000, out=print):
         if os.path.isdir(folder) else []
     if not names:
         raise TraceError(f"{folder} holds no memorization results; run python memorize.py {run_dir} first")
-    rows, cache, steps_of = [], {}, {}
+    by_ckpt = {}
     for name in names:
-        with open(os.path.join(folder, name)) as f:
-            res = json.load(f)
-        ckpt, k, l = res["checkpoint"], res["k"], res["l"]
-        if ckpt not in steps_of:
-            with open(os.path.join(run_dir, ckpt, "state.json")) as f:
-                steps_of[ckpt] = json.load(f)["step"]
-        d, local = res["data_dir"], res["chunk_in_data_dir"]
-        tokens = np.load(os.path.join(d, data.load_manifest(d)["chunks"][local]["file"]), mmap_mode="r")
-        for i, score in zip(res["indices"], res["scores"]):
-            key = (d, local, i, k + l)
-            if key not in cache:  # the same sequences are scored at every checkpoint: looked up once
-                seq = np.asarray(tokens[i][: k + l]).tolist()
-                found, total = index.occurrences(seq, limit=max_rows)
-                cache[key] = (sorted(t["step"] for c, r, _ in found for t in index.trained(c, r)), total,
-                              index.count(seq[k:]))
-            steps, total, cont = cache[key]
-            before = [s for s in steps if s <= steps_of[ckpt]]
-            rows.append({"checkpoint": ckpt, "chunk": res["chunk"], "index": i, "score": score, "occurrences": total,
-                         "trained_before": len(before), "continuation_occurrences": cont,
-                         "steps_since_last": steps_of[ckpt] - before[-1] if before else ""})
-    keys = list(rows[0])
-    write_text_atomic(os.path.join(folder, "duplication.csv"),
-                      ",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))
-    summary, rho = [], {}
-    for ckpt in sorted(steps_of):
-        mine = [r for r in rows if r["checkpoint"] == ckpt]
-        for lo, hi in BUCKETS:
-            s = [r["score"] for r in mine if lo <= r["trained_before"] <= hi]
-            if s:
-                summary.append([ckpt, f"{lo}-{hi}" if hi < 10**12 else f"{lo}+", len(s), float(np.mean(s)),
-                                float(np.mean(np.array(s) == 1.0))])
-        seen = [r for r in mine if r["trained_before"]]
-        rho[ckpt] = (spearman([r["score"] for r in seen], [r["trained_before"] for r in seen]),
-                     spearman([r["score"] for r in seen], [-r["steps_since_last"] for r in seen]))
-        out(f"{ckpt}: {len(seen)} sequences it trained on; Spearman's rho of the score with the times trained on "
-            f"{rho[ckpt][0]:.3f}, with recency (fewer steps since last seen) {rho[ckpt][1]:.3f}")
+        by_ckpt.setdefault(name.split("__chunk_")[0], []).append(name)
+    keys = ["checkpoint", "chunk", "index", "score", "occurrences", "trained_before", "continuation_occurrences",
+            "steps_since_last"]
+    summary, rho, cache = [], {}, {}
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(",".join(keys) + "\n")
+            for ckpt, files in by_ckpt.items():
+                mine = [_duplication_rows(index, run_dir, folder, name, cache, max_rows) for name in files]
+                mine = [r for rows in mine for r in rows]
+                f.writelines(",".join(str(r[k]) for k in keys) + "\n" for r in mine)
+                summary.extend(_by_bucket(ckpt, mine))
+                seen = [r for r in mine if r["trained_before"]]
+                rho[ckpt] = (spearman([r["score"] for r in seen], [r["trained_before"] for r in seen]),
+                             spearman([r["score"] for r in seen], [-r["steps_since_last"] for r in seen]))
+                out(f"{ckpt}: {len(seen)} sequences it trained on; Spearman's rho of the score with the times "
+                    f"trained on {rho[ckpt][0]:.3f}, with recency (fewer steps since last seen) {rho[ckpt][1]:.3f}")
+
+    atomic_write(os.path.join(folder, "duplication.csv"), write)
     write_text_atomic(os.path.join(folder, "duplication_summary.csv"),
                       "checkpoint,trained_before,sequences,mean_score,k_extractible\n"
                       + "".join(",".join(map(str, r)) + "\n" for r in summary))
     plot_duplication(folder)
-    return rows, rho
+    return rho
+
+
+def _duplication_rows(index, run_dir, folder, name, cache, max_rows):
+    """The rows of duplication.csv for one (checkpoint, chunk) result of memorize.py."""
+    with open(os.path.join(folder, name)) as f:
+        res = json.load(f)
+    k, l = res["k"], res["l"]
+    with open(os.path.join(run_dir, res["checkpoint"], "state.json")) as f:
+        at = json.load(f)["step"]
+    d, local = res["data_dir"], res["chunk_in_data_dir"]
+    tokens = np.load(os.path.join(d, data.load_manifest(d)["chunks"][local]["file"]), mmap_mode="r")
+    rows = []
+    for i, score in zip(res["indices"], res["scores"]):
+        key = (d, local, i, k + l)
+        if key not in cache:  # the same sequences are scored at every checkpoint: looked up once
+            seq = np.asarray(tokens[i][: k + l]).tolist()
+            found, total = index.occurrences(seq, limit=max_rows)
+            cache[key] = (sorted(t["step"] for c, r, _ in found for t in index.trained(c, r)), total,
+                          index.count(seq[k:]))
+        steps, total, cont = cache[key]
+        before = [s for s in steps if s <= at]
+        rows.append({"checkpoint": res["checkpoint"], "chunk": res["chunk"], "index": i, "score": score,
+                     "occurrences": total, "trained_before": len(before), "continuation_occurrences": cont,
+                     "steps_since_last": at - before[-1] if before else ""})
+    return rows
+
+
+def _by_bucket(ckpt, rows):
+    out = []
+    for lo, hi in BUCKETS:
+        s = [r["score"] for r in rows if lo <= r["trained_before"] <= hi]
+        if s:
+            out.append([ckpt, f"{lo}-{hi}" if hi < 10**12 else f"{lo}+", len(s), float(np.mean(s)),
+                        float(np.mean(np.array(s) == 1.0))])
+    return out
 
 
 # -----------------------------------------------------------------------------

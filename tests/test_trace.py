@@ -132,7 +132,12 @@ def test_memorization_is_explained_by_the_times_each_sequence_was_trained_on(run
     root, values = run
     run_dir = str(root / "run")
     memorize.run(run_dir, k=8, l=8, samples=20, checkpoints=["ckpt_001", "ckpt_003"])
-    rows, rho = tr.duplication(run_dir, out=lambda *a: None)
+    import csv
+
+    rho = tr.duplication(run_dir, out=lambda *a: None)
+    with open(root / "run" / "memorization" / "duplication.csv") as f:
+        rows = [{k: (v if k == "checkpoint" else int(v) if k != "score" and v else float(v) if v else v)
+                 for k, v in r.items()} for r in csv.DictReader(f)]
     data_dir = str(root / "data")
     manifest = data.load_manifest(data_dir)
     G = values["global_batch_size"]
