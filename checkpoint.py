@@ -411,10 +411,13 @@ def load_model(ckpt_dir, device="cpu"):
 
 
 def identity(path):
-    """{step, tokens, data_dir, tokenizer} of a checkpoint, read without its weights:
-    `tokenizer` is the sha256 of what encodes text for it (the manifest's tokenizer, or a
-    Hugging Face folder's tokenizer.model and tokenizer_config.json), part of the cache
-    key of every evaluation result."""
+    """{step, tokens, data_dir, tokenizer, weights} of a checkpoint, read without its
+    weights: `tokenizer` is the sha256 of what encodes text for it (the manifest's
+    tokenizer, or a Hugging Face folder's tokenizer.model and tokenizer_config.json),
+    `weights` a fingerprint of its weights (the sha256 state.json recorded when they were
+    written, else the file's; for a Hugging Face folder the weight files' names, sizes and
+    modification times, as hashing AMBER's 360 x 27 GB on every rerun would cost hours).
+    Both are part of the cache key of every evaluation and memorization result."""
     if kind(path) == "ours":
         state = read_state(path)
         if state is None:
@@ -423,17 +426,29 @@ def identity(path):
         last = state["schedule"][max(0, state["pos"] - 1)]
         data_dir = data.chunk_table(dirs)[last][0] if len(dirs) > 1 else dirs[0]  # the stage trained last
         tok = data.load_manifest(data_dir)["tokenizer"]
+        written = state.get("files", {}).get("model.safetensors", {}).get("sha256")
         return {"step": state["step"], "tokens": state["tokens"], "data_dir": data_dir,
-                "tokenizer": tok.get("sha256") or tok.get("name")}
+                "tokenizer": tok.get("sha256") or tok.get("name"),
+                "weights": written or sha256_file(os.path.join(path, "model.safetensors"))}  # (older: no record)
     if kind(path) == "hf":
         h = hashlib.sha256()
         for name in ("tokenizer.model", "tokenizer_config.json"):
             if os.path.exists(os.path.join(path, name)):
                 with open(os.path.join(path, name), "rb") as f:
                     h.update(name.encode() + f.read())
-        return {"step": None, "tokens": None, "data_dir": None, "tokenizer": h.hexdigest()}
+        return {"step": None, "tokens": None, "data_dir": None, "tokenizer": h.hexdigest(),
+                "weights": _files_fingerprint(_hf_shards(path))}
     raise CheckpointError(f"{path} is neither a checkpoint of ours (state.json) nor a Hugging Face folder "
                           "(config.json)")
+
+
+def _files_fingerprint(paths):
+    """sha256 of files' names, sizes and modification times: cheap, and changed when a file is replaced."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.basename(p)} {st.st_size} {st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def model_config(path):

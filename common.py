@@ -234,6 +234,16 @@ def link_tree(src, dst):
     return copied
 
 
+def code_version(*paths):
+    """sha256 (16 hex digits) of source files: part of a cached result's key, so that a
+    change to the code that computed it computes it again."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def sha256_file(path, bufsize=1 << 20):
     h = hashlib.sha256()
     with open(path, "rb") as f:

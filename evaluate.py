@@ -37,7 +37,8 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
-from common import (UserError, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, iter_jsonl, read_jsonl,
+import model as model_module
+from common import (UserError, code_version, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, iter_jsonl, read_jsonl,
                     sha256_file, wait_for_ranks)
 from model import KVCache
 from plot import plot_evals
@@ -56,23 +57,24 @@ class EvalError(UserError):
 
 
 def scorer_version():
-    """sha256 of this file's code, part of every result's cache key: after any change to
-    evaluate.py a rerun scores again (rows of older code stay in evals.jsonl, unused)."""
+    """sha256 of the code that computes a score (this file and model.py), part of every
+    result's cache key: after any change to them a rerun scores again (rows of older code
+    stay in evals.jsonl, unused)."""
     if "scorer" not in _SCORER:
-        with open(__file__, "rb") as f:
-            _SCORER["scorer"] = hashlib.sha256(f.read()).hexdigest()[:16]
+        _SCORER["scorer"] = code_version(__file__, model_module.__file__)
     return _SCORER["scorer"]
 
 
 _SCORER = {}
 
 
-def result_key(task, task_sha, limit, tokenizer):
-    """What a result depends on beyond the checkpoint's weights: the task's files (or text,
-    or validation split), how many rows (--limit), the few-shot count, the tokenizer and
-    the scoring code. evals.jsonl rows are reused only when all of these are equal."""
+def result_key(task, task_sha, limit, tokenizer, weights=None):
+    """What a result depends on: the checkpoint's weights (checkpoint.identity's
+    fingerprint), the task's files (or text, or validation split), how many rows
+    (--limit), the few-shot count, the tokenizer and the scoring code. evals.jsonl rows
+    are reused only when all of these are equal."""
     parts = {"task": task, "task_sha256": task_sha, "limit": limit, "n_shots": FEWSHOT.get(task),
-             "tokenizer": tokenizer, "scorer": scorer_version()}
+             "tokenizer": tokenizer, "scorer": scorer_version(), "weights": weights}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -648,7 +650,7 @@ def _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, al
             sha = data.manifest_sha256(info["data_dir"])
         else:
             raise EvalError(f"{path}: ppl of a Hugging Face folder needs --text=FILE (it has no data dir)")
-        key = result_key(task, sha, limit, info["tokenizer"])
+        key = result_key(task, sha, limit, info["tokenizer"], info["weights"])
         if (name, task, key) in done:
             continue
         if model is None:

@@ -25,6 +25,7 @@ step (torch.compile; CUDA graphs on a GPU) for a checkpoint with COMPILE_MIN_STE
 decoding steps or more to run; True or False forces it.
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -34,7 +35,8 @@ import torch
 
 import checkpoint
 import data
-from common import (UserError, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, wait_for_ranks,
+import model as model_module
+from common import (UserError, code_version, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, wait_for_ranks,
                     write_json_atomic)
 from plot import plot_memorization
 
@@ -141,7 +143,7 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
     for name, path, seen, _ in ckpts:
         chunks = list(dict.fromkeys(seen)) + ([c for c in range(n_chunks) if c not in seen] if unseen else [])
         pairs += [(name, path, c, c in seen) for c in chunks]
-    files, model_for, verified = [], {}, set()
+    files, model_for, verified, weights = [], {}, set(), {}
     steps = {}  # decoding steps each checkpoint takes on this rank
     for i, (name, *_) in enumerate(pairs):
         if i % world_size == rank:
@@ -151,10 +153,13 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
         files.append(file)
         if i % world_size != rank:
             continue
-        old = read_result(file)
-        if old and (old["k"], old["l"], old["samples"], old["seed"]) == (k, l, samples, seed):
-            continue  # done before: nothing is recomputed
         d, manifest, local = table[chunk]
+        if path not in weights:  # once per checkpoint, not once per pair
+            weights[path] = checkpoint.identity(path)["weights"]
+        key = result_key(weights[path], manifest["chunks"][local]["sha256"], k, l, samples, seed)
+        old = read_result(file)
+        if old and old.get("key") == key:
+            continue  # done before, from the same weights, data and code: nothing is recomputed
         if name not in model_for:
             model_for.clear()
             model, _, _ = checkpoint.load(path, device, need_tokenizer=False)
@@ -169,11 +174,26 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
         scores, srcs = score_pair(model_for[name], tokens, sources, indices, k, l, batch_size, device, use_compile)
         names = [s["name"] for s in manifest["sources"]]
         write_json_atomic(file, {"checkpoint": name, "chunk": chunk, "seen": was_seen, "k": k, "l": l, "samples": samples,
-                           "seed": seed, "data_dir": d, "chunk_in_data_dir": local, "indices": indices.tolist(),
+                           "seed": seed, "key": key, "data_dir": d, "chunk_in_data_dir": local,
+                           "indices": indices.tolist(),
                            "sources": [names[i] for i in srcs.tolist()], "scores": scores.tolist()})
         print(f"{name} chunk {chunk:3d}{'' if was_seen else ' (unseen)'}: mean score {scores.mean():.4f}, "
               f"k-extractible {np.mean(scores == 1.0):.4f}", flush=True)
     return files
+
+
+_CODE = {}
+
+
+def result_key(weights, chunk_sha256, k, l, samples, seed):
+    """What a (checkpoint, chunk) result depends on: the checkpoint's weights (their
+    fingerprint, checkpoint.identity), the chunk's sha256, k, l, the samples and their
+    seed, and the code that computes the scores (this file and model.py)."""
+    if "code" not in _CODE:
+        _CODE["code"] = code_version(__file__, model_module.__file__)
+    parts = {"weights": weights, "chunk_sha256": chunk_sha256, "k": k, "l": l,
+             "samples": samples, "seed": seed, "code": _CODE["code"]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def check_vocab(model, manifest, where):

@@ -598,3 +598,25 @@ def test_malformed_rows_are_refused_not_scored_zero(task, change, tmp_path):
     ev.build(task, docs[0])  # the row as made is fine
     with pytest.raises(ev.EvalError, match="choices"):
         ev.build(task, dict(docs[0], **change))
+
+
+def test_results_are_computed_again_when_the_weights_changed(run, tmp_path):
+    """ckpt_001's files replaced by ckpt_000's (the probe's case): evaluation and
+    memorization score the new weights instead of reusing what the old ones scored."""
+    import memorize as mem
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(run / "run", run_dir)
+    first = {r["checkpoint"]: r["value"] for r in ev.sweep(str(run_dir), ["ppl"], limit=2)
+             if r["metric"] == "ppl/all"}
+    mem.run(str(run_dir), k=8, l=8, samples=3)
+    before = json.loads((run_dir / "memorization" / "ckpt_001__chunk_000.json").read_text())
+    for name in os.listdir(run_dir / "ckpt_000"):
+        shutil.copy(run_dir / "ckpt_000" / name, run_dir / "ckpt_001" / name)
+    rows = [r for r in ev.sweep(str(run_dir), ["ppl"], limit=2) if r["metric"] == "ppl/all"]
+    assert first["ckpt_000"] != first["ckpt_001"]
+    assert rows[-1]["checkpoint"] == "ckpt_001" and rows[-1]["value"] == pytest.approx(first["ckpt_000"], rel=1e-9)
+    mem.run(str(run_dir), k=8, l=8, samples=3)
+    after = json.loads((run_dir / "memorization" / "ckpt_001__chunk_000.json").read_text())
+    same = json.loads((run_dir / "memorization" / "ckpt_000__chunk_000.json").read_text())
+    assert after["key"] != before["key"] and after["scores"] == same["scores"]
