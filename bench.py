@@ -8,6 +8,7 @@ Benchmark of model.py against transformers on this machine, in float32.
     python bench.py prepare
     python bench.py figures [RUN_DIR]
     python bench.py trace [DATA_DIR]                        trace.py: index build, memory, query latency
+    python bench.py rehearsal [FOLDER]                      AMBER's tensors on 2 CPU ranks: kill, resume
     python bench.py gpu [CONFIG] [--device=cpu --smoke]     the GPU check (see bench_gpu)
 
 `model` times, in one run and on the same weights and batch:
@@ -478,6 +479,120 @@ def bench_trace(data_dir="data/tiny", spans=200, span_len=32):
         print(f"memorization-duplication pass on runs/tiny: {n} scored sequences in {time.perf_counter() - t0:.1f} s")
 
 
+def _rank_pids(pid):
+    """The worker processes of a torchrun launcher: its children (the ranks, in start order)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def _anon_mb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) / 1024
+    except (OSError, StopIteration):
+        return 0.0
+
+
+def _run_watched(cmd, env, log, until=None):
+    """Run a torchrun command, its output appended to `log`; SIGKILL it and its ranks as
+    soon as until() is true. Returns (exit status, wall seconds, peak anonymous MB of each
+    rank, sampled every 50 ms)."""
+    import signal
+    import subprocess
+
+    t0 = time.perf_counter()
+    with open(log, "a") as out:
+        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    peaks, ranks = {}, []
+    while p.poll() is None:
+        ranks = _rank_pids(p.pid) or ranks
+        for r, pid in enumerate(ranks):
+            peaks[r] = max(peaks.get(r, 0.0), _anon_mb(pid))
+        if until and until():  # the ranks too: torchrun starts each in a session of its own
+            for pid in [p.pid] + ranks:
+                os.kill(pid, signal.SIGKILL)
+            p.wait()
+            while any(os.path.exists(f"/proc/{pid}") and _anon_mb(pid) for pid in ranks):
+                time.sleep(0.1)  # a killed rank frees its memory (and the run dir's lock) before it is gone
+            break
+        time.sleep(0.05)
+    return p.returncode, time.perf_counter() - t0, [peaks[r] for r in sorted(peaks)]
+
+
+def bench_rehearsal(folder="runs/rehearsal"):
+    """AMBER's real tensors on two CPU ranks: configs/amber_7b.py with 2 of its 32 layers
+    (dim 4,096, MLP 11,008, vocabulary 32,000, sequences of 2,048: 0.67B parameters) under
+    torchrun --nproc_per_node=2 with FSDP2, on a synthetic release of 8 rows. One chunk of
+    4 steps of 2 sequences, a rolling checkpoint every 2 steps: the run is SIGKILLed once
+    step 3 is logged, then the same command resumes from the step-2 checkpoint, trains
+    steps 3 and 4 and writes ckpt_000. Printed: each rank's peak memory against the dry
+    run's estimate, the checkpoint's parts (weights gathered to rank 0, the DCP optimizer
+    shards, hashing) in seconds and bytes, and whether the resumed step 3 is bitwise the
+    killed run's. About 10 GB of memory per rank and 17 GB of disk; minutes."""
+    import json
+    import subprocess
+
+    import data
+
+    shutil.rmtree(folder, ignore_errors=True)
+    release, data_dir, run_dir = (os.path.join(folder, n) for n in ("release", "data", "run"))
+    data.write_synthetic_release(release, 1, 8, seed=0)
+    data.convert_amber(release, data_dir, workers=1, progress=False)
+    args = ["configs/amber_7b.py", f"--data_dir={data_dir}", f"--out_dir={run_dir}", "--n_layer=2", "--n_chunks=1",
+            "--global_batch_size=2", "--micro_batch_size=1", "--ckpt_interval=2", "--val_sequences=0",
+            "--warmup_steps=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    dry = subprocess.run([sys.executable, "train.py", *args, "--dry_run=True", "--dry_run_world_size=2"],
+                         capture_output=True, text=True, env=env, check=True).stdout
+    print(next(line for line in dry.splitlines() if line.startswith("model ")))
+    print(next(line for line in dry.splitlines() if line.startswith("memory/device")), "(dry run)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", *args]  # torchrun
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+
+    def steps():
+        try:
+            with open(metrics) as f:
+                return {r["step"]: r for r in map(json.loads, f) if "loss" in r}
+        except (OSError, ValueError):
+            return {}
+
+    log = os.path.join(folder, "output.log")
+    rc, seconds, peaks = _run_watched(cmd, env, log, until=lambda: 3 in steps())
+    killed = steps()[3]
+    print(f"run 1: {seconds:.0f} s to step 3 ({killed['step_time']:.1f} s a step, {killed['tok_per_s']:,.0f} tok/s, "
+          f"MFU {100 * killed['mfu']:.1f}% of bf16 matmul); SIGKILLed; peak anonymous memory per rank "
+          + ", ".join(f"{m / 1024:.2f} GiB" for m in peaks))
+    rc, seconds, peaks = _run_watched(cmd, env, log)
+    if rc:
+        sys.exit(f"the resumed run failed (exit status {rc}); see {log}")
+    with open(os.path.join(run_dir, "ledger.jsonl")) as f:
+        ledger = [json.loads(line) for line in f]
+    resume = next(e for e in ledger if e["event"] == "resume")
+    ckpt = next(e for e in ledger if e["event"] == "checkpoint")
+    again = steps()[3]
+    print(f"run 2: resumed from {resume['checkpoint']} at step {resume['step']}, finished in {seconds:.0f} s; peak "
+          "anonymous memory per rank " + ", ".join(f"{m / 1024:.2f} GiB" for m in peaks) + "; peak resident (the "
+          "ranks' own count, file pages included) " + ", ".join(f"{m:.2f} GiB" for m in ckpt["peak_mem_gb"]))
+    with open(os.path.join(run_dir, "ckpt_000", "state.json")) as f:
+        files = json.load(f)["files"]
+    parts = {"model.safetensors": 0, "optimizer/ (DCP shards)": 0, "rng": 0}
+    for name, f in files.items():
+        parts["model.safetensors" if name == "model.safetensors" else "rng" if name.startswith("rng")
+              else "optimizer/ (DCP shards)"] += f["bytes"]
+    print(f"ckpt_000: {ckpt['seconds']:.1f} s in all: weights gathered to rank 0 and written {ckpt['weights_s']:.1f} s, "
+          f"optimizer shards {ckpt['optimizer_s']:.1f} s, sha256 of {len(files)} files on 2 ranks {ckpt['hash_s']:.1f} s "
+          f"({ckpt['bytes'] / ckpt['hash_s'] / 1e9:.2f} GB/s); {ckpt['bytes'] / 1e9:.2f} GB: "
+          + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in parts.items()))
+    same = all(killed[k] == again[k] for k in ("loss", "grad_norm", "lr", "tokens"))
+    print(f"step 3 after the resume: loss {again['loss']!r} (killed run {killed['loss']!r}), grad norm "
+          f"{again['grad_norm']!r} ({killed['grad_norm']!r}): {'bitwise equal' if same else 'DIFFERENT'}")
+    shutil.rmtree(folder)
+    return 0 if same else 1
+
+
 def bench_gpu(argv):
     """The GPU check, one script for the first session that is lent a GPU (fits in 8
     minutes on one H100/H200), and runnable end to end on a CPU first:
@@ -612,9 +727,11 @@ def bench_gpu(argv):
 if __name__ == "__main__":
     args = sys.argv[1:]
     mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare", "figures", "gpu",
-                                               "trace") else "model"
+                                               "trace", "rehearsal") else "model"
     if mode == "trace":
         sys.exit(bench_trace(*args))
+    if mode == "rehearsal":
+        sys.exit(bench_rehearsal(*args))
     if mode == "gpu":
         sys.exit(bench_gpu(args))
     if mode == "figures":

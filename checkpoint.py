@@ -18,23 +18,28 @@ A checkpoint folder holds:
     rng_rank{r}.pt             each rank's torch, Python (and CUDA) RNG state
     state.json                 the run's state: step, tokens, schedule position `pos`, the
                                schedule, skipped chunks, the reader's position inside a chunk,
-                               the data manifest's sha256, metrics lines, the config, the world
-                               size, and `files`: the size and sha256 of every other file
+                               the data manifest's sha256, the config, the world size,
+                               `metrics_lines` and `metrics_sha256`: the metrics.jsonl lines
+                               up to it, `files`: the size and sha256 of every other file,
+                               and `state_sha256`: of state.json itself (but that key)
 
 A checkpoint is written into NAME.tmp and renamed into place, so a folder named
-ckpt_NNN is always complete; a resume verifies the newest against `files`, moves a
-damaged one aside as NAME.damaged-TIME and takes the newest intact one. A Hugging
+ckpt_NNN is always complete; a resume verifies the newest against `files` and
+`state_sha256`, moves a damaged one aside as NAME.damaged-TIME and takes the newest
+intact one, and refuses metrics.jsonl lines that are not those it recorded, and a
+checkpoint that is a symbolic link (checkpoints are folders of their run dir). A Hugging
 Face folder (config.json + safetensors or .bin shards, LLM360's release format)
 is read and written here too; model.py maps the names.
 """
 
 import hashlib
+import itertools
 import json
 import os
 import random
 import shutil
 import time
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 import torch
 import torch.distributed as dist
@@ -59,7 +64,30 @@ def checkpoint_names(run_dir, rolling=False):
     if not os.path.isdir(run_dir):
         return []
     return sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and (n[5:].isdigit() or
-                  (rolling and n == "ckpt_rolling")) and os.path.isdir(os.path.join(run_dir, n)))
+                  (rolling and n == "ckpt_rolling")) and os.path.isdir(os.path.join(run_dir, n))
+                  and not os.path.islink(os.path.join(run_dir, n)))
+
+
+def linked_checkpoints(run_dir):
+    """Checkpoint names of a run dir that are symbolic links: never followed (another run's
+    checkpoint, or one of this run's under a second name)."""
+    return sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and os.path.islink(os.path.join(run_dir, n)))
+
+
+def state_digest(state):
+    """The sha256 of a state as state.json holds it, leaving out its own digest."""
+    return hashlib.sha256(json.dumps({k: v for k, v in state.items() if k != "state_sha256"}, indent=1).encode()).hexdigest()
+
+
+def metrics_digest(path, n_lines=None):
+    """(lines, sha256) of the first n_lines lines of a metrics.jsonl (all when None)."""
+    h, n = hashlib.sha256(), 0
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            for line in itertools.islice(f, n_lines):
+                h.update(line)
+                n += 1
+    return n, h.hexdigest()
 
 
 def kind(path):
@@ -97,7 +125,8 @@ def full_state_dict(raw_model, fsdp):
 
 
 def save_checkpoint(path, raw_model, optimizer, state, cfg, rank, world_size, fsdp):
-    """Write a checkpoint folder atomically: everything into path.tmp, then one rename."""
+    """Write a checkpoint folder atomically: everything into path.tmp, then one rename.
+    Returns the seconds each part took and the bytes written (for the ledger)."""
     tmp = path + ".tmp"
     check_free_space(os.path.dirname(path), 12 * raw_model.num_params(), rank, world_size)
     if rank == 0:
@@ -106,7 +135,7 @@ def save_checkpoint(path, raw_model, optimizer, state, cfg, rank, world_size, fs
     barrier(world_size)
     try:
         with writing(tmp):
-            _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp)
+            return _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp)
     except OSError:
         if rank == 0:  # a full disk: give back what the unfinished checkpoint took
             shutil.rmtree(tmp, ignore_errors=True)
@@ -116,9 +145,12 @@ def save_checkpoint(path, raw_model, optimizer, state, cfg, rank, world_size, fs
 def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp):
     from safetensors.torch import save_file
 
+    t0 = time.perf_counter()
     model_sd = full_state_dict(raw_model, fsdp)  # collective under FSDP
     if rank == 0:
         save_file(model_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    del model_sd  # rank 0 held every weight in float32 (27 GB at 7B): gone before the optimizer's turn
+    t1 = time.perf_counter()
     if fsdp:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
@@ -130,14 +162,19 @@ def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_s
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                os.path.join(tmp, f"rng_rank{rank}.pt"))
     barrier(world_size)
+    t2 = time.perf_counter()
     files = hash_files(tmp, rank, world_size)  # collective: each rank hashes a share
+    t3 = time.perf_counter()
     if rank == 0:
+        full = state | {"config": config_to_dict(cfg), "world_size": world_size, "files": files}
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(state | {"config": config_to_dict(cfg), "world_size": world_size, "files": files}, f, indent=1)
+            f.write(json.dumps(full | {"state_sha256": state_digest(full)}, indent=1))
         if os.path.exists(path):  # the rolling checkpoint: replace the previous one
             shutil.rmtree(path)
         os.rename(tmp, path)
     barrier(world_size)
+    return {"weights_s": round(t1 - t0, 3), "optimizer_s": round(t2 - t1, 3), "hash_s": round(t3 - t2, 3),
+            "bytes": sum(f["bytes"] for f in files.values())}
 
 
 def check_free_space(folder, needed, rank=0, world_size=1):
@@ -154,14 +191,18 @@ def check_free_space(folder, needed, rank=0, world_size=1):
 
 def hash_files(folder, rank=0, world_size=1):
     """{relative path: {"bytes", "sha256"}} of every file under a checkpoint folder but
-    state.json. Collective: rank r hashes files r, r + world_size, ... (a 7B checkpoint is
-    80 GB; sha256 runs at about 1.4 GB/s a core)."""
-    names = [sorted(os.path.relpath(os.path.join(root, f), folder) for root, _, fs in os.walk(folder) for f in fs
-                    if f != "state.json" or root != folder)]
-    if world_size > 1:
-        dist.broadcast_object_list(names, src=0)  # rank 0's listing: every rank hashes from the same list
-    mine = {n: {"bytes": os.path.getsize(os.path.join(folder, n)), "sha256": sha256_file(os.path.join(folder, n))}
-            for n in names[0][rank::world_size]}
+    state.json. Collective: the files are dealt out by size, largest first, each to the
+    rank with the fewest bytes so far (a 7B checkpoint is 80 GB: one 27 GB weights file and
+    a shard of the optimizer per rank; sha256 runs at about 1.4 GB/s a core)."""
+    names = sorted(os.path.relpath(os.path.join(root, f), folder) for root, _, fs in os.walk(folder) for f in fs
+                   if f != "state.json" or root != folder)
+    sizes = broadcast0({n: os.path.getsize(os.path.join(folder, n)) for n in names} if rank == 0 else None,
+                       world_size)  # rank 0's listing: every rank deals from the same one
+    load, owner = [0] * world_size, {}
+    for n in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        owner[n] = load.index(min(load))
+        load[owner[n]] += sizes[n]
+    mine = {n: {"bytes": sizes[n], "sha256": sha256_file(os.path.join(folder, n))} for n in sizes if owner[n] == rank}
     if world_size > 1:
         parts = [None] * world_size
         dist.all_gather_object(parts, mine)
@@ -195,6 +236,8 @@ def verify_checkpoint(path, rank=0, world_size=1):
     state = read_state(path)
     if state is None:
         return ["state.json is missing or not valid JSON"]
+    if "state_sha256" in state and state_digest(state) != state["state_sha256"]:
+        return ["state.json was changed after it was written (its sha256 is not the one it records)"]
     files = state.get("files")
     if files is None:
         return []
@@ -213,10 +256,16 @@ def verify_checkpoint(path, rank=0, world_size=1):
 
 def resume_point(out_dir, log, rank=0, world_size=1):
     """The newest intact checkpoint of a run dir, or None. A damaged one that is newer (a
-    file missing, truncated or changed since it was written; state.json unreadable) is
-    moved aside as NAME.damaged-TIME, said in one line and in the ledger, and the next
-    newest is tried. Older checkpoints are not read past state.json: a damaged one of them
-    never blocks a resume (python train.py verify RUN_DIR finds it)."""
+    file missing, truncated or changed since it was written; state.json unreadable or
+    edited) is moved aside as NAME.damaged-TIME, said in one line and in the ledger, and
+    the next newest is tried. Older checkpoints are not read past state.json: a damaged one
+    of them never blocks a resume (python train.py verify RUN_DIR finds it). A checkpoint
+    name that is a symbolic link stops the resume."""
+    linked = linked_checkpoints(out_dir) if os.path.isdir(out_dir) else []
+    if linked:
+        raise CheckpointError(f"{os.path.join(out_dir, linked[0])} is a symbolic link (to "
+                              f"{os.readlink(os.path.join(out_dir, linked[0]))}), not a checkpoint folder of this run; "
+                              "remove it (or put the folder itself there), then run this again")
     while True:
         best = find_checkpoint(out_dir)
         best_pos = read_state(best)["pos"] if best else -1
@@ -244,6 +293,51 @@ def resume_point(out_dir, log, rank=0, world_size=1):
         barrier(world_size)
 
 
+def verify_metrics(out_dir, states):
+    """metrics.jsonl in one pass: every line JSON, and its first lines those each checkpoint
+    recorded (their count and sha256); one line, and 1 when something is wrong."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return 0
+    recorded = {}  # lines -> [(checkpoint, sha256)]
+    for name, st in states.items():
+        if st and "metrics_sha256" in st:
+            recorded.setdefault(st["metrics_lines"], []).append((name, st["metrics_sha256"]))
+    h, n, broken, differ = hashlib.sha256(), 0, [], []
+    differ += [name for name, sha in recorded.get(0, []) if sha != h.hexdigest()]
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            h.update(line)
+            try:
+                json.loads(line)
+            except ValueError:
+                broken.append(n)
+            differ += [name for name, sha in recorded.get(n, []) if sha != h.hexdigest()]
+    short = [name for lines, recs in recorded.items() if lines > n for name, _ in recs]
+    newest = max((st["metrics_lines"] for st in states.values() if st), default=0)
+    if not (broken or differ or short or n < newest):
+        print(f"metrics.jsonl  ok ({n} lines)")
+        return 0
+    print(f"metrics.jsonl  DAMAGED: {n} lines" + (f"; lines {broken[:5]} are not JSON" if broken else "")
+          + (f"; its first lines are not those {', '.join(sorted(differ + short))} recorded (edited or cut since)"
+             if differ or short else f"; the newest checkpoint counted {newest}"))
+    return 1
+
+
+def check_metrics(out_dir, state, path, rank=0, world_size=1):
+    """A resume refuses a metrics.jsonl whose first lines are not those its checkpoint
+    recorded. Rank 0 reads the file (300k lines at AMBER's size) and tells the others."""
+    if "metrics_sha256" not in state:  # written before checkpoints recorded it
+        return
+    n, sha = broadcast0(metrics_digest(os.path.join(out_dir, "metrics.jsonl"), state["metrics_lines"])
+                        if rank == 0 else None, world_size)
+    if (n, sha) != (state["metrics_lines"], state["metrics_sha256"]):
+        raise CheckpointError(f"{os.path.join(out_dir, 'metrics.jsonl')}: its first {state['metrics_lines']:,} lines "
+                              f"are not those {path} recorded (edited or cut since); restore the file, or move the "
+                              "checkpoints it no longer matches out of the run dir to retrain from an older one "
+                              f"(python train.py verify {out_dir} names them)")
+
+
 def verify_run(out_dir):
     """python train.py verify RUN_DIR: every checkpoint against the sizes and sha256 its
     state.json recorded, metrics.jsonl line by line, and every chunk of the data dirs
@@ -264,23 +358,11 @@ def verify_run(out_dir):
             print(f"{name:14s} not checked: written before checkpoints recorded their files")
         else:
             print(f"{name:14s} ok ({len(st['files'])} files, {sum(r['bytes'] for r in st['files'].values()) / 1e6:,.1f} MB)")
-    newest = find_checkpoint(out_dir)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if os.path.exists(metrics_path):
-        n, broken = 0, []
-        with open(metrics_path, "rb") as f:
-            for n, line in enumerate(f, 1):
-                try:
-                    json.loads(line)
-                except ValueError:
-                    broken.append(n)
-        need = read_state(newest).get("metrics_lines", 0) if newest else 0
-        if broken or n < need:
-            bad += 1
-            print(f"metrics.jsonl  DAMAGED: {f'lines {broken[:5]} are not JSON; ' if broken else ''}{n} lines, "
-                  f"the newest checkpoint counted {need}")
-        else:
-            print(f"metrics.jsonl  ok ({n} lines)")
+    for name in linked_checkpoints(out_dir):
+        bad += 1
+        print(f"{name:14s} DAMAGED: a symbolic link (to {os.readlink(os.path.join(out_dir, name))}), not a folder of "
+              "this run")
+    bad += verify_metrics(out_dir, {n: read_state(os.path.join(out_dir, n)) for n in names})
     config_path = os.path.join(out_dir, "config.json")
     if os.path.exists(config_path):
         with open(config_path) as f:
@@ -351,16 +433,48 @@ def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True)
     return state
 
 
-def check_resumable(state, cfg, data_sha, path):
-    """Refuse to resume with another model shape or another data manifest."""
-    saved = state["config"]
+# what a resume may change: where things are (the data's content is checked by its manifest's
+# sha256), when it stops, saves and validates, and how the machine computes; anything else
+# (the schedule, the data, the optimizer, the seed) makes another run: a branch
+RESUME_MAY_CHANGE = {"out_dir", "data_dir", "stages", "num_workers", "max_steps", "ckpt_interval", "val_interval",
+                     "val_sequences", "wandb_project", "peak_flops", "dry_run", "dry_run_sequences_per_chunk",
+                     "dry_run_world_size", "micro_batch_size", "parallel", "compile", "activation_checkpointing",
+                     "dtype", "deterministic"}
+
+
+def config_changes(saved, cfg):
+    """{key: (saved value, new value)} of every key whose value differs (as JSON); a key
+    the saved config lacks (added to Config since) counts as its default."""
+    now = json.loads(json.dumps(config_to_dict(cfg)))
+    default = json.loads(json.dumps({f.name: f.default_factory() if f.default is MISSING else f.default
+                                     for f in fields(cfg) if f.name != "model"}))
+    return {k: (saved.get(k, default.get(k)), v) for k, v in now.items() if saved.get(k, default.get(k)) != v}
+
+
+def check_shape(saved, cfg, path):
     changed = [f.name for f in fields(cfg.model) if saved.get(f.name) != getattr(cfg.model, f.name)]
     if changed:
         raise ConfigError(f"{path} was trained with another model shape ({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); "
                           "use another out_dir, or init_from to start a new run from it")
+
+
+def check_resumable(state, cfg, data_sha, path):
+    """Refuse to resume with another model shape, another data manifest, or a config that
+    changes what the run computes (one line: every difference, and the branch that makes it
+    an experiment). Returns the changes a resume may make, for the ledger."""
+    saved = state["config"]
+    check_shape(saved, cfg, path)
     if state["data_manifest_sha256"] != data_sha:
         raise ConfigError(f"{path} was trained on other data (manifest sha256 {state['data_manifest_sha256'][:12]}..., "
                           f"now {data_sha[:12]}...); use another out_dir, or init_from to continue on new data")
+    changes = config_changes(saved, cfg)
+    refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
+    if refused:
+        diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise ConfigError(f"{path}: a resume is the same run, and this config changes {diff}; run the command the run "
+                          f"was started with, or make the change an experiment: add --branch_from={path} "
+                          "--out_dir=NEW_DIR to this command")
+    return {k: list(v) for k, v in changes.items()}
 
 
 def load_init_from(cfg, raw_model, optimizer, data_sha, rank, fsdp):
@@ -371,7 +485,7 @@ def load_init_from(cfg, raw_model, optimizer, data_sha, rank, fsdp):
         problems = verify_checkpoint(path, rank, dist.get_world_size() if dist.is_initialized() else 1)
         if problems:
             raise CheckpointError(f"init_from={path!r} is damaged ({'; '.join(problems)}); start from another checkpoint")
-        check_resumable(read_state(path) | {"data_manifest_sha256": data_sha}, cfg, data_sha, path)
+        check_shape(read_state(path)["config"], cfg, path)
         load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=cfg.init_optimizer)
         return
     if not os.path.exists(os.path.join(path, "config.json")):
@@ -456,8 +570,21 @@ def model_config(path):
     identity(path)  # neither kind, or a damaged state.json: one line that says so
     if kind(path) == "ours":
         return saved_config(read_state(path)["config"]).model
-    with open(os.path.join(path, "config.json")) as f:
-        return model_config_from_hf(json.load(f))
+    return hf_model_config(path)
+
+
+def hf_model_config(hf_dir):
+    """The ModelConfig of a Hugging Face folder's config.json; one that is not JSON, not an
+    object, or not a llama / stablelm config is a one-line error."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} not found; is {hf_dir} a Hugging Face model folder?")
+    try:
+        with open(path, "rb") as f:
+            return model_config_from_hf(json.load(f))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON / not UTF-8 / missing keys / not an object
+        raise CheckpointError(f"{path}: not a Hugging Face config of a llama or stablelm model "
+                              f"({type(e).__name__}: {e})") from None
 
 
 def load_tokenizer(path, info=None, required=True):
@@ -562,17 +689,23 @@ def _shard_tensors(path):
     """Yield (name, tensor) of one weight file, holding as little of it as the format allows:
     safetensors one tensor at a time, .bin memory-mapped when it is a zip-format pickle."""
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: not a safetensors file, or a damaged one ({e})") from None
         return
     # a .bin checkpoint is a pickle: weights_only=True so loading never runs code
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch's own errors: the file is not a weights file
+        raise CheckpointError(f"{path}: not a PyTorch weights file, or a damaged one ({type(e).__name__}: {e})") from None
     while sd:
         yield sd.popitem()  # each tensor is released once copied
 
@@ -584,11 +717,7 @@ def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
     The model's tensors are allocated once in `dtype` and filled shard by shard, so memory
     holds the model plus one shard (with .bin zip files and safetensors, one tensor),
     never two full copies of the weights."""
-    config_path = os.path.join(hf_dir, "config.json")
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found; is {hf_dir} a Hugging Face model folder?")
-    with open(config_path) as f:
-        cfg = model_config_from_hf(json.load(f))
+    cfg = hf_model_config(hf_dir)
     with torch.device("meta"):
         model = Transformer(cfg)
     where = {}  # HF tensor -> (our tensor, first row, rows): fused matrices take several HF tensors
@@ -607,7 +736,7 @@ def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
             if hf.endswith("rotary_emb.inv_freq") or (hf == "lm_head.weight" and cfg.tie_embeddings):
                 continue  # recomputed / re-tied; some tied checkpoints store the head anyway
             if hf not in where:
-                raise ValueError(f"{path}: unexpected tensor {hf!r} for a model of this config.json")
+                raise CheckpointError(f"{path}: unexpected tensor {hf!r} for a model of this config.json")
             name, row, rows = where[hf]
             dst = state[name] if rows is None else state[name][row : row + rows]
             if dst.shape != t.shape:

@@ -10,7 +10,8 @@ hashes, one-line errors and the `--key=value` options.
   dies), writes that never leave half a file (atomic_write, write_json_atomic), one
   sha256_file, and `writing` / os_error_line, which turn a full or read-only disk into
   one line that names the path.
-- one_line_errors: what every script's main runs in, so that a user's error is one line.
+- one_line_errors: what every script's main runs in, so that a user's error is one line,
+  and so is a SIGINT or SIGTERM (raised as an exception: what is half-written is cleaned up).
 - parse_options: the `--key=value` options of evaluate.py, memorize.py, sample.py and
   bench.py (config.py types its own keys on top of it).
 
@@ -24,7 +25,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -83,6 +86,15 @@ def broadcast0(value, world_size):
     if world_size > 1:
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather(value, world_size):
+    """Every rank's value, in rank order, on every rank (any picklable object)."""
+    if world_size == 1:
+        return [value]
+    out = [None] * world_size
+    dist.all_gather_object(out, value)
+    return out
 
 
 def rank_token(world_size):
@@ -286,18 +298,45 @@ def os_error_line(e):
     return line
 
 
+class Stopped(BaseException):
+    """SIGTERM, raised where the main thread is, as Ctrl-C raises KeyboardInterrupt: every
+    `with` and `finally` on the way out runs, so a staging folder or a .tmp file is cleaned
+    up and what was committed stays. A BaseException, so no `except Exception` swallows it."""
+
+
+def _stop(signum, frame):
+    raise Stopped()
+
+
+def worker_signals():
+    """For a pool's worker processes (their initializer): the parent handles Ctrl-C and
+    SIGTERM and ends its pool; a worker just dies with it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def one_line_errors():
     """The body of a script's main: an error the user can fix (UserError, a full or
     read-only disk) ends the process with one line, `error: ...`, and exit status 1,
-    never a traceback; the process group, if any, is closed on the way out."""
+    never a traceback; SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) end it with
+    one line saying that the same command goes on, and status 130 or 143. The process
+    group, if any, is closed on the way out."""
+    previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
     try:
         yield
     except UserError as e:
         sys.exit(f"error: {e}")
     except OSError as e:
         sys.exit(f"error: {os_error_line(e)}")
+    except (KeyboardInterrupt, Stopped) as e:
+        name, status = ("SIGINT", 130) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", 143)
+        print(f"stopped by {name}: what was finished is kept (written whole, or not at all); run the same command "
+              "to go on", file=sys.stderr, flush=True)
+        sys.exit(status)
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         close_distributed()
 
 
@@ -305,10 +344,22 @@ def one_line_errors():
 # --key=value options
 
 
+def as_bool(text):
+    """The booleans of --key=value options: True / False in any case, or 1 / 0."""
+    value = {"true": True, "1": True, "false": False, "0": False}.get(text.strip().lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
+as_bool.what = "True or False"
+
+
 def parse_options(args, known=None, error=UserError):
-    """['--a=1', '--b=x'] -> {'a': '1', 'b': 'x'}, values as text. Anything not written
-    --key=value, or a key not in `known` (when given), is an `error` naming the closest
-    known key."""
+    """['--a=1', '--b=x'] -> {'a': '1', 'b': 'x'}. Anything not written --key=value, or a key
+    not in `known` (when given), is an `error` naming the closest known key. When `known`
+    is a dict of converters (int, float, as_bool, ...), values come back converted, and
+    one that does not convert is an `error` saying what was expected."""
     out = {}
     for arg in args:
         if not arg.startswith("--") or "=" not in arg:
@@ -319,4 +370,10 @@ def parse_options(args, known=None, error=UserError):
             hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
             raise error(f"unknown option {key!r}{hint}")
         out[key] = value
+        if isinstance(known, dict):
+            try:
+                out[key] = known[key](value)
+            except ValueError:
+                what = getattr(known[key], "what", {int: "a whole number", float: "a number"}.get(known[key], "?"))
+                raise error(f"--{key}={value!r}: expected {what}") from None
     return out

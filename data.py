@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from common import (UserError, atomic_write, dir_lock, hold_lock, link, one_line_errors, parse_options, sha256_file,
-                    write_json_atomic, writing)
+                    worker_signals, write_json_atomic, writing)
 from config import ConfigError, load_config
 
 MANIFEST_FORMAT, MANIFEST_VERSION = "llm360-mini data", 2  # 2: the two-pass global shuffle
@@ -444,6 +444,7 @@ _WORKER = {}
 
 
 def _init_worker(kind, blob, name, dtype):
+    worker_signals()
     _WORKER["tok"], _WORKER["dtype"] = Tokenizer(kind, blob, name), dtype
 
 
@@ -1124,6 +1125,7 @@ _CONVERT = {}
 
 
 def _init_convert(counter):
+    worker_signals()
     _CONVERT["progress"] = lambda n: _add(counter, n)
 
 

@@ -38,8 +38,9 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import model as model_module
-from common import (UserError, code_version, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, iter_jsonl, read_jsonl,
+from common import (UserError, as_bool, code_version, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, iter_jsonl, read_jsonl,
                     sha256_file, wait_for_ranks)
+from machine import torch_device
 from model import KVCache
 from plot import plot_evals
 
@@ -256,7 +257,10 @@ def truthfulqa_primer():
 
 
 def _gold(task, doc, gold, n):
-    """The gold index, or a one-line error: a malformed row is refused, never scored 0."""
+    """The gold index, or a one-line error: a malformed row is refused, never scored (0, or
+    always right with one choice)."""
+    if n < 2:
+        raise EvalError(f"{task} row {str(doc)[:80]}...: {n} choice(s); a multiple-choice row needs at least 2")
     if not (isinstance(gold, int) and 0 <= gold < n):
         raise EvalError(f"{task} row {str(doc)[:80]}...: its answer {gold!r} names none of its {n} choices")
     return gold
@@ -266,6 +270,9 @@ def build(task, doc):
     """(prompt, [choices], gold) of one row, without few-shot examples."""
     if task == "arc_challenge":
         labels = list(doc["choices"]["label"])
+        if len(labels) != len(doc["choices"]["text"]):
+            raise EvalError(f"{task} row {str(doc)[:80]}...: {len(labels)} labels for {len(doc['choices']['text'])} "
+                            "choices")
         gold = labels.index(doc["answerKey"]) if doc["answerKey"] in labels else doc["answerKey"]
         return f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"]), \
             _gold(task, doc, gold, len(labels))
@@ -281,7 +288,8 @@ def build(task, doc):
         return (f"{doc['question'].strip()}\nA. {c[0]}\nB. {c[1]}\nC. {c[2]}\nD. {c[3]}\nAnswer:",
                 ["A", "B", "C", "D"], _gold(task, doc, doc["answer"], 4))
     if task == "truthfulqa_mc":
-        return f"{truthfulqa_primer()}\n\nQ: {doc['question']}\nA:", list(doc["mc1_targets"]["choices"]), 0
+        choices = list(doc["mc1_targets"]["choices"])
+        return f"{truthfulqa_primer()}\n\nQ: {doc['question']}\nA:", choices, _gold(task, doc, 0, len(choices))
     raise EvalError(f"unknown multiple-choice task {task!r}")
 
 
@@ -625,6 +633,8 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
         try:
             _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, allow_code_execution)
         except checkpoint.CheckpointError as e:  # a damaged checkpoint stops nothing else: it is named at the end
+            if len(paths) == 1:
+                raise
             print(f"{os.path.basename(os.path.normpath(path))}: not evaluated: {e}", flush=True)
             damaged.append(os.path.basename(os.path.normpath(path)))
     wait_for_ranks(run_dir, token, rank, world_size)
@@ -684,6 +694,8 @@ def _merge(run_dir, out_path, tasks):
 
 def write_table(run_dir, rows):
     """evals.csv (checkpoint x task/metric; the newest result of each) and evals.png (plot.py)."""
+    if not rows:
+        return
     keys = sorted({f"{r['task']}/{r['metric']}" for r in rows})
     ckpts = list(dict.fromkeys(r["checkpoint"] for r in rows))
     table = {(r["checkpoint"], f"{r['task']}/{r['metric']}"): r["value"] for r in rows}
@@ -759,13 +771,13 @@ def main(argv):
         sys.exit("usage: python evaluate.py RUN_DIR --tasks=ppl,arc_challenge,... [--task_dir=DIR] "
                  "[--checkpoints=a,b] [--limit=N] [--text=FILE] [--device=cpu] [--allow_code_execution=True]")
     with one_line_errors():
-        opts = parse_options(argv[1:], {"tasks", "task_dir", "checkpoints", "limit", "text", "device",
-                                        "allow_code_execution"}, EvalError)
+        opts = parse_options(argv[1:], {"tasks": str, "task_dir": str, "checkpoints": str, "limit": str, "text": str,
+                                        "device": torch_device, "allow_code_execution": as_bool}, EvalError)
         rank, world_size, device = init_distributed()  # one process: rank 0 of 1, on a GPU if there is one
         sweep(argv[0], opts.get("tasks", "ppl").split(","), opts.get("task_dir"),
               opts["checkpoints"].split(",") if "checkpoints" in opts else None,
               _whole_number(opts["limit"], "--limit") if "limit" in opts else None, opts.get("text"),
-              opts.get("device", device), rank, world_size, opts.get("allow_code_execution") == "True")
+              opts.get("device", device), rank, world_size, opts.get("allow_code_execution", False))
 
 
 if __name__ == "__main__":

@@ -109,20 +109,57 @@ def encode_row(ids, counted, length, pad_id):
 
 
 def read_records(path):
+    """(where, record) of each record of a .jsonl (line by line), .parquet (batch by batch)
+    or .json file (one list, or one object: read whole); a record is a JSON object."""
     if path.endswith(".parquet"):
         import pyarrow.parquet
 
-        return pyarrow.parquet.read_table(path).to_pylist()
-    with open(path) as f:
-        if path.endswith(".json"):
-            rows = json.load(f)
-            return rows if isinstance(rows, list) else [rows]
-        return [json.loads(line) for line in f if line.strip()]
+        i = 0
+        for batch in pyarrow.parquet.ParquetFile(path).iter_batches(1024):
+            for rec in batch.to_pylist():
+                yield f"{path} row {i}", rec
+                i += 1
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith(".jsonl"):
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        yield f"{path}:{n}", _json_object(line, f"{path}:{n}")
+                return
+            try:
+                rows = json.load(f)
+            except ValueError as e:
+                raise FinetuneError(f"{path}: not one JSON document ({e}); JSON lines go in a .jsonl file") from None
+    except UnicodeDecodeError as e:
+        raise FinetuneError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    for i, rec in enumerate(rows if isinstance(rows, list) else [rows]):
+        yield f"{path} record {i}", _json_object(rec, f"{path} record {i}")
+
+
+def _json_object(item, where):
+    if isinstance(item, str):
+        try:
+            item = json.loads(item)
+        except ValueError as e:
+            raise FinetuneError(f"{where}: not JSON ({e})") from None
+    if not isinstance(item, dict):
+        raise FinetuneError(f"{where}: a {type(item).__name__}, not a JSON object; one record per line (or in the list)")
+    return item
+
+
+def _text(rec, key, where):
+    if not isinstance(rec.get(key), str):
+        raise FinetuneError(f"{where}: {key!r} is {'missing' if key not in rec else type(rec[key]).__name__}; "
+                            "it must be a string")
+    return rec[key]
 
 
 def conversation(rec, where):
     """[(user, assistant)] of a ShareGPT / WizardLM or Alpaca record."""
     if "conversations" in rec:
+        if not isinstance(rec["conversations"], list) or not all(isinstance(m, dict) for m in rec["conversations"]):
+            raise FinetuneError(f"{where}: 'conversations' must be a list of {{from, value}} objects")
         msgs = [m for m in rec["conversations"] if m.get("from") != "system"]
         roles = [ROLE_OF.get(str(m.get("from")).lower()) for m in msgs]
         if None in roles:
@@ -132,23 +169,26 @@ def conversation(rec, where):
             msgs, roles = msgs[1:], roles[1:]  # FastChat skips a conversation's leading assistant message
         if any(r != i % 2 for i, r in enumerate(roles)):
             raise FinetuneError(f"{where}: turns must alternate user, assistant")
-        return [(msgs[i]["value"], msgs[i + 1]["value"]) for i in range(0, len(msgs) - 1, 2)]
+        values = [_text(m, "value", f"{where} message {i}") for i, m in enumerate(msgs)]
+        return [(values[i], values[i + 1]) for i in range(0, len(values) - 1, 2)]
     if "instruction" in rec and "output" in rec:
-        q = rec["instruction"] + (f"\n\n{rec['input']}" if rec.get("input") else "")
-        return [(q, rec["output"])]
+        q = _text(rec, "instruction", where)
+        extra = rec.get("input") and _text(rec, "input", where)
+        return [(q + (f"\n\n{extra}" if extra else ""), _text(rec, "output", where))]
     raise FinetuneError(f"{where}: neither ShareGPT (conversations) nor Alpaca (instruction, output)")
 
 
 def preference(rec, where):
     """(prompt, chosen, rejected) of a pair record: plain, SafeRLHF or Anthropic HH."""
     if {"prompt", "chosen", "rejected"} <= set(rec):
-        return rec["prompt"], rec["chosen"], rec["rejected"]
+        return tuple(_text(rec, k, where) for k in ("prompt", "chosen", "rejected"))
     if {"prompt", "response_0", "response_1"} <= set(rec):
         better = rec.get("safer_response_id", rec.get("better_response_id"))
         if better not in (0, 1):
             raise FinetuneError(f"{where}: SafeRLHF pair without safer_response_id / better_response_id")
-        return rec["prompt"], rec[f"response_{better}"], rec[f"response_{1 - better}"]
+        return tuple(_text(rec, k, where) for k in ("prompt", f"response_{better}", f"response_{1 - better}"))
     if {"chosen", "rejected"} <= set(rec):  # HH: two dialogues that differ in the last assistant turn
+        _text(rec, "chosen", where), _text(rec, "rejected", where)
         cut = rec["chosen"].rfind("\n\nAssistant:")
         if cut < 0 or not rec["rejected"].startswith(rec["chosen"][:cut + 12]):
             raise FinetuneError(f"{where}: HH pair whose dialogues do not share the turns before the last reply")
@@ -248,33 +288,48 @@ def prepare(cfg, tok, val_fraction=0.1):
         raise FinetuneError(f"finetune_data={cfg.finetune_data!r}: give a file, or 'builtin:stdlib'")
     else:
         read = preference if cfg.objective == "dpo" else conversation
-        examples = [read(r, f"{cfg.finetune_data} record {i}") for i, r in enumerate(read_records(cfg.finetune_data))]
-    rows, dropped = [], 0
-    for ex in examples:
-        if cfg.objective == "dpo":
-            pair = pair_rows(tok, cfg.system_prompt, *ex, L)
-            row = None if pair is None else np.concatenate([encode_row(*p, L, tok.eos_id) for p in pair])
-        else:
-            one = sft_row(tok, cfg.system_prompt, ex, L)
-            row = None if one is None else encode_row(*one, L, tok.eos_id)
-        if row is None:
-            dropped += 1
-        else:
-            rows.append(row)
-    if not rows:
-        raise FinetuneError(f"no example fits seq_len={cfg.seq_len}: raise seq_len")
-    order = np.random.default_rng(cfg.seed).permutation(len(rows))
-    n_val = max(1, int(len(rows) * val_fraction))
+        examples = (read(rec, where) for where, rec in read_records(cfg.finetune_data))
     with data.staging(cfg.data_dir, "finetune.py preparing it") as tmp:  # renamed into place when complete
+        # every example rendered, straight to a file: memory stays flat as the data grows
+        rows = data.NpyAppender(os.path.join(tmp, "all.npy"), np.int32, (2 * L if cfg.objective == "dpo" else L,))
+        n_examples = dropped = 0
+        for ex in examples:
+            n_examples += 1
+            if cfg.objective == "dpo":
+                pair = pair_rows(tok, cfg.system_prompt, *ex, L)
+                row = None if pair is None else np.concatenate([encode_row(*p, L, tok.eos_id) for p in pair])
+            else:
+                one = sft_row(tok, cfg.system_prompt, ex, L)
+                row = None if one is None else encode_row(*one, L, tok.eos_id)
+            if row is None:
+                dropped += 1
+            else:
+                rows.append(row[None])
+        n = rows.close()
+        if n < 2:
+            raise FinetuneError(f"{cfg.finetune_data}: {n_examples} example(s), {n} that fit seq_len={cfg.seq_len}; "
+                                "at least 2 are needed (one to train on, one held out)" + (" (raise seq_len)" if dropped
+                                                                                           else ""))
+        # the held-out share and the training rows, each in file order, copied a block at a time
+        order = np.random.default_rng(cfg.seed).permutation(n)
+        n_val = max(1, int(n * val_fraction))
+        every = np.load(os.path.join(tmp, "all.npy"), mmap_mode="r")
         entries = {}
-        for split, idx in (("train", order[n_val:]), ("val", order[:n_val])):
-            arr = np.stack([rows[i] for i in sorted(idx)])
-            sha = data._write_npy(os.path.join(tmp, f"{split}.npy"), arr)
-            src_sha = data._write_npy(os.path.join(tmp, f"{split}.src.npy"), np.zeros(len(arr), dtype=np.uint8))
-            counted = int((arr[:, 1:] >= 0).sum())
+        for split, idx in (("train", np.sort(order[n_val:])), ("val", np.sort(order[:n_val]))):
+            out = data.NpyAppender(os.path.join(tmp, f"{split}.npy"), np.int32, every.shape[1:])
+            counted = 0
+            for block in np.array_split(idx, max(1, len(idx) // 1024)):
+                part = every[block]
+                counted += int((part[:, 1:] >= 0).sum())
+                out.append(part)
+            out.close()
+            sha = sha256_file(os.path.join(tmp, f"{split}.npy"))
+            src_sha = data._write_npy(os.path.join(tmp, f"{split}.src.npy"), np.zeros(len(idx), dtype=np.uint8))
             entries[split] = {"file": f"{split}.npy", "sha256": sha, "sources_file": f"{split}.src.npy",
-                              "sources_sha256": src_sha, "sequences": len(arr),
+                              "sources_sha256": src_sha, "sequences": len(idx),
                               "tokens_per_source": {"finetune": counted}}
+        del every
+        os.remove(os.path.join(tmp, "all.npy"))
         with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
             f.write(tok.blob)
         train_n = entries["train"]["sequences"]
@@ -285,7 +340,7 @@ def prepare(cfg, tok, val_fraction=0.1):
             "seed": cfg.seed, "seq_len": cfg.seq_len, "dtype": "int32",
             "row": "chosen | rejected, seq_len + 1 tokens each" if cfg.objective == "dpo" else "one conversation",
             "sources": [{"name": "finetune", "id": 0, "origin": cfg.finetune_data, "license": "see the data's own",
-                         "format": cfg.objective, "weight": cfg.epochs, "documents": len(examples),
+                         "format": cfg.objective, "weight": cfg.epochs, "documents": n_examples,
                          "dropped_too_long": dropped, "train_sequences": train_n,
                          "train_tokens": entries["train"]["tokens_per_source"]["finetune"]}],
             "chunks": [entries["train"]] * cfg.epochs,  # one chunk per epoch, each shuffled by (seed, epoch)

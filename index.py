@@ -25,7 +25,7 @@ import numpy as np
 
 import checkpoint
 import data
-from common import UserError, hold_lock, write_json_atomic
+from common import UserError, hold_lock, worker_signals, write_json_atomic
 
 INDEX_FORMAT = "llm360-mini infini-gram shard"
 SMALL_SHARD = 64 << 20  # bytes of ids under which a shard is built by one indexer process
@@ -128,7 +128,7 @@ def build(path, workers=1, chunks=None, mem_gb=2, progress=True):
                 build_shard(d, entry, folder, mem_gb, cpus)
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(workers) as pool:
+            with ProcessPoolExecutor(workers, initializer=worker_signals) as pool:
                 for future in [pool.submit(build_shard, d, e, f, mem_gb, cpus) for d, e, f in jobs]:
                     future.result()
                     bar.update(1)

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from common import broadcast0
+from common import UserError, broadcast0
 
 
 def determinism(cfg, device):
@@ -118,3 +118,17 @@ def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB on Linux
+
+
+def torch_device(name):
+    """A --device option as a torch.device; a name torch does not know, or a device this
+    machine lacks, is a one-line error."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device={name!r}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use --device=cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device={name}: this machine has no Apple GPU; use --device=cpu")
+    return device

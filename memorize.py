@@ -36,7 +36,7 @@ import torch
 import checkpoint
 import data
 import model as model_module
-from common import (UserError, code_version, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, wait_for_ranks,
+from common import (UserError, as_bool, code_version, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, wait_for_ranks,
                     write_json_atomic)
 from plot import plot_memorization
 
@@ -317,6 +317,13 @@ def _pearson(x, y):
 # -----------------------------------------------------------------------------
 
 
+def _auto_or_bool(text):
+    return "auto" if text == "auto" else as_bool(text)
+
+
+_auto_or_bool.what = "auto, True or False"
+
+
 def main(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python memorize.py RUN_DIR [--k=32] [--l=32] [--samples=1000] [--checkpoints=a,b] "
@@ -324,19 +331,16 @@ def main(argv):
     ints = {"k": 32, "l": 32, "samples": 1000, "batch_size": 64, "seed": 0}
     with one_line_errors():
         # torchrun takes --l for its own --log-dir, so --prompt_len / --gen_len are the same as --k / --l
-        opts = parse_options(argv[1:], {*ints, "prompt_len", "gen_len", "checkpoints", "unseen", "data_dir",
-                                        "compile"}, MemorizeError)
+        opts = parse_options(argv[1:], {**dict.fromkeys(ints, int), "prompt_len": int, "gen_len": int,
+                                        "checkpoints": str, "unseen": as_bool, "data_dir": str,
+                                        "compile": _auto_or_bool}, MemorizeError)
         opts["k"], opts["l"] = opts.pop("prompt_len", opts.get("k", 32)), opts.pop("gen_len", opts.get("l", 32))
-        try:
-            kw = {key: int(opts.get(key, default)) for key, default in ints.items()}
-        except ValueError as e:
-            raise MemorizeError(f"--k, --l, --samples, --batch_size and --seed take integers ({e})") from None
+        kw = {key: opts.get(key, default) for key, default in ints.items()}
         rank, world_size, device = init_distributed()
         token = rank_token(world_size)
         run(argv[0], checkpoints=opts["checkpoints"].split(",") if "checkpoints" in opts else None,
-            unseen=opts.get("unseen", "False") == "True", data_dir=opts.get("data_dir"), rank=rank,
-            compile={"True": True, "False": False}.get(opts.get("compile", "auto"), "auto"),
-            world_size=world_size, device=device, **kw)
+            unseen=opts.get("unseen", False), data_dir=opts.get("data_dir"), rank=rank,
+            compile=opts.get("compile", "auto"), world_size=world_size, device=device, **kw)
         wait_for_ranks(os.path.join(argv[0], "memorization"), token, rank, world_size)  # no timeout
         if rank == 0:
             summarize(argv[0])

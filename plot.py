@@ -37,8 +37,10 @@ _WARM = []  # the warm-up thread, joined before the first figure: matplotlib is 
 def warm_up_in_background():
     """Import matplotlib and draw a training figure off-screen (fonts, glyph caches, the
     "1e6" offset's mathtext) in a thread, so that the first checkpoint's figure costs
-    what the others do; train.py starts it while the first chunk trains."""
-    _WARM.append(threading.Thread(target=warm_figures, daemon=True))
+    what the others do; train.py starts it while the first chunk trains. Not a daemon:
+    a run that ends first waits for it (a daemon thread killed inside matplotlib's C++
+    at exit aborts the process: "terminate called without an active exception")."""
+    _WARM.append(threading.Thread(target=warm_figures))
     _WARM[-1].start()
 
 

@@ -36,7 +36,7 @@ import torch
 
 import checkpoint
 import data
-from common import UserError, link, link_tree, iter_jsonl, one_line_errors, read_jsonl, sha256_file, write_json_atomic, write_text_atomic
+from common import UserError, hold_lock, link, link_tree, iter_jsonl, one_line_errors, read_jsonl, sha256_file, write_json_atomic, write_text_atomic
 from config import format_config, saved_config
 from model import Transformer, hf_config
 
@@ -53,6 +53,9 @@ def release(run_dir, out_dir=None):
     out_dir = out_dir or os.path.join(run_dir, "release")
     if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         raise ReleaseError(f"{run_dir} is not a run dir (no metrics.jsonl); give the out_dir of a train.py run")
+    check_out_dir(run_dir, out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    hold_lock(os.path.join(out_dir, ".release.lock"), "a release.py run")  # two releases into one folder wait
     ckpts = [os.path.join(run_dir, n) for n in checkpoint.checkpoint_names(run_dir)
              if checkpoint.kind(os.path.join(run_dir, n)) == "ours"]
     if not ckpts:
@@ -65,9 +68,9 @@ def release(run_dir, out_dir=None):
         hf_reason = None
     except ValueError as e:
         hf_reason = str(e)
-    os.makedirs(out_dir, exist_ok=True)
     index_path = os.path.join(out_dir, "release.json")
     index = json.load(open(index_path)) if os.path.exists(index_path) else {"checkpoints": {}}
+    index["run_dir"] = os.path.realpath(run_dir)  # which run this folder is a release of
     copied = 0
 
     # every checkpoint: a Hugging Face folder (exported once), its optimizer state (linked)
@@ -139,6 +142,26 @@ def release(run_dir, out_dir=None):
     print(f"released {len(ckpts)} checkpoints of {run_dir} to {out_dir} ({copied / 1e6:.1f} MB copied where "
           "hard links were not possible)")
     return out_dir
+
+
+def check_out_dir(run_dir, out_dir):
+    """A release writes only into its own folder: not the run dir, nor a folder inside it but
+    the default RUN_DIR/release, nor one that holds anything but a release of this run."""
+    run, out = os.path.realpath(run_dir), os.path.realpath(out_dir)
+    if out == run or run.startswith(out + os.sep):
+        raise ReleaseError(f"{out_dir} is the run dir or holds it; give a folder of its own for the release")
+    if out.startswith(run + os.sep) and out != os.path.join(run, "release"):
+        raise ReleaseError(f"{out_dir} is inside the run dir; give a folder outside it (or none: {run_dir}/release)")
+    if not os.path.isdir(out) or not [n for n in os.listdir(out) if n != ".release.lock"]:
+        return
+    try:
+        with open(os.path.join(out, "release.json")) as f:
+            index = json.load(f)
+    except (OSError, ValueError):
+        raise ReleaseError(f"{out_dir} holds files that are not a release (no readable release.json); give a new "
+                           "or empty folder") from None
+    if index.get("run_dir", run) != run:
+        raise ReleaseError(f"{out_dir} is a release of {index['run_dir']}, not of {run_dir}; give another folder")
 
 
 # -----------------------------------------------------------------------------

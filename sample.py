@@ -15,6 +15,7 @@ seen, with the last step that trained one (OLMoTrace's view; `python trace.py in
 RUN_DIR` first).
 """
 
+import math
 import os
 import sys
 
@@ -22,19 +23,35 @@ import torch
 
 import checkpoint
 import data
-from common import UserError, one_line_errors, parse_options
+from common import UserError, as_bool, one_line_errors, parse_options
 from config import Config
+from machine import torch_device
 
 OPTIONS = {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "seed": int, "device": str,
-           "chat": lambda v: v == "True", "trace": lambda v: v == "True", "min_len": int}
+           "chat": as_bool, "trace": as_bool, "min_len": int}
 
 
-def sample_text(ckpt_dir, prompt, max_new_tokens=200, temperature=0.8, top_k=200, seed=1337, device="cpu",
+def check_sampling(max_new_tokens, temperature, top_k, min_len):
+    """What sampling cannot do is a one-line error, never a traceback or a silently odd result
+    (a negative temperature would sample the inverted distribution)."""
+    if max_new_tokens < 1:
+        raise UserError(f"max_new_tokens={max_new_tokens}: give at least 1")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"temperature={temperature}: give a number >= 0 (0: greedy)")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k={top_k}: give at least 1 (the vocabulary size keeps every token)")
+    if min_len < 1:
+        raise UserError(f"min_len={min_len}: give at least 1")
+
+
+def sample_text(ckpt_dir, prompt="", max_new_tokens=200, temperature=0.8, top_k=200, seed=1337, device="cpu",
                 out=None, chat=False, trace=False, min_len=8):
     """Write the prompt and what the checkpoint writes after it to `out` (default stdout),
     piece by piece, until EOS or max_new_tokens; return the new text. trace=True then lists
     the spans of the new text (min_len tokens or more) that occur verbatim in the training
     data the checkpoint had seen (its run's index, `python trace.py index RUN_DIR`)."""
+    check_sampling(max_new_tokens, temperature, top_k, min_len)
+    device = torch_device(device)
     if chat:
         prompt = data.chat_turn(prompt, Config().system_prompt)
     out = sys.stdout if out is None else out
@@ -85,14 +102,7 @@ def main(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit(__doc__.strip().split("\n\n")[1])
     with one_line_errors():
-        opts = parse_options(argv[1:], OPTIONS)
-        kw = {}
-        for k, v in opts.items():
-            try:
-                kw[k] = OPTIONS[k](v)
-            except ValueError:
-                raise UserError(f"--{k}={v!r}: expected {OPTIONS[k].__name__}") from None
-        sample_text(argv[0], **kw)
+        sample_text(argv[0], **parse_options(argv[1:], OPTIONS))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import numpy as np
 
 import data
 import index as suffix
-from common import atomic_write, iter_jsonl, one_line_errors, parse_options, read_jsonl, write_text_atomic
+from common import as_bool, atomic_write, iter_jsonl, one_line_errors, parse_options, read_jsonl, write_text_atomic
 from index import Index, TraceError
 
 
@@ -273,25 +273,26 @@ def main(argv):
         if argv[0] == "index":
             if len(argv) < 2 or argv[1].startswith("--"):
                 sys.exit(usage)
-            opts = parse_options(argv[2:], {"workers", "chunks", "mem_gb"}, TraceError)
-            built = suffix.build(argv[1], int(opts.get("workers", 1)), data.chunk_ids(opts.get("chunks")),
-                                 int(opts.get("mem_gb", 2)))
+            opts = parse_options(argv[2:], {"workers": int, "chunks": str, "mem_gb": int}, TraceError)
+            built = suffix.build(argv[1], opts.get("workers", 1), data.chunk_ids(opts.get("chunks")),
+                                 opts.get("mem_gb", 2))
             print(f"{argv[1]}: {len(built)} shard(s) built, the others were up to date")
         elif argv[0] == "contamination":
             if len(argv) < 2 or argv[1].startswith("--"):
                 sys.exit(usage)
-            opts = parse_options(argv[2:], {"task_dir", "n"}, TraceError)
+            opts = parse_options(argv[2:], {"task_dir": str, "n": int}, TraceError)
             if "task_dir" not in opts:
                 raise TraceError("contamination needs --task_dir=DIR, the benchmark rows evaluate.py reads")
-            contamination(argv[1], opts["task_dir"], int(opts.get("n", 13)))
+            contamination(argv[1], opts["task_dir"], opts.get("n", 13))
         elif argv[0] == "memorization":
             if len(argv) < 2 or argv[1].startswith("--"):
                 sys.exit(usage)
-            duplication(argv[1], int(parse_options(argv[2:], {"max_rows"}, TraceError).get("max_rows", 1000)))
+            duplication(argv[1], parse_options(argv[2:], {"max_rows": int}, TraceError).get("max_rows", 1000))
         else:
-            opts = parse_options(argv[1:], {"text", "ids", "max", "spans", "min_len"}, TraceError)
-            query(argv[0], opts.get("text"), opts.get("ids"), int(opts.get("max", 10)), opts.get("spans") == "True",
-                  int(opts.get("min_len", 8)))
+            opts = parse_options(argv[1:], {"text": str, "ids": str, "max": int, "spans": as_bool, "min_len": int},
+                                 TraceError)
+            query(argv[0], opts.get("text"), opts.get("ids"), opts.get("max", 10), opts.get("spans", False),
+                  opts.get("min_len", 8))
 
 
 if __name__ == "__main__":

@@ -38,10 +38,10 @@ from tqdm import tqdm
 import branch
 import data
 import plot
-from checkpoint import (check_resumable, find_checkpoint, load_checkpoint, load_init_from, read_state, resume_point,
-                        save_checkpoint, verify_run)
-from common import (all_reduce_sum, atomic_write, barrier, close_distributed, hold_lock, init_distributed,
-                    one_line_errors, print0, write_json_atomic, writing)
+from checkpoint import (check_metrics, check_resumable, find_checkpoint, load_checkpoint, load_init_from,
+                        metrics_digest, read_state, resume_point, save_checkpoint, verify_run)
+from common import (all_reduce_sum, atomic_write, barrier, broadcast0, close_distributed, gather, hold_lock,
+                    init_distributed, one_line_errors, print0, write_json_atomic, writing)
 from config import Config, ConfigError, config_to_dict, format_config, load_config, save_config
 from machine import choose_dtype, determinism, peak_flops, peak_memory_gb, run_info
 from model import Transformer, summary
@@ -138,6 +138,21 @@ def objective(model, ref_model, x, y, cfg):
 _VAL_VERIFIED = set()
 
 
+def check_split(data_dir, entry, rank, world_size):
+    """A chunk's (or the held-out split's) files against the sha256 of its manifest: read by
+    rank 0 alone, which tells the others (at AMBER's 224 ranks, every rank hashing each 7 GB
+    chunk would read 1.5 TB a chunk); a mismatch stops every rank with the same line."""
+    problem = None
+    if rank == 0:
+        try:
+            data.open_split(data_dir, entry, verify=True)
+        except data.DataError as e:
+            problem = str(e)
+    problem = broadcast0(problem, world_size)
+    if problem:
+        raise data.DataError(problem)
+
+
 @torch.no_grad()
 def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, autocast, ref_model=None):
     """{"val_loss": mean loss over a seeded sample of val_sequences rows of the whole held-out
@@ -149,9 +164,11 @@ def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, au
     same number of forwards (FSDP)."""
     if not manifest.get("val") or manifest["val"]["sequences"] == 0 or cfg.val_sequences == 0:
         return None
-    # the split's sha256 is checked once per process (a damaged val.npy gives wrong numbers silently)
-    tokens, sources = data.open_split(data_dir, manifest["val"], verify=data_dir not in _VAL_VERIFIED)
-    _VAL_VERIFIED.add(data_dir)
+    # the split's sha256 is checked once per run, by rank 0 (a damaged val.npy gives wrong numbers silently)
+    if data_dir not in _VAL_VERIFIED:
+        check_split(data_dir, manifest["val"], rank, world_size)
+        _VAL_VERIFIED.add(data_dir)
+    tokens, sources = data.open_split(data_dir, manifest["val"], verify=False)
     mix, extra = data.validation_rows(sources, cfg.val_sequences, cfg.seed)
     groups = [(s, True, mix[sources[mix] == s]) for s in extra] + [(s, False, rows) for s, rows in extra.items()]
     batches = [(g, rows[i : i + cfg.micro_batch_size]) for g, (_, _, rows) in enumerate(groups)
@@ -211,11 +228,9 @@ class RunLog:
     def event(self, event, **fields):
         self._append(self.ledger_path, {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields})
 
-    def metrics_lines(self):
-        if not os.path.exists(self.metrics_path):
-            return 0
-        with open(self.metrics_path) as f:
-            return sum(1 for _ in f)
+    def metrics_digest(self):
+        """(lines, sha256) of metrics.jsonl: a checkpoint records the metrics up to it."""
+        return metrics_digest(self.metrics_path)
 
     def truncate_metrics(self, n_lines):
         """On resume: keep the lines the checkpoint had seen, drop those written after it."""
@@ -259,6 +274,11 @@ def plan(cfg, world_size):
     # block's input (2 s b h) and recomputes one block at a time
     sbh = cfg.micro_batch_size * T * d
     act = (2 * L + 34) * sbh if cfg.activation_checkpointing else 34 * L * sbh
+    # FSDP gathers whole units for compute: the root's (embedding, head) for the whole step, two
+    # blocks at a time (one prefetched) in bf16, and reduces a unit's gradients in float32
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    root = n - L * block
+    gathered = (root + 2 * block) * 2 + (root + block) * 4 if fsdp and planned_world > 1 else 0
     fpt = model.flops_per_token(T)
     print(summary(cfg.model, T))
     total_tokens = sum(steps) * G * T
@@ -271,7 +291,9 @@ def plan(cfg, world_size):
         f"{sum(steps):,} steps, {total_tokens / 1e9:,.2f}B tokens",
         f"memory/device    weights + grads + AdamW {states / gb:.1f} GiB ({'sharded by FSDP' if fsdp else 'replicated'}), "
         f"activations ~{act / gb:.1f} GiB ({'checkpointed' if cfg.activation_checkpointing else 'all kept'}, "
-        "an upper estimate after Korthikanti et al. 2022)",
+        "an upper estimate after Korthikanti et al. 2022)"
+        + (f", gathered units ~{gathered / gb:.1f} GiB; ~{(states + act + gathered) / gb:.1f} GiB in all" if gathered
+           else f"; ~{(states + act) / gb:.1f} GiB in all"),
     ]
     for name, flops in [("A100 bf16", 312e12), ("H100 bf16", 989e12)]:
         seconds = total_tokens * fpt / (planned_world * flops * 0.36)
@@ -292,7 +314,8 @@ def plan(cfg, world_size):
         f"a JSON-lines release like AMBER's, at {data.CONVERT_TOKENS_PER_S_PER_WORKER / 1e6:.1f}M tokens/s per "
         "worker (python bench.py convert)",
     ]
-    out = {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T, "planned_world": planned_world}
+    out = {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T, "planned_world": planned_world,
+           "memory_per_device": states + act + gathered}
     if cfg.branch_from:  # where the branch starts, and what is left of its schedule
         first, left, total, where = branch.plan(cfg, steps)
         seconds = left * G * T * fpt / (planned_world * 312e12 * 0.36)
@@ -393,19 +416,21 @@ def setup(cfg, rank, world_size, device):
     os.makedirs(cfg.out_dir, exist_ok=True)
     barrier(world_size)
     log = RunLog(cfg.out_dir, rank, cfg.wandb_project, cfg)
-    if rank == 0:
-        plot.warm_up_in_background()  # matplotlib's import and first draw, while the first chunk trains
     resume = resume_point(cfg.out_dir, log, rank, world_size)  # the newest intact checkpoint
     if parent and not branch.own_checkpoint(resume, cfg):
         resume = None  # only the parent's checkpoints, linked: the branch starts (again)
+    changes = {}
     if resume:
         saved = read_state(resume)
-        check_resumable(saved, cfg, data_sha, resume)
+        changes = check_resumable(saved, cfg, data_sha, resume)  # what the resume may change: recorded
+        check_metrics(cfg.out_dir, saved, resume, rank, world_size)
         if saved.get("finished") or (cfg.max_steps and saved["step"] >= cfg.max_steps):
             print0(f"{cfg.out_dir} has reached {'the end of its schedule' if saved.get('finished') else 'max_steps'} "
                    f"({saved['step']} steps); nothing to do", rank=rank)
             return None, saved
 
+    if rank == 0:
+        plot.warm_up_in_background()  # matplotlib's import and first draw, while the first chunk trains
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     raw_model = build_model(cfg, device, dtype, fsdp)
@@ -426,7 +451,7 @@ def setup(cfg, rank, world_size, device):
               peak_flops(cfg, device, dtype, precision["matmul_gflops"]))
 
     info = run_info(device, world_size) | {"dtype": str(dtype).removeprefix("torch."), **precision, **repeat}
-    state = start(run, resume, parent, data_sha, info)
+    state = start(run, resume, parent, data_sha, info, changes)
     run.total_steps = state["total_steps"]
     print0(f"git {info['git_commit'][:12]} | torch {info['torch']} | {world_size} x {info['device']} | "
            f"{'FSDP2' if fsdp else 'DDP' if world_size > 1 else 'one process'} | {dtype} ({precision['reason']}"
@@ -441,10 +466,11 @@ def planned_steps(table, global_batch_size):
     return sum(data.chunk_steps(m, c, global_batch_size) for _, m, c in table)
 
 
-def start(run, resume, parent, data_sha, info):
+def start(run, resume, parent, data_sha, info, changes):
     """The state the run starts from: its newest intact checkpoint's (weights, AdamW, RNG),
     its parent's (a branch, branch.py), or a fresh one (with init_from's weights); a run
-    that starts writes config.json and run.json."""
+    that starts writes config.json and run.json. A resume records the config keys it
+    changed ({key: [saved, new]}: max_steps, micro_batch_size, ...)."""
     cfg, log, rank = run.cfg, run.log, run.rank
     precision = {k: info[k] for k in ("dtype", "reason", "matmul_gflops")}
     if resume:
@@ -452,7 +478,7 @@ def start(run, resume, parent, data_sha, info):
         state.setdefault("total_steps", planned_steps(run.table, cfg.global_batch_size))  # written before it was saved
         log.truncate_metrics(state["metrics_lines"])
         log.event("resume", checkpoint=os.path.basename(resume), step=state["step"], pos=state["pos"],
-                  **precision)  # the machine may have changed
+                  changes=changes, **precision)  # the machine may have changed
         print0(f"resuming from {resume}: step {state['step']}, schedule position {state['pos']}", rank=rank)
         return state
     if parent:
@@ -525,10 +551,14 @@ def validate(run, data_dir, manifest):
 
 def save(run, state, name, reader=None):
     """Checkpoint `name` of the run dir at this state; `reader` for a mid-chunk one (its
-    position inside the chunk is saved with it)."""
-    state["reader"], state["metrics_lines"] = reader.state_dict() if reader else None, run.log.metrics_lines()
-    save_checkpoint(os.path.join(run.cfg.out_dir, name), run.raw_model, run.optimizer, state, run.cfg, run.rank,
-                    run.world_size, run.fsdp)
+    position inside the chunk is saved with it). Returns what the ledger records of it:
+    the seconds of each part, the bytes, and every rank's peak memory so far."""
+    state["reader"] = reader.state_dict() if reader else None
+    state["metrics_lines"], state["metrics_sha256"] = broadcast0(run.log.metrics_digest() if run.rank == 0 else None,
+                                                                 run.world_size)
+    info = save_checkpoint(os.path.join(run.cfg.out_dir, name), run.raw_model, run.optimizer, state, run.cfg,
+                           run.rank, run.world_size, run.fsdp)
+    return info | {"peak_mem_gb": [round(m, 2) for m in gather(peak_memory_gb(run.device), run.world_size)]}
 
 
 def remove_rolling(run):
@@ -547,7 +577,7 @@ def end_chunk(run, state, pos, chunk, data_dir, manifest):
     state["pos"] = pos + 1
     state["finished"] = state["pos"] >= len(state["schedule"])
     t0 = time.perf_counter()
-    save(run, state, f"ckpt_{pos:03d}")
+    info = save(run, state, f"ckpt_{pos:03d}")
     remove_rolling(run)
     seconds = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
@@ -557,7 +587,7 @@ def end_chunk(run, state, pos, chunk, data_dir, manifest):
         except Exception as e:  # a figure never stops a run
             run.log.event("figure_failed", error=f"{type(e).__name__}: {e}")
     run.log.event("checkpoint", name=f"ckpt_{pos:03d}", chunk=chunk, step=state["step"], tokens=state["tokens"],
-                  val_loss=val, seconds=seconds, figure_seconds=round(time.perf_counter() - t0, 3))
+                  val_loss=val, seconds=seconds, figure_seconds=round(time.perf_counter() - t0, 3), **info)
     print0(f"chunk {chunk} done: step {state['step']}, val loss {val if val is None else round(val, 4)}, "
            f"ckpt_{pos:03d} written in {seconds:.2f} s", rank=run.rank)
 
@@ -655,12 +685,17 @@ def train(run, state):
 def _train(run, state, preemption):
     cfg, log, rank = run.cfg, run.log, run.rank
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
-    flops_per_token = run.raw_model.flops_per_token(cfg.seq_len)
+    # the work of a step, for tok/s and MFU: DPO trains two sequences a row (chosen and rejected)
+    # and runs the frozen reference forward on both (a third of a training step's FLOPs)
+    seqs_per_row = 2 if cfg.objective == "dpo" else 1
+    flops_per_step = run.raw_model.flops_per_token(cfg.seq_len) * tokens_per_step * seqs_per_row * \
+        (4 / 3 if cfg.objective == "dpo" else 1)
     while state["pos"] < len(state["schedule"]):
         pos, chunk = state["pos"], state["schedule"][state["pos"]]
         data_dir, manifest, local = run.table[chunk]  # `chunk` counts over all stages
+        check_split(data_dir, manifest["chunks"][local], rank, run.world_size)
         reader = data.ChunkReader(data_dir, local, cfg.seed, cfg.global_batch_size, cfg.micro_batch_size,
-                                  rank, run.world_size, manifest=manifest)
+                                  rank, run.world_size, verify=False, manifest=manifest)
         if state["reader"]:
             reader.load_state_dict(state["reader"])
         bar = tqdm(total=reader.steps, initial=reader.step, desc=f"chunk {chunk} ({pos + 1}/{len(state['schedule'])})",
@@ -681,9 +716,9 @@ def _train(run, state, preemption):
             # log it: metrics.jsonl, the progress line, validation every val_interval steps
             record = {"step": state["step"], "pos": pos, "chunk": chunk, "stage": run.dirs.index(data_dir),
                       "chunk_step": reader.step, "tokens": state["tokens"], "loss": loss, "grad_norm": norm, "lr": lr,
-                      "step_time": dt, "tok_per_s": tokens_per_step / dt,
-                      "tok_per_s_device": tokens_per_step / dt / run.world_size,
-                      "mfu": tokens_per_step / dt / run.world_size * flops_per_token / run.peak,
+                      "step_time": dt, "tok_per_s": tokens_per_step * seqs_per_row / dt,
+                      "tok_per_s_device": tokens_per_step * seqs_per_row / dt / run.world_size,
+                      "mfu": flops_per_step / dt / run.world_size / run.peak,
                       "peak_mem_gb": peak_memory_gb(run.device)} | stats
             if cfg.val_interval and state["step"] % cfg.val_interval == 0:
                 record.update(validate(run, data_dir, manifest) or {})

@@ -6,8 +6,10 @@
     LLM360_FAULT="sigterm:K"  SIGTERM to itself in the K-th forward pass (in the middle of a step)
     LLM360_FAULT="sigterm_in_save"  SIGTERM to itself in the middle of writing every checkpoint
     LLM360_NAN_CHUNKS="1,2"   the training loss of these chunks is NaN wherever the schedule puts them
+    LLM360_HASH_LOG=PATH      append "RANK FILE" to PATH for each data file whose sha256 a rank computes
 
     python tests/faulty_train.py CONFIG [--key=value ...]    (or under torchrun, like train.py)
+    LLM360_MAIN=finetune python tests/faulty_train.py CONFIG   the same faults in finetune.py
 """
 
 import os
@@ -80,5 +82,20 @@ if nan_chunks:
     data.ChunkReader.__init__ = init_and_note
     train.objective = diverging
 
+if os.environ.get("LLM360_HASH_LOG"):
+    sha256_file = data.sha256_file
+
+    def logged_sha256(path, *args, **kwargs):
+        with open(os.environ["LLM360_HASH_LOG"], "a") as f:
+            f.write(f"{os.environ.get('RANK', '0')} {os.path.basename(path)}\n")
+        return sha256_file(path, *args, **kwargs)
+
+    data.sha256_file = logged_sha256
+
 if __name__ == "__main__":
-    train.cli(sys.argv[1:])
+    if os.environ.get("LLM360_MAIN") == "finetune":
+        import finetune
+
+        finetune.main(sys.argv[1:])
+    else:
+        train.cli(sys.argv[1:])

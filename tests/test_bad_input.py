@@ -13,7 +13,10 @@ import pytest
 
 import data
 import evaluate
+import finetune
 import memorize
+import release
+import sample
 import train
 from conftest import corpus_values, trained_run, write_config
 from test_evaluate import make_tasks
@@ -104,7 +107,101 @@ CASES = {  # id: (script's main, argv from root), what the line must say
         r, '{"tokens": [1, 2]}\n')), str(r / "converted")]), r"train_000.jsonl:1: no 'token_ids' list"),
     "convert-amber: an empty file": (lambda r: (data.main, ["convert-amber", str(_release(r, "")),
                                                             str(r / "converted")]), "train_000.jsonl: the file holds no rows"),
+    # sample.py: what sampling cannot do (A negative temperature sampled the inverted distribution)
+    "sample: max_new_tokens=-1": (lambda r: (sample.main, [_ckpt(r), "--max_new_tokens=-1"]),
+                                  "max_new_tokens=-1: give at least 1"),
+    "sample: temperature=nan": (lambda r: (sample.main, [_ckpt(r), "--temperature=nan"]), "temperature=nan: give a number >= 0"),
+    "sample: temperature=-1": (lambda r: (sample.main, [_ckpt(r), "--temperature=-1"]), "temperature=-1.0: give a number"),
+    "sample: top_k=0": (lambda r: (sample.main, [_ckpt(r), "--top_k=0"]), "top_k=0: give at least 1"),
+    "sample: --device=cuda without one": (lambda r: (sample.main, [_ckpt(r), "--device=cuda:7"]),
+                                          "--device=cuda:7: this machine has"),
+    "sample: --chat=maybe": (lambda r: (sample.main, [_ckpt(r), "--chat=maybe"]), "--chat='maybe': expected True or False"),
+    "evaluate: --tasks with a space": (lambda r: (evaluate.main, [str(r / "run"), "--tasks", "ppl"]),
+                                       "bad argument '--tasks': options are written --key=value"),
+    "evaluate: an extra positional argument": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=ppl", "extra"]),
+                                               "bad argument 'extra'"),
+    "ARC row with no choices": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=arc_challenge", "--task_dir=" + task_dir(
+        r, "t_nochoice", arc_challenge='{"id": "x", "question": "q?", "choices": {"text": [], "label": []}, '
+                                       '"answerKey": "A"}\n')]), "arc_challenge row .*: 0 choice"),
+    # a Hugging Face folder that is not one, through every script that loads weights
+    "sample: HF config.json is []": (lambda r: (sample.main, [_hf(r, "hf_list", config="[]"), "--prompt=x"]),
+                                     "hf_list/config.json: not a Hugging Face config"),
+    "sample: HF config.json not JSON": (lambda r: (sample.main, [_hf(r, "hf_text", config="{oops"), "--prompt=x"]),
+                                        "hf_text/config.json: not a Hugging Face config"),
+    "sample: HF safetensors of random bytes": (lambda r: (sample.main, [_hf(r, "hf_noise", noise=True), "--prompt=x"]),
+                                               "hf_noise/model.safetensors: not a safetensors file"),
+    "export: HF safetensors of random bytes": (lambda r: (release.main, ["export", _hf(r, "hf_noise", noise=True),
+                                                                         str(r / "exported")]),
+                                               "not a safetensors file"),
+    "evaluate: HF config.json is []": (lambda r: (evaluate.main, [_hf(r, "hf_list", config="[]"), "--tasks=ppl",
+                                                                  "--text=" + str(_write(r / "t.txt", "some text"))]),
+                                       "not a Hugging Face config"),
+    "memorize: HF safetensors of random bytes": (lambda r: (memorize.main, [_amber_dir(r), "--data_dir=" + str(r / "data")]),
+                                                 "not a safetensors file"),
+    "init_from: HF safetensors of random bytes": (lambda r: (train.cli, [config(r, out_dir=str(r / "o3"), init_from=_hf(
+        r, "hf_noise", noise=True))]), "not a safetensors file"),
+    "init_from: a folder of another width": (lambda r: (train.cli, [config(r, out_dir=str(r / "o4"), dim=32, init_from=str(
+        r / "run" / "ckpt_001"))]), "another model shape"),
+    "an invalid manifest.json": (lambda r: (train.cli, [config(r, out_dir=str(r / "o5"), data_dir=_bad_manifest(r))]),
+                                 "manifest.json"),
+    # fine-tuning files
+    "finetune: a value that is not a string": (lambda r: (finetune.main, _ft(r, "list_value.jsonl", '{"instruction": ["a"], '
+                                                                              '"output": "b"}\n' * 4)), "'instruction' is list"),
+    "finetune: a missing value": (lambda r: (finetune.main, _ft(r, "missing.jsonl", '{"conversations": [{"from": "human"}, '
+                                                                '{"from": "gpt", "value": "b"}]}\n' * 4)), "'value' is missing"),
+    "finetune: one example": (lambda r: (finetune.main, _ft(r, "one.jsonl", '{"instruction": "a", "output": "b"}\n')),
+                              "1 example.*at least 2"),
+    "finetune: an empty file": (lambda r: (finetune.main, _ft(r, "empty.jsonl", "")), "0 example"),
+    "finetune: a JSON list in .jsonl": (lambda r: (finetune.main, _ft(r, "list.jsonl", '[{"instruction": "a", "output": "b"}]\n')),
+                                        "list.jsonl:1: a list, not a JSON object"),
+    "finetune: JSON lines in .json": (lambda r: (finetune.main, _ft(r, "lines.json", '{"instruction": "a", "output": "b"}\n' * 2)),
+                                      "not one JSON document"),
+    "finetune: not UTF-8": (lambda r: (finetune.main, _ft(r, "latin.jsonl", b'{"instruction": "caf\xe9", "output": "b"}\n')),
+                            "not UTF-8 text"),
 }
+
+
+def _ckpt(r):
+    return str(r / "run" / "ckpt_001")
+
+
+def _hf(r, name, config=None, noise=False):
+    """A copy of the run's last checkpoint as a Hugging Face folder, then broken."""
+    folder = r / name
+    if not folder.exists():
+        release.export(_ckpt(r), str(folder))
+    if config is not None:
+        (folder / "config.json").write_text(config)
+    if noise:
+        (folder / "model.safetensors").write_bytes(os.urandom(4096))
+    return str(folder)
+
+
+def _amber_dir(r):
+    """A folder of AMBER-style checkpoints (ckpt_000 as a Hugging Face folder) with broken weights."""
+    folder = r / "amber_noise"
+    if not folder.exists():
+        folder.mkdir()
+        shutil.copytree(_hf(r, "hf_noise", noise=True), folder / "ckpt_000")
+    return str(folder)
+
+
+def _bad_manifest(r):
+    folder = r / "bad_manifest"
+    if not folder.exists():
+        shutil.copytree(r / "data", folder)
+        (folder / "manifest.json").write_text('{"format": "llm360-data", "chunks": 3}')
+    return str(folder)
+
+
+def _ft(r, name, text):
+    path = r / "ft" / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    cfg = write_config(r / "ft" / "case.py", dict(init_from=_ckpt(r), finetune_data=str(path), seq_len=64,
+                                                  data_dir=str(r / "ft" / "data"), out_dir=str(r / "ft" / "run"),
+                                                  global_batch_size=2, micro_batch_size=2))
+    return [cfg]
 
 
 def _write(path, text):

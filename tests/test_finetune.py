@@ -10,7 +10,9 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+import checkpoint
 import data
 import finetune as ft
 import train
@@ -69,7 +71,7 @@ def test_formats(tmp_path):
     with pytest.raises(ft.FinetuneError, match="record 3: unknown speaker 'robot'"):
         ft.conversation({"conversations": [{"from": "robot", "value": "x"}]}, "record 3")
     (tmp_path / "a.json").write_text(json.dumps([share, share]))
-    assert len(ft.read_records(str(tmp_path / "a.json"))) == 2
+    assert len(list(ft.read_records(str(tmp_path / "a.json")))) == 2
 
 
 def test_dpo_loss_and_gradient_equal_a_direct_computation():
@@ -100,13 +102,18 @@ def base(tmp_path_factory):
     return trained_run(tmp_path_factory.mktemp("ft_corpus"), n_chunks=2, max_seq_len=128)
 
 
-def finetune_run(root, name, **values):
-    cfg = write_config(root / f"{name}.py", dict(data_dir=str(root / f"data_{name}"), out_dir=str(root / name),
-                                                 seq_len=64, global_batch_size=8, micro_batch_size=4, warmup_steps=2,
-                                                 weight_decay=0.0, dtype="float32", init_optimizer=False,
-                                                 system_prompt="A chat.", **values))
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "finetune.py"), cfg], capture_output=True, text=True,
-                          cwd=root)
+def finetune_run(root, name, fault="", data_name=None, **values):
+    """finetune.py in a subprocess; its metrics lines. fault: SIGKILL it as tests/faulty_train.py says."""
+    cfg = write_config(root / f"{name}.py", dict(data_dir=str(root / f"data_{data_name or name}"),
+                                                 out_dir=str(root / name), seq_len=64, global_batch_size=8,
+                                                 micro_batch_size=4, warmup_steps=2, weight_decay=0.0, dtype="float32",
+                                                 init_optimizer=False, system_prompt="A chat.", **values))
+    script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "finetune.py")
+    env = dict(os.environ, PYTHONPATH=ROOT, LLM360_MAIN="finetune", LLM360_FAULT=fault)
+    proc = subprocess.run([sys.executable, script, cfg], capture_output=True, text=True, cwd=root, env=env)
+    if fault:
+        assert proc.returncode == -9, proc.stderr[-3000:]
+        return None
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines()]
 
@@ -135,6 +142,37 @@ def test_sft_then_dpo_do_what_they_are_for(base):
     assert start["val_loss"] == pytest.approx(math.log(2), abs=1e-6) and start["val_reward_margin"] == 0.0
     assert end["val_reward_accuracy"] > max(0.5, end["val_ref_preference"])
     assert {"reward_accuracy", "reward_margin", "reward_chosen", "reward_rejected"} <= set(dpo[1])
+
+
+@pytest.mark.parametrize("objective", ["lm", "dpo"])
+def test_sft_and_dpo_killed_and_rerun_end_bitwise_as_uninterrupted(base, objective):
+    """SIGKILL after step 3 (a rolling checkpoint every 2 steps), the same command again: the
+    same weights, bit for bit, and the same losses as a run that was never stopped. DPO's
+    tok/s and MFU count the work of a step: two sequences a row, and the reference's forward."""
+    names = ["alpha", "beta", "gamma", "delta", "red", "blue", "cat", "dog"]
+    if objective == "dpo":
+        rows = [{"prompt": f"is {a} {b}?", "chosen": f"no, {a} {b} is not.", "rejected": f"yes, {a} {b} is."}
+                for a in names for b in names]
+    else:
+        rows = [{"instruction": f"what follows {a} {b}?", "output": f"{b} follows {a}."} for a in names for b in names]
+    path = base / f"kill_{objective}.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    common = dict(init_from=str(base / "run" / "ckpt_001"), finetune_data=str(path), objective=objective, epochs=1,
+                  lr=1e-3, min_lr=1e-4, max_steps=4, ckpt_interval=2, peak_flops=1e12, data_name=f"kill_{objective}")
+    once = finetune_run(base, f"{objective}_once", **common)
+    finetune_run(base, f"{objective}_killed", fault="step:3", **common)
+    again = finetune_run(base, f"{objective}_killed", **common)
+    keys = ("step", "loss", "grad_norm", "lr", "val_loss", "reward_margin")
+    assert [{k: r[k] for k in keys if k in r} for r in once] == [{k: r[k] for k in keys if k in r} for r in again]
+    a, b = (load_file(str(base / n / "ckpt_rolling" / "model.safetensors")) for n in (f"{objective}_once",
+                                                                                     f"{objective}_killed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    step = once[-1]
+    work = 8 * 64 * (2 if objective == "dpo" else 1)  # trained tokens a step: G rows of seq_len (x2 for a pair)
+    assert step["tok_per_s"] * step["step_time"] == pytest.approx(work)
+    flops = checkpoint.load_model(str(base / "run" / "ckpt_001")).flops_per_token(64) * work
+    flops *= 4 / 3 if objective == "dpo" else 1  # the reference's forward: a third of a training step's
+    assert step["mfu"] * step["step_time"] * 1e12 == pytest.approx(flops)  # peak_flops=1e12 in the config
 
 
 @pytest.mark.slow

@@ -95,6 +95,35 @@ def test_release_links_loads_and_reproduces(run, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_release_writes_only_into_a_release_of_its_run(run, tmp_path):
+    """The run dir, a folder inside it, a folder of other files, a release of another run:
+    each refused before anything is written; a rerun into the same folder leaves exactly
+    what one release leaves (no stray *.tmp links)."""
+    run_dir = run / "run"
+    def tree(folder):
+        return sorted((os.path.relpath(os.path.join(d, f), folder), os.path.getsize(os.path.join(d, f)))
+                      for d, _, fs in os.walk(folder) for f in fs if not f.endswith(".lock"))
+    before = tree(run_dir)
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    (other / "README.md").write_text("mine")
+    (other / "config.json").write_text("{}")
+    for out, message in [(run_dir, "is the run dir or holds it"), (run, "is the run dir or holds it"),
+                         (run_dir / "ckpt_000", "is inside the run dir"), (other, "holds files that are not a release")]:
+        with pytest.raises(rel.ReleaseError, match=message):
+            rel.release(str(run_dir), str(out))
+    assert tree(run_dir) == before and (other / "README.md").read_text() == "mine"
+    out = tmp_path / "out"
+    rel.release(str(run_dir), str(out))
+    once = tree(out)
+    rel.release(str(run_dir), str(out))
+    assert tree(out) == once and not [n for n, _ in once if n.endswith(".tmp")]
+    twin = tmp_path / "twin"
+    shutil.copytree(run_dir, twin, ignore=shutil.ignore_patterns("release"))
+    with pytest.raises(rel.ReleaseError, match=f"is a release of {os.path.realpath(run_dir)}"):
+        rel.release(str(twin), str(out))
+
+
 def test_bad_run_dir_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "release.py"), str(tmp_path)], capture_output=True,
                           text=True)

@@ -107,13 +107,16 @@ def run_values(corpus, name, **kw):
     return values
 
 
-def train(corpus, name, nproc=1, fault=None, expect_ok=True, nan_chunks=(), fault_rank=0, **kw):
+def train(corpus, name, nproc=1, fault=None, expect_ok=True, nan_chunks=(), fault_rank=0, hash_log="", **kw):
     """train.py on the corpus in a subprocess; faults (fault="step:N" / "save:N", chunks
-    whose loss is NaN) are injected from outside by tests/faulty_train.py."""
+    whose loss is NaN) are injected from outside by tests/faulty_train.py, which also logs
+    the data files each rank hashes (hash_log)."""
     cfg_path = write_config(corpus / f"{name}.py", run_values(corpus, name, **kw))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, LLM360_FAULT=fault or "",
-               LLM360_NAN_CHUNKS=",".join(map(str, nan_chunks)), LLM360_FAULT_RANK=str(fault_rank))
-    script = os.path.join(ROOT, "tests", "faulty_train.py") if fault or nan_chunks else os.path.join(ROOT, "train.py")
+               LLM360_NAN_CHUNKS=",".join(map(str, nan_chunks)), LLM360_FAULT_RANK=str(fault_rank),
+               LLM360_HASH_LOG=str(hash_log))
+    script = os.path.join(ROOT, "tests", "faulty_train.py") if fault or nan_chunks or hash_log else \
+        os.path.join(ROOT, "train.py")
     if nproc == 1:
         cmd = [sys.executable, script, cfg_path]
     else:
@@ -176,7 +179,8 @@ def test_run_writes_fp32_checkpoints_with_full_adamw_state(reference):
 
 def assert_same_checkpoint(a, b):
     """Every file of two checkpoint folders byte for byte (RNG states included), and
-    state.json equal but for the run's own out_dir (and branch_from: a branch's parent)."""
+    state.json equal but for the run's own out_dir (and branch_from: a branch's parent), the
+    digest of its metrics (which hold timings) and its own digest."""
     names = sorted(os.listdir(a))
     assert names == sorted(os.listdir(b))
     for name in names:
@@ -184,6 +188,7 @@ def assert_same_checkpoint(a, b):
             sa, sb = (json.loads((d / name).read_text()) for d in (a, b))
             for s in (sa, sb):
                 s["config"].pop("out_dir"), s["config"].pop("branch_from", None)
+                s.pop("metrics_sha256"), s.pop("state_sha256")
             assert sa == sb
         else:
             assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -303,7 +308,11 @@ def short_reference(corpus):
 def test_ddp_matches_one_process_and_resumes_bitwise(corpus, short_reference):
     train(corpus, "ddp_short", nproc=2, max_steps=12, lr=1e-3)
     assert_same_training(short_reference, corpus / "ddp_short", tol=1e-6)
-    train(corpus, "ddp", nproc=2)
+    train(corpus, "ddp", nproc=2, hash_log=corpus / "ddp_hashes.txt")
+    # each chunk (and the held-out split) is hashed once, by rank 0, not by every rank at each chunk start
+    hashed = [h for h in (corpus / "ddp_hashes.txt").read_text().splitlines() if h.endswith(".npy")]  # not manifests
+    assert sorted(hashed) == sorted(set(hashed)) and {h.split()[0] for h in hashed} == {"0"}, hashed
+    assert {h.split()[1] for h in hashed} >= {"chunk_000.npy", "chunk_002.npy", "val.npy"}, hashed
     killed = train(corpus, "ddp_kill", nproc=2, fault="step:40")
     assert killed.returncode != 0
     train(corpus, "ddp_kill", nproc=2)
@@ -365,6 +374,98 @@ def test_bad_input_gives_one_line_errors(corpus, reference):
     assert "another model shape (n_layer=2)" in proc.stderr and proc.stderr.strip().count("\n") == 0
     proc = train(corpus, "bad3", expect_ok=False, lrr=1.0)
     assert "did you mean 'lr'" in proc.stderr
+
+
+def test_a_resume_that_would_change_the_run_is_refused_and_records_nothing(corpus, killed_after_two_chunks):
+    """A resume is the same run: a config that changes its schedule, data order or numbers
+    is refused in one line naming every difference and the branch that makes it an
+    experiment; the run dir is left as it was. What a resume may change is recorded."""
+    import shutil
+
+    run = corpus / "changed"
+    shutil.copytree(killed_after_two_chunks, run)
+    before = {n: (run / n).read_bytes() for n in ("ledger.jsonl", "config.json", "metrics.jsonl")}
+    proc = train(corpus, "changed", expect_ok=False, lr=2e-2, warmup_steps=7)
+    assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "lr 0.01 -> 0.02, warmup_steps 5 -> 7" in proc.stderr and f"--branch_from={run}/ckpt_001" in proc.stderr
+    assert {n: (run / n).read_bytes() for n in before} == before
+    saved = checkpoint.read_state(str(run / "ckpt_001"))
+    data_sha = saved["data_manifest_sha256"]
+    for key, value in [("global_batch_size", 16), ("seed", 7), ("lr_schedule", "linear"), ("grad_clip", 0.5),
+                       ("nan_policy", "stop"), ("init_from", str(run / "ckpt_000"))]:
+        cfg = config_from_dict(run_values(corpus, "changed", **{key: value}))
+        with pytest.raises(checkpoint.ConfigError, match=f"changes {key} "):
+            checkpoint.check_resumable(saved, cfg, data_sha, "ckpt_001")
+    cfg = config_from_dict(run_values(corpus, "changed", max_steps=50, micro_batch_size=4, val_interval=5))
+    assert checkpoint.check_resumable(saved, cfg, data_sha, "ckpt_001") == {  # a moved run dir is the same run
+        "out_dir": [str(killed_after_two_chunks), str(run)], "max_steps": [0, 50], "val_interval": [0, 5],
+        "micro_batch_size": [2, 4]}
+
+
+def test_tampering_that_keeps_the_shapes_is_found(corpus, killed_after_two_chunks, tmp_path, capsys):
+    """A checkpoint covers its own state.json and the metrics lines up to it, and is a folder of
+    its run dir: an edited state (step, pos), edited or deleted metrics lines, and a checkpoint
+    replaced by a symbolic link are each found by verify and stop (or roll back) a resume."""
+    import shutil
+
+    def copy(name):
+        run = tmp_path / name
+        shutil.copytree(killed_after_two_chunks, run)
+        return run
+
+    def edit_json(path, **changes):
+        path.write_text(json.dumps(json.loads(path.read_text()) | changes, indent=1))
+
+    log = train_py.RunLog(str(tmp_path), 0)
+    assert checkpoint.verify_run(str(killed_after_two_chunks)) == 0
+    # state.json edited: step 192 -> 100 in the newest (the resume rolls back past it), pos in an older one
+    run = copy("state")
+    edit_json(run / "ckpt_001" / "state.json", step=100)
+    edit_json(run / "ckpt_000" / "state.json", pos=0)
+    capsys.readouterr()
+    assert checkpoint.verify_run(str(run)) == 2
+    out = capsys.readouterr().out
+    assert out.count("state.json was changed after it was written") == 2, out
+    run = copy("step")
+    edit_json(run / "ckpt_001" / "state.json", step=100)
+    assert checkpoint.resume_point(str(run), log) == str(run / "ckpt_000")  # ckpt_001 moved aside, not retrained over
+    assert checkpoint.checkpoint_names(run) == ["ckpt_000"]
+    # metrics.jsonl: a value edited inside ckpt_000's lines, or the last line ckpt_001 counted deleted
+    n0 = checkpoint.read_state(str(killed_after_two_chunks / "ckpt_000"))["metrics_lines"]
+    for how in ("edit", "delete"):
+        run = copy(f"metrics_{how}")
+        lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+        if how == "edit":
+            lines[n0 - 2] = lines[n0 - 2].replace('"loss": ', '"loss": 1')
+        else:
+            del lines[n0 + 1]
+        (run / "metrics.jsonl").write_text("".join(lines))
+        capsys.readouterr()
+        assert checkpoint.verify_run(str(run)) == 1
+        out = capsys.readouterr().out
+        recorded = "ckpt_000, ckpt_001" if how == "edit" else "ckpt_001"
+        assert f"its first lines are not those {recorded} recorded" in out, out
+        saved = checkpoint.read_state(str(run / "ckpt_001"))
+        with pytest.raises(checkpoint.CheckpointError, match="lines are not those ckpt_001 recorded"):
+            checkpoint.check_metrics(str(run), saved, "ckpt_001")
+    # a checkpoint that is a symbolic link (to another checkpoint) is never followed
+    run = copy("linked")
+    shutil.rmtree(run / "ckpt_001")
+    os.symlink(run / "ckpt_000", run / "ckpt_001")
+    with pytest.raises(checkpoint.CheckpointError, match="ckpt_001 is a symbolic link"):
+        checkpoint.resume_point(str(run), log)
+    capsys.readouterr()
+    assert checkpoint.verify_run(str(run)) == 1 and "ckpt_001       DAMAGED: a symbolic link" in capsys.readouterr().out
+    proc = train(corpus, "linked_run", expect_ok=False, out_dir=str(run))
+    assert proc.returncode == 1 and "is a symbolic link" in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+def test_a_finished_run_rerun_has_nothing_to_do_and_exits_cleanly(corpus, reference):
+    """It used to abort at exit ("terminate called without an active exception", status 134)
+    in 4 of 6 tries: the figure warm-up thread was still inside matplotlib."""
+    for _ in range(3):
+        proc = train(corpus, "ref", expect_ok=False)
+        assert proc.returncode == 0 and "nothing to do" in proc.stdout and "terminate" not in proc.stderr, proc.stderr
 
 
 def test_activation_checkpointing_changes_nothing_but_memory(corpus, short_reference):
