@@ -33,7 +33,8 @@ process with its workers.
 
 `prepare` runs `data.py CONFIG` on a corpus of made-up documents and on one 4x
 larger, with the same given tokenizer (training one reads a capped sample, apart
-from the data path), and prints the peak resident memory of each.
+from the data path), and prints the peak resident memory of each; then fine-tuning's
+preparation on made-up conversations, and on 4x as many.
 
 `figures` times the redraw of a run's training.png (default runs/tiny) against
 the run's training time per chunk.
@@ -54,7 +55,8 @@ import torch
 
 from common import parse_options
 from config import ConfigError, load_config
-from model import Transformer, hf_config, to_hf_state_dict
+from model import Transformer, to_hf_state_dict
+from model_config import hf_config
 from machine import matmul_rate
 from train import make_optimizer
 
@@ -327,6 +329,20 @@ def bench_prepare(docs=(20000, 80000)):
             tokens = json.load(f)["totals"]["train_tokens"]
         print(f"{n:7,d} documents ({os.path.getsize(corpus) / 1e6:5.0f} MB, {tokens / 1e6:6.1f}M training tokens): "
               f"{dt:6.1f} s, peak {peak:4.0f} MB resident, {anon:4.0f} MB anonymous")
+    # fine-tuning's preparation (finetune.prepare): conversations rendered into rows of 2,049 ids
+    code = ("import sys, config, data, finetune; tok = data.Tokenizer('sentencepiece', open(sys.argv[1], 'rb').read()); "
+            "finetune.prepare(config.config_from_dict(dict(finetune_data=sys.argv[2], data_dir=sys.argv[3], "
+            "seq_len=2048, max_seq_len=2048)), tok)")
+    for n in (docs[0] // 4, docs[0]):
+        convs = os.path.join(tmp, f"sft_{n}.jsonl")
+        with open(convs, "w") as f:
+            for _ in range(n):
+                f.write(json.dumps({"instruction": " ".join(rng.choice(words) for _ in range(rng.randint(20, 100))),
+                                    "output": " ".join(rng.choice(words) for _ in range(rng.randint(50, 300)))}) + "\n")
+        dt, peak, anon = _peak_run([sys.executable, "-c", code, os.path.join(tmp, "tokenizer.model"), convs,
+                                    os.path.join(tmp, f"sft_data_{n}")])
+        print(f"finetune.prepare, {n:6,d} conversations ({os.path.getsize(convs) / 1e6:4.0f} MB; rows of 2,049 int32 "
+              f"ids: {n * 2049 * 4 / 1e6:4.0f} MB): {dt:5.1f} s, peak {peak:4.0f} MB resident, {anon:4.0f} MB anonymous")
     shutil.rmtree(tmp)
 
 

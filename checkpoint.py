@@ -47,7 +47,8 @@ import torch.distributed as dist
 import data
 from common import atomic_write, barrier, broadcast0, sha256_file, size_text, write_json_atomic, writing
 from config import ConfigError, config_to_dict, saved_config
-from model import Transformer, hf_config, hf_parts, model_config_from_hf, to_hf_state_dict
+from model import Transformer, hf_parts, to_hf_state_dict
+from model_config import hf_config, model_config_from_hf
 
 
 class CheckpointError(data.DataError):
@@ -477,6 +478,20 @@ def check_resumable(state, cfg, data_sha, path):
     return {k: list(v) for k, v in changes.items()}
 
 
+def check_tokenizer(path, cfg):
+    """A checkpoint of ours goes on only with data of its own tokenizer: another of the same
+    vocabulary size gives its token ids other meanings, and the run would train on
+    silently (from a validation loss of 4.9 back to 8.2)."""
+    theirs = identity(path)["tokenizer"]
+    for d in data.stage_dirs(cfg):
+        tok = data.load_manifest(d)["tokenizer"]
+        mine = tok.get("sha256") or tok.get("name")
+        if theirs and mine and mine != theirs:
+            raise CheckpointError(f"init_from={path!r} was trained with another tokenizer (sha256 {theirs[:12]}...) "
+                                  f"than {d} holds ({mine[:12]}...); prepare the data with its tokenizer "
+                                  f"(tokenizer = '<its data dir>/tokenizer.model'), or start from another checkpoint")
+
+
 def load_init_from(cfg, raw_model, optimizer, data_sha, rank, fsdp):
     """Start a new run from cfg.init_from: a checkpoint of ours (its weights, and its AdamW
     state when cfg.init_optimizer) or a Hugging Face folder (weights: AMBER's release)."""
@@ -486,6 +501,7 @@ def load_init_from(cfg, raw_model, optimizer, data_sha, rank, fsdp):
         if problems:
             raise CheckpointError(f"init_from={path!r} is damaged ({'; '.join(problems)}); start from another checkpoint")
         check_shape(read_state(path)["config"], cfg, path)
+        check_tokenizer(path, cfg)
         load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=cfg.init_optimizer)
         return
     if not os.path.exists(os.path.join(path, "config.json")):

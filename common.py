@@ -30,8 +30,6 @@ import sys
 import threading
 import time
 
-import torch
-import torch.distributed as dist
 
 
 class UserError(ValueError):
@@ -43,9 +41,19 @@ class UserError(ValueError):
 # ranks
 
 
+def _dist():
+    """torch.distributed, imported where it is used: data.py's workers never load torch."""
+    import torch.distributed
+
+    return torch.distributed
+
+
 def init_distributed():
     """(rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; the
     backend is NCCL on CUDA and gloo on CPU, so every mode runs on a laptop too."""
+    import torch
+
+    dist = _dist()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -60,7 +68,8 @@ def init_distributed():
 
 
 def close_distributed():
-    if dist.is_initialized():
+    dist = sys.modules.get("torch.distributed")  # not loaded: nothing to close
+    if dist is not None and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -71,20 +80,20 @@ def print0(*args, rank=0, **kwargs):
 
 def all_reduce_sum(x, world_size):
     if world_size > 1:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        _dist().all_reduce(x, op=_dist().ReduceOp.SUM)
     return x
 
 
 def barrier(world_size):
     if world_size > 1:
-        dist.barrier()
+        _dist().barrier()
 
 
 def broadcast0(value, world_size):
     """Rank 0's value on every rank (any picklable object)."""
     box = [value]
     if world_size > 1:
-        dist.broadcast_object_list(box, src=0)
+        _dist().broadcast_object_list(box, src=0)
     return box[0]
 
 
@@ -93,7 +102,7 @@ def gather(value, world_size):
     if world_size == 1:
         return [value]
     out = [None] * world_size
-    dist.all_gather_object(out, value)
+    _dist().all_gather_object(out, value)
     return out
 
 

@@ -7,7 +7,7 @@ takes `CONFIG [--key=value ...]`:
     python train.py configs/tiny.py --lr=1e-3 --n_layer=6
 
 The file runs in a namespace of its own (never in our globals). Every key, from
-the file or the command line, must name a field of Config or of model.ModelConfig
+the file or the command line, must name a field of Config or of model_config.ModelConfig
 (those override the preset named by `model`); an unknown key is an error that names
 the closest valid one. Types are checked: an int widens to a float, nothing else is
 converted. The result is frozen, prints as `key = value` lines, and round-trips
@@ -22,7 +22,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from common import UserError, parse_options, write_json_atomic
-from model import PRESETS, ModelConfig
+from model_config import PRESETS, ModelConfig
 
 
 class ConfigError(UserError):
@@ -31,7 +31,7 @@ class ConfigError(UserError):
 
 @dataclass(frozen=True)
 class Config:
-    # model: a preset name of model.PRESETS; any ModelConfig field given as a key overrides it
+    # model: a preset name of model_config.PRESETS; any ModelConfig field given as a key overrides it
     model: ModelConfig = PRESETS["tiny"]
     # data (data.py): the mix, {source name: source spec}, see data.py for a spec's keys
     sources: dict = field(default_factory=dict)
@@ -60,7 +60,7 @@ class Config:
     epochs: int = 1  # passes over the fine-tuning data, one chunk (and one checkpoint) each
     system_prompt: str = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
                           "gives helpful, detailed, and polite answers to the user's questions.")  # Vicuna v1.1
-    wandb_project: str = ""  # also log to Weights & Biases under this project (needs wandb installed)
+    wandb_project: str = ""  # also log to this Weights & Biases project (needs wandb); a resume logs on into its W&B run
     peak_flops: float = 0.0  # per device, for MFU; 0: a known GPU's bf16 peak, or the measured float32 matmul rate
     dry_run: bool = False  # print the plan (memory, steps, time) without allocating the model
     dry_run_sequences_per_chunk: int = 0  # for the plan when the data dir is not prepared (AMBER: 1,706,976)
@@ -164,7 +164,7 @@ def _check(key, value, annotation):
 def _unknown(key, where):
     valid = ["model", *RUN_KEYS, *MODEL_KEYS]
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else "; see config.py and model.ModelConfig for valid keys"
+    hint = f"; did you mean {close[0]!r}?" if close else "; see config.py and model_config.ModelConfig for valid keys"
     return ConfigError(f"unknown config key {key!r} {where}{hint}")
 
 

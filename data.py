@@ -51,10 +51,9 @@ import sys
 import sysconfig
 
 import numpy as np
-import torch
 
-from common import (UserError, atomic_write, dir_lock, hold_lock, link, one_line_errors, parse_options, sha256_file,
-                    worker_signals, write_json_atomic, writing)
+from common import (UserError, atomic_write, broadcast0, dir_lock, hold_lock, link, one_line_errors, parse_options,
+                    sha256_file, worker_signals, write_json_atomic, writing)
 from config import ConfigError, load_config
 
 MANIFEST_FORMAT, MANIFEST_VERSION = "llm360-mini data", 2  # 2: the two-pass global shuffle
@@ -893,6 +892,21 @@ def open_split(data_dir, entry, verify=True):
     return arrays[0], np.asarray(arrays[1])
 
 
+def check_split(data_dir, entry, rank, world_size):
+    """A chunk's (or the held-out split's) files against the sha256 of its manifest: read by
+    rank 0 alone, which tells the others (at AMBER's 224 ranks, every rank hashing each 7 GB
+    chunk would read 1.5 TB a chunk); a mismatch stops every rank with the same line."""
+    problem = None
+    if rank == 0:
+        try:
+            open_split(data_dir, entry, verify=True)
+        except DataError as e:
+            problem = str(e)
+    problem = broadcast0(problem, world_size)
+    if problem:
+        raise DataError(problem)
+
+
 VAL_STREAM = 0x76616C  # "val": the validation sample's random stream, apart from every chunk's
 
 
@@ -917,6 +931,8 @@ def rows_to_xy(rows):
     """(inputs, targets) int64 tensors of stored rows (n, L + 1): inputs rows[:, :-1], targets
     rows[:, 1:]. Fine-tuning data (finetune.py) is stored signed, a token that is input only
     (a prompt, padding) as -(id + 1): it is fed as id, and its target is -1, never counted."""
+    import torch  # here, not at the top: data.py's worker processes never load it
+
     seqs = torch.from_numpy(np.asarray(rows).astype(np.int64))
     if not np.issubdtype(rows.dtype, np.signedinteger):
         return seqs[:, :-1], seqs[:, 1:]

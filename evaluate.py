@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -380,26 +381,46 @@ def main():
 main()
 """
 
-# inside the new namespaces: the sample's folder stays writable, the project and home
-# folders are hidden, every other mount becomes read-only, then Python starts
+# inside the new namespaces, as the namespace's root: the project and home folders hidden
+# (unwritable tmpfs), the sample's folder a tmpfs of BOX_MB (the one writable place, so the
+# bytes it can write are bounded), /dev/shm and /dev/mqueue private and tiny, every other
+# mount read-only, checked, and no user namespace of its own to come; then Python starts
+# without a single capability, so no mount can be undone
 _ISOLATE = r"""
 dir="$1"; shift
-mount --bind "$dir" "$dir" || exit 97
 i=0
 for keep in $KEEP; do  # the Python installation, when it lives inside a hidden folder
   mkdir "$dir/.keep$i" && mount --bind "$keep" "$dir/.keep$i" || exit 97; i=$((i + 1))
 done
-for hide in "$@"; do mount -t tmpfs -o size=64k tmpfs "$hide" || exit 97; done
+for hide in "$@"; do mount -t tmpfs -o size=64k,mode=0555 tmpfs "$hide" || exit 97; done
 i=0
 for keep in $KEEP; do
   mkdir -p "$keep" 2>/dev/null; mount --bind "$dir/.keep$i" "$keep" || exit 97; umount "$dir/.keep$i"
   rmdir "$dir/.keep$i"; i=$((i + 1))
 done
+mount -t tmpfs -o "size=${BOX_MB}m,mode=0700" tmpfs "$dir/w" || exit 97
+cp "$dir/sample.py" "$dir/runner.py" "$dir/w/" || exit 97
+for shm in /dev/shm /dev/mqueue; do
+  if [ -d "$shm" ]; then mount -t tmpfs -o size=64k,mode=0700 tmpfs "$shm" || exit 97; fi
+done
 while read -r _ _ _ _ mp _; do
-  case "$mp" in "$dir"|/proc|/proc/*|/dev|/dev/*|/sys|/sys/*) continue;; esac
+  case "$mp" in "$dir/w"|/dev/shm|/dev/mqueue|/proc|/proc/*) continue;; esac
   mount -o remount,bind,ro "$mp" 2>/dev/null
 done < /proc/self/mountinfo
-cd "$dir" && exec "$PYTHON" -I -S runner.py
+top() {  # each mount point's topmost mount (a later line covers an earlier one): "point options"
+  awk '{ top[$5] = $6 } END { for (m in top) print m, top[m] }' /proc/self/mountinfo
+}
+top | while read -r mp opts; do  # one that refuses to be read-only is covered by an empty read-only tmpfs
+  case "$mp" in "$dir/w"|/dev/shm|/dev/mqueue|/proc|/proc/*|/) continue;; esac
+  case "$opts" in rw*) mount -t tmpfs -o ro,size=4k tmpfs "$mp" 2>/dev/null;; esac
+done
+top | while read -r mp opts; do  # what could not be made read-only stops the run
+  case "$mp" in "$dir/w"|/dev/shm|/dev/mqueue|/proc|/proc/*) continue;; esac
+  case "$opts" in rw*) echo "sandbox: $mp stays writable" >&2; exit 97;; esac
+done || exit 97
+echo 0 > /proc/sys/user/max_user_namespaces || exit 97
+cd "$dir/w" && exec setpriv --bounding-set=-all --inh-caps=-all --ambient-caps=-all --no-new-privs \
+  "$PYTHON" -I -S runner.py
 """
 _UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount", "--mount-proc"]
 _ISOLATION = {}
@@ -408,6 +429,8 @@ _ISOLATION = {}
 def isolation():
     """None if generated code can run in new user, PID, network and mount namespaces here
     (unshare, unprivileged), else the reason it cannot."""
+    if "reason" not in _ISOLATION and not shutil.which("setpriv"):
+        _ISOLATION["reason"] = "setpriv (util-linux) not found: it drops the sample's capabilities"
     if "reason" not in _ISOLATION:
         try:
             proc = subprocess.run(_UNSHARE + ["sh", "-c", "mount -t tmpfs tmpfs /mnt && true"], capture_output=True,
@@ -440,23 +463,24 @@ def run_sandboxed(program, timeout=10.0, memory_mb=512, allow_unisolated=False, 
                         f"{reason}); rerun with --allow_code_execution=True to run it with resource limits and a "
                         "guard only: no protection of the network, the file system or other processes")
 
+    nproc = 0 if reason else _processes_of(os.getuid()) + MAX_PROCESSES  # this user's, and the sample's
+
     def limits():
         resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2**20, memory_mb * 2**20))
         resource.setrlimit(resource.RLIMIT_CPU, (int(timeout) + 1, int(timeout) + 1))
         resource.setrlimit(resource.RLIMIT_FSIZE, (output_limit, output_limit))
-        if reason:  # without a PID namespace; with one, unshare itself must fork
-            resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))  # not enforced for root; the guard covers it
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))  # the kernel exempts root from it
 
     token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(dir="/tmp") as folder, tempfile.TemporaryFile() as out:
         box = os.path.join(folder, "box")
-        os.mkdir(box)
+        os.makedirs(os.path.join(box, "w"))  # the sample's folder, a tmpfs once isolated
         with open(os.path.join(box, "sample.py"), "w") as f:
             f.write(_GUARD + "\n" + program)
         with open(os.path.join(box, "runner.py"), "w") as f:
             f.write(_RUNNER)
         python = os.path.realpath(sys.executable)
-        env = {"PATH": "/usr/bin:/bin", "PYTHON": python}
+        env = {"PATH": "/usr/bin:/bin", "PYTHON": python, "BOX_MB": str(BOX_MB)}
         if reason:
             cmd = [python, "-I", "-S", "runner.py"]
         else:  # hide the project and home folders; keep the Python installation visible in them
@@ -479,7 +503,24 @@ def run_sandboxed(program, timeout=10.0, memory_mb=512, allow_unisolated=False, 
                 os.killpg(proc.pid, 9)
         out.seek(max(0, out.seek(0, 2) - 4096))
         tail = out.read().decode(errors="replace").rstrip("\n").rsplit("\n", 1)[-1]
+    if proc.returncode == 97 and not reason:
+        raise EvalError("the sandbox could not be set up (a mount could not be made read-only, or a tmpfs not "
+                        "mounted); nothing was run. See evaluate._ISOLATE")
     return "passed" if proc.returncode == 0 and tail == token else "failed"
+
+
+BOX_MB = 16  # what a sample may write, in all, under isolation
+MAX_PROCESSES = 32  # processes a sample may have at once (RLIMIT_NPROC; not enforced when run as root)
+
+
+def _processes_of(uid):
+    """How many processes `uid` has now (RLIMIT_NPROC counts them all, not the sample's only)."""
+    n = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/status") as f:
+                n += any(line.startswith("Uid:") and line.split()[1] == str(uid) for line in f)
+    return n
 
 
 COMPILE_MIN_STEPS = 10_000  # generated tokens per checkpoint from which compile="auto" compiles decoding
@@ -714,6 +755,31 @@ def write_table(run_dir, rows):
 _LM_CLASS = None
 
 
+def generate_until(model, tok, context, kwargs):
+    """One greedy continuation as lm_eval's HFLM writes it: the context encoded as its
+    tokenizer does (BOS in front only where add_bos_token says; no EOS prefix), cut from
+    the left to max_seq_len - max_gen_toks tokens, decoding stopped at EOS, the text cut at
+    the first stop string (`until`, and EOS's own text). Greedy only, as every task of the
+    harness that generates asks (do_sample false, temperature 0)."""
+    if kwargs.get("do_sample") or kwargs.get("temperature", 0.0):
+        raise EvalError(f"generate_until with {kwargs}: the adapter decodes greedily only")
+    until = kwargs.get("until")
+    until = [until] if isinstance(until, str) else list(until or [])
+    eos = tok.sp.id_to_piece(tok.eos_id) if tok.kind == "sentencepiece" else tok.decode([tok.eos_id])
+    until += [] if eos in until else [eos]
+    max_gen = next((kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if k in kwargs), 256)
+    keep = model.config.max_seq_len - max_gen
+    if keep <= 0:
+        raise EvalError(f"max_gen_toks={max_gen} must be below the model's context of {model.config.max_seq_len}")
+    ids = (([tok.prefix_id] if tok.add_bos else []) + tok.encode(context))[-keep:] or [tok.prefix_id]
+    out = model.generate(torch.tensor([ids], device=model.tok_emb.weight.device), max_gen)[0, len(ids):].tolist()
+    text = tok.decode(out[: out.index(tok.eos_id)] if tok.eos_id in out else out)
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
 def register_lm_eval():
     """Register model "llm360" with lm_eval (optional dependency); once per process."""
     global _LM_CLASS
@@ -745,13 +811,7 @@ def register_lm_eval():
             return out
 
         def generate_until(self, requests, disable_tqdm=False):
-            out = []
-            for r in requests:
-                context, kwargs = r.args
-                until = kwargs.get("until") or [self.tok.decode([self.tok.eos_id])]
-                out.append(complete(self.model, self.tok, context, kwargs.get("max_gen_toks", 256),
-                                    [until] if isinstance(until, str) else until))
-            return out
+            return [generate_until(self.model, self.tok, *r.args) for r in requests]
 
     _LM_CLASS = LLM360LM
     return LLM360LM

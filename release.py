@@ -38,7 +38,8 @@ import checkpoint
 import data
 from common import UserError, hold_lock, link, link_tree, iter_jsonl, one_line_errors, read_jsonl, sha256_file, write_json_atomic, write_text_atomic
 from config import format_config, saved_config
-from model import Transformer, hf_config
+from model import Transformer
+from model_config import hf_config
 
 CARD_FIGURES = [("logs/training.png", "training"), ("evals/evals.png", "evaluations over training"),
                 ("memorization/scores.png", "memorization scores"), ("memorization/matrix.png", "memorization by chunk")]
@@ -348,7 +349,7 @@ def main(argv):
                 print(f"wrote {argv[2]}")
             else:
                 release(*argv)
-        except ValueError as e:  # a shape that no Hugging Face layout holds (model.hf_config), said as it is
+        except ValueError as e:  # a shape that no Hugging Face layout holds (model_config.hf_config), said as it is
             raise ReleaseError(str(e)) from None
 
 

@@ -45,6 +45,7 @@ from common import (all_reduce_sum, atomic_write, barrier, broadcast0, close_dis
 from config import Config, ConfigError, config_to_dict, format_config, load_config, save_config
 from machine import choose_dtype, determinism, peak_flops, peak_memory_gb, run_info
 from model import Transformer, summary
+from model_config import hf_config
 
 # -----------------------------------------------------------------------------
 # the schedule
@@ -138,21 +139,6 @@ def objective(model, ref_model, x, y, cfg):
 _VAL_VERIFIED = set()
 
 
-def check_split(data_dir, entry, rank, world_size):
-    """A chunk's (or the held-out split's) files against the sha256 of its manifest: read by
-    rank 0 alone, which tells the others (at AMBER's 224 ranks, every rank hashing each 7 GB
-    chunk would read 1.5 TB a chunk); a mismatch stops every rank with the same line."""
-    problem = None
-    if rank == 0:
-        try:
-            data.open_split(data_dir, entry, verify=True)
-        except data.DataError as e:
-            problem = str(e)
-    problem = broadcast0(problem, world_size)
-    if problem:
-        raise data.DataError(problem)
-
-
 @torch.no_grad()
 def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, autocast, ref_model=None):
     """{"val_loss": mean loss over a seeded sample of val_sequences rows of the whole held-out
@@ -166,7 +152,7 @@ def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, au
         return None
     # the split's sha256 is checked once per run, by rank 0 (a damaged val.npy gives wrong numbers silently)
     if data_dir not in _VAL_VERIFIED:
-        check_split(data_dir, manifest["val"], rank, world_size)
+        data.check_split(data_dir, manifest["val"], rank, world_size)
         _VAL_VERIFIED.add(data_dir)
     tokens, sources = data.open_split(data_dir, manifest["val"], verify=False)
     mix, extra = data.validation_rows(sources, cfg.val_sequences, cfg.seed)
@@ -204,15 +190,36 @@ def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, au
 class RunLog:
     """metrics.jsonl and ledger.jsonl of the run dir, written by rank 0, line by line."""
 
-    def __init__(self, out_dir, rank, wandb_project="", cfg=None):
+    def __init__(self, out_dir, rank):
         self.rank = rank
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.ledger_path = os.path.join(out_dir, "ledger.jsonl")
         self.wandb = None
-        if rank == 0 and wandb_project:
-            import wandb  # optional: only when asked for
 
-            self.wandb = wandb.init(project=wandb_project, config=config_to_dict(cfg))
+    def open_wandb(self, cfg, parent_dir=None):
+        """Also log to Weights & Biases (wandb_project; the paper published its metrics there).
+        One W&B run per run dir, its id kept in the run dir's wandb.json: a resume logs on
+        into the same W&B run; a branch is a W&B run of its own that names its parent's."""
+        if self.rank != 0 or not cfg.wandb_project:
+            return
+        try:
+            import wandb  # optional: only when asked for
+        except ImportError:
+            raise ConfigError("wandb_project is set and wandb is not installed: pip install wandb, or set "
+                              "wandb_project=''") from None
+        path = os.path.join(cfg.out_dir, "wandb.json")
+        if not os.path.exists(path):
+            write_json_atomic(path, {"id": os.urandom(6).hex(), "project": cfg.wandb_project})
+        with open(path) as f:
+            run_id = json.load(f)["id"]
+        parent = os.path.join(parent_dir, "wandb.json") if parent_dir else ""
+        extra = {}
+        if parent and os.path.exists(parent):
+            with open(parent) as f:
+                extra = {"wandb_parent_id": json.load(f)["id"]}
+        self.wandb = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=cfg.out_dir,
+                                config=config_to_dict(cfg) | extra,
+                                notes=f"a branch of {parent_dir}, from {cfg.branch_from}" if parent_dir else None)
 
     def _append(self, path, record):
         if self.rank == 0:
@@ -281,6 +288,10 @@ def plan(cfg, world_size):
     gathered = (root + 2 * block) * 2 + (root + block) * 4 if fsdp and planned_world > 1 else 0
     fpt = model.flops_per_token(T)
     print(summary(cfg.model, T))
+    try:
+        print(f"{'hugging face layout':22s} {hf_config(cfg.model)['architectures'][0]}")
+    except ValueError:
+        print(f"{'hugging face layout':22s} none (muP or biases that no HF layout holds)")
     total_tokens = sum(steps) * G * T
     gb = 2**30
     lines = [
@@ -415,7 +426,7 @@ def setup(cfg, rank, world_size, device):
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     barrier(world_size)
-    log = RunLog(cfg.out_dir, rank, cfg.wandb_project, cfg)
+    log = RunLog(cfg.out_dir, rank)
     resume = resume_point(cfg.out_dir, log, rank, world_size)  # the newest intact checkpoint
     if parent and not branch.own_checkpoint(resume, cfg):
         resume = None  # only the parent's checkpoints, linked: the branch starts (again)
@@ -451,6 +462,7 @@ def setup(cfg, rank, world_size, device):
               peak_flops(cfg, device, dtype, precision["matmul_gflops"]))
 
     info = run_info(device, world_size) | {"dtype": str(dtype).removeprefix("torch."), **precision, **repeat}
+    log.open_wandb(cfg, parent.run_dir if parent else None)
     state = start(run, resume, parent, data_sha, info, changes)
     run.total_steps = state["total_steps"]
     print0(f"git {info['git_commit'][:12]} | torch {info['torch']} | {world_size} x {info['device']} | "
@@ -693,7 +705,7 @@ def _train(run, state, preemption):
     while state["pos"] < len(state["schedule"]):
         pos, chunk = state["pos"], state["schedule"][state["pos"]]
         data_dir, manifest, local = run.table[chunk]  # `chunk` counts over all stages
-        check_split(data_dir, manifest["chunks"][local], rank, run.world_size)
+        data.check_split(data_dir, manifest["chunks"][local], rank, run.world_size)
         reader = data.ChunkReader(data_dir, local, cfg.seed, cfg.global_batch_size, cfg.micro_batch_size,
                                   rank, run.world_size, verify=False, manifest=manifest)
         if state["reader"]:

@@ -142,6 +142,9 @@ CASES = {  # id: (script's main, argv from root), what the line must say
         r, "hf_noise", noise=True))]), "not a safetensors file"),
     "init_from: a folder of another width": (lambda r: (train.cli, [config(r, out_dir=str(r / "o4"), dim=32, init_from=str(
         r / "run" / "ckpt_001"))]), "another model shape"),
+    "init_from: data of another tokenizer of the same size": (lambda r: (train.cli, [config(
+        r, out_dir=str(r / "o6"), data_dir=_other_tokenizer(r), init_from=str(r / "run" / "ckpt_001"))]),
+        "was trained with another tokenizer"),
     "an invalid manifest.json": (lambda r: (train.cli, [config(r, out_dir=str(r / "o5"), data_dir=_bad_manifest(r))]),
                                  "manifest.json"),
     # fine-tuning files
@@ -183,6 +186,24 @@ def _amber_dir(r):
     if not folder.exists():
         folder.mkdir()
         shutil.copytree(_hf(r, "hf_noise", noise=True), folder / "ckpt_000")
+    return str(folder)
+
+
+def _other_tokenizer(r):
+    """The run's data dir with another SentencePiece model of the same vocabulary size."""
+    import hashlib
+    import json
+
+    folder = r / "other_tokenizer"
+    if not folder.exists():
+        shutil.copytree(r / "data", folder)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        words = ["".join(chr(97 + (i * 7 + j * 3) % 26) for j in range(2 + i % 6)) for i in range(3000)]
+        lines = [" ".join(words[i : i + 12]) for i in range(0, 3000, 3)]
+        blob = data.train_sentencepiece(lines, manifest["tokenizer"]["vocab_size"])
+        (folder / manifest["tokenizer"]["file"]).write_bytes(blob)
+        manifest["tokenizer"]["sha256"] = hashlib.sha256(blob).hexdigest()
+        (folder / "manifest.json").write_text(json.dumps(manifest))
     return str(folder)
 
 

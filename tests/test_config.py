@@ -7,7 +7,7 @@ import os
 import pytest
 
 from config import Config, ConfigError, config_to_dict, load_config, load_saved_config, save_config
-from model import PRESETS
+from model_config import PRESETS
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
 
@@ -104,7 +104,7 @@ def test_the_config_reference_lists_every_key_with_its_default():
     default the code has (the tiny and amber_7b presets' for model keys), and no other."""
     import re
 
-    from model import ModelConfig
+    from model_config import ModelConfig
 
     with open(os.path.join(CONFIGS, "..", "docs", "config.md")) as f:
         run_part, model_part = f.read().split("## Model keys")

@@ -4,6 +4,8 @@ batches, exact resume, and clear errors that leave no half-written data dir."""
 import json
 import os
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -439,7 +441,7 @@ def test_tokenizer_vocab_larger_than_the_model_is_refused(prepared, corpus):
     with pytest.raises(DataError, match="tokenizer has 400 tokens but the model's vocab_size is 300"):
         prepare(cfg, progress=False)
     assert no_leftovers(corpus, "vocab")
-    from model import ModelConfig
+    from model_config import ModelConfig
 
     with pytest.raises(DataError, match="vocab_size is 300"):
         data.check_vocab(load_manifest(prepared.data_dir), ModelConfig(vocab_size=300, dim=64, n_head=4))
@@ -556,3 +558,12 @@ def test_remix_takes_each_row_as_its_weight_says_resumes_and_holds_one_block(tmp
         tracemalloc.stop()
     chunk_bytes = 1200 * 2049 * 2  # 4.9 MB: the large data is two of them
     assert peaks[1] < 1.5 * peaks[0] and peaks[1] < chunk_bytes / 2, peaks
+
+
+def test_data_py_and_its_workers_never_load_torch():
+    """data.py (and config.py, which it reads configs with) import no torch: each conversion or
+    tokenizer worker process would hold it (135 MB of its own memory where workers are spawned)."""
+    code = "import sys, data; assert 'torch' not in sys.modules, 'torch was imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-500:]

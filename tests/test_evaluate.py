@@ -162,7 +162,8 @@ def test_few_shot_prompts_are_deterministic_and_exclude_the_item(tmp_path):
 def test_a_model_that_prefers_the_gold_answer_scores_one(tmp_path):
     """Train a tiny model on the gold answers: accuracy 1.0; move the gold label and it drops."""
     import data
-    from model import ModelConfig, Transformer
+    from model import Transformer
+    from model_config import ModelConfig
 
     rng = random.Random(3)
     pairs = [f"{a} {b}" for a in WORDS for b in WORDS]
@@ -246,6 +247,16 @@ ESCAPES = {  # each runs, and must leave no trace outside; {victim}, {root}, {pi
     "kill the parent": "import posix\nposix.kill({pid}, 9)",
     "survive the timeout": ("import posix\nposix.posix_spawn('/bin/sh', ['sh', '-c', 'sleep 0.5; touch {victim}.new'], {{}})"
                             "\nwhile True:\n    pass"),
+    # undoing the sandbox's own mounts (it ran as the namespace's root, with every capability)
+    "remount / writable": ("import ctypes\nlibc = ctypes.CDLL(None)\nfor m in (b'/', b'{tmp}'):\n"
+                           "    libc.mount(None, m, None, 32 | 4096, None)  # MS_REMOUNT | MS_BIND, not MS_RDONLY\n"
+                           "open('{victim}', 'w').write('gone')"),
+    "unmount the project's cover": ("import ctypes\nctypes.CDLL(None).umount2(b'{root}', 2)\n"
+                                    "open('{root}/sandbox_escape.py', 'w').write('x')"),
+    "a namespace of its own": ("import ctypes\nlibc = ctypes.CDLL(None)\nlibc.unshare(0x10000000 | 0x00020000)\n"
+                               "libc.mount(None, b'/', None, 32 | 4096, None)\nopen('{victim}', 'w').write('gone')"),
+    "/dev/shm": "open('/dev/shm/llm360_escape', 'w').write('stays on the host?')",
+    "a tmpfs under /sys": "open('/sys/fs/cgroup/llm360_escape', 'w').write('stays on the host?')",
 }
 
 
@@ -254,13 +265,15 @@ ESCAPES = {  # each runs, and must leave no trace outside; {victim}, {root}, {pi
 def test_sandbox_holds_against_escapes(name, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("intact")
-    program = ESCAPES[name].format(victim=victim, root=ROOT, pid=os.getpid(), port=0)
+    program = ESCAPES[name].format(victim=victim, root=ROOT, pid=os.getpid(), port=0, tmp=tmp_path)
     ev.run_sandboxed(program + "\n", timeout=2)
     import time
 
-    time.sleep(1)  # a surviving grandchild would have written by now
+    if name == "survive the timeout":
+        time.sleep(1)  # a surviving grandchild would have written by now
     assert victim.read_text() == "intact" and not (tmp_path / "victim.txt.new").exists()
     assert not os.path.exists(os.path.join(ROOT, "sandbox_escape.py"))
+    assert not os.path.exists("/dev/shm/llm360_escape") and not os.path.exists("/sys/fs/cgroup/llm360_escape")
 
 
 @pytest.mark.skipif(ev.isolation() is not None, reason="no unprivileged namespaces here")
@@ -278,8 +291,21 @@ def test_sandbox_sees_no_network_no_parent_and_no_project():
                  f"assert os.listdir('{ROOT}') == []  # the project, hidden\n"
                  f"assert not os.path.exists('{os.path.expanduser('~')}/.bash_history')\n"
                  f"try:\n    open('/etc/sandbox_probe', 'w')\nexcept OSError:\n    pass\nelse:\n    raise SystemExit(1)\n"
-                 f"open('inside.txt', 'w').write('its own folder is writable')\n")
+                 f"open('inside.txt', 'w').write('its own folder is writable')\n"
+                 # no capability left, so no mount undone: /proc stays the namespace's own
+                 f"status = open('/proc/self/status').read()\n"
+                 f"assert 'CapEff:\\t0000000000000000' in status and 'CapBnd:\\t0000000000000000' in status\n"
+                 f"import ctypes\nctypes.CDLL(None).umount2(b'/proc', 2)\n"
+                 f"assert not os.path.exists('/proc/{os.getpid()}')\n"
+                 # the bytes it may write, in all, are bounded (16 MB)
+                 f"try:\n    open('big', 'wb').write(b'x' * (20 * 2**20))\nexcept OSError:\n    pass\n"
+                 f"else:\n    raise SystemExit(1)\n")
         assert ev.run_sandboxed(probe) == "passed"
+    if os.getuid() != 0:  # RLIMIT_NPROC: the kernel does not hold root to it
+        bomb = ("import posix\nn = 0\ntry:\n    for _ in range(200):\n        if posix.fork() == 0:\n"
+                "            import time; time.sleep(3); posix._exit(0)\n        n += 1\nexcept OSError:\n    pass\n"
+                f"assert n < {ev.MAX_PROCESSES}\n")
+        assert ev.run_sandboxed(bomb, timeout=5) == "passed"
     assert ev.run_sandboxed("print('x' * (300 * 2**20))\n") == "failed"  # 300 MB of output: capped, not held
 
 
@@ -384,7 +410,7 @@ def test_hugging_face_folder_evaluates_like_our_checkpoint(run, tmp_path):
     assert len(ev.sweep(str(tmp_path / "amber_like"), ["arc_challenge", "hellaswag"], str(tasks))) == 2 * n
 
 
-def test_adapter_rolling_loglikelihood_and_generation(run):
+def test_adapter_rolling_loglikelihood(run):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
 
@@ -396,10 +422,6 @@ def test_adapter_rolling_loglikelihood_and_generation(run):
     with torch.no_grad():
         logp = torch.log_softmax(lm.model(torch.tensor([ids[:-1]]))[0][0], -1)
     assert rolling == pytest.approx(sum(logp[j, t].item() for j, t in enumerate(ids[1:])), rel=1e-5)
-    prompt = "alpha beta"
-    (out,) = lm.generate_until([Instance("generate_until", {}, (prompt, {"until": ["\n\n"], "max_gen_toks": 12}), 0)])
-    full = lm.tok.decode(lm.model.generate(torch.tensor([[lm.tok.eos_id] + lm.tok.encode(prompt)]), 12)[0, -12:].tolist())
-    assert out == full.split("\n\n")[0]
 
 
 # -----------------------------------------------------------------------------
@@ -559,6 +581,31 @@ def test_torchrun_splits_the_checkpoints_and_writes_the_same_files(run, tmp_path
     rows = [json.loads(line) for line in (tmp_path / "two" / "evals.jsonl").read_text().splitlines()]
     assert [r["checkpoint"] for r in rows][0] == "ckpt_000" and {r["checkpoint"] for r in rows} == {"ckpt_000", "ckpt_001"}
     assert not [n for n in os.listdir(tmp_path / "two") if n.startswith((".rank", "evals.rank"))]
+
+
+def test_adapter_generation_equals_the_harness_hflm_at_the_edges(run, exported):
+    """generate_until of our adapter and of lm_eval's HFLM on the exported folder, with a
+    context of 24 tokens: contexts cut from the left (most of them), an empty context's
+    neighbour (one word), stop strings absent, given as a string, as a list, and hit."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    L = 24
+    lm = ev.register_lm_eval()(checkpoint=str(run / "run" / "ckpt_001"))
+    lm.model.config = dataclasses.replace(lm.model.config, max_seq_len=L)
+    hflm = HFLM(pretrained=str(exported), max_length=L, dtype="float32", device="cpu", batch_size=1)
+    rng = random.Random(5)
+    requests = [("alpha", {"max_gen_toks": 8}), ("alpha beta ", {"until": " ", "max_gen_toks": 6})]
+    requests += [(w(rng, rng.randrange(3, 40)), {"until": [rng.choice(["\n", "uu", "u", " ", "\n\n"])],
+                                                 "max_gen_toks": rng.choice([4, 8, 12])}) for _ in range(14)]
+    instances = [Instance("generate_until", {}, (c, dict(k)), i) for i, (c, k) in enumerate(requests)]
+    theirs = hflm.generate_until(instances)
+    ours = lm.generate_until([Instance("generate_until", {}, (c, dict(k)), i) for i, (c, k) in enumerate(requests)])
+    assert ours == theirs
+    assert sum(len(lm.tok.encode(c)) > L - k["max_gen_toks"] for c, k in requests) >= 8  # truncation happened
+    uncut = [ev.generate_until(lm.model, lm.tok, c, {"max_gen_toks": k["max_gen_toks"]}) for c, k in requests]
+    assert sum(a != b for a, b in zip(ours, uncut)) >= 4  # stop strings cut some
 
 
 def test_a_llama_tokenizer_folder_is_scored_with_bos_as_the_harness_does(exported, tmp_path):

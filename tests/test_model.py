@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from checkpoint import load_hf, save_hf
-from model import PRESETS, ModelConfig, Transformer
+from model import Transformer
+from model_config import PRESETS, ModelConfig
 
 transformers = pytest.importorskip("transformers")
 

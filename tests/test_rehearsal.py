@@ -56,7 +56,8 @@ def test_amber_shaped_release_through_convert_train_inspect_memorize(tmp_path, c
                                                         "ckpt_001__chunk_001.json", "ckpt_002__chunk_000.json",
                                                         "ckpt_002__chunk_001.json", "ckpt_002__chunk_002.json"]
     # the same weights as AMBER's release: a folder of ckpt_NNN HF folders and --data_dir
-    from model import hf_config, to_hf_state_dict
+    from model import to_hf_state_dict
+    from model_config import hf_config
     from checkpoint import load_model
 
     amber = tmp_path / "amber_ckpts"
