@@ -128,3 +128,17 @@ def test_a_run_saved_by_older_code_still_loads(tmp_path):
     assert saved_config(values | {"nan_test_chunks": []}) == Config()
     with pytest.raises(ConfigError, match="unknown config key 'nan_test_chunks'"):
         saved_config(values | {"nan_test_chunks": [1]})
+
+
+def test_typed_options_take_any_boolean_spelling_and_refuse_the_rest():
+    """--chat=true was ignored (only True worked): every script's options go through one parser."""
+    from common import UserError, as_bool, parse_options
+
+    kinds = {"chat": as_bool, "n": int, "t": float}
+    assert parse_options(["--chat=true", "--n=3", "--t=0.5"], kinds) == {"chat": True, "n": 3, "t": 0.5}
+    assert parse_options(["--chat=False"], kinds) == {"chat": False} and parse_options(["--chat=1"], kinds)["chat"]
+    for bad, message in [("--chat=yes please", "expected True or False"), ("--n=2.5", "expected a whole number"),
+                         ("--tasks", "options are written --key=value"), ("extra", "bad argument 'extra'"),
+                         ("--chta=True", "did you mean 'chat'")]:
+        with pytest.raises(UserError, match=message):
+            parse_options([bad], kinds)

@@ -238,8 +238,9 @@ def killed_after_two_chunks(corpus, reference):
 
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_ends_bitwise(corpus, reference, killed_after_two_chunks,
-                                                                         damage):
+def test_a_damaged_newest_checkpoint_is_moved_aside(corpus, killed_after_two_chunks, damage, capsys):
+    """Each kind of damage is found by the resume, which moves the checkpoint aside, says so
+    and records it, and resumes from the one before (the next test trains on from there)."""
     import shutil
 
     run = corpus / f"damaged_{damage}"
@@ -248,12 +249,22 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_ends_bitwise(corpu
     if damage == "weights-bit-flip":  # evaluate.py, memorize.py and release.py load weights through load_model
         with pytest.raises(checkpoint.CheckpointError, match="differs from the file written"):
             checkpoint.load_model(str(run / "ckpt_001"))
-    proc = train(corpus, run.name)
+    assert checkpoint.resume_point(str(run), train_py.RunLog(str(run), 0)) == str(run / "ckpt_000")
+    out = capsys.readouterr().out
     moved = [n for n in os.listdir(run) if n.startswith("ckpt_001.damaged-")]
-    assert len(moved) == 1 and "ckpt_001 is damaged" in proc.stdout and "moved aside" in proc.stdout
-    events = ledger(run)
-    assert [e["checkpoint"] for e in events if e["event"] == "damaged_checkpoint"] == ["ckpt_001"]
-    assert [e["checkpoint"] for e in events if e["event"] == "resume"] == ["ckpt_000"]
+    assert len(moved) == 1 and "ckpt_001 is damaged" in out and "moved aside" in out
+    assert [e["checkpoint"] for e in ledger(run) if e["event"] == "damaged_checkpoint"] == ["ckpt_001"]
+
+
+def test_a_run_resumed_past_a_damaged_checkpoint_ends_bitwise(corpus, reference, killed_after_two_chunks):
+    import shutil
+
+    run = corpus / "damaged_run"
+    shutil.copytree(killed_after_two_chunks, run)
+    _flip_byte(run / "ckpt_001" / "model.safetensors")
+    proc = train(corpus, run.name)
+    assert "ckpt_001 is damaged" in proc.stdout
+    assert [e["checkpoint"] for e in ledger(run) if e["event"] == "resume"] == ["ckpt_000"]
     assert_same_checkpoint(reference / "ckpt_002", run / "ckpt_002")  # as if nothing had happened
     assert metrics(run) == metrics(reference)  # cut back to ckpt_000, then retrained
 
@@ -746,8 +757,8 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step(corpus):
     assert (rolling / "rng_rank0.pt").exists() and (rolling / "rng_rank1.pt").exists()
     assert ledger(corpus / "ddp_term")[-1]["event"] == "preempted"
     train(corpus, "ddp_term", nproc=2)
-    train(corpus, "ddp_term_ref", nproc=2)
-    assert_same_checkpoint(corpus / "ddp_term_ref" / "ckpt_002", corpus / "ddp_term" / "ckpt_002")
+    train(corpus, "ddp", nproc=2)  # the uninterrupted DDP run (test_ddp_matches... has trained it already)
+    assert_same_checkpoint(corpus / "ddp" / "ckpt_002", corpus / "ddp_term" / "ckpt_002")
 
 
 @pytest.mark.slow
