@@ -403,19 +403,22 @@ cp "$dir/sample.py" "$dir/runner.py" "$dir/w/" || exit 97
 for shm in /dev/shm /dev/mqueue; do
   if [ -d "$shm" ]; then mount -t tmpfs -o size=64k,mode=0700 tmpfs "$shm" || exit 97; fi
 done
-while read -r _ _ _ _ mp _; do
-  case "$mp" in "$dir/w"|/dev/shm|/dev/mqueue|/proc|/proc/*) continue;; esac
-  mount -o remount,bind,ro "$mp" 2>/dev/null
-done < /proc/self/mountinfo
+writable() {  # the mounts that stay writable: the sample's folder, its private tmpfs, its own /proc
+  case "$1" in "$dir/w"|/dev/shm|/dev/mqueue|/proc|/proc/*) return 0;; esac; return 1
+}
 top() {  # each mount point's topmost mount (a later line covers an earlier one): "point options"
   awk '{ top[$5] = $6 } END { for (m in top) print m, top[m] }' /proc/self/mountinfo
 }
+while read -r _ _ _ _ mp _; do
+  writable "$mp" || mount -o remount,bind,ro "$mp" 2>/dev/null
+done < /proc/self/mountinfo
 top | while read -r mp opts; do  # one that refuses to be read-only is covered by an empty read-only tmpfs
-  case "$mp" in "$dir/w"|/dev/shm|/dev/mqueue|/proc|/proc/*|/) continue;; esac
-  case "$opts" in rw*) mount -t tmpfs -o ro,size=4k tmpfs "$mp" 2>/dev/null;; esac
+  if ! writable "$mp" && [ "$mp" != / ]; then
+    case "$opts" in rw*) mount -t tmpfs -o ro,size=4k tmpfs "$mp" 2>/dev/null;; esac
+  fi
 done
 top | while read -r mp opts; do  # what could not be made read-only stops the run
-  case "$mp" in "$dir/w"|/dev/shm|/dev/mqueue|/proc|/proc/*) continue;; esac
+  writable "$mp" && continue
   case "$opts" in rw*) echo "sandbox: $mp stays writable" >&2; exit 97;; esac
 done || exit 97
 echo 0 > /proc/sys/user/max_user_namespaces || exit 97

@@ -235,10 +235,6 @@ class RunLog:
     def event(self, event, **fields):
         self._append(self.ledger_path, {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields})
 
-    def metrics_digest(self):
-        """(lines, sha256) of metrics.jsonl: a checkpoint records the metrics up to it."""
-        return metrics_digest(self.metrics_path)
-
     def truncate_metrics(self, n_lines):
         """On resume: keep the lines the checkpoint had seen, drop those written after it."""
         if self.rank != 0 or not os.path.exists(self.metrics_path):
@@ -325,8 +321,7 @@ def plan(cfg, world_size):
         f"a JSON-lines release like AMBER's, at {data.CONVERT_TOKENS_PER_S_PER_WORKER / 1e6:.1f}M tokens/s per "
         "worker (python bench.py convert)",
     ]
-    out = {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T, "planned_world": planned_world,
-           "memory_per_device": states + act + gathered}
+    out = {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T, "planned_world": planned_world}
     if cfg.branch_from:  # where the branch starts, and what is left of its schedule
         first, left, total, where = branch.plan(cfg, steps)
         seconds = left * G * T * fpt / (planned_world * 312e12 * 0.36)
@@ -566,8 +561,8 @@ def save(run, state, name, reader=None):
     position inside the chunk is saved with it). Returns what the ledger records of it:
     the seconds of each part, the bytes, and every rank's peak memory so far."""
     state["reader"] = reader.state_dict() if reader else None
-    state["metrics_lines"], state["metrics_sha256"] = broadcast0(run.log.metrics_digest() if run.rank == 0 else None,
-                                                                 run.world_size)
+    digest = metrics_digest(run.log.metrics_path) if run.rank == 0 else None  # the metrics up to this checkpoint
+    state["metrics_lines"], state["metrics_sha256"] = broadcast0(digest, run.world_size)
     info = save_checkpoint(os.path.join(run.cfg.out_dir, name), run.raw_model, run.optimizer, state, run.cfg,
                            run.rank, run.world_size, run.fsdp)
     return info | {"peak_mem_gb": [round(m, 2) for m in gather(peak_memory_gb(run.device), run.world_size)]}
