@@ -10,6 +10,8 @@ Benchmark of model.py against transformers on this machine, in float32.
     python bench.py trace [DATA_DIR]                        trace.py: index build, memory, query latency
     python bench.py rehearsal [FOLDER]                      AMBER's tensors on 2 CPU ranks: kill, resume
     python bench.py gpu [CONFIG] [--device=cpu --smoke]     the GPU check (see bench_gpu)
+    python bench.py fused [CONFIG]                          model.py's plain steps against fused.py's
+    python bench.py ckpt [FOLDER] [--gb=2]                  a rank's checkpoint write and sha256 rates
 
 `model` times, in one run and on the same weights and batch:
   1. one training step (forward + backward + AdamW) of our model and of
@@ -38,6 +40,16 @@ preparation on made-up conversations, and on 4x as many.
 
 `figures` times the redraw of a run's training.png (default runs/tiny) against
 the run's training time per chunk.
+
+`fused` times a training step (forward, backward) of the config's model at its
+micro-batch with model.py's plain SwiGLU and loss, with each of fused.py's versions, and
+with both; and a validation forward (no_grad) with the plain and the chunked loss.
+train.py takes the fused versions on a CPU from what it prints.
+
+`ckpt` writes a state dict of GB gigabytes of float32 tensors as one rank writes its
+shard (torch.distributed.checkpoint, then fsync), then hashes the files as checkpoint.py
+does: the rates train.py's dry run plans a stop checkpoint with (checkpoint.WRITE_BYTES_PER_S,
+HASH_BYTES_PER_S).
 
 `eval` times multiple-choice scoring (4 choices, 5-shot ARC-style contexts of
 made-up words) with evaluate.py against lm_eval's HFLM on the exported Hugging
@@ -177,6 +189,77 @@ def main(cfg):
     print(f"  transformers, cache           {s_ref:9.0f} new tok/s")
     print(f"  transformers, no cache        {s_nc:9.0f} new tok/s   ours {s_ours / s_nc:.2f}x, compiled "
           f"{s_comp / s_nc:.2f}x")
+
+
+def bench_fused(cfg, rounds=7, steps=3):
+    import fused
+
+    device = torch.device("cpu")
+    torch.manual_seed(0)
+    B, T = cfg.micro_batch_size, cfg.seq_len
+    idx = torch.randint(0, cfg.model.vocab_size, (B, T + 1))
+    x, y = idx[:, :-1], idx[:, 1:]
+    print(f"model {cfg.model.n_layer}L x {cfg.model.dim}, vocabulary {cfg.model.vocab_size:,}; micro-batch {B} x {T}; "
+          f"float32, {torch.get_num_threads()} threads; medians of {rounds} alternating rounds of {steps} steps")
+    variants = {"plain": {}, "fused swiglu": dict(loss=False), "chunked loss": dict(swiglu=False), "both": {}}
+    models = {}
+    for name, kw in variants.items():
+        models[name] = Transformer(cfg.model)
+        models[name].init_weights(cfg.seed)
+        if name != "plain":
+            fused.apply(models[name], device, **kw)
+
+    def train_step(m):
+        _, loss = m(x, y)
+        loss.backward()
+        m.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def val_step(m):
+        m(x, y)
+
+    for what, fn, names in [("training step", train_step, list(variants)),
+                            ("validation forward", val_step, ["plain", "chunked loss"])]:
+        times = {n: [] for n in names}
+        for n in names:
+            fn(models[n])  # warm-up
+        for _ in range(rounds):
+            for n in names:
+                times[n].append(timed(lambda: fn(models[n]), steps))
+        base = statistics.median(times["plain"])
+        print(f"{what}:")
+        for n in names:
+            t = statistics.median(times[n])
+            print(f"   {n:14s} {1000 * t:8.1f} ms   {base / t:5.2f}x plain")
+    return 0
+
+
+def bench_ckpt(folder="runs/bench_ckpt", gb=2.0, tries=3):
+    import torch.distributed.checkpoint as dcp
+
+    from checkpoint import HASH_BYTES_PER_S, WRITE_BYTES_PER_S, hash_files
+
+    n = int(gb * 2**30 / 4 / 64)
+    sd = {f"t{i}": torch.randn(n) for i in range(64)}
+    writes, hashes = [], []
+    for i in range(tries):
+        shutil.rmtree(folder, ignore_errors=True)
+        t0 = time.perf_counter()
+        dcp.save(sd, checkpoint_id=folder, no_dist=True)
+        for name in os.listdir(folder):
+            with open(os.path.join(folder, name), "rb+") as f:
+                os.fsync(f.fileno())
+        t1 = time.perf_counter()
+        files = hash_files(folder)
+        t2 = time.perf_counter()
+        size = sum(f["bytes"] for f in files.values())
+        writes.append(size / (t1 - t0))
+        hashes.append(size / (t2 - t1))
+    shutil.rmtree(folder)
+    print(f"{size / 1e9:.2f} GB as one rank's DCP shard, {tries} tries: write + fsync "
+          f"{statistics.median(writes) / 1e9:.2f} GB/s (planned with {WRITE_BYTES_PER_S / 1e9:.2f}), sha256 "
+          f"{statistics.median(hashes) / 1e9:.2f} GB/s (planned with {HASH_BYTES_PER_S / 1e9:.2f})")
+    return 0
 
 
 def bench_data(cfg):
@@ -743,13 +826,16 @@ def bench_gpu(argv):
 if __name__ == "__main__":
     args = sys.argv[1:]
     mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare", "figures", "gpu",
-                                               "trace", "rehearsal") else "model"
+                                               "trace", "rehearsal", "fused", "ckpt") else "model"
     if mode == "trace":
         sys.exit(bench_trace(*args))
     if mode == "rehearsal":
         sys.exit(bench_rehearsal(*args))
     if mode == "gpu":
         sys.exit(bench_gpu(args))
+    if mode == "ckpt":
+        sys.exit(bench_ckpt(*[a for a in args if not a.startswith("--")],
+                            **{k: float(v) for k, v in parse_options([a for a in args if a.startswith("--")]).items()}))
     if mode == "figures":
         sys.exit(bench_figures(*args))
     if mode in ("convert", "prepare"):
@@ -758,4 +844,4 @@ if __name__ == "__main__":
         cfg = load_config([a for a in args if a != "--compile"] or ["configs/tiny.py"])
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    {"model": main, "data": bench_data, "eval": bench_eval}[mode](cfg)
+    {"model": main, "data": bench_data, "eval": bench_eval, "fused": bench_fused}[mode](cfg)

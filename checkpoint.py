@@ -12,7 +12,12 @@ A run dir (train.py's out_dir) holds:
 
 A checkpoint folder holds:
 
-    model.safetensors          every parameter in float32 (a tied output head stored once)
+    model.safetensors          every parameter in float32 (a tied output head stored once);
+                               under FSDP a checkpoint that stops a run mid-chunk (a signal,
+                               max_steps, ckpt_interval) holds a torch.distributed.checkpoint
+                               folder model/ instead: each rank writes its own shard, nothing
+                               is gathered (the stop must fit a scheduler's grace period);
+                               the chunk-end checkpoints that evaluation reads have both
     optimizer.pt               the AdamW state; under FSDP a torch.distributed.checkpoint
                                folder optimizer/ instead, one shard per rank
     rng_rank{r}.pt             each rank's torch, Python (and CUDA) RNG state
@@ -53,6 +58,13 @@ from model_config import hf_config, model_config_from_hf
 
 class CheckpointError(data.DataError):
     pass
+
+
+# what the dry run plans a rank's checkpoint with: writing its shard (torch.distributed.checkpoint,
+# fsync'd) and hashing it. `python bench.py ckpt` measured 0.77 and 1.65 GB/s on this project's
+# 2-core machine; planned at about 2/3 of that, a margin for a file system shared by every rank
+WRITE_BYTES_PER_S = 0.5e9
+HASH_BYTES_PER_S = 1.0e9
 
 
 # -----------------------------------------------------------------------------
@@ -125,32 +137,40 @@ def full_state_dict(raw_model, fsdp):
     return {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous() for k, v in sd.items()}
 
 
-def save_checkpoint(path, raw_model, optimizer, state, cfg, rank, world_size, fsdp):
+def save_checkpoint(path, raw_model, optimizer, state, cfg, rank, world_size, fsdp, consolidated=True):
     """Write a checkpoint folder atomically: everything into path.tmp, then one rename.
-    Returns the seconds each part took and the bytes written (for the ledger)."""
+    consolidated=False under FSDP: the weights as each rank's shard (model/), not gathered
+    into model.safetensors. Returns the seconds each part took and the bytes written."""
     tmp = path + ".tmp"
-    check_free_space(os.path.dirname(path), 12 * raw_model.num_params(), rank, world_size)
+    per_rank = 12 * raw_model.num_params() / (world_size if fsdp and not consolidated else 1)
+    check_free_space(os.path.dirname(path), per_rank, rank, world_size)
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     barrier(world_size)
     try:
         with writing(tmp):
-            return _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp)
+            return _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp,
+                                     consolidated or not fsdp)
     except OSError:
         if rank == 0:  # a full disk: give back what the unfinished checkpoint took
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp):
+def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp, consolidated):
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
-    model_sd = full_state_dict(raw_model, fsdp)  # collective under FSDP
-    if rank == 0:
-        save_file(model_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    del model_sd  # rank 0 held every weight in float32 (27 GB at 7B): gone before the optimizer's turn
+    if consolidated:
+        model_sd = full_state_dict(raw_model, fsdp)  # collective under FSDP
+        if rank == 0:
+            save_file(model_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        del model_sd  # rank 0 held every weight in float32 (27 GB at 7B): gone before the optimizer's turn
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(sharded_state_dict(raw_model), checkpoint_id=os.path.join(tmp, "model"))
     t1 = time.perf_counter()
     if fsdp:
         import torch.distributed.checkpoint as dcp
@@ -175,7 +195,18 @@ def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_s
         os.rename(tmp, path)
     barrier(world_size)
     return {"weights_s": round(t1 - t0, 3), "optimizer_s": round(t2 - t1, 3), "hash_s": round(t3 - t2, 3),
-            "bytes": sum(f["bytes"] for f in files.values())}
+            "bytes": sum(f["bytes"] for f in files.values()), "consolidated": consolidated}
+
+
+def sharded_state_dict(raw_model):
+    """The model's state dict as it lies on the ranks (DTensor shards under FSDP), for
+    torch.distributed.checkpoint; a tied output head once, under tok_emb.weight."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    sd = get_model_state_dict(raw_model)
+    if raw_model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd
 
 
 def check_free_space(folder, needed, rank=0, world_size=1):
@@ -393,19 +424,31 @@ def load_weights(model, sd, where):
                           f"{unexpected[:3]}); it was saved by a model of another shape")
 
 
-def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True):
+def load_checkpoint_weights(path, raw_model, rank, fsdp):
+    """A checkpoint's weights into the training model, each rank reading what it needs: its
+    own shard of model/ (torch.distributed.checkpoint reshards to any world size), or under
+    FSDP model.safetensors read by rank 0 alone and broadcast shard by shard."""
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    sd = load_file(os.path.join(path, "model.safetensors"))
-    if fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    if os.path.isdir(os.path.join(path, "model")):
+        import torch.distributed.checkpoint as dcp
 
-        if raw_model.config.tie_embeddings:
+        sd = sharded_state_dict(raw_model)
+        dcp.load(sd, checkpoint_id=os.path.join(path, "model"))
+        set_model_state_dict(raw_model, sd, options=StateDictOptions(strict=False))  # a tied head comes with tok_emb
+    elif fsdp:
+        sd = load_file(os.path.join(path, "model.safetensors")) if rank == 0 else {}
+        if rank == 0 and raw_model.config.tie_embeddings:
             sd["lm_head.weight"] = sd["tok_emb.weight"]
-        set_model_state_dict(raw_model, sd, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(raw_model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     else:
         with torch.no_grad():
-            load_weights(raw_model, sd, path)
+            load_weights(raw_model, load_file(os.path.join(path, "model.safetensors")), path)
+
+
+def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True):
+    load_checkpoint_weights(path, raw_model, rank, fsdp)
     if load_optimizer:
         if fsdp:
             import torch.distributed.checkpoint as dcp
@@ -415,7 +458,10 @@ def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True)
             dcp.load(osd, checkpoint_id=os.path.join(path, "optimizer"))
             set_optimizer_state_dict(raw_model, optimizer, osd)
         else:
-            optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), weights_only=True))
+            # onto this rank's own device (a checkpoint written on cuda:0 holds cuda:0 tensors)
+            device = next(raw_model.parameters()).device
+            optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device,
+                                                 weights_only=True))
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     rng_path = os.path.join(path, f"rng_rank{rank}.pt")
@@ -426,7 +472,7 @@ def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True)
         print(f"rank {rank}: {path} was written by {state['world_size']} ranks and holds no RNG state for this one",
               flush=True)
     else:
-        rng = torch.load(rng_path, weights_only=True)
+        rng = torch.load(rng_path, map_location="cpu", weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if rng["cuda"] is not None and torch.cuda.is_available():
@@ -439,7 +485,8 @@ def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True)
 # (the schedule, the data, the optimizer, the seed) makes another run: a branch
 RESUME_MAY_CHANGE = {"out_dir", "data_dir", "stages", "num_workers", "max_steps", "ckpt_interval", "val_interval",
                      "val_sequences", "wandb_project", "peak_flops", "dry_run", "dry_run_sequences_per_chunk",
-                     "dry_run_world_size", "micro_batch_size", "parallel", "compile", "activation_checkpointing",
+                     "dry_run_world_size", "plan_gpu", "plan_gpu_memory_gb",
+                     "stop_grace_s", "micro_batch_size", "parallel", "compile", "activation_checkpointing",
                      "dtype", "deterministic"}
 
 
@@ -529,13 +576,24 @@ def load_model(ckpt_dir, device="cpu"):
     state = read_state(ckpt_dir)
     if state is None:
         raise CheckpointError(f"{ckpt_dir}/state.json is missing or not valid JSON: the checkpoint is damaged")
+    model = Transformer(saved_config(state["config"]).model)
+    if os.path.isdir(os.path.join(ckpt_dir, "model")):  # a stop checkpoint of an FSDP run: the ranks' shards
+        problems = verify_checkpoint(ckpt_dir)
+        if problems:
+            raise CheckpointError(f"{ckpt_dir} is damaged ({'; '.join(problems[:3])}); `python train.py verify "
+                                  f"{os.path.dirname(ckpt_dir) or '.'}` checks the whole run")
+        import torch.distributed.checkpoint as dcp
+
+        sd = sharded_state_dict(model)
+        dcp.load(sd, checkpoint_id=os.path.join(ckpt_dir, "model"), no_dist=True)  # assembled whole, on the CPU
+        load_weights(model, sd, ckpt_dir)
+        return model.to(device)
     weights = os.path.join(ckpt_dir, "model.safetensors")
     written = state.get("files", {}).get("model.safetensors")
     if written and (not os.path.exists(weights) or sha256_file(weights) != written["sha256"]):
         raise CheckpointError(f"{weights} is missing or differs from the file written (sha256 in state.json): the "
                               f"checkpoint is damaged; `python train.py verify {os.path.dirname(ckpt_dir) or '.'}` "
                               "checks the whole run")
-    model = Transformer(saved_config(state["config"]).model)
     load_weights(model, load_file(weights), ckpt_dir)
     return model.to(device)
 
@@ -556,7 +614,10 @@ def identity(path):
         last = state["schedule"][max(0, state["pos"] - 1)]
         data_dir = data.chunk_table(dirs)[last][0] if len(dirs) > 1 else dirs[0]  # the stage trained last
         tok = data.load_manifest(data_dir)["tokenizer"]
-        written = state.get("files", {}).get("model.safetensors", {}).get("sha256")
+        files = state.get("files", {})
+        shards = sorted(f"{n} {r['sha256']}" for n, r in files.items() if n.startswith("model/"))
+        written = files.get("model.safetensors", {}).get("sha256") or \
+            (hashlib.sha256("\n".join(shards).encode()).hexdigest() if shards else None)  # a sharded checkpoint
         return {"step": state["step"], "tokens": state["tokens"], "data_dir": data_dir,
                 "tokenizer": tok.get("sha256") or tok.get("name"),
                 "weights": written or sha256_file(os.path.join(path, "model.safetensors"))}  # (older: no record)

@@ -65,6 +65,9 @@ class Config:
     dry_run: bool = False  # print the plan (memory, steps, time) without allocating the model
     dry_run_sequences_per_chunk: int = 0  # for the plan when the data dir is not prepared (AMBER: 1,706,976)
     dry_run_world_size: int = 0  # devices for the plan; 0: one micro-batch per device, no accumulation
+    plan_gpu: str = "A100"  # the GPU the plan is for (its bf16 peak: machine.GPU_BF16_PEAK)
+    plan_gpu_memory_gb: float = 80.0  # its memory in GiB: the dry run refuses a plan that needs more than 90%
+    stop_grace_s: float = 30.0  # seconds from the stop signal to SIGKILL (torchrun, SLURM's KillWait; SLURM's USR1 warning)
     # batch: sequences per optimizer step over all ranks, and per forward pass on one rank;
     # gradient accumulation = global_batch_size / (micro_batch_size * world size)
     global_batch_size: int = 32
@@ -90,7 +93,8 @@ class Config:
 
     def __post_init__(self):
         choices = {"lr_schedule": ("cosine", "linear"), "dtype": ("auto", "float32", "bfloat16"),
-                   "parallel": ("ddp", "fsdp"), "nan_policy": ("skip_chunk", "stop"), "objective": ("lm", "dpo")}
+                   "parallel": ("ddp", "fsdp"), "nan_policy": ("skip_chunk", "stop"), "objective": ("lm", "dpo"),
+                   "plan_gpu": ("A100", "H100", "H100 PCIe", "H100 NVL", "H200", "L40S", "L4", "A10G")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}: must be one of {', '.join(map(repr, allowed))}")
@@ -107,7 +111,8 @@ class Config:
             "val_interval": (0, "steps (0: per chunk only)"), "warmup_steps": (0, "steps"), "num_workers": (0,
             "processes (0: one per core)"), "lr": (0.0, "learning rate"), "min_lr": (0.0, "learning rate"),
             "weight_decay": (0.0, "decay"), "grad_clip": (0.0, "norm (0: off)"), "eps": (0.0, "epsilon"),
-            "dpo_beta": (0.0, "beta"), "peak_flops": (0.0, "FLOP/s (0: measured)")}
+            "dpo_beta": (0.0, "beta"), "peak_flops": (0.0, "FLOP/s (0: measured)"),
+            "plan_gpu_memory_gb": (0.0, "GiB"), "stop_grace_s": (0.0, "seconds")}
         for key, (low, what) in ranges.items():
             if getattr(self, key) < low:
                 raise ConfigError(f"{key}={getattr(self, key)}: must be >= {low} ({what})")

@@ -49,7 +49,10 @@ def run_info(device, world_size):
             "host": platform.node()}
 
 
-GPU_BF16_PEAK = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12}
+# dense bf16 tensor-core FLOP/s by the name torch reports, the more specific names first
+# ("NVIDIA H100 PCIe" is not an SXM H100; "NVIDIA L40S" is not an L4)
+GPU_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+                 "L40S": 362e12, "L4": 121e12, "A10G": 125e12}
 
 
 def peak_flops(cfg, device, dtype, measured=None):

@@ -132,29 +132,6 @@ class Attention(nn.Module):
         return self.wo(y)
 
 
-class SwiGLU(torch.autograd.Function):
-    """silu(gate) * up of h = [gate | up] (..., 2F) -> (..., F). The same numbers as the two
-    eager ops; the backward writes both halves of d h into one tensor, where autograd
-    would compute them apart and then concatenate them (a full copy per layer)."""
-
-    @staticmethod
-    def forward(ctx, h):
-        gate, up = h.chunk(2, dim=-1)
-        act = F.silu(gate)
-        ctx.save_for_backward(h, act)
-        return act * up
-
-    @staticmethod
-    def backward(ctx, grad):
-        h, act = ctx.saved_tensors
-        gate, up = h.chunk(2, dim=-1)
-        dh = torch.empty_like(h)
-        d_gate, d_up = dh.chunk(2, dim=-1)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
-        torch.mul(grad, act, out=d_up)
-        return dh
-
-
 class MLP(nn.Module):
     """SwiGLU (Shazeer 2020): w_down(silu(gate x) * up x), gate and up fused in one matmul."""
 
@@ -164,7 +141,8 @@ class MLP(nn.Module):
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.proj_bias)
 
     def forward(self, x):
-        return self.w_down(SwiGLU.apply(self.w_gate_up(x)))  # (B, T, 2 ff) -> (B, T, ff) -> (B, T, C)
+        gate, up = self.w_gate_up(x).chunk(2, dim=-1)  # (B, T, 2 ff) -> 2 x (B, T, ff)
+        return self.w_down(F.silu(gate) * up)  # (B, T, C)
 
 
 class Block(nn.Module):
@@ -180,57 +158,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, cache=None, pos=0, mask=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos, mask)
         return x + self.mlp(self.mlp_norm(x))
-
-
-CE_CHUNK_ELEMENTS = 2**21  # logits per chunk of the loss: 8 MB in float32
-
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits = (x @ weight.T) * scale against targets, where
-    targets of -1 never count, computed in row chunks of CE_CHUNK_ELEMENTS logits.
-
-    The forward pass also computes both gradients, chunk by chunk (d loss / d logits
-    = softmax - onehot, divided by the number of counted targets), so that neither the
-    logits nor their gradient are ever held whole; backward only scales them. Logits,
-    softmax and loss are float32 even under bf16 autocast. x (N, C), weight (V, C),
-    targets (N,). The loss is 0 when no target counts.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, scale):
-        n_counted = (targets != -1).sum().clamp(min=1)
-        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        acc = torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 inputs
-        dx = torch.empty_like(x) if want_grad else None
-        dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grad else None
-        total = torch.zeros((), dtype=acc, device=x.device)
-        rows = max(1, CE_CHUNK_ELEMENTS // weight.shape[0])
-        for s in range(0, x.shape[0], rows):
-            xs, ts = x[s : s + rows], targets[s : s + rows]
-            counted, safe = ts != -1, ts.clamp(min=0)[:, None]
-            logits = (xs @ weight.t()).to(acc)  # (r, V); every step below is in place
-            if scale != 1.0:
-                logits.mul_(scale)
-            target_logit = logits.gather(1, safe).squeeze(1)  # (r,)
-            peak = logits.amax(dim=-1, keepdim=True)  # (r, 1)
-            sumexp = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(l - peak)
-            lse = (peak + sumexp.log()).squeeze(1)  # log-sum-exp, (r,)
-            total += ((lse - target_logit) * counted).sum()
-            if want_grad:
-                g = logits.div_(sumexp)  # softmax
-                g.scatter_add_(1, safe, -torch.ones_like(safe, dtype=g.dtype))  # - onehot
-                g.mul_(counted[:, None] * (scale / n_counted))
-                g = g.to(x.dtype)  # the matmuls run in x's precision (or autocast's)
-                dx[s : s + rows] = g @ weight
-                dw += g.t() @ xs
-        ctx.save_for_backward(dx, dw)
-        ctx.weight_dtype = weight.dtype
-        return total / n_counted
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        dx, dw = ctx.saved_tensors
-        return dx * grad_loss, (dw * grad_loss).to(ctx.weight_dtype), None, None
 
 
 # -----------------------------------------------------------------------------
@@ -273,15 +200,21 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:, :]
         if targets is not None:
-            # training: the loss straight from the hidden states, chunk by chunk, so the
-            # (B, T, V) logits never exist at once (at 7B: 2.6 GB per micro batch and its gradient)
-            loss = LinearCrossEntropy.apply(x.flatten(0, 1), self.lm_head.weight, targets.reshape(-1),
-                                            self.logit_mult)
-            return None, loss
+            return None, self.loss(x, targets)
         logits = self.lm_head(x)  # (B, T, V)
         if self.logit_mult != 1.0:
             logits = logits * self.logit_mult
         return logits, None
+
+    def loss(self, x, targets):
+        """Mean cross-entropy of the logits of hidden states x (B, T, C) against targets
+        (B, T), over the targets that are not -1 (0 when none counts), in float32.
+        fused.py swaps in a chunked version that never holds the (B, T, V) logits whole."""
+        logits = self.lm_head(x)
+        if self.logit_mult != 1.0:
+            logits = logits * self.logit_mult
+        total = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1, reduction="sum")
+        return total / (targets != -1).sum().clamp(min=1)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None, compile=False,

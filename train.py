@@ -37,13 +37,15 @@ from tqdm import tqdm
 
 import branch
 import data
+import fused
+import memory
 import plot
-from checkpoint import (check_metrics, check_resumable, find_checkpoint, load_checkpoint, load_init_from,
+from checkpoint import (HASH_BYTES_PER_S, WRITE_BYTES_PER_S, check_metrics, check_resumable, find_checkpoint, load_checkpoint, load_init_from,
                         metrics_digest, read_state, resume_point, save_checkpoint, verify_run)
 from common import (all_reduce_sum, atomic_write, barrier, broadcast0, close_distributed, gather, hold_lock,
                     init_distributed, one_line_errors, print0, write_json_atomic, writing)
 from config import Config, ConfigError, config_to_dict, format_config, load_config, save_config
-from machine import choose_dtype, determinism, peak_flops, peak_memory_gb, run_info
+from machine import GPU_BF16_PEAK, choose_dtype, determinism, peak_flops, peak_memory_gb, run_info
 from model import Transformer, summary
 from model_config import hf_config
 
@@ -75,13 +77,33 @@ def grad_accum(cfg, world_size):
 
 def shard(model, dtype):
     """FSDP2 on every block, then on the whole model; parameters in `dtype` for compute,
-    gradients reduced in float32, master weights float32."""
+    gradients reduced in float32, master weights float32. A block's inputs are left as
+    they come (cast_forward_inputs=False): the hidden states are already in `dtype`, and
+    the rotary tables stay float32 (the paper's lesson; FSDP2 would cast them)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.layers:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
+        fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+                                                          cast_forward_inputs=False))
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
+
+
+def speed_up(raw_model, cfg, device):
+    """What the step runs on, applied from outside the model: fused.py's versions (the
+    SwiGLU on a CPU in eager mode only: it breaks a compiled graph), activation
+    checkpointing from inside each block's forward (so that torch.compile traces the
+    recomputation: a checkpoint wrapped around the compiled call compiles nothing), and
+    torch.compile block by block (one compile serves every layer, ~10 s on a CPU)."""
+    fused.apply(raw_model, device, swiglu=device.type == "cpu" and not cfg.compile)
+    for block in raw_model.layers:
+        if cfg.activation_checkpointing:  # parameter names stay as they are
+            block.forward = partial(recompute, block.forward)
+        if cfg.compile:
+            block.compile()
+
+
+def recompute(forward, *args):
+    return activation_checkpoint(forward, *args, use_reentrant=False)
 
 
 # -----------------------------------------------------------------------------
@@ -250,6 +272,58 @@ class RunLog:
 # the plan
 
 
+def plan_memory(cfg, model, world, fsdp, flops_per_step):
+    """The dry run's lines for one rank: its memory (memory.py measures it on the real model
+    at this width and world size), its checkpoints' bytes and seconds, and the stop after a
+    scheduler's signal against the grace period; and the problems that refuse the plan."""
+    n, L, gib = model.num_params(), cfg.model.n_layer, 2**30
+    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16  # what "auto" gives on a GPU
+    local = memory.rank0_shard_elements(cfg.model, world if fsdp else 1, shard, dtype)
+    act = memory.activations(cfg.model, cfg.micro_batch_size * cfg.seq_len, dtype, dtype if fsdp else torch.float32,
+                             cfg.activation_checkpointing, fused.LOSS_CHUNK["cuda"])
+    # FSDP2 gathers whole units for compute: the root's (embedding, head) for the whole step and two
+    # blocks at a time (one prefetched) in the compute dtype, and reduces a unit's gradients in float32
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    gathered = ((n - L * block + 2 * block) * dtype.itemsize + (n - L * block + block) * 4) if fsdp else 0
+    parts = {"weights": 4 * local, "gradients": 4 * local, "AdamW": 8 * local, "activations": act["blocks"],
+             "loss": act["loss"], "gathered units": gathered}
+    total, capacity = sum(parts.values()), cfg.plan_gpu_memory_gb * gib
+    # checkpoints: a stop (mid-chunk) one under FSDP is each rank's shard of the float32 weights and
+    # both AdamW moments; a chunk-end one adds the weights gathered into model.safetensors by rank 0
+    stop_bytes, end_bytes = 12 * local, (4 * n + 8 * local if fsdp else 12 * n)
+    write_s = lambda b: b / WRITE_BYTES_PER_S + b / HASH_BYTES_PER_S  # noqa: E731
+    step_s = flops_per_step / (world * GPU_BF16_PEAK[cfg.plan_gpu] * 0.36)
+    stop_s = step_s + write_s(stop_bytes)
+    lines = [
+        f"memory/rank      {total / gib:.1f} GiB of the {cfg.plan_gpu}'s {cfg.plan_gpu_memory_gb:g} GiB "
+        f"({100 * total / capacity:.0f}%): " + ", ".join(f"{k} {v / gib:.1f}" for k, v in parts.items())
+        + f" GiB ({'rank 0 of ' + str(world) + ' under FSDP2: ' + format(local, ',') + ' elements' if fsdp else 'replicated'})",
+        f"activations      {act['per_token_per_hidden']:.1f} bytes per token per hidden unit saved by a block (measured "
+        f"here with saved-tensor hooks; {'checkpointed: each block keeps its input, one is recomputed' if cfg.activation_checkpointing else 'all kept'}); "
+        "a GPU's fused RMSNorm saves less",
+        f"checkpoint/rank  a stop {stop_bytes / 1e9:,.2f} GB ({'its own shard' if fsdp else 'all, from rank 0'}), "
+        f"{write_s(stop_bytes):,.1f} s; a chunk end {end_bytes / 1e9:,.1f} GB from rank 0, {write_s(end_bytes):,.0f} s "
+        f"(at {WRITE_BYTES_PER_S / 1e9:g} GB/s written and {HASH_BYTES_PER_S / 1e9:g} GB/s hashed, python bench.py ckpt)",
+        f"stop             {stop_s:,.1f} s from a signal to exit (a step, {step_s:,.1f} s at 36% MFU on the "
+        f"{cfg.plan_gpu}, and the stop checkpoint), against a grace of {cfg.stop_grace_s:g} s (stop_grace_s)",
+    ]
+    if cfg.ckpt_interval:
+        every = cfg.ckpt_interval * step_s
+        lines.append(f"rolling ckpt     every {cfg.ckpt_interval} steps ({every / 60:,.1f} min): "
+                     f"{100 * write_s(stop_bytes) / every:.2f}% of the time; a crash without warning loses at most that")
+    problems = []
+    if total > 0.9 * capacity:
+        problems.append(f"{total / gib:.1f} GiB per rank is more than 90% of the {cfg.plan_gpu}'s "
+                        f"{cfg.plan_gpu_memory_gb:g} GiB (plan_gpu_memory_gb): set activation_checkpointing=True, a "
+                        "smaller micro_batch_size, or parallel='fsdp'")
+    if stop_s > cfg.stop_grace_s:
+        problems.append(f"a stop takes {stop_s:,.0f} s and the grace period is {cfg.stop_grace_s:g} s (stop_grace_s): "
+                        "ask the scheduler for an earlier warning (SLURM: --signal=USR1@SECONDS) and set stop_grace_s, "
+                        "or use parallel='fsdp' so that every rank writes its own shard")
+    return lines, problems, {"memory_gib": {k: v / gib for k, v in parts.items()}, "stop_s": stop_s,
+                             "step_s": step_s, "stop_ckpt_bytes_per_rank": stop_bytes}
+
+
 def plan(cfg, world_size):
     """--dry_run: what the run will cost, from the meta-device model and the config."""
     with torch.device("meta"):
@@ -270,19 +344,9 @@ def plan(cfg, world_size):
     planned_world = cfg.dry_run_world_size or (world_size if world_size > 1 else max(1, G // cfg.micro_batch_size))
     grad_accum(cfg, planned_world)
     accum = G // (cfg.micro_batch_size * planned_world)
-    fsdp = cfg.parallel == "fsdp"
-    d, L = cfg.model.dim, cfg.model.n_layer
-    states = 16 * n / (planned_world if fsdp else 1)  # fp32 weights, grads, AdamW exp_avg and exp_avg_sq
-    # activations in bf16, about 34 s b h bytes per layer (Korthikanti et al. 2022); checkpointing keeps each
-    # block's input (2 s b h) and recomputes one block at a time
-    sbh = cfg.micro_batch_size * T * d
-    act = (2 * L + 34) * sbh if cfg.activation_checkpointing else 34 * L * sbh
-    # FSDP gathers whole units for compute: the root's (embedding, head) for the whole step, two
-    # blocks at a time (one prefetched) in bf16, and reduces a unit's gradients in float32
-    block = sum(p.numel() for p in model.layers[0].parameters())
-    root = n - L * block
-    gathered = (root + 2 * block) * 2 + (root + block) * 4 if fsdp and planned_world > 1 else 0
+    fsdp = cfg.parallel == "fsdp" and planned_world > 1
     fpt = model.flops_per_token(T)
+    mem_lines, problems, mem = plan_memory(cfg, model, planned_world, fsdp, fpt * G * T)
     print(summary(cfg.model, T))
     try:
         print(f"{'hugging face layout':22s} {hf_config(cfg.model)['architectures'][0]}")
@@ -296,12 +360,8 @@ def plan(cfg, world_size):
         f"{cfg.micro_batch_size} on {planned_world} devices, {accum} accumulation step(s)",
         f"data             {len(steps)} chunks, {min(steps):,}-{max(steps):,} steps per chunk ({source}), "
         f"{sum(steps):,} steps, {total_tokens / 1e9:,.2f}B tokens",
-        f"memory/device    weights + grads + AdamW {states / gb:.1f} GiB ({'sharded by FSDP' if fsdp else 'replicated'}), "
-        f"activations ~{act / gb:.1f} GiB ({'checkpointed' if cfg.activation_checkpointing else 'all kept'}, "
-        "an upper estimate after Korthikanti et al. 2022)"
-        + (f", gathered units ~{gathered / gb:.1f} GiB; ~{(states + act + gathered) / gb:.1f} GiB in all" if gathered
-           else f"; ~{(states + act) / gb:.1f} GiB in all"),
     ]
+    lines += mem_lines
     for name, flops in [("A100 bf16", 312e12), ("H100 bf16", 989e12)]:
         seconds = total_tokens * fpt / (planned_world * flops * 0.36)
         lines.append(f"time at 36% MFU  {seconds / 86400:,.1f} days on {planned_world} x {name}")
@@ -321,7 +381,7 @@ def plan(cfg, world_size):
         f"a JSON-lines release like AMBER's, at {data.CONVERT_TOKENS_PER_S_PER_WORKER / 1e6:.1f}M tokens/s per "
         "worker (python bench.py convert)",
     ]
-    out = {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T, "planned_world": planned_world}
+    out = {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T, "planned_world": planned_world, **mem}
     if cfg.branch_from:  # where the branch starts, and what is left of its schedule
         first, left, total, where = branch.plan(cfg, steps)
         seconds = left * G * T * fpt / (planned_world * 312e12 * 0.36)
@@ -331,6 +391,8 @@ def plan(cfg, world_size):
                      "36% MFU")
         out |= {"branch_step": first, "steps_left": left}
     print("\n".join(lines))
+    if problems:
+        raise ConfigError("the plan does not fit: " + "; and ".join(problems))
     return out
 
 
@@ -440,15 +502,10 @@ def setup(cfg, rank, world_size, device):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     raw_model = build_model(cfg, device, dtype, fsdp)
-    if cfg.activation_checkpointing:
-        for block in raw_model.layers:  # parameter names stay as they are
-            block.forward = partial(activation_checkpoint, block.forward, use_reentrant=False)
+    speed_up(raw_model, cfg, device)
     model = raw_model
     if world_size > 1 and not fsdp:
         model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:  # block by block: one compile serves every layer (~10 s on a CPU), and FSDP2 shards stay per block
-        for block in raw_model.layers:
-            block.compile()
     groups = raw_model.param_groups(cfg.weight_decay)
     optimizer = make_optimizer(groups, cfg, device)
     ref_model = reference_model(cfg, device, dtype, fsdp, data_sha, rank) if cfg.objective == "dpo" else None
@@ -516,8 +573,7 @@ def start(run, resume, parent, data_sha, info, changes):
 
 
 def train_step(run, reader, lr):
-    """One optimizer step at learning rate lr: accum micro-batches (gradients reduced across
-    ranks on the last one only), the true global gradient norm (DTensor-aware under FSDP),
+    """One optimizer step at learning rate lr: accum micro-batches, the true global gradient norm (DTensor-aware under FSDP),
     clipped when grad_clip > 0, then AdamW. Returns (loss, grad norm, DPO statistics), the
     same on every rank; a non-finite loss or norm leaves the weights as they were."""
     cfg, model = run.cfg, run.model
@@ -529,8 +585,8 @@ def train_step(run, reader, lr):
         x, y = next(reader)
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
         last = micro == run.accum - 1
-        if run.fsdp:
-            model.set_requires_gradient_sync(last)
+        # DDP reduces on the last micro-batch only; FSDP2 reduce-scatters every one (as torchtitan
+        # does), so no rank ever holds an unsharded float32 gradient (27 GB at 7B)
         sync = model.no_sync() if (run.world_size > 1 and not run.fsdp and not last) else nullcontext()
         with sync, run.autocast:
             loss, stats = objective(model, run.ref_model, x, y, cfg)
@@ -558,13 +614,14 @@ def validate(run, data_dir, manifest):
 
 def save(run, state, name, reader=None):
     """Checkpoint `name` of the run dir at this state; `reader` for a mid-chunk one (its
-    position inside the chunk is saved with it). Returns what the ledger records of it:
-    the seconds of each part, the bytes, and every rank's peak memory so far."""
+    position inside the chunk is saved with it; under FSDP each rank writes its own shard
+    of the weights, so a stop fits a scheduler's grace period). Returns what the ledger
+    records of it: the seconds of each part, the bytes, and every rank's peak memory so far."""
     state["reader"] = reader.state_dict() if reader else None
     digest = metrics_digest(run.log.metrics_path) if run.rank == 0 else None  # the metrics up to this checkpoint
     state["metrics_lines"], state["metrics_sha256"] = broadcast0(digest, run.world_size)
     info = save_checkpoint(os.path.join(run.cfg.out_dir, name), run.raw_model, run.optimizer, state, run.cfg,
-                           run.rank, run.world_size, run.fsdp)
+                           run.rank, run.world_size, run.fsdp, consolidated=reader is None)
     return info | {"peak_mem_gb": [round(m, 2) for m in gather(peak_memory_gb(run.device), run.world_size)]}
 
 
@@ -652,14 +709,18 @@ def main(cfg):
 
 
 class Preemption:
-    """SIGTERM (a scheduler's preemption, before its SIGKILL) or SIGINT (Ctrl-C) asks the run
-    to stop: the step in flight finishes, every rank agrees on the step to stop after (any
-    rank's signal stops all: one all-reduce of a flag per step), and the run writes its
-    checkpoint and exits. A second signal while it saves is noted and changes nothing."""
+    """SIGUSR1 (SLURM's early warning, `--signal=USR1@600`: minutes before the time limit),
+    SIGTERM (a scheduler's preemption, 30 s before its SIGKILL) or SIGINT (Ctrl-C) asks the
+    run to stop: the step in flight finishes, every rank agrees on the step to stop after
+    (any rank's signal stops all: one all-reduce of a flag per step), and the run writes its
+    checkpoint (under FSDP each rank its own shard) and exits. A second signal while it
+    saves is noted and changes nothing."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signal = None
-        self.previous = {s: signal.signal(s, self._note) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.previous = {s: signal.signal(s, self._note) for s in self.SIGNALS}
 
     def _note(self, signum, frame):
         if self.signal is None:

@@ -34,4 +34,9 @@ dtype = "auto"  # bf16 autocast with float32 master weights on the GPU
 compile = True  # torch.compile: worth its compile time on a GPU
 activation_checkpointing = False  # set True if activations do not fit
 ckpt_interval = 500  # a rolling checkpoint every 500 steps, besides one per chunk
+plan_gpu = "H100"  # an 80 GB A100 or H100; the dry run plans for this one
+# one process writes the whole 12.5 GB checkpoint (no shards to share it): 48 s with the step in
+# flight (dry run), more than a plain SIGTERM's 30 s. Ask the scheduler for an early warning
+# (SLURM: --signal=USR1@120), which stops the run like SIGTERM
+stop_grace_s = 120.0
 dry_run_world_size = 1  # plan for one GPU

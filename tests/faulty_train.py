@@ -7,6 +7,7 @@
     LLM360_FAULT="sigterm_in_save"  SIGTERM to itself in the middle of writing every checkpoint
     LLM360_NAN_CHUNKS="1,2"   the training loss of these chunks is NaN wherever the schedule puts them
     LLM360_HASH_LOG=PATH      append "RANK FILE" to PATH for each data file whose sha256 a rank computes
+    LLM360_ROPE_LOG=PATH      append "RANK COS_DTYPE SIN_DTYPE" to PATH for each rotary call in training
 
     python tests/faulty_train.py CONFIG [--key=value ...]    (or under torchrun, like train.py)
     LLM360_MAIN=finetune python tests/faulty_train.py CONFIG   the same faults in finetune.py
@@ -91,6 +92,19 @@ if os.environ.get("LLM360_HASH_LOG"):
         return sha256_file(path, *args, **kwargs)
 
     data.sha256_file = logged_sha256
+
+if os.environ.get("LLM360_ROPE_LOG"):
+    import model
+
+    apply_rope = model.apply_rope
+
+    def logged_rope(x, cos, sin):
+        if x.requires_grad:  # training, not generation
+            with open(os.environ["LLM360_ROPE_LOG"], "a") as f:
+                f.write(f"{os.environ.get('RANK', '0')} {cos.dtype} {sin.dtype} {x.dtype}\n")
+        return apply_rope(x, cos, sin)
+
+    model.apply_rope = logged_rope
 
 if __name__ == "__main__":
     if os.environ.get("LLM360_MAIN") == "finetune":

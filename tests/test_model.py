@@ -254,38 +254,58 @@ def test_causality(kw):
 
 
 @pytest.mark.parametrize("chunk", [2**21, 300], ids=["one-chunk", "uneven-chunks"])
-def test_chunked_loss_and_grads_equal_plain_cross_entropy(monkeypatch, chunk):
-    """The fused, chunked loss gives the loss and every gradient of F.cross_entropy on the
-    full logits (muP logit multiplier and tied head included); -1 targets never count."""
-    import model as model_module
+def test_fused_steps_equal_the_plain_ones_in_values_and_gradients(chunk):
+    """fused.py's SwiGLU and chunked loss give the loss and every gradient of model.py's plain
+    F.silu(gate) * up and F.cross_entropy (muP logit multiplier and tied head included);
+    -1 targets never count; nothing counted gives 0, not NaN."""
+    import fused
 
-    monkeypatch.setattr(model_module, "CE_CHUNK_ELEMENTS", chunk)  # 300 // 128 = 2 rows a chunk
-    model = perturb_(build(**CRYSTAL))
+    plain = perturb_(build(**CRYSTAL))
+    fast = fused.apply(perturb_(build(**CRYSTAL)), torch.device("cpu"))
+    if chunk != 2**21:
+        fast.loss = lambda x, t: fused.chunked_loss(fast, chunk, x, t)  # 300 // 128 = 2 rows a chunk
     idx = idx_batch(128, B=2, T=11)
     targets = idx_batch(128, B=2, T=11, seed=2)
     targets[0, 3:] = -1
-    _, loss = model(idx, targets)
-    loss.backward()
-    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad()
-    logits, _ = model(idx)
-    ref = torch.nn.functional.cross_entropy(logits.view(-1, 128), targets.view(-1), ignore_index=-1)
-    ref.backward()
-    assert torch.allclose(loss, ref, atol=1e-6), (loss.item(), ref.item())
-    for n, p in model.named_parameters():
-        assert_close(ours[n], p.grad, tol=1e-6)
+    losses = []
+    for model in (plain, fast):
+        _, loss = model(idx, targets)
+        loss.backward()
+        losses.append(loss)
+    assert torch.allclose(losses[0], losses[1], atol=1e-6), [x.item() for x in losses]
+    grads = dict(plain.named_parameters())
+    for n, p in fast.named_parameters():
+        assert_close(p.grad, grads[n].grad, tol=1e-6)
     targets[:] = -1
-    assert model(idx, targets)[1].item() == 0.0  # nothing counts: zero, not NaN
+    assert fast(idx, targets)[1].item() == 0.0 and plain(idx, targets)[1].item() == 0.0
+
+
+def test_the_chunked_loss_computes_no_gradients_without_autograd(monkeypatch):
+    """Under no_grad (validation, evaluation) the chunked loss does the forward matmuls only:
+    one matmul a chunk, where training does three."""
+    import fused
+
+    model = fused.apply(build(**SMALL), torch.device("cpu"))
+    idx = idx_batch(128, B=2, T=11)
+    calls = []
+    real = torch.Tensor.__matmul__
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: calls.append(1) or real(a, b))
+    with torch.no_grad():
+        _, loss = model(idx, idx)
+    assert len(calls) == 1
+    calls.clear()
+    model(idx, idx)[1].backward()
+    assert len(calls) == 3
 
 
 def test_linear_cross_entropy_gradcheck():
-    from model import LinearCrossEntropy
+    from fused import LinearCrossEntropy
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
     t = torch.tensor([1, -1, 3, 10, 0, -1, 4])
-    assert torch.autograd.gradcheck(lambda x, w: LinearCrossEntropy.apply(x, w, t, 0.7), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: LinearCrossEntropy.apply(x, w, t, 0.7, 3, True), (x, w))
 
 
 @pytest.mark.parametrize("kw", [SMALL, CRYSTAL], ids=["amber", "crystalcoder"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import corpus_values, make_corpus, write_config
-from config import config_from_dict
+from config import ConfigError, config_from_dict
 from model import Transformer
 from model_config import ModelConfig
 import checkpoint
@@ -81,6 +81,53 @@ def test_dry_run_plans_amber(capsys):
     # disk: 360 x 1,706,976 rows of 2,049 uint16 ids and a source byte; 12 bytes a parameter per checkpoint
     assert f"{360 * 1_706_976 * (2049 * 2 + 1) / 1e12:,.3f} TB of chunks (614,511,360 rows of 2,049 ids)" in out
     assert "80.9 GB per checkpoint" in out and "29.11 TB for all 360" in out and "h on 64 cores" in out
+    # per rank at 224 ranks: rank 0's FSDP2 shard, counted on the sharded model (a fake process group)
+    assert "rank 0 of 224 under FSDP2: 30,541,011 elements" in out
+    assert plan["stop_ckpt_bytes_per_rank"] == 12 * 30_541_011 and plan["stop_s"] < 30
+
+
+def test_every_shipped_config_fits_the_gpu_it_names():
+    """The dry run of every config in configs/ fits its plan_gpu with 10% headroom, and its
+    stop fits its grace period (the plan refuses otherwise); and the activations it plans
+    agree within 10% with what autograd saves over a whole micro-batch of real blocks."""
+    import train
+    from config import load_config
+
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        cfg = load_config([os.path.join(ROOT, "configs", name), "--data_dir=/nonexistent", "--stages=()",
+                           "--dry_run_sequences_per_chunk=100000"])
+        plan = train.plan(cfg, world_size=1)
+        assert sum(plan["memory_gib"].values()) < 0.9 * cfg.plan_gpu_memory_gb and plan["stop_s"] < cfg.stop_grace_s
+    with pytest.raises(ConfigError, match="more than 90%"):
+        train.plan(load_config([os.path.join(ROOT, "configs", "crystalcoder_7b.py"), "--data_dir=/nonexistent",
+                                "--stages=()", "--activation_checkpointing=False", "--dry_run_sequences_per_chunk=100000"]),
+                   world_size=1)
+
+
+def test_planned_activations_equal_what_a_micro_batch_saves():
+    import memory
+    from model import rope_tables
+
+    cfg = ModelConfig(vocab_size=512, dim=256, n_layer=3, n_head=4, intermediate_size=704, max_seq_len=256)
+    B, T = 4, 256
+    planned = memory.activations(cfg, B * T, torch.float32, torch.float32, False, 2**21)["blocks"]
+    model = Transformer(cfg)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    x = model.tok_emb(torch.randint(0, 512, (B, T))).detach().requires_grad_()
+    cos, sin = rope_tables(cfg, torch.arange(T))
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params | {cos.data_ptr(), sin.data_ptr()}:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for layer in model.layers:
+            x = layer(x, cos, sin)
+    measured = sum(seen.values())
+    print(f"activations of a micro-batch: planned {planned:,.0f} bytes, saved {measured:,.0f}")
+    assert abs(planned - measured) <= 0.1 * measured, (planned, measured)
 
 
 def _amber_keys():
@@ -89,6 +136,7 @@ def _amber_keys():
     cfg = load_config([os.path.join(ROOT, "configs", "amber_7b.py")])
     return dict(seq_len=cfg.seq_len, n_chunks=cfg.n_chunks, global_batch_size=cfg.global_batch_size,
                 micro_batch_size=cfg.micro_batch_size, parallel=cfg.parallel, data_dir="/nonexistent",
+                activation_checkpointing=cfg.activation_checkpointing,
                 dry_run_sequences_per_chunk=cfg.dry_run_sequences_per_chunk)
 
 
@@ -108,15 +156,17 @@ def run_values(corpus, name, **kw):
     return values
 
 
-def train(corpus, name, nproc=1, fault=None, expect_ok=True, nan_chunks=(), fault_rank=0, hash_log="", **kw):
+def train(corpus, name, nproc=1, fault=None, expect_ok=True, nan_chunks=(), fault_rank=0, hash_log="", rope_log="",
+          **kw):
     """train.py on the corpus in a subprocess; faults (fault="step:N" / "save:N", chunks
     whose loss is NaN) are injected from outside by tests/faulty_train.py, which also logs
     the data files each rank hashes (hash_log)."""
     cfg_path = write_config(corpus / f"{name}.py", run_values(corpus, name, **kw))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, LLM360_FAULT=fault or "",
                LLM360_NAN_CHUNKS=",".join(map(str, nan_chunks)), LLM360_FAULT_RANK=str(fault_rank),
-               LLM360_HASH_LOG=str(hash_log), WANDB_MODE="offline", WANDB_SILENT="true")
-    script = os.path.join(ROOT, "tests", "faulty_train.py") if fault or nan_chunks or hash_log else \
+               LLM360_HASH_LOG=str(hash_log), LLM360_ROPE_LOG=str(rope_log), WANDB_MODE="offline",
+               WANDB_SILENT="true")
+    script = os.path.join(ROOT, "tests", "faulty_train.py") if fault or nan_chunks or hash_log or rope_log else \
         os.path.join(ROOT, "train.py")
     if nproc == 1:
         cmd = [sys.executable, script, cfg_path]
@@ -347,6 +397,18 @@ def test_fsdp_matches_one_process_and_resumes_bitwise(corpus, short_reference):
     assert all(torch.equal(fsdp_w[k], resumed[k]) for k in fsdp_w)
 
 
+@pytest.mark.slow
+def test_fsdp_in_bf16_keeps_the_rotary_tables_float32(corpus):
+    """Under FSDP2 with bf16 parameters on 2 ranks, every block's rotary tables arrive
+    float32 (FSDP2's default policy would cast them to bf16 with the block's inputs)."""
+    log = corpus / "rope_log.txt"
+    train(corpus, "fsdp_bf16", nproc=2, parallel="fsdp", dtype="bfloat16", max_steps=1, val_sequences=0,
+          rope_log=log)
+    calls = [line.split() for line in log.read_text().splitlines()]
+    assert {c[0] for c in calls} == {"0", "1"} and len(calls) >= 2 * SMALL_MODEL["n_layer"]
+    assert all(c[1:] == ["torch.float32", "torch.float32", "torch.bfloat16"] for c in calls), calls[:4]
+
+
 def test_nan_chunk_is_skipped_and_replaced(corpus, reference):
     train(corpus, "nan", nan_chunks=(1,))
     events = ledger(corpus / "nan")
@@ -483,6 +545,36 @@ def test_activation_checkpointing_changes_nothing_but_memory(corpus, short_refer
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "activation-checkpointing"])
+def test_compile_traces_each_block_whole_with_or_without_checkpointing(monkeypatch, checkpointing):
+    """compile=True as train.py sets it up: every block is one graph, traced once for all
+    layers, with no graph break, and the gradients are those of the eager model. Dynamo's
+    tracing is what is under test; its backend here is aot_eager (inductor's code
+    generation would cost seconds and tests nothing of ours)."""
+    from torch._dynamo.utils import counters
+
+    compile_module = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self: compile_module(self, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = config_from_dict(dict(SMALL_MODEL, vocab_size=96, seq_len=16, max_seq_len=16, compile=True,
+                                activation_checkpointing=checkpointing))
+    eager, compiled = Transformer(cfg.model), Transformer(cfg.model)
+    for m in (eager, compiled):
+        m.init_weights(0)
+    train_py.speed_up(compiled, cfg, torch.device("cpu"))
+    idx = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        for m in (eager, compiled):
+            m.zero_grad()
+            m(idx[:, :-1], idx[:, 1:])[1].backward()
+    assert counters["stats"]["unique_graphs"] == 1 and counters["stats"]["calls_captured"] > 0, dict(counters["stats"])
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    grads = dict(eager.named_parameters())
+    worst = max((p.grad - grads[n].grad).abs().max().item() for n, p in compiled.named_parameters())
+    assert worst < 1e-5, worst
+
+
 def test_init_from_starts_a_new_run_from_another_runs_checkpoint(corpus, reference):
     train(corpus, "continued", max_steps=3, init_from=str(reference / "ckpt_000"))
     start, first = metrics(corpus / "continued")[:2]
@@ -499,7 +591,7 @@ def test_stages_train_one_data_dir_after_the_other(corpus):
     the first stage's tokenizer; chunks count on across stages; memorize.py follows them."""
     import data
     import memorize
-    from config import config_from_dict
+    from config import ConfigError, config_from_dict
 
     base = run_values(corpus, "staged")
     stage1 = config_from_dict(dict(base, data_dir=str(corpus / "stage1"), n_chunks=2,
@@ -759,6 +851,63 @@ def test_a_sigterm_to_one_rank_stops_every_rank_at_the_same_step(corpus):
     train(corpus, "ddp_term", nproc=2)
     train(corpus, "ddp", nproc=2)  # the uninterrupted DDP run (test_ddp_matches... has trained it already)
     assert_same_checkpoint(corpus / "ddp" / "ckpt_002", corpus / "ddp_term" / "ckpt_002")
+
+
+def launch_like_srun(corpus, cfg_path, nproc=2):
+    """The ranks started as the README's SLURM script starts them (srun, one task a GPU:
+    RANK, LOCAL_RANK and WORLD_SIZE from SLURM's variables), with no torchrun agent between
+    the scheduler's signal and the ranks."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for r in range(nproc):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, RANK=str(r), LOCAL_RANK=str(r),
+                   WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), cfg_path], env=env,
+                                      cwd=str(corpus), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+@pytest.mark.slow
+def test_slurms_early_warning_stops_fsdp_ranks_with_sharded_checkpoint_and_resumes_bitwise(corpus):
+    """SLURM's --signal=USR1 reaches every rank of the job step at once: the 2 FSDP ranks
+    finish the step, write ckpt_rolling at the last logged step as each rank's own shard
+    (model/, no weights gathered), record "preempted" and exit 1; the same launch resumes
+    and ends bitwise as the uninterrupted run."""
+    import signal
+    import time
+
+    cfg_path = write_config(corpus / "usr1.py", run_values(corpus, "usr1", parallel="fsdp"))
+    procs = launch_like_srun(corpus, cfg_path)
+    deadline = time.monotonic() + 120
+    while len([r for r in metrics(corpus / "usr1") if "loss" in r] if (corpus / "usr1" / "metrics.jsonl").exists()
+              else []) < 5:
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), procs[0].stderr.read()[-2000:]
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    for p in procs:
+        p.send_signal(signal.SIGUSR1)
+    errors = [p.communicate(timeout=120)[1] for p in procs]
+    stop_s = time.monotonic() - t0
+    assert [p.returncode for p in procs] == [1, 1], errors[0][-2000:]
+    assert "stopped by SIGUSR1 after step" in errors[0].strip().splitlines()[-1]
+    steps = [r["step"] for r in metrics(corpus / "usr1") if "loss" in r]
+    rolling = corpus / "usr1" / "ckpt_rolling"
+    assert json.loads((rolling / "state.json").read_text())["step"] == steps[-1] < 144
+    assert (rolling / "model").is_dir() and not (rolling / "model.safetensors").exists()
+    assert ledger(corpus / "usr1")[-1]["event"] == "preempted" and ledger(corpus / "usr1")[-1]["signal"] == "SIGUSR1"
+    print(f"stop to exit: {stop_s:.2f} s (2 FSDP ranks, step {steps[-1]})")
+    procs = launch_like_srun(corpus, cfg_path)
+    assert [p.wait(timeout=300) for p in procs] == [0, 0], procs[0].stderr.read()[-2000:]
+    assert ledger(corpus / "usr1")[[e["event"] for e in ledger(corpus / "usr1")].index("preempted") + 1]["event"] \
+        == "resume"
+    train(corpus, "fsdp", nproc=2, parallel="fsdp")  # the uninterrupted run (test_fsdp_matches... trained it)
+    a, b = final_weights(corpus / "fsdp"), final_weights(corpus / "usr1")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(corpus / "usr1") == metrics(corpus / "fsdp")
 
 
 @pytest.mark.slow
