@@ -20,6 +20,7 @@ Nothing here imports the project.
 
 import contextlib
 import difflib
+import datetime
 import errno
 import hashlib
 import json
@@ -48,6 +49,13 @@ def _dist():
     return torch.distributed
 
 
+# how long a rank waits in a collective before the job fails, said explicitly: longer than the
+# longest work one rank does while the others wait (at 7B: gathering and writing the 27 GB
+# model.safetensors at a chunk end, ~1.5 min planned; hashing a 7 GB chunk, seconds), and short
+# enough that a hung rank frees 224 GPUs within minutes
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
+
+
 def init_distributed():
     """(rank, world_size, device). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; the
     backend is NCCL on CUDA and gloo on CPU, so every mode runs on a laptop too."""
@@ -60,10 +68,10 @@ def init_distributed():
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=COLLECTIVE_TIMEOUT)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=COLLECTIVE_TIMEOUT)
     return rank, world_size, device
 
 

@@ -442,15 +442,19 @@ def prepare_data(cfg, rank, world_size):
     return data.training_data(cfg)
 
 
-def build_model(cfg, device, dtype, fsdp):
+def build_model(cfg, device, dtype, fsdp, init=True):
     """The Transformer built on the meta device, sharded (FSDP2) before it is materialized,
-    then initialized from the seed: a 7B model never exists whole on one rank."""
+    then initialized from the seed on the device: a 7B model never exists whole on one
+    rank. init=False (a resume: the checkpoint overwrites every weight) draws nothing."""
     with torch.device("meta"):
         model = Transformer(cfg.model)
     if fsdp:
         shard(model, dtype)
     model.to_empty(device=device)
-    model.init_weights(cfg.seed)  # re-ties tied embeddings
+    if cfg.model.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # to_empty() unties shared parameters
+    if init:
+        model.init_weights(cfg.seed)
     return model
 
 
@@ -501,7 +505,7 @@ def setup(cfg, rank, world_size, device):
         plot.warm_up_in_background()  # matplotlib's import and first draw, while the first chunk trains
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    raw_model = build_model(cfg, device, dtype, fsdp)
+    raw_model = build_model(cfg, device, dtype, fsdp, init=resume is None)
     speed_up(raw_model, cfg, device)
     model = raw_model
     if world_size > 1 and not fsdp:

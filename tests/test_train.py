@@ -341,9 +341,8 @@ def test_a_damaged_old_checkpoint_blocks_nothing_and_verify_finds_it(corpus, ref
 
 
 def rolling_weights(run_dir):
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(run_dir, "ckpt_rolling", "model.safetensors"))
+    """The weights of ckpt_rolling, as model.safetensors or (FSDP) as the ranks' DCP shards."""
+    return checkpoint.load_model(os.path.join(run_dir, "ckpt_rolling")).state_dict()
 
 
 def assert_same_training(a_dir, b_dir, tol):
