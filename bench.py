@@ -61,6 +61,7 @@ import shutil
 import statistics
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ from config import ConfigError, load_config
 from model import Transformer, to_hf_state_dict
 from model_config import hf_config
 from machine import matmul_rate
-from train import make_optimizer
+from train import make_optimizer, speed_up
 
 BATCH = 8  # sequences per training step (of the config's seq_len)
 ROUNDS = 5  # alternating timing rounds
@@ -112,6 +113,7 @@ def main(cfg):
     with torch.no_grad():
         diff = (ours(x)[0] - ref(input_ids=x).logits).abs().max().item()
     print(f"max |logits ours - transformers| = {diff:.2e}")
+    speed_up(ours, cfg, torch.device("cpu"))  # as train.py on a CPU: fused.py's SwiGLU and chunked loss
 
     # 1. training step: ours as train.py sets it up (param groups, fused AdamW); transformers with
     # torch.optim.AdamW's defaults, as its Trainer's "adamw_torch"
@@ -144,9 +146,10 @@ def main(cfg):
     print(f"train step, ours         {tok_ours:9.0f} tok/s   MFU {100 * mfu:.0f}% of the matmul rate")
     print(f"train step, transformers {tok_ref:9.0f} tok/s   MFU {100 * tok_ref * ours.flops_per_token(T) / rate:.0f}%")
     print(f"train step ratio         {tok_ours / tok_ref:.2f}x (ours / transformers)")
-    if "--compile" in sys.argv:  # train.py's compile=True: each block through torch.compile
+    if "--compile" in sys.argv:  # train.py's compile=True: each block through torch.compile, the plain SwiGLU
         for block in ours.layers:
-            block.compile()
+            del block.mlp.forward
+        speed_up(ours, replace(cfg, compile=True), torch.device("cpu"))
         t_compile = timed(step_ours, 1)
         step_ours()
         t_comp = statistics.median(timed(step_ours, STEPS) for _ in range(ROUNDS))
@@ -693,42 +696,58 @@ def bench_rehearsal(folder="runs/rehearsal"):
 
 
 def bench_gpu(argv):
-    """The GPU check, one script for the first session that is lent a GPU (fits in 8
-    minutes on one H100/H200), and runnable end to end on a CPU first:
+    """The GPU check, one script for the first session that is lent a GPU (planned to fit
+    in 8 minutes on one H100), and runnable end to end on a CPU first:
 
-        python bench.py gpu [CONFIG]                 default configs/one_gpu_1b.py, on cuda
+        python bench.py gpu [CONFIG] [--out=FILE]    default configs/one_gpu_1b.py, on cuda
         python bench.py gpu --device=cpu --smoke     the same steps at the tiny shape
 
+    Each line printed, and all of them in one JSON file (default runs/gpu_check.json):
     1. training-shaped attention (bf16, causal) runs under sdpa_kernel(FLASH_ATTENTION)
-       alone, and the profiler sees the flash kernel;
-    2. STEPS training steps on random tokens at the config's shape (micro-batch, seq_len),
-       bf16 autocast (FSDP2: its bf16 policy) and float32 AdamW: plain and FSDP2 on one
-       rank, each eager and with compiled blocks: tok/s, MFU against the bf16 peak,
-       peak memory;
-    3. memorization decoding, k = l = 32, batch 1024: sequences/s eager and compiled.
+       alone, and the profiler names the flash kernel;
+    2. STEPS training steps on random tokens at the config's shape, set up as train.py sets
+       it up (train.speed_up: fused.py, activation checkpointing, compile; bf16 autocast, or
+       FSDP2's bf16 policy on one rank; float32 AdamW): plain eager and compiled, each with
+       and without activation checkpointing, and FSDP2 eager and compiled: tok/s, MFU
+       against the bf16 peak, peak memory, and the dry run's memory for the same run;
+    3. the FSDP2 model and AdamW saved and loaded with torch.distributed.checkpoint, timed,
+       and compared with what was saved;
+    4. memorization decoding, k = l = 32: sequences/s eager and compiled.
     """
     import dataclasses
+    import json
     import socket
+    import tempfile
 
     import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
     from machine import peak_flops, peak_memory_gb
+    from train import plan_memory, shard, speed_up
 
     smoke = "--smoke" in argv
     opts = parse_options([a for a in argv if a.startswith("--") and a != "--smoke"], error=ConfigError)
     device = torch.device(opts.pop("device", "cuda"))
+    out_path = opts.pop("out", "runs/gpu_check.json")
     args = [a for a in argv if not a.startswith("--")] or ["configs/tiny.py" if smoke else "configs/one_gpu_1b.py"]
     cfg = load_config(args + [f"--{k}={v}" for k, v in opts.items()])
     if smoke:
         cfg = dataclasses.replace(cfg, seq_len=64, micro_batch_size=2)
-    steps, decode_batch = (2, 8) if smoke else (10, 1024)
+    steps, decode_batch = (2, 8) if smoke else (8, 1024)
     B, T = cfg.micro_batch_size, cfg.seq_len
     t_start = time.perf_counter()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)" if smoke else "CPU"
-    print(f"GPU check on {name}: model {cfg.model.n_layer}L x {cfg.model.dim}, micro-batch {B} x {T}, bf16, "
-          f"torch {torch.__version__}")
+    report = {"device": name, "torch": torch.__version__, "config": args[0], "micro_batch": B, "seq_len": T,
+              "model": {"n_layer": cfg.model.n_layer, "dim": cfg.model.dim}, "training": []}
+
+    def say(line):
+        print(line, flush=True)
+
+    say(f"GPU check on {name}: model {cfg.model.n_layer}L x {cfg.model.dim}, micro-batch {B} x {T}, bf16, "
+        f"torch {torch.__version__}")
 
     # 1. the flash kernel, on training-shaped attention
     q = torch.randn(B, cfg.model.n_head, T, cfg.model.head_dim, device=device, dtype=torch.bfloat16)
@@ -736,9 +755,10 @@ def bench_gpu(argv):
         torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)  # raises without flash
     kernels = sorted({e.key for e in prof.key_averages() if "flash" in e.key.lower()})
     assert kernels, "the flash kernel did not run"
-    print(f"1. attention (bf16, causal) runs the flash kernel: {kernels[0]}")
+    report["flash_kernel"] = kernels[0]
+    say(f"1. attention (bf16, causal) runs the flash kernel: {kernels[0]}")
 
-    # 2. training steps: plain and FSDP2 (one rank), compile off and on
+    # 2. training steps, each variant built on the meta device and initialized once, on the device
     if not dist.is_initialized():
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -749,63 +769,94 @@ def bench_gpu(argv):
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, cfg.model.vocab_size, (B, T + 1), generator=g).to(device)
     x, y = batch[:, :-1], batch[:, 1:]
-    print(f"2. {steps} training steps each (after 2 warm-up steps), bf16 peak {peak / 1e12:.1f} TFLOP/s:")
-    for fsdp in (False, True):
-        for compiled in (False, True):
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
-            with torch.device("meta"):
-                model = Transformer(cfg.model)
-            if fsdp:
-                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    say(f"2. {steps} training steps each (after 2 warm-up steps), bf16 peak {peak / 1e12:.1f} TFLOP/s; "
+        "'planned' is the dry run's memory for the same run (python train.py CONFIG --dry_run=True)")
+    variants = [(False, False, False), (False, True, False), (False, False, True), (False, True, True),
+                (True, False, False), (True, True, False)]  # (FSDP2, compile, activation checkpointing)
+    kept = None
+    for fsdp, compiled, checkpointing in variants:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        vcfg = dataclasses.replace(cfg, compile=compiled, activation_checkpointing=checkpointing)
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+        if fsdp:
+            shard(model, torch.bfloat16)
+        model.to_empty(device=device)
+        model.init_weights(cfg.seed)
+        speed_up(model, vcfg, device)
+        opt = make_optimizer(model.param_groups(cfg.weight_decay), cfg, device)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not fsdp)
 
-                mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-                for block in model.layers:
-                    fully_shard(block, mp_policy=mp)
-                fully_shard(model, mp_policy=mp)
-            model.to_empty(device=device)
-            model.init_weights(cfg.seed)
-            if compiled:
-                for block in model.layers:
-                    block.compile()
-            opt = make_optimizer(model.param_groups(cfg.weight_decay), cfg, device)
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not fsdp)
+        def step():
+            with autocast:
+                _, loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
 
-            def step():
-                with autocast:
-                    _, loss = model(x, y)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss
+        t0 = time.perf_counter()
+        step(), step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        loss = loss.item()
+        dt = (time.perf_counter() - t0) / steps
+        tok_s = B * T / dt
+        mfu = tok_s * model.flops_per_token(T) / peak
+        with torch.device("meta"):
+            meta_model = Transformer(cfg.model)
+        planned = sum(plan_memory(dataclasses.replace(vcfg, dtype="bfloat16"), meta_model, 1, False,
+                                  1.0)[2]["memory_gib"].values())
+        row = {"fsdp": fsdp, "compile": compiled, "activation_checkpointing": checkpointing, "tok_s": tok_s,
+               "mfu": mfu, "peak_memory_gib": peak_memory_gb(device), "planned_memory_gib": planned,
+               "warm_up_s": warm, "loss": loss}
+        report["training"].append(row)
+        say(f"   {'FSDP2, 1 rank' if fsdp else 'plain        '} compile {'on ' if compiled else 'off'} "
+            f"AC {'on ' if checkpointing else 'off'}: {tok_s:10,.0f} tok/s  MFU {100 * mfu:5.1f}%  peak memory "
+            f"{row['peak_memory_gib']:6.2f} GiB (planned {planned:6.2f})  (warm-up {warm:.1f} s, loss {loss:.3f})")
+        if fsdp and not compiled:
+            kept = model, opt
+        model = opt = None  # freed before the next variant
 
-            t0 = time.perf_counter()
-            step(), step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            warm = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                loss = step()
-            loss.item()
-            dt = (time.perf_counter() - t0) / steps
-            tok_s = B * T / dt
-            mfu = tok_s * model.flops_per_token(T) / peak
-            print(f"   {'FSDP2, 1 rank' if fsdp else 'plain        '} compile {'on ' if compiled else 'off'}: "
-                  f"{tok_s:10,.0f} tok/s  MFU {100 * mfu:5.1f}%  peak memory {peak_memory_gb(device):6.2f} GiB  "
-                  f"(warm-up {warm:.1f} s, loss {loss.item():.3f})")
-            model = opt = None  # freed before the next variant
+    # 3. a distributed checkpoint of the FSDP2 model and its AdamW, saved and loaded back
+    model, opt = kept
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(out_path) or ".") as folder:
+        msd, osd = get_state_dict(model, opt)
+        before = {k: v.full_tensor().clone() for k, v in msd.items()}
+        t0 = time.perf_counter()
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=folder)
+        save_s = time.perf_counter() - t0
+        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
+        for p in model.parameters():
+            p.detach().zero_()
+        msd, osd = get_state_dict(model, opt)
+        t0 = time.perf_counter()
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=folder)
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+        load_s = time.perf_counter() - t0
+        same = all(torch.equal(before[k], v.full_tensor()) for k, v in get_state_dict(model, opt)[0].items())
+    report["dcp"] = {"bytes": size, "save_s": save_s, "load_s": load_s, "weights_equal": same}
+    say(f"3. distributed checkpoint of the FSDP2 model and AdamW: {size / 1e9:.2f} GB saved in {save_s:.1f} s "
+        f"({size / save_s / 1e9:.2f} GB/s), loaded in {load_s:.1f} s; weights {'equal' if same else 'DIFFERENT'}")
+    model = opt = kept = None
     dist.destroy_process_group()
 
-    # 3. memorization decoding, as memorize.py runs it
-    model = Transformer(cfg.model).to(device)
+    # 4. memorization decoding, as memorize.py runs it
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device=device)
     model.init_weights(cfg.seed)
     model.eval()
     prompts = torch.randint(0, cfg.model.vocab_size, (decode_batch, 32), generator=g).to(device)
-    print(f"3. memorization decoding, k = l = 32, batch {decode_batch}:")
-    outs = {}
+    say(f"4. memorization decoding, k = l = 32, batch {decode_batch}:")
+    outs, report["decoding"] = {}, []
     for compiled in (False, True):
         with torch.autocast(device.type, dtype=torch.bfloat16):
             t0 = time.perf_counter()
@@ -816,11 +867,17 @@ def bench_gpu(argv):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
-        print(f"   compile {'on ' if compiled else 'off'}: {decode_batch / dt:10,.1f} sequences/s "
-              f"({decode_batch * 32 / dt:,.0f} new tok/s; warm-up {warm:.1f} s)")
+        report["decoding"].append({"compile": compiled, "sequences_s": decode_batch / dt, "warm_up_s": warm})
+        say(f"   compile {'on ' if compiled else 'off'}: {decode_batch / dt:10,.1f} sequences/s "
+            f"({decode_batch * 32 / dt:,.0f} new tok/s; warm-up {warm:.1f} s)")
     same = (outs[False] == outs[True]).float().mean().item()
-    print(f"   compiled and eager tokens agree on {100 * same:.2f}% (bf16)")
-    print(f"GPU check done in {time.perf_counter() - t_start:.0f} s")
+    report["decoding_agreement"] = same
+    say(f"   compiled and eager tokens agree on {100 * same:.2f}% (bf16)")
+    report["seconds"] = time.perf_counter() - t_start
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(report, f, indent=1)
+    say(f"GPU check done in {report['seconds']:.0f} s; every figure in {out_path}")
 
 
 if __name__ == "__main__":
