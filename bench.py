@@ -646,7 +646,7 @@ def bench_rehearsal(folder="runs/rehearsal"):
     args = ["configs/amber_7b.py", f"--data_dir={data_dir}", f"--out_dir={run_dir}", "--n_layer=2", "--n_chunks=1",
             "--global_batch_size=2", "--micro_batch_size=1", "--ckpt_interval=2", "--val_sequences=0",
             "--warmup_steps=2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks, also on a machine with one GPU
     dry = subprocess.run([sys.executable, "train.py", *args, "--dry_run=True", "--dry_run_world_size=2"],
                          capture_output=True, text=True, env=env, check=True).stdout
     print(next(line for line in dry.splitlines() if line.startswith("model ")))

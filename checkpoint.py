@@ -417,8 +417,8 @@ def verify_run(out_dir):
 # loading into a training run: resume, or init_from
 
 
-def load_weights(model, sd, where):
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+def load_weights(model, sd, where, assign=False):
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
     if unexpected or [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]:
         raise ConfigError(f"{where}: weights do not fit this model (missing {missing[:3]}, unexpected "
                           f"{unexpected[:3]}); it was saved by a model of another shape")
@@ -450,18 +450,7 @@ def load_checkpoint_weights(path, raw_model, rank, fsdp):
 def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True):
     load_checkpoint_weights(path, raw_model, rank, fsdp)
     if load_optimizer:
-        if fsdp:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-            osd = get_optimizer_state_dict(raw_model, optimizer)
-            dcp.load(osd, checkpoint_id=os.path.join(path, "optimizer"))
-            set_optimizer_state_dict(raw_model, optimizer, osd)
-        else:
-            # onto this rank's own device (a checkpoint written on cuda:0 holds cuda:0 tensors)
-            device = next(raw_model.parameters()).device
-            optimizer.load_state_dict(torch.load(os.path.join(path, "optimizer.pt"), map_location=device,
-                                                 weights_only=True))
+        load_optimizer_state(path, raw_model, optimizer, fsdp)
     with open(os.path.join(path, "state.json")) as f:
         state = json.load(f)
     rng_path = os.path.join(path, f"rng_rank{rank}.pt")
@@ -478,6 +467,34 @@ def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True)
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+def load_optimizer_state(path, raw_model, optimizer, fsdp):
+    """The AdamW state in whichever form the checkpoint holds it, into a run sharded or not
+    (a resume may change `parallel` and the number of processes): DCP shards (optimizer/,
+    written under FSDP), resharded by DCP; or one process's optimizer.pt, parameters by
+    index, which under FSDP is renamed by parameter and each rank keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    if os.path.isdir(os.path.join(path, "optimizer")):
+        import torch.distributed.checkpoint as dcp
+
+        osd = get_optimizer_state_dict(raw_model, optimizer)
+        dcp.load(osd, checkpoint_id=os.path.join(path, "optimizer"))
+        set_optimizer_state_dict(raw_model, optimizer, osd)
+        return
+    # onto this rank's own device (a checkpoint written on cuda:0 holds cuda:0 tensors)
+    device = next(raw_model.parameters()).device
+    osd = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
+    if not fsdp:
+        optimizer.load_state_dict(osd)
+        return
+    names = {id(p): n for n, p in raw_model.named_parameters()}
+    by_index = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    osd = {"state": {by_index[i]: s for i, s in osd["state"].items()},
+           "param_groups": [g | {"params": [by_index[i] for i in g["params"]]} for g in osd["param_groups"]]}
+    set_optimizer_state_dict(raw_model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
 
 
 # what a resume may change: where things are (the data's content is checked by its manifest's
@@ -576,8 +593,10 @@ def load_model(ckpt_dir, device="cpu"):
     state = read_state(ckpt_dir)
     if state is None:
         raise CheckpointError(f"{ckpt_dir}/state.json is missing or not valid JSON: the checkpoint is damaged")
-    model = Transformer(saved_config(state["config"]).model)
+    with torch.device("meta"):  # the weights are read straight onto the device: no second copy on the host
+        model = Transformer(saved_config(state["config"]).model)
     if os.path.isdir(os.path.join(ckpt_dir, "model")):  # a stop checkpoint of an FSDP run: the ranks' shards
+        model.to_empty(device="cpu")
         problems = verify_checkpoint(ckpt_dir)
         if problems:
             raise CheckpointError(f"{ckpt_dir} is damaged ({'; '.join(problems[:3])}); `python train.py verify "
@@ -594,8 +613,10 @@ def load_model(ckpt_dir, device="cpu"):
         raise CheckpointError(f"{weights} is missing or differs from the file written (sha256 in state.json): the "
                               f"checkpoint is damaged; `python train.py verify {os.path.dirname(ckpt_dir) or '.'}` "
                               "checks the whole run")
-    load_weights(model, load_file(weights), ckpt_dir)
-    return model.to(device)
+    load_weights(model, load_file(weights, device=str(device)), ckpt_dir, assign=True)
+    if model.config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # stored once, under tok_emb
+    return model
 
 
 def identity(path):

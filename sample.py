@@ -3,7 +3,7 @@ Text from a checkpoint, as nanoGPT's sample.py: the prompt, then what the model
 writes after it, printed token by token as it comes.
 
     python sample.py CKPT_DIR --prompt="def fib(n):" [--max_new_tokens=200] [--temperature=0.8]
-                     [--top_k=200] [--seed=1337] [--device=cpu] [--chat=True] [--trace=True --min_len=8]
+                     [--top_k=200] [--seed=1337] [--device=cuda|cpu] [--chat=True] [--trace=True --min_len=8]
 
 CKPT_DIR is a checkpoint of ours (runs/tiny/ckpt_007) or a Hugging Face folder with
 a tokenizer.model (one of AMBER's, or an export). The prompt follows EOS, the start
@@ -44,14 +44,14 @@ def check_sampling(max_new_tokens, temperature, top_k, min_len):
         raise UserError(f"min_len={min_len}: give at least 1")
 
 
-def sample_text(ckpt_dir, prompt="", max_new_tokens=200, temperature=0.8, top_k=200, seed=1337, device="cpu",
+def sample_text(ckpt_dir, prompt="", max_new_tokens=200, temperature=0.8, top_k=200, seed=1337, device=None,
                 out=None, chat=False, trace=False, min_len=8):
     """Write the prompt and what the checkpoint writes after it to `out` (default stdout),
     piece by piece, until EOS or max_new_tokens; return the new text. trace=True then lists
     the spans of the new text (min_len tokens or more) that occur verbatim in the training
     data the checkpoint had seen (its run's index, `python trace.py index RUN_DIR`)."""
     check_sampling(max_new_tokens, temperature, top_k, min_len)
-    device = torch_device(device)
+    device = torch_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # a GPU when there is one
     if chat:
         prompt = data.chat_turn(prompt, Config().system_prompt)
     out = sys.stdout if out is None else out

@@ -408,6 +408,22 @@ def test_fsdp_in_bf16_keeps_the_rotary_tables_float32(corpus):
     assert all(c[1:] == ["torch.float32", "torch.float32", "torch.bfloat16"] for c in calls), calls[:4]
 
 
+@pytest.mark.slow
+def test_a_resume_may_change_parallel_and_the_number_of_processes(corpus, short_reference):
+    """One process to step 6 (optimizer.pt), resumed by 2 FSDP ranks to step 12 (a sharded
+    ckpt_rolling: model/ and optimizer/), which one process resumes to step 14: each resume
+    reads the AdamW state in the form the checkpoint holds, and the first 12 steps train as
+    the uninterrupted single-process run does."""
+    train(corpus, "switch", max_steps=6, lr=1e-3)
+    assert (corpus / "switch" / "ckpt_rolling" / "optimizer.pt").exists()
+    train(corpus, "switch", nproc=2, parallel="fsdp", max_steps=12, lr=1e-3)
+    assert (corpus / "switch" / "ckpt_rolling" / "optimizer").is_dir()
+    assert_same_training(short_reference, corpus / "switch", tol=1e-6)
+    train(corpus, "switch", max_steps=14, lr=1e-3)
+    assert [r["step"] for r in metrics(corpus / "switch") if "loss" in r][-1] == 14
+    assert [e["event"] for e in ledger(corpus / "switch")].count("resume") == 2
+
+
 def test_nan_chunk_is_skipped_and_replaced(corpus, reference):
     train(corpus, "nan", nan_chunks=(1,))
     events = ledger(corpus / "nan")
