@@ -23,6 +23,7 @@ activations are an upper bound for a GPU by that much (shown by `python bench.py
 import math
 import warnings
 from contextlib import nullcontext
+from functools import lru_cache
 
 import torch
 
@@ -72,6 +73,7 @@ def saved_by_block(block, tokens, dtype, param_dtype):
     return sum(seen.values())
 
 
+@lru_cache(maxsize=8)  # a process that plans several configs of one shape measures it once
 def block_activations(model_cfg, dtype, param_dtype):
     """(bytes per token, fixed bytes) that one block saves: measured at 16 and 48 tokens."""
     with torch.device("meta"):
