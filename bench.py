@@ -9,7 +9,7 @@ Benchmark of model.py against transformers on this machine, in float32.
     python bench.py figures [RUN_DIR]
     python bench.py trace [DATA_DIR]                        trace.py: index build, memory, query latency
     python bench.py rehearsal [FOLDER]                      AMBER's tensors on 2 CPU ranks: kill, resume
-    python bench.py gpu [CONFIG] [--device=cpu --smoke]     the GPU check (see bench_gpu)
+    python bench.py gpu [CONFIG] [--device=cpu --smoke]     the GPU check (gpu_check.py)
     python bench.py fused [CONFIG]                          model.py's plain steps against fused.py's
     python bench.py ckpt [FOLDER] [--gb=2]                  a rank's checkpoint write and sha256 rates
 
@@ -71,7 +71,8 @@ from config import ConfigError, load_config
 from model import Transformer, to_hf_state_dict
 from model_config import hf_config
 from machine import matmul_rate
-from train import make_optimizer, speed_up
+from parallelize import speed_up
+from train import make_optimizer
 
 BATCH = 8  # sequences per training step (of the config's seq_len)
 ROUNDS = 5  # alternating timing rounds
@@ -444,7 +445,7 @@ def bench_eval(cfg, n_items=40, n_shots=5):
 
     import data
     import evaluate as ev
-    from checkpoint import save_hf
+    from hf_format import save_hf
 
     manifest = data.prepare(cfg, progress=False)
     tok = data.load_tokenizer(cfg.data_dir, manifest)
@@ -695,191 +696,6 @@ def bench_rehearsal(folder="runs/rehearsal"):
     return 0 if same else 1
 
 
-def bench_gpu(argv):
-    """The GPU check, one script for the first session that is lent a GPU (planned to fit
-    in 8 minutes on one H100), and runnable end to end on a CPU first:
-
-        python bench.py gpu [CONFIG] [--out=FILE]    default configs/one_gpu_1b.py, on cuda
-        python bench.py gpu --device=cpu --smoke     the same steps at the tiny shape
-
-    Each line printed, and all of them in one JSON file (default runs/gpu_check.json):
-    1. training-shaped attention (bf16, causal) runs under sdpa_kernel(FLASH_ATTENTION)
-       alone, and the profiler names the flash kernel;
-    2. STEPS training steps on random tokens at the config's shape, set up as train.py sets
-       it up (train.speed_up: fused.py, activation checkpointing, compile; bf16 autocast, or
-       FSDP2's bf16 policy on one rank; float32 AdamW): plain eager and compiled, each with
-       and without activation checkpointing, and FSDP2 eager and compiled: tok/s, MFU
-       against the bf16 peak, peak memory, and the dry run's memory for the same run;
-    3. the FSDP2 model and AdamW saved and loaded with torch.distributed.checkpoint, timed,
-       and compared with what was saved;
-    4. memorization decoding, k = l = 32: sequences/s eager and compiled.
-    """
-    import dataclasses
-    import json
-    import socket
-    import tempfile
-
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.profiler import ProfilerActivity, profile
-
-    from machine import peak_flops, peak_memory_gb
-    from train import plan_memory, shard, speed_up
-
-    smoke = "--smoke" in argv
-    opts = parse_options([a for a in argv if a.startswith("--") and a != "--smoke"], error=ConfigError)
-    device = torch.device(opts.pop("device", "cuda"))
-    out_path = opts.pop("out", "runs/gpu_check.json")
-    args = [a for a in argv if not a.startswith("--")] or ["configs/tiny.py" if smoke else "configs/one_gpu_1b.py"]
-    cfg = load_config(args + [f"--{k}={v}" for k, v in opts.items()])
-    if smoke:
-        cfg = dataclasses.replace(cfg, seq_len=64, micro_batch_size=2)
-    steps, decode_batch = (2, 8) if smoke else (8, 1024)
-    B, T = cfg.micro_batch_size, cfg.seq_len
-    t_start = time.perf_counter()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)" if smoke else "CPU"
-    report = {"device": name, "torch": torch.__version__, "config": args[0], "micro_batch": B, "seq_len": T,
-              "model": {"n_layer": cfg.model.n_layer, "dim": cfg.model.dim}, "training": []}
-
-    def say(line):
-        print(line, flush=True)
-
-    say(f"GPU check on {name}: model {cfg.model.n_layer}L x {cfg.model.dim}, micro-batch {B} x {T}, bf16, "
-        f"torch {torch.__version__}")
-
-    # 1. the flash kernel, on training-shaped attention
-    q = torch.randn(B, cfg.model.n_head, T, cfg.model.head_dim, device=device, dtype=torch.bfloat16)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), profile(activities=[ProfilerActivity.CPU]) as prof:
-        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)  # raises without flash
-    kernels = sorted({e.key for e in prof.key_averages() if "flash" in e.key.lower()})
-    assert kernels, "the flash kernel did not run"
-    report["flash_kernel"] = kernels[0]
-    say(f"1. attention (bf16, causal) runs the flash kernel: {kernels[0]}")
-
-    # 2. training steps, each variant built on the meta device and initialized once, on the device
-    if not dist.is_initialized():
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-    peak = peak_flops(cfg, device, torch.bfloat16)
-    g = torch.Generator().manual_seed(0)
-    batch = torch.randint(0, cfg.model.vocab_size, (B, T + 1), generator=g).to(device)
-    x, y = batch[:, :-1], batch[:, 1:]
-    say(f"2. {steps} training steps each (after 2 warm-up steps), bf16 peak {peak / 1e12:.1f} TFLOP/s; "
-        "'planned' is the dry run's memory for the same run (python train.py CONFIG --dry_run=True)")
-    variants = [(False, False, False), (False, True, False), (False, False, True), (False, True, True),
-                (True, False, False), (True, True, False)]  # (FSDP2, compile, activation checkpointing)
-    kept = None
-    for fsdp, compiled, checkpointing in variants:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-        vcfg = dataclasses.replace(cfg, compile=compiled, activation_checkpointing=checkpointing)
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-        if fsdp:
-            shard(model, torch.bfloat16)
-        model.to_empty(device=device)
-        model.init_weights(cfg.seed)
-        speed_up(model, vcfg, device)
-        opt = make_optimizer(model.param_groups(cfg.weight_decay), cfg, device)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not fsdp)
-
-        def step():
-            with autocast:
-                _, loss = model(x, y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
-
-        t0 = time.perf_counter()
-        step(), step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        warm = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            loss = step()
-        loss = loss.item()
-        dt = (time.perf_counter() - t0) / steps
-        tok_s = B * T / dt
-        mfu = tok_s * model.flops_per_token(T) / peak
-        with torch.device("meta"):
-            meta_model = Transformer(cfg.model)
-        planned = sum(plan_memory(dataclasses.replace(vcfg, dtype="bfloat16"), meta_model, 1, False,
-                                  1.0)[2]["memory_gib"].values())
-        row = {"fsdp": fsdp, "compile": compiled, "activation_checkpointing": checkpointing, "tok_s": tok_s,
-               "mfu": mfu, "peak_memory_gib": peak_memory_gb(device), "planned_memory_gib": planned,
-               "warm_up_s": warm, "loss": loss}
-        report["training"].append(row)
-        say(f"   {'FSDP2, 1 rank' if fsdp else 'plain        '} compile {'on ' if compiled else 'off'} "
-            f"AC {'on ' if checkpointing else 'off'}: {tok_s:10,.0f} tok/s  MFU {100 * mfu:5.1f}%  peak memory "
-            f"{row['peak_memory_gib']:6.2f} GiB (planned {planned:6.2f})  (warm-up {warm:.1f} s, loss {loss:.3f})")
-        if fsdp and not compiled:
-            kept = model, opt
-        model = opt = None  # freed before the next variant
-
-    # 3. a distributed checkpoint of the FSDP2 model and its AdamW, saved and loaded back
-    model, opt = kept
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(out_path) or ".") as folder:
-        msd, osd = get_state_dict(model, opt)
-        before = {k: v.full_tensor().clone() for k, v in msd.items()}
-        t0 = time.perf_counter()
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=folder)
-        save_s = time.perf_counter() - t0
-        size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder))
-        for p in model.parameters():
-            p.detach().zero_()
-        msd, osd = get_state_dict(model, opt)
-        t0 = time.perf_counter()
-        dcp.load({"model": msd, "optim": osd}, checkpoint_id=folder)
-        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
-        load_s = time.perf_counter() - t0
-        same = all(torch.equal(before[k], v.full_tensor()) for k, v in get_state_dict(model, opt)[0].items())
-    report["dcp"] = {"bytes": size, "save_s": save_s, "load_s": load_s, "weights_equal": same}
-    say(f"3. distributed checkpoint of the FSDP2 model and AdamW: {size / 1e9:.2f} GB saved in {save_s:.1f} s "
-        f"({size / save_s / 1e9:.2f} GB/s), loaded in {load_s:.1f} s; weights {'equal' if same else 'DIFFERENT'}")
-    model = opt = kept = None
-    dist.destroy_process_group()
-
-    # 4. memorization decoding, as memorize.py runs it
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    model.to_empty(device=device)
-    model.init_weights(cfg.seed)
-    model.eval()
-    prompts = torch.randint(0, cfg.model.vocab_size, (decode_batch, 32), generator=g).to(device)
-    say(f"4. memorization decoding, k = l = 32, batch {decode_batch}:")
-    outs, report["decoding"] = {}, []
-    for compiled in (False, True):
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            t0 = time.perf_counter()
-            model.generate(prompts, 32, compile=compiled)  # warm-up (and the compile)
-            warm = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            outs[compiled] = model.generate(prompts, 32, compile=compiled)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-        report["decoding"].append({"compile": compiled, "sequences_s": decode_batch / dt, "warm_up_s": warm})
-        say(f"   compile {'on ' if compiled else 'off'}: {decode_batch / dt:10,.1f} sequences/s "
-            f"({decode_batch * 32 / dt:,.0f} new tok/s; warm-up {warm:.1f} s)")
-    same = (outs[False] == outs[True]).float().mean().item()
-    report["decoding_agreement"] = same
-    say(f"   compiled and eager tokens agree on {100 * same:.2f}% (bf16)")
-    report["seconds"] = time.perf_counter() - t_start
-    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(report, f, indent=1)
-    say(f"GPU check done in {report['seconds']:.0f} s; every figure in {out_path}")
-
-
 if __name__ == "__main__":
     args = sys.argv[1:]
     mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare", "figures", "gpu",
@@ -888,8 +704,10 @@ if __name__ == "__main__":
         sys.exit(bench_trace(*args))
     if mode == "rehearsal":
         sys.exit(bench_rehearsal(*args))
-    if mode == "gpu":
-        sys.exit(bench_gpu(args))
+    if mode == "gpu":  # the GPU check has a file of its own
+        import gpu_check
+
+        sys.exit(gpu_check.main(args))
     if mode == "ckpt":
         sys.exit(bench_ckpt(*[a for a in args if not a.startswith("--")],
                             **{k: float(v) for k, v in parse_options([a for a in args if a.startswith("--")]).items()}))

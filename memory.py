@@ -27,12 +27,16 @@ from functools import lru_cache
 
 import torch
 
+import fused
+from checkpoint import HASH_BYTES_PER_S, WRITE_BYTES_PER_S
+from machine import GPU_BF16_PEAK
 from model import Block, rope_tables
+from parallelize import shard
 
 
-def rank0_shard_elements(model_cfg, world_size, shard, dtype=torch.bfloat16):
+def rank0_shard_elements(model_cfg, world_size, dtype=torch.bfloat16):
     """Elements of rank 0's shard of every parameter under FSDP2 at world_size (rank 0 has
-    the most: FSDP2 gives each rank ceil(rows / world_size) rows). `shard` is train.shard."""
+    the most: FSDP2 gives each rank ceil(rows / world_size) rows), sharded as train.py shards."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -100,3 +104,55 @@ def activations(model_cfg, tokens, dtype, param_dtype, checkpointing, loss_chunk
     loss = tokens * model_cfg.dim * size + model_cfg.vocab_size * model_cfg.dim * 4 + min(
         loss_chunk, tokens * model_cfg.vocab_size) * 4
     return {"blocks": blocks, "loss": loss, "per_token_per_hidden": per_token / model_cfg.dim}
+
+
+def per_rank(cfg, model, world, fsdp, flops_per_step):
+    """The dry run's lines for one rank: its memory (memory.py measures it on the real model
+    at this width and world size), its checkpoints' bytes and seconds, and the stop after a
+    scheduler's signal against the grace period; and the problems that refuse the plan."""
+    n, L, gib = model.num_params(), cfg.model.n_layer, 2**30
+    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16  # what "auto" gives on a GPU
+    local = rank0_shard_elements(cfg.model, world if fsdp else 1, dtype)
+    act = activations(cfg.model, cfg.micro_batch_size * cfg.seq_len, dtype, dtype if fsdp else torch.float32,
+                             cfg.activation_checkpointing, fused.LOSS_CHUNK["cuda"])
+    # FSDP2 gathers whole units for compute: the root's (embedding, head) for the whole step and two
+    # blocks at a time (one prefetched) in the compute dtype, and reduces a unit's gradients in float32
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    gathered = ((n - L * block + 2 * block) * dtype.itemsize + (n - L * block + block) * 4) if fsdp else 0
+    parts = {"weights": 4 * local, "gradients": 4 * local, "AdamW": 8 * local, "activations": act["blocks"],
+             "loss": act["loss"], "gathered units": gathered}
+    total, capacity = sum(parts.values()), cfg.plan_gpu_memory_gb * gib
+    # checkpoints: a stop (mid-chunk) one under FSDP is each rank's shard of the float32 weights and
+    # both AdamW moments; a chunk-end one adds the weights gathered into model.safetensors by rank 0
+    stop_bytes, end_bytes = 12 * local, (4 * n + 8 * local if fsdp else 12 * n)
+    write_s = lambda b: b / WRITE_BYTES_PER_S + b / HASH_BYTES_PER_S  # noqa: E731
+    step_s = flops_per_step / (world * GPU_BF16_PEAK[cfg.plan_gpu] * 0.36)
+    stop_s = step_s + write_s(stop_bytes)
+    lines = [
+        f"memory/rank      {total / gib:.1f} GiB of the {cfg.plan_gpu}'s {cfg.plan_gpu_memory_gb:g} GiB "
+        f"({100 * total / capacity:.0f}%): " + ", ".join(f"{k} {v / gib:.1f}" for k, v in parts.items())
+        + f" GiB ({'rank 0 of ' + str(world) + ' under FSDP2: ' + format(local, ',') + ' elements' if fsdp else 'replicated'})",
+        f"activations      {act['per_token_per_hidden']:.1f} bytes per token per hidden unit saved by a block (measured "
+        f"here with saved-tensor hooks; {'checkpointed: each block keeps its input, one is recomputed' if cfg.activation_checkpointing else 'all kept'}); "
+        "a GPU's fused RMSNorm saves less",
+        f"checkpoint/rank  a stop {stop_bytes / 1e9:,.2f} GB ({'its own shard' if fsdp else 'all, from rank 0'}), "
+        f"{write_s(stop_bytes):,.1f} s; a chunk end {end_bytes / 1e9:,.1f} GB from rank 0, {write_s(end_bytes):,.0f} s "
+        f"(at {WRITE_BYTES_PER_S / 1e9:g} GB/s written and {HASH_BYTES_PER_S / 1e9:g} GB/s hashed, python bench.py ckpt)",
+        f"stop             {stop_s:,.1f} s from a signal to exit (a step, {step_s:,.1f} s at 36% MFU on the "
+        f"{cfg.plan_gpu}, and the stop checkpoint), against a grace of {cfg.stop_grace_s:g} s (stop_grace_s)",
+    ]
+    if cfg.ckpt_interval:
+        every = cfg.ckpt_interval * step_s
+        lines.append(f"rolling ckpt     every {cfg.ckpt_interval} steps ({every / 60:,.1f} min): "
+                     f"{100 * write_s(stop_bytes) / every:.2f}% of the time; a crash without warning loses at most that")
+    problems = []
+    if total > 0.9 * capacity:
+        problems.append(f"{total / gib:.1f} GiB per rank is more than 90% of the {cfg.plan_gpu}'s "
+                        f"{cfg.plan_gpu_memory_gb:g} GiB (plan_gpu_memory_gb): set activation_checkpointing=True, a "
+                        "smaller micro_batch_size, or parallel='fsdp'")
+    if stop_s > cfg.stop_grace_s:
+        problems.append(f"a stop takes {stop_s:,.0f} s and the grace period is {cfg.stop_grace_s:g} s (stop_grace_s): "
+                        "ask the scheduler for an earlier warning (SLURM: --signal=USR1@SECONDS) and set stop_grace_s, "
+                        "or use parallel='fsdp' so that every rank writes its own shard")
+    return lines, problems, {"memory_gib": {k: v / gib for k, v in parts.items()}, "stop_s": stop_s,
+                             "step_s": step_s, "stop_ckpt_bytes_per_rank": stop_bytes}

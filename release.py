@@ -36,6 +36,7 @@ import torch
 
 import checkpoint
 import data
+import hf_format
 from common import UserError, hold_lock, link, link_tree, iter_jsonl, one_line_errors, read_jsonl, sha256_file, write_json_atomic, write_text_atomic
 from config import format_config, saved_config
 from model import Transformer
@@ -196,7 +197,7 @@ def export(ckpt_dir, out_dir, max_shard_bytes=5 * 2**30):
     write_json_atomic(os.path.join(tmp, "generation_config.json"),
                       {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False,
                        "max_length": cfg.max_seq_len}, indent=2)
-    checkpoint.save_hf(model, tmp, max_shard_bytes, bos_token_id=eos, eos_token_id=eos)  # config.json last
+    hf_format.save_hf(model, tmp, max_shard_bytes, bos_token_id=eos, eos_token_id=eos)  # config.json last
     umask = os.umask(0)
     os.umask(umask)
     for name in os.listdir(tmp):  # safetensors writes 0600; a release is for reading

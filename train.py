@@ -12,7 +12,9 @@ What a run dir and a checkpoint hold is written in checkpoint.py.
 
 Read it top to bottom: the schedule, the optimizer, the objectives (next-token loss,
 DPO), the run log, the dry-run plan, then setup() and train(), the loop. The machine
-(devices, the dtype, FLOP/s, memory) is machine.py's; a branch's start is branch.py's.
+(devices, the dtype, FLOP/s, memory) is machine.py's; how the model is laid onto the
+devices (FSDP2, checkpointing, compile) parallelize.py's; what a rank holds memory.py's;
+a branch's start is branch.py's.
 """
 
 import itertools
@@ -26,28 +28,26 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from tqdm import tqdm
 
 import branch
 import data
-import fused
 import memory
 import plot
-from checkpoint import (HASH_BYTES_PER_S, WRITE_BYTES_PER_S, check_metrics, check_resumable, find_checkpoint, load_checkpoint, load_init_from,
+from checkpoint import (check_metrics, check_resumable, find_checkpoint, load_checkpoint, load_init_from,
                         metrics_digest, read_state, resume_point, save_checkpoint, verify_run)
 from common import (all_reduce_sum, atomic_write, barrier, broadcast0, close_distributed, gather, hold_lock,
                     init_distributed, one_line_errors, print0, write_json_atomic, writing)
 from config import Config, ConfigError, config_to_dict, format_config, load_config, save_config
-from machine import GPU_BF16_PEAK, choose_dtype, determinism, peak_flops, peak_memory_gb, run_info
+from machine import choose_dtype, determinism, peak_flops, peak_memory_gb, run_info
 from model import Transformer, summary
 from model_config import hf_config
+from parallelize import shard, speed_up
 
 # -----------------------------------------------------------------------------
 # the schedule
@@ -73,37 +73,6 @@ def grad_accum(cfg, world_size):
         raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size x world "
                           f"size = {cfg.micro_batch_size} x {world_size}; change global_batch_size or micro_batch_size")
     return cfg.global_batch_size // per_step
-
-
-def shard(model, dtype):
-    """FSDP2 on every block, then on the whole model; parameters in `dtype` for compute,
-    gradients reduced in float32, master weights float32. A block's inputs are left as
-    they come (cast_forward_inputs=False): the hidden states are already in `dtype`, and
-    the rotary tables stay float32 (the paper's lesson; FSDP2 would cast them)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    for block in model.layers:
-        fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
-                                                          cast_forward_inputs=False))
-    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
-
-
-def speed_up(raw_model, cfg, device):
-    """What the step runs on, applied from outside the model: fused.py's versions (the
-    SwiGLU on a CPU in eager mode only: it breaks a compiled graph), activation
-    checkpointing from inside each block's forward (so that torch.compile traces the
-    recomputation: a checkpoint wrapped around the compiled call compiles nothing), and
-    torch.compile block by block (one compile serves every layer, ~10 s on a CPU)."""
-    fused.apply(raw_model, device, swiglu=device.type == "cpu" and not cfg.compile)
-    for block in raw_model.layers:
-        if cfg.activation_checkpointing:  # parameter names stay as they are
-            block.forward = partial(recompute, block.forward)
-        if cfg.compile:
-            block.compile()
-
-
-def recompute(forward, *args):
-    return activation_checkpoint(forward, *args, use_reentrant=False)
 
 
 # -----------------------------------------------------------------------------
@@ -272,58 +241,6 @@ class RunLog:
 # the plan
 
 
-def plan_memory(cfg, model, world, fsdp, flops_per_step):
-    """The dry run's lines for one rank: its memory (memory.py measures it on the real model
-    at this width and world size), its checkpoints' bytes and seconds, and the stop after a
-    scheduler's signal against the grace period; and the problems that refuse the plan."""
-    n, L, gib = model.num_params(), cfg.model.n_layer, 2**30
-    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16  # what "auto" gives on a GPU
-    local = memory.rank0_shard_elements(cfg.model, world if fsdp else 1, shard, dtype)
-    act = memory.activations(cfg.model, cfg.micro_batch_size * cfg.seq_len, dtype, dtype if fsdp else torch.float32,
-                             cfg.activation_checkpointing, fused.LOSS_CHUNK["cuda"])
-    # FSDP2 gathers whole units for compute: the root's (embedding, head) for the whole step and two
-    # blocks at a time (one prefetched) in the compute dtype, and reduces a unit's gradients in float32
-    block = sum(p.numel() for p in model.layers[0].parameters())
-    gathered = ((n - L * block + 2 * block) * dtype.itemsize + (n - L * block + block) * 4) if fsdp else 0
-    parts = {"weights": 4 * local, "gradients": 4 * local, "AdamW": 8 * local, "activations": act["blocks"],
-             "loss": act["loss"], "gathered units": gathered}
-    total, capacity = sum(parts.values()), cfg.plan_gpu_memory_gb * gib
-    # checkpoints: a stop (mid-chunk) one under FSDP is each rank's shard of the float32 weights and
-    # both AdamW moments; a chunk-end one adds the weights gathered into model.safetensors by rank 0
-    stop_bytes, end_bytes = 12 * local, (4 * n + 8 * local if fsdp else 12 * n)
-    write_s = lambda b: b / WRITE_BYTES_PER_S + b / HASH_BYTES_PER_S  # noqa: E731
-    step_s = flops_per_step / (world * GPU_BF16_PEAK[cfg.plan_gpu] * 0.36)
-    stop_s = step_s + write_s(stop_bytes)
-    lines = [
-        f"memory/rank      {total / gib:.1f} GiB of the {cfg.plan_gpu}'s {cfg.plan_gpu_memory_gb:g} GiB "
-        f"({100 * total / capacity:.0f}%): " + ", ".join(f"{k} {v / gib:.1f}" for k, v in parts.items())
-        + f" GiB ({'rank 0 of ' + str(world) + ' under FSDP2: ' + format(local, ',') + ' elements' if fsdp else 'replicated'})",
-        f"activations      {act['per_token_per_hidden']:.1f} bytes per token per hidden unit saved by a block (measured "
-        f"here with saved-tensor hooks; {'checkpointed: each block keeps its input, one is recomputed' if cfg.activation_checkpointing else 'all kept'}); "
-        "a GPU's fused RMSNorm saves less",
-        f"checkpoint/rank  a stop {stop_bytes / 1e9:,.2f} GB ({'its own shard' if fsdp else 'all, from rank 0'}), "
-        f"{write_s(stop_bytes):,.1f} s; a chunk end {end_bytes / 1e9:,.1f} GB from rank 0, {write_s(end_bytes):,.0f} s "
-        f"(at {WRITE_BYTES_PER_S / 1e9:g} GB/s written and {HASH_BYTES_PER_S / 1e9:g} GB/s hashed, python bench.py ckpt)",
-        f"stop             {stop_s:,.1f} s from a signal to exit (a step, {step_s:,.1f} s at 36% MFU on the "
-        f"{cfg.plan_gpu}, and the stop checkpoint), against a grace of {cfg.stop_grace_s:g} s (stop_grace_s)",
-    ]
-    if cfg.ckpt_interval:
-        every = cfg.ckpt_interval * step_s
-        lines.append(f"rolling ckpt     every {cfg.ckpt_interval} steps ({every / 60:,.1f} min): "
-                     f"{100 * write_s(stop_bytes) / every:.2f}% of the time; a crash without warning loses at most that")
-    problems = []
-    if total > 0.9 * capacity:
-        problems.append(f"{total / gib:.1f} GiB per rank is more than 90% of the {cfg.plan_gpu}'s "
-                        f"{cfg.plan_gpu_memory_gb:g} GiB (plan_gpu_memory_gb): set activation_checkpointing=True, a "
-                        "smaller micro_batch_size, or parallel='fsdp'")
-    if stop_s > cfg.stop_grace_s:
-        problems.append(f"a stop takes {stop_s:,.0f} s and the grace period is {cfg.stop_grace_s:g} s (stop_grace_s): "
-                        "ask the scheduler for an earlier warning (SLURM: --signal=USR1@SECONDS) and set stop_grace_s, "
-                        "or use parallel='fsdp' so that every rank writes its own shard")
-    return lines, problems, {"memory_gib": {k: v / gib for k, v in parts.items()}, "stop_s": stop_s,
-                             "step_s": step_s, "stop_ckpt_bytes_per_rank": stop_bytes}
-
-
 def plan(cfg, world_size):
     """--dry_run: what the run will cost, from the meta-device model and the config."""
     with torch.device("meta"):
@@ -346,7 +263,7 @@ def plan(cfg, world_size):
     accum = G // (cfg.micro_batch_size * planned_world)
     fsdp = cfg.parallel == "fsdp" and planned_world > 1
     fpt = model.flops_per_token(T)
-    mem_lines, problems, mem = plan_memory(cfg, model, planned_world, fsdp, fpt * G * T)
+    mem_lines, problems, mem = memory.per_rank(cfg, model, planned_world, fsdp, fpt * G * T)
     print(summary(cfg.model, T))
     try:
         print(f"{'hugging face layout':22s} {hf_config(cfg.model)['architectures'][0]}")

@@ -391,7 +391,7 @@ def test_a_damaged_checkpoint_is_named_and_the_others_evaluated(run, tmp_path):
 def test_hugging_face_folder_evaluates_like_our_checkpoint(run, tmp_path):
     """A released checkpoint in the Llama layout (weights + tokenizer.model) gives the
     same scores as the checkpoint of ours it was exported from."""
-    from checkpoint import save_hf
+    from hf_format import save_hf
 
     ours = str(run / "run" / "ckpt_001")
     model, tok, _ = checkpoint.load(ours)

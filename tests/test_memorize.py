@@ -122,7 +122,7 @@ def test_memorized_chunk_scores_one_and_a_fresh_model_near_chance(prepared, tmp_
 
 def test_batched_cached_decoding_equals_transformers_generate(prepared, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from checkpoint import save_hf
+    from hf_format import save_hf
 
     root, cfg = prepared
     rows = chunk_rows(cfg, 1, 8)

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from checkpoint import load_hf, save_hf
+from hf_format import load_hf, save_hf
 from model import Transformer
 from model_config import PRESETS, ModelConfig
 

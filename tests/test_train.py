@@ -16,6 +16,7 @@ from config import ConfigError, config_from_dict
 from model import Transformer
 from model_config import ModelConfig
 import checkpoint
+import parallelize
 import train as train_py
 from train import get_lr
 
@@ -572,7 +573,7 @@ def test_compile_traces_each_block_whole_with_or_without_checkpointing(monkeypat
     eager, compiled = Transformer(cfg.model), Transformer(cfg.model)
     for m in (eager, compiled):
         m.init_weights(0)
-    train_py.speed_up(compiled, cfg, torch.device("cpu"))
+    parallelize.speed_up(compiled, cfg, torch.device("cpu"))
     idx = torch.randint(0, 96, (2, 17), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         for m in (eager, compiled):

@@ -1,0 +1,154 @@
+"""
+Hugging Face model folders, LLM360's release format: config.json and float32 safetensors
+(or .bin) shards, written and read one tensor at a time. model.py maps our tensor names
+to theirs (fused q/k/v and gate/up split and joined), model_config.py the config.json.
+checkpoint.py reads a folder through here as it reads one of ours.
+"""
+
+import json
+import os
+
+import torch
+
+import data
+from common import atomic_write, write_json_atomic
+from model import Transformer, hf_parts, to_hf_state_dict
+from model_config import hf_config, model_config_from_hf
+
+
+class CheckpointError(data.DataError):
+    """A checkpoint folder, ours or a Hugging Face one, that cannot be read as one."""
+
+
+def hf_model_config(hf_dir):
+    """The ModelConfig of a Hugging Face folder's config.json; one that is not JSON, not an
+    object, or not a llama / stablelm config is a one-line error."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} not found; is {hf_dir} a Hugging Face model folder?")
+    try:
+        with open(path, "rb") as f:
+            return model_config_from_hf(json.load(f))
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON / not UTF-8 / missing keys / not an object
+        raise CheckpointError(f"{path}: not a Hugging Face config of a llama or stablelm model "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def save_hf(model, out_dir, max_shard_bytes=5 * 2**30, bos_token_id=None, eos_token_id=None):
+    """Write `model` as a Hugging Face folder (config.json + safetensors, float32) that
+    LlamaForCausalLM / StableLmForCausalLM.from_pretrained(out_dir) loads.
+
+    Each file is written atomically, config.json last, so an interrupted save never
+    leaves a folder that loads. Shards above max_shard_bytes, with an index, as HF does.
+    """
+    from safetensors.torch import save_file
+
+    config = hf_config(model.config, bos_token_id, eos_token_id)  # refuses before anything is written
+    tensors = to_hf_state_dict(model)
+    shards, size = [{}], 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    os.makedirs(out_dir, exist_ok=True)
+    if len(shards) == 1:
+        atomic_write(os.path.join(out_dir, "model.safetensors"),
+                      lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            atomic_write(os.path.join(out_dir, fname), lambda p: save_file(shard, p, metadata={"format": "pt"}))
+            weight_map.update(dict.fromkeys(shard, fname))
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": weight_map}
+        write_json_atomic(os.path.join(out_dir, "model.safetensors.index.json"), index, indent=2)
+    write_json_atomic(os.path.join(out_dir, "config.json"), config, indent=2)
+
+
+def hf_shards(hf_dir):
+    """The weight files of a HF folder, in order: safetensors or .bin, single or sharded."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = os.path.join(hf_dir, index_name)
+        single = os.path.join(hf_dir, index_name.replace(".index.json", ""))
+        if os.path.exists(index_path):
+            with open(index_path) as f:
+                return [os.path.join(hf_dir, n) for n in sorted(set(json.load(f)["weight_map"].values()))]
+        if os.path.exists(single):
+            return [single]
+    raise FileNotFoundError(f"{hf_dir}: no model.safetensors, pytorch_model.bin or their .index.json; "
+                            "is this a Hugging Face model folder?")
+
+
+def _shard_tensors(path):
+    """Yield (name, tensor) of one weight file, holding as little of it as the format allows:
+    safetensors one tensor at a time, .bin memory-mapped when it is a zip-format pickle."""
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: not a safetensors file, or a damaged one ({e})") from None
+        return
+    # a .bin checkpoint is a pickle: weights_only=True so loading never runs code
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch's own errors: the file is not a weights file
+        raise CheckpointError(f"{path}: not a PyTorch weights file, or a damaged one ({type(e).__name__}: {e})") from None
+    while sd:
+        yield sd.popitem()  # each tensor is released once copied
+
+
+def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
+    """Build our Transformer from a Hugging Face llama or stablelm folder (e.g. one of
+    AMBER's released checkpoints, sharded pytorch_model-0000i-of-0000n.bin files).
+
+    The model's tensors are allocated once in `dtype` and filled shard by shard, so memory
+    holds the model plus one shard (with .bin zip files and safetensors, one tensor),
+    never two full copies of the weights."""
+    cfg = hf_model_config(hf_dir)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    where = {}  # HF tensor -> (our tensor, first row, rows): fused matrices take several HF tensors
+    for name in model.state_dict():
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            continue
+        row = 0
+        for hf, rows in hf_parts(cfg, name):
+            where[hf] = (name, row, rows)
+            row += rows or 0
+    shapes = model.state_dict()
+    state = {name: torch.empty(shapes[name].shape, dtype=dtype, device=device) for name, _, _ in where.values()}
+    filled = set()
+    for path in hf_shards(hf_dir):
+        for hf, t in _shard_tensors(path):
+            if hf.endswith("rotary_emb.inv_freq") or (hf == "lm_head.weight" and cfg.tie_embeddings):
+                continue  # recomputed / re-tied; some tied checkpoints store the head anyway
+            if hf not in where:
+                raise CheckpointError(f"{path}: unexpected tensor {hf!r} for a model of this config.json")
+            name, row, rows = where[hf]
+            dst = state[name] if rows is None else state[name][row : row + rows]
+            if dst.shape != t.shape:
+                raise ValueError(f"{path}: tensor {hf!r} has shape {tuple(t.shape)}, config.json implies "
+                                 f"{tuple(dst.shape)}")
+            dst.copy_(t)
+            filled.add(hf)
+            del t
+    missing = sorted(set(where) - filled)
+    if missing:
+        raise ValueError(f"{hf_dir}: tensor {missing[0]!r} is missing for a model of this config.json")
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["tok_emb.weight"]
+    model.load_state_dict(state, assign=True, strict=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # assign=True replaced the shared Parameter
+    return model
