@@ -107,14 +107,14 @@ def activations(model_cfg, tokens, dtype, param_dtype, checkpointing, loss_chunk
 
 
 def per_rank(cfg, model, world, fsdp, flops_per_step):
-    """The dry run's lines for one rank: its memory (memory.py measures it on the real model
-    at this width and world size), its checkpoints' bytes and seconds, and the stop after a
-    scheduler's signal against the grace period; and the problems that refuse the plan."""
+    """(lines, problems, figures) of one rank for train.py's dry run: its memory (measured as
+    above, at the config's width and world size), its checkpoints' bytes and seconds, and
+    the stop after a scheduler's signal against the grace period; `problems` refuse the plan."""
     n, L, gib = model.num_params(), cfg.model.n_layer, 2**30
     dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16  # what "auto" gives on a GPU
     local = rank0_shard_elements(cfg.model, world if fsdp else 1, dtype)
     act = activations(cfg.model, cfg.micro_batch_size * cfg.seq_len, dtype, dtype if fsdp else torch.float32,
-                             cfg.activation_checkpointing, fused.LOSS_CHUNK["cuda"])
+                      cfg.activation_checkpointing, fused.LOSS_CHUNK["cuda"])
     # FSDP2 gathers whole units for compute: the root's (embedding, head) for the whole step and two
     # blocks at a time (one prefetched) in the compute dtype, and reduces a unit's gradients in float32
     block = sum(p.numel() for p in model.layers[0].parameters())
@@ -128,16 +128,19 @@ def per_rank(cfg, model, world, fsdp, flops_per_step):
     write_s = lambda b: b / WRITE_BYTES_PER_S + b / HASH_BYTES_PER_S  # noqa: E731
     step_s = flops_per_step / (world * GPU_BF16_PEAK[cfg.plan_gpu] * 0.36)
     stop_s = step_s + write_s(stop_bytes)
+    held = f"rank 0 of {world} under FSDP2: {local:,} elements" if fsdp else "replicated"
+    kept = "checkpointed: each block keeps its input, one is recomputed" if cfg.activation_checkpointing \
+        else "all kept"
     lines = [
         f"memory/rank      {total / gib:.1f} GiB of the {cfg.plan_gpu}'s {cfg.plan_gpu_memory_gb:g} GiB "
         f"({100 * total / capacity:.0f}%): " + ", ".join(f"{k} {v / gib:.1f}" for k, v in parts.items())
-        + f" GiB ({'rank 0 of ' + str(world) + ' under FSDP2: ' + format(local, ',') + ' elements' if fsdp else 'replicated'})",
-        f"activations      {act['per_token_per_hidden']:.1f} bytes per token per hidden unit saved by a block (measured "
-        f"here with saved-tensor hooks; {'checkpointed: each block keeps its input, one is recomputed' if cfg.activation_checkpointing else 'all kept'}); "
-        "a GPU's fused RMSNorm saves less",
+        + f" GiB ({held})",
+        f"activations      {act['per_token_per_hidden']:.1f} bytes per token per hidden unit saved by a block "
+        f"(measured here with saved-tensor hooks; {kept}); a GPU's fused RMSNorm saves less",
         f"checkpoint/rank  a stop {stop_bytes / 1e9:,.2f} GB ({'its own shard' if fsdp else 'all, from rank 0'}), "
-        f"{write_s(stop_bytes):,.1f} s; a chunk end {end_bytes / 1e9:,.1f} GB from rank 0, {write_s(end_bytes):,.0f} s "
-        f"(at {WRITE_BYTES_PER_S / 1e9:g} GB/s written and {HASH_BYTES_PER_S / 1e9:g} GB/s hashed, python bench.py ckpt)",
+        f"{write_s(stop_bytes):,.1f} s; a chunk end {end_bytes / 1e9:,.1f} GB from rank 0, "
+        f"{write_s(end_bytes):,.0f} s (at {WRITE_BYTES_PER_S / 1e9:g} GB/s written and "
+        f"{HASH_BYTES_PER_S / 1e9:g} GB/s hashed, python bench.py ckpt)",
         f"stop             {stop_s:,.1f} s from a signal to exit (a step, {step_s:,.1f} s at 36% MFU on the "
         f"{cfg.plan_gpu}, and the stop checkpoint), against a grace of {cfg.stop_grace_s:g} s (stop_grace_s)",
     ]
