@@ -11,7 +11,7 @@ pick the variant:
 The module knows nothing of DDP, FSDP or torch.compile: train.py applies them
 from outside. Weights convert both ways to the Hugging Face LlamaForCausalLM
 layout (the format of LLM360's AMBER release) and to StableLmForCausalLM (the
-closest Hugging Face layout to CrystalCoder without muP); checkpoint.py reads
+closest Hugging Face layout to CrystalCoder without muP); hf_format.py reads
 and writes those folders. Its config (ModelConfig, the named shapes in PRESETS, and
 the Hugging Face config.json both ways) is model_config.py's, which needs no torch.
 It imports nothing of the project.
