@@ -39,6 +39,7 @@ import torch.nn.functional as F
 import checkpoint
 import data
 import model as model_module
+import sandbox
 from common import (UserError, as_bool, code_version, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, iter_jsonl, read_jsonl,
                     sha256_file, wait_for_ranks)
 from machine import torch_device
@@ -339,192 +340,9 @@ def multiple_choice(model, tok, task, docs, shots_from, n_shots=None):
 
 
 # -----------------------------------------------------------------------------
-# code benchmarks: generated code runs only in a sandboxed subprocess
+# code benchmarks: generated code runs only in sandbox.py's sandbox
 
 HUMANEVAL_STOP = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]
-
-# runs before the sample in the child process: no processes, no shell, no deleting files
-_GUARD = """
-import builtins, os, shutil, subprocess, sys
-for _name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "execve", "execvp", "spawnl",
-              "spawnv", "remove", "unlink", "rmdir", "removedirs", "rename", "replace", "putenv", "chmod"):
-    setattr(os, _name, None)
-shutil.rmtree = shutil.move = None
-subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = None
-"""
-
-# the child's entry point: it takes a token from stdin before the sample exists, runs the
-# sample and its tests, and prints the token only if they ran to their end
-_RUNNER = """
-import sys
-
-
-def main():
-    token = sys.stdin.readline().strip()
-    sys.stdin.close()
-    with open("sample.py") as f:
-        source = f.read()
-    try:
-        exec(compile(source, "sample.py", "exec"), {"__name__": "__main__"})
-    except BaseException:  # an assert, an error, or an exit before the tests' end
-        import traceback
-
-        traceback.print_exc()
-        sys.stderr.flush()
-        import os
-
-        os._exit(1)
-    sys.stdout.write("\\n" + token + "\\n")
-    sys.stdout.flush()
-
-
-main()
-"""
-
-# inside the new namespaces, as the namespace's root: the project and home folders hidden
-# (unwritable tmpfs), the sample's folder a tmpfs of BOX_MB (the one writable place, so the
-# bytes it can write are bounded), /dev/shm and /dev/mqueue private and tiny, every other
-# mount read-only, checked, and no user namespace of its own to come; then Python starts
-# without a single capability, so no mount can be undone
-_ISOLATE = r"""
-dir="$1"; shift
-i=0
-for keep in $KEEP; do  # the Python installation, when it lives inside a hidden folder
-  mkdir "$dir/.keep$i" && mount --bind "$keep" "$dir/.keep$i" || exit 97; i=$((i + 1))
-done
-for hide in "$@"; do mount -t tmpfs -o size=64k,mode=0555 tmpfs "$hide" || exit 97; done
-i=0
-for keep in $KEEP; do
-  mkdir -p "$keep" 2>/dev/null; mount --bind "$dir/.keep$i" "$keep" || exit 97; umount "$dir/.keep$i"
-  rmdir "$dir/.keep$i"; i=$((i + 1))
-done
-mount -t tmpfs -o "size=${BOX_MB}m,mode=0700" tmpfs "$dir/w" || exit 97
-cp "$dir/sample.py" "$dir/runner.py" "$dir/w/" || exit 97
-for shm in /dev/shm /dev/mqueue; do
-  if [ -d "$shm" ]; then mount -t tmpfs -o size=64k,mode=0700 tmpfs "$shm" || exit 97; fi
-done
-writable() {  # the mounts that stay writable: the sample's folder, its private tmpfs, its own /proc
-  case "$1" in "$dir/w"|/dev/shm|/dev/mqueue|/proc|/proc/*) return 0;; esac; return 1
-}
-top() {  # each mount point's topmost mount (a later line covers an earlier one): "point options"
-  awk '{ top[$5] = $6 } END { for (m in top) print m, top[m] }' /proc/self/mountinfo
-}
-while read -r _ _ _ _ mp _; do
-  writable "$mp" || mount -o remount,bind,ro "$mp" 2>/dev/null
-done < /proc/self/mountinfo
-top | while read -r mp opts; do  # one that refuses to be read-only is covered by an empty read-only tmpfs
-  if ! writable "$mp" && [ "$mp" != / ]; then
-    case "$opts" in rw*) mount -t tmpfs -o ro,size=4k tmpfs "$mp" 2>/dev/null;; esac
-  fi
-done
-top | while read -r mp opts; do  # what could not be made read-only stops the run
-  writable "$mp" && continue
-  case "$opts" in rw*) echo "sandbox: $mp stays writable" >&2; exit 97;; esac
-done || exit 97
-echo 0 > /proc/sys/user/max_user_namespaces || exit 97
-cd "$dir/w" && exec setpriv --bounding-set=-all --inh-caps=-all --ambient-caps=-all --no-new-privs \
-  "$PYTHON" -I -S runner.py
-"""
-_UNSHARE = ["unshare", "--user", "--map-root-user", "--net", "--pid", "--fork", "--mount", "--mount-proc"]
-_ISOLATION = {}
-
-
-def isolation():
-    """None if generated code can run in new user, PID, network and mount namespaces here
-    (unshare, unprivileged), else the reason it cannot."""
-    if "reason" not in _ISOLATION and not shutil.which("setpriv"):
-        _ISOLATION["reason"] = "setpriv (util-linux) not found: it drops the sample's capabilities"
-    if "reason" not in _ISOLATION:
-        try:
-            proc = subprocess.run(_UNSHARE + ["sh", "-c", "mount -t tmpfs tmpfs /mnt && true"], capture_output=True,
-                                  text=True, timeout=20)
-            _ISOLATION["reason"] = None if proc.returncode == 0 else (proc.stderr.strip() or "unshare failed")
-        except (OSError, subprocess.SubprocessError) as e:
-            _ISOLATION["reason"] = str(e)
-    return _ISOLATION["reason"]
-
-
-def run_sandboxed(program, timeout=10.0, memory_mb=512, allow_unisolated=False, output_limit=10 * 2**20):
-    """Run generated Python `program` with its tests; "passed", "failed" or "timeout".
-
-    Where unshare works (unprivileged, as on our machines) the child runs in new user,
-    PID, network and mount namespaces: no network, its own /proc (the parent's
-    environment and processes out of sight), the project and home folders hidden, every
-    file system read-only but its temporary folder, and its whole process tree killed at
-    the timeout. Everywhere: an empty environment, limits on memory, CPU time and file
-    size (its output goes to a file, so 10 MB at most), and a guard that disables
-    process and file-removal calls. It passes only if the tests ran to their end: a
-    token that the child reads from stdin before the sample runs must be the last line
-    it prints, so an early exit (SystemExit(0), os._exit(0)) fails. Without isolation it
-    refuses unless allow_unisolated, the user's --allow_code_execution=True."""
-    import resource
-    import secrets
-
-    reason = isolation()
-    if reason and not allow_unisolated:
-        raise EvalError("HumanEval / MBPP run generated code, and this machine cannot isolate it (unshare: "
-                        f"{reason}); rerun with --allow_code_execution=True to run it with resource limits and a "
-                        "guard only: no protection of the network, the file system or other processes")
-
-    nproc = 0 if reason else _processes_of(os.getuid()) + MAX_PROCESSES  # this user's, and the sample's
-
-    def limits():
-        resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2**20, memory_mb * 2**20))
-        resource.setrlimit(resource.RLIMIT_CPU, (int(timeout) + 1, int(timeout) + 1))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (output_limit, output_limit))
-        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))  # the kernel exempts root from it
-
-    token = secrets.token_hex(16)
-    with tempfile.TemporaryDirectory(dir="/tmp") as folder, tempfile.TemporaryFile() as out:
-        box = os.path.join(folder, "box")
-        os.makedirs(os.path.join(box, "w"))  # the sample's folder, a tmpfs once isolated
-        with open(os.path.join(box, "sample.py"), "w") as f:
-            f.write(_GUARD + "\n" + program)
-        with open(os.path.join(box, "runner.py"), "w") as f:
-            f.write(_RUNNER)
-        python = os.path.realpath(sys.executable)
-        env = {"PATH": "/usr/bin:/bin", "PYTHON": python, "BOX_MB": str(BOX_MB)}
-        if reason:
-            cmd = [python, "-I", "-S", "runner.py"]
-        else:  # hide the project and home folders; keep the Python installation visible in them
-            here = os.path.dirname(os.path.abspath(__file__))
-            hide = sorted(d for d in {here, os.path.expanduser("~"), "/root", "/home"}
-                          if os.path.isdir(d) and not box.startswith(d + os.sep) and " " not in d)
-            install = os.path.realpath(sys.base_prefix)
-            env["KEEP"] = " ".join(sorted({install} if any(install.startswith(d + os.sep) for d in hide) else set()))
-            cmd = _UNSHARE + ["sh", "-c", _ISOLATE, "sh", box] + hide
-        proc = subprocess.Popen(cmd, cwd=box, env=env, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.DEVNULL,
-                                preexec_fn=limits, start_new_session=True)
-        try:
-            proc.communicate((token + "\n").encode(), timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)  # unshare and the namespace's first process: the whole tree goes with it
-            proc.wait()
-            return "timeout"
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-        out.seek(max(0, out.seek(0, 2) - 4096))
-        tail = out.read().decode(errors="replace").rstrip("\n").rsplit("\n", 1)[-1]
-    if proc.returncode == 97 and not reason:
-        raise EvalError("the sandbox could not be set up (a mount could not be made read-only, or a tmpfs not "
-                        "mounted); nothing was run. See evaluate._ISOLATE")
-    return "passed" if proc.returncode == 0 and tail == token else "failed"
-
-
-BOX_MB = 16  # what a sample may write, in all, under isolation
-MAX_PROCESSES = 32  # processes a sample may have at once (RLIMIT_NPROC; not enforced when run as root)
-
-
-def _processes_of(uid):
-    """How many processes `uid` has now (RLIMIT_NPROC counts them all, not the sample's only)."""
-    n = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/status") as f:
-                n += any(line.startswith("Uid:") and line.split()[1] == str(uid) for line in f)
-    return n
-
 
 COMPILE_MIN_STEPS = 10_000  # generated tokens per checkpoint from which compile="auto" compiles decoding
 
@@ -555,7 +373,7 @@ def code_task(model, tok, task, docs, max_new_tokens=128, timeout=10.0, compile=
                             compile)
             program = body + "\n" + doc.get("test_setup_code", "") + "\n" + "\n".join(doc["test_list"]) + "\n"
         per_doc.append({"task_id": doc["task_id"],
-                        "result": run_sandboxed(program, timeout, allow_unisolated=allow_code_execution)})
+                        "result": sandbox.run(program, timeout, allow_unisolated=allow_code_execution)})
     n = len(per_doc)
     return {"pass@1": sum(d["result"] == "passed" for d in per_doc) / max(1, n),
             "timeouts": sum(d["result"] == "timeout" for d in per_doc)}, per_doc

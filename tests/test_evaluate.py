@@ -3,7 +3,6 @@ accuracy that can fail, perplexity by hand, a sandbox that contains bad code, an
 sweep that never evaluates twice."""
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -218,102 +217,7 @@ def test_perplexity_by_hand_and_padding_never_counts(run):
 
 
 # -----------------------------------------------------------------------------
-# code in a sandbox
-
-
-def test_sandbox_contains_bad_code(monkeypatch):
-    if ev.isolation() is not None:  # the same limits, without namespaces, where the machine has none
-        monkeypatch.setattr(ev, "run_sandboxed", functools.partial(ev.run_sandboxed, allow_unisolated=True))
-    assert ev.run_sandboxed("assert sum([1, 2]) == 3\n") == "passed"
-    assert ev.run_sandboxed("assert 1 == 2\n") == "failed"
-    assert ev.run_sandboxed("while True:\n    pass\n", timeout=2) == "timeout"
-    assert ev.run_sandboxed("x = bytearray(4 * 2**30)\n") == "failed"  # over the memory limit
-    assert ev.run_sandboxed("import os\nassert 'HOME' not in os.environ and 'SECRET' not in os.environ\n") == "passed"
-    # pass@1 cannot be forged by leaving before the tests' end, with any status
-    for exit_early in ("raise SystemExit(0)", "import os; os._exit(0)", "import sys; sys.exit()"):
-        assert ev.run_sandboxed(f"{exit_early}\nassert 1 == 2\n") == "failed"
-
-
-ESCAPES = {  # each runs, and must leave no trace outside; {victim}, {root}, {pid}, {port} are filled in
-    "posix.system": "import posix\nposix.system('touch {victim}.new')",
-    "reload(os)": "import importlib, os\nimportlib.reload(os)\nos.system('touch {victim}.new')",
-    "ctypes": "import ctypes\nctypes.CDLL(None).system(b'touch {victim}.new')",
-    "posix_spawn": "import posix\nposix.posix_spawn('/usr/bin/touch', ['touch', '{victim}.new'], {{}})",
-    "fork + execv": "import posix\nif posix.fork() == 0:\n    posix.execv('/usr/bin/touch', ['touch', '{victim}.new'])",
-    "os.system = posix.system": "import os, posix\nos.system = posix.system\nos.system('touch {victim}.new')",
-    "unlink": "import posix\nposix.unlink('{victim}')",
-    "overwrite": "open('{victim}', 'w').write('gone')",
-    "project write": "open('{root}/sandbox_escape.py', 'w').write('x')",
-    "kill the parent": "import posix\nposix.kill({pid}, 9)",
-    "survive the timeout": ("import posix\nposix.posix_spawn('/bin/sh', ['sh', '-c', 'sleep 0.5; touch {victim}.new'], {{}})"
-                            "\nwhile True:\n    pass"),
-    # undoing the sandbox's own mounts (it ran as the namespace's root, with every capability)
-    "remount / writable": ("import ctypes\nlibc = ctypes.CDLL(None)\nfor m in (b'/', b'{tmp}'):\n"
-                           "    libc.mount(None, m, None, 32 | 4096, None)  # MS_REMOUNT | MS_BIND, not MS_RDONLY\n"
-                           "open('{victim}', 'w').write('gone')"),
-    "unmount the project's cover": ("import ctypes\nctypes.CDLL(None).umount2(b'{root}', 2)\n"
-                                    "open('{root}/sandbox_escape.py', 'w').write('x')"),
-    "a namespace of its own": ("import ctypes\nlibc = ctypes.CDLL(None)\nlibc.unshare(0x10000000 | 0x00020000)\n"
-                               "libc.mount(None, b'/', None, 32 | 4096, None)\nopen('{victim}', 'w').write('gone')"),
-    "/dev/shm": "open('/dev/shm/llm360_escape', 'w').write('stays on the host?')",
-    "a tmpfs under /sys": "open('/sys/fs/cgroup/llm360_escape', 'w').write('stays on the host?')",
-}
-
-
-@pytest.mark.skipif(ev.isolation() is not None, reason="no unprivileged namespaces here")
-@pytest.mark.parametrize("name", list(ESCAPES))
-def test_sandbox_holds_against_escapes(name, tmp_path):
-    victim = tmp_path / "victim.txt"
-    victim.write_text("intact")
-    program = ESCAPES[name].format(victim=victim, root=ROOT, pid=os.getpid(), port=0, tmp=tmp_path)
-    ev.run_sandboxed(program + "\n", timeout=2)
-    import time
-
-    if name == "survive the timeout":
-        time.sleep(1)  # a surviving grandchild would have written by now
-    assert victim.read_text() == "intact" and not (tmp_path / "victim.txt.new").exists()
-    assert not os.path.exists(os.path.join(ROOT, "sandbox_escape.py"))
-    assert not os.path.exists("/dev/shm/llm360_escape") and not os.path.exists("/sys/fs/cgroup/llm360_escape")
-
-
-@pytest.mark.skipif(ev.isolation() is not None, reason="no unprivileged namespaces here")
-def test_sandbox_sees_no_network_no_parent_and_no_project():
-    """Run as checks inside the sandbox: "passed" means each view is closed."""
-    import socket
-
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = listener.getsockname()[1]
-        probe = (f"import os, socket\n"
-                 f"s = socket.socket(); s.settimeout(1)\nassert s.connect_ex(('127.0.0.1', {port})) != 0\n"
-                 f"assert not os.path.exists('/proc/{os.getpid()}/environ')  # the parent, out of sight\n"
-                 f"assert os.listdir('{ROOT}') == []  # the project, hidden\n"
-                 f"assert not os.path.exists('{os.path.expanduser('~')}/.bash_history')\n"
-                 f"try:\n    open('/etc/sandbox_probe', 'w')\nexcept OSError:\n    pass\nelse:\n    raise SystemExit(1)\n"
-                 f"open('inside.txt', 'w').write('its own folder is writable')\n"
-                 # no capability left, so no mount undone: /proc stays the namespace's own
-                 f"status = open('/proc/self/status').read()\n"
-                 f"assert 'CapEff:\\t0000000000000000' in status and 'CapBnd:\\t0000000000000000' in status\n"
-                 f"import ctypes\nctypes.CDLL(None).umount2(b'/proc', 2)\n"
-                 f"assert not os.path.exists('/proc/{os.getpid()}')\n"
-                 # the bytes it may write, in all, are bounded (16 MB)
-                 f"try:\n    open('big', 'wb').write(b'x' * (20 * 2**20))\nexcept OSError:\n    pass\n"
-                 f"else:\n    raise SystemExit(1)\n")
-        assert ev.run_sandboxed(probe) == "passed"
-    if os.getuid() != 0:  # RLIMIT_NPROC: the kernel does not hold root to it
-        bomb = ("import posix\nn = 0\ntry:\n    for _ in range(200):\n        if posix.fork() == 0:\n"
-                "            import time; time.sleep(3); posix._exit(0)\n        n += 1\nexcept OSError:\n    pass\n"
-                f"assert n < {ev.MAX_PROCESSES}\n")
-        assert ev.run_sandboxed(bomb, timeout=5) == "passed"
-    assert ev.run_sandboxed("print('x' * (300 * 2**20))\n") == "failed"  # 300 MB of output: capped, not held
-
-
-def test_without_isolation_code_runs_only_when_allowed(monkeypatch):
-    monkeypatch.setattr(ev, "_ISOLATION", {"reason": "unshare: operation not permitted"})
-    with pytest.raises(ev.EvalError, match="--allow_code_execution=True"):
-        ev.run_sandboxed("assert True\n")
-    assert ev.run_sandboxed("assert True\n", allow_unisolated=True) == "passed"
+# code tasks (the sandbox itself: test_sandbox.py)
 
 
 def test_code_task_reports_timeouts_and_goes_on(run, monkeypatch):
