@@ -21,16 +21,22 @@ A Hugging Face folder of AMBER's release (weights only: LLM360 released no optim
 states) branches at the position its name gives (ckpt_i has trained chunks 0..i of
 the converted release) with a fresh AdamW, recorded as such.
 
-The branch's run dir is complete: the parent's checkpoints up to the branch point are
-hard links (a copy where links fail, its size printed), metrics.jsonl starts with the
-parent's lines up to it, and the ledger's first event, "branch", names the parent, the
-checkpoint and its sha256, and every change. evaluate.py, memorize.py, release.py and
-plot.py read it as any run. Running the same command again resumes the branch.
+The branch's run dir is complete and its own: the parent's checkpoints up to the branch
+point are hard links (a copy where links fail, its size printed), so the branch survives
+its parent's deletion; the branch point is linked first and verified there, so what is
+loaded is what was checked, even from a parent still training; metrics.jsonl starts with
+the parent's lines up to it; the ledger's first event, "branch", names the parent, the
+checkpoint and its sha256, the stages and every change. evaluate.py, memorize.py,
+release.py, plot.py and trace.py read it as any run. Running the same command again
+resumes the branch, however the branch point is written (the path is resolved once). A
+branch never writes into its parent's run dir: an out_dir inside it is refused. From a
+Hugging Face folder nothing is linked: the release folder is that series.
 """
 
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, replace
 
 import checkpoint
@@ -41,19 +47,32 @@ from config import ConfigError, config_to_dict, saved_config
 
 @dataclass
 class Parent:
-    ckpt: str  # the checkpoint folder branched from
+    ckpt: str  # the checkpoint folder branched from (resolved)
     run_dir: str  # the run dir holding it
     state: dict | None  # its state.json; None for a Hugging Face folder (weights only)
     pos: int  # the schedule position the branch starts at
     dirs: list  # the data dirs the parent trained on (for a Hugging Face folder: the branch's)
     new_dirs: list  # the data dirs of the remaining schedule when they change; [] when the data goes on
+    fingerprint: str  # the sha256 of its state.json as read (a Hugging Face folder: of its config.json)
 
 
-def parent_of(cfg, verify=True):
-    """The checkpoint cfg.branch_from names, checked: one line for a branch point that is
-    not there, damaged (its files against their sha256; verify=False skips that: the dry
-    run reads no 80 GB), of another model shape, or mid-chunk with other data."""
-    path = os.path.normpath(cfg.branch_from)
+def resolved(cfg):
+    """cfg with branch_from resolved once (absolute, symbolic links followed), so that
+    every spelling of the same checkpoint is the same branch point; an out_dir inside the
+    parent's run dir is refused before anything is written there."""
+    path = os.path.realpath(cfg.branch_from)
+    out, home = os.path.realpath(cfg.out_dir), os.path.dirname(path)
+    if out == home or out.startswith(home + os.sep):
+        raise ConfigError(f"out_dir={cfg.out_dir!r} is inside the parent's run dir {home}; a branch writes a run dir "
+                          "of its own: give an out_dir outside it")
+    return replace(cfg, branch_from=path)
+
+
+def parent_of(cfg):
+    """The checkpoint cfg.branch_from names, checked from its state.json: one line for a
+    branch point that is not there, of another model shape, or mid-chunk with other data.
+    Its files are verified in start(), once linked."""
+    path = cfg.branch_from
     kind = checkpoint.kind(path) if os.path.isdir(path) else None
     if kind is None:
         raise ConfigError(f"branch_from={cfg.branch_from!r}: no checkpoint there (a ckpt_NNN folder of a run, or a "
@@ -65,18 +84,19 @@ def parent_of(cfg, verify=True):
             raise ConfigError(f"branch_from={path!r}: a Hugging Face folder holds no schedule position; name it "
                               "ckpt_NNN as AMBER's release does (ckpt_i has trained chunks 0..i)")
         shape = checkpoint.model_config(path)
-        parent = Parent(path, os.path.dirname(path), None, int(m[1]) + 1, wanted, [])
+        parent = Parent(path, os.path.dirname(path), None, int(m[1]) + 1, wanted, [],
+                        sha256_file(os.path.join(path, "config.json")))
     else:
-        problems = checkpoint.verify_checkpoint(path) if verify else []
-        if problems:
-            raise ConfigError(f"branch_from={path!r} is damaged ({'; '.join(problems)}); branch from another checkpoint")
         state = checkpoint.read_state(path)
         if state is None:
             raise ConfigError(f"branch_from={path!r}: its state.json is missing or not valid JSON (damaged)")
+        state_sha = sha256_file(os.path.join(path, "state.json"))
+        if checkpoint.read_state(path) != state:  # replaced between the two reads: a parent still training
+            raise ConfigError(f"branch_from={path!r} changed while it was read; run this again")
         shape = saved_config(state["config"]).model
         dirs = data.stage_dirs(state["config"])
         same = [os.path.realpath(d) for d in wanted] == [os.path.realpath(d) for d in dirs]
-        parent = Parent(path, os.path.dirname(path), state, state["pos"], dirs, [] if same else wanted)
+        parent = Parent(path, os.path.dirname(path), state, state["pos"], dirs, [] if same else wanted, state_sha)
         if parent.new_dirs and state["reader"]:
             raise ConfigError(f"branch_from={path!r} is a mid-chunk checkpoint; a branch with other data starts at a "
                               "chunk's end: give a ckpt_NNN")
@@ -95,23 +115,37 @@ def branch_config(cfg, parent):
     return replace(cfg, stages=tuple(parent.dirs + parent.new_dirs)) if parent.new_dirs else cfg
 
 
-def check_out_dir(cfg):
-    """A branch goes into a new run dir, or into its own (the same command again: it resumes)."""
+def started(cfg):
+    """The ledger's "branch" event when out_dir is this branch's run dir (the same command
+    again: it resumes), None when out_dir is new; anything else is refused."""
     out = cfg.out_dir
     names = [n for n in os.listdir(out) if n != ".lock"] if os.path.isdir(out) else []
     first = None
     if os.path.exists(os.path.join(out, "ledger.jsonl")):
         with open(os.path.join(out, "ledger.jsonl")) as f:
-            first = json.loads(f.readline() or "{}")
-    ours = first and first.get("event") == "branch" and first.get("from") == os.path.abspath(cfg.branch_from)
-    if names and not ours:
+            line = f.readline()
+        try:
+            first = json.loads(line or "{}")
+        except ValueError:
+            raise ConfigError(f"{out}/ledger.jsonl: its first line is not JSON ({line[:60]!r}); the run dir's "
+                              "history is damaged: restore it, or give another out_dir") from None
+    if first and first.get("event") == "branch" and first.get("from") == cfg.branch_from:
+        return first
+    if names:
         raise ConfigError(f"out_dir={out!r} is not empty and is not this branch's run dir; a branch writes a new run "
                           "dir: give another out_dir")
+    return None
 
 
-def own_checkpoint(resume, cfg):
-    """Whether the checkpoint a resume found was written by this branch, not linked from its parent."""
-    return resume is not None and checkpoint.read_state(resume)["config"].get("branch_from") == cfg.branch_from
+def own_checkpoint(resume, first):
+    """Whether a checkpoint was written by the branch (past its start), not linked from its parent."""
+    return resume is not None and first is not None and checkpoint.read_state(resume)["step"] > first["step"]
+
+
+def config_of_started(cfg, first):
+    """A started branch's config without its parent: the stages it recorded when it began
+    (its parent may be gone since; its run dir holds every file a resume needs)."""
+    return replace(cfg, stages=tuple(first["stages"])) if first.get("stages") else cfg
 
 
 def start(run, parent, data_sha, precision):
@@ -130,18 +164,22 @@ def start(run, parent, data_sha, precision):
         step = sum(data.chunk_steps(m, c, cfg.global_batch_size) for _, m, c in run.table[: parent.pos])
         start_at = {"step": step, "tokens": step * cfg.global_batch_size * cfg.seq_len, "pos": parent.pos}
         changes, optimizer = {}, "fresh: the folder holds weights only"
-        fingerprint = sha256_file(os.path.join(parent.ckpt, "config.json"))
     else:
         start_at = {k: parent.state[k] for k in ("step", "tokens", "pos")}
         before = config_to_dict(saved_config(parent.state["config"]))
         changes = {k: [before.get(k), v] for k, v in config_to_dict(cfg).items()
                    if before.get(k) != v and k not in ("out_dir", "branch_from")}
-        optimizer, fingerprint = "the parent's", sha256_file(os.path.join(parent.ckpt, "state.json"))
-    run.log.event("branch", **{"from": os.path.abspath(cfg.branch_from)}, parent_run=os.path.abspath(parent.run_dir),
-                  checkpoint=os.path.basename(parent.ckpt), checkpoint_sha256=fingerprint, **start_at,
-                  optimizer=optimizer, data=parent.new_dirs or "the parent's", changes=changes,
-                  world_size=run.world_size, **precision)
+        optimizer = "the parent's"
+    run.log.event("branch", **{"from": cfg.branch_from}, parent_run=parent.run_dir,
+                  checkpoint=os.path.basename(parent.ckpt), checkpoint_sha256=parent.fingerprint, **start_at,
+                  optimizer=optimizer, data=parent.new_dirs or "the parent's", stages=list(cfg.stages),
+                  changes=changes, world_size=run.world_size, **precision)
+    here = parent.ckpt
+    if parent.state is not None:  # the branch point, linked first, then verified: what is loaded is what was checked
+        here = os.path.join(cfg.out_dir, os.path.basename(parent.ckpt))
     if rank == 0:
+        if parent.state is not None:
+            _link_branch_point(parent, here)
         copied = _link_parent(cfg.out_dir, parent)
         if copied:
             print(f"{parent.run_dir}: hard links failed, {size_text(copied)} of checkpoints copied", flush=True)
@@ -155,7 +193,7 @@ def start(run, parent, data_sha, precision):
                             "total_steps": cfg.lr_steps or sum(data.chunk_steps(m, c, cfg.global_batch_size)
                                                                for _, m, c in run.table)}
     else:
-        state = checkpoint.load_checkpoint(parent.ckpt, run.raw_model, run.optimizer, rank, run.fsdp)
+        state = checkpoint.load_checkpoint(here, run.raw_model, run.optimizer, rank, run.fsdp)
         state["total_steps"] = cfg.lr_steps or parent_steps(parent)  # the parent's LR curve goes on
         if parent.new_dirs:  # the rest of the schedule: every chunk of the new data, in order
             n_parent = len(data.chunk_table(parent.dirs))
@@ -175,12 +213,27 @@ def parent_steps(parent):
         data.chunk_steps(m, c, cfg.global_batch_size) for _, m, c in data.chunk_table(parent.dirs))
 
 
+def _link_branch_point(parent, here):
+    """The branch point hard-linked to `here` and verified there: a parent still training
+    may replace its ckpt_rolling meanwhile, and the links keep the files they were made to."""
+    shutil.rmtree(here, ignore_errors=True)
+    link_tree(parent.ckpt, here)
+    problems = checkpoint.verify_checkpoint(here)
+    if not problems and sha256_file(os.path.join(here, "state.json")) != parent.fingerprint:
+        problems = ["its state.json is another than the one read a moment before"]
+    if problems:
+        shutil.rmtree(here)
+        raise ConfigError(f"branch_from={parent.ckpt!r} is damaged or changed while it was linked "
+                          f"({'; '.join(problems[:3])}); if its run is still training, run this again; "
+                          "else branch from another checkpoint")
+
+
 def _link_parent(out_dir, parent):
-    """The parent's checkpoints up to the branch point, hard-linked into out_dir, and its
-    metrics.jsonl lines up to it, copied (the branch appends to its own); the bytes copied."""
-    names = [n for n in checkpoint.checkpoint_names(parent.run_dir) if int(n[5:]) < parent.pos]
-    if os.path.basename(parent.ckpt) == "ckpt_rolling":  # a mid-chunk branch point: ahead of those
-        names.append("ckpt_rolling")
+    """The parent's checkpoints before the branch point, hard-linked into out_dir, and its
+    metrics.jsonl lines up to it, copied (the branch appends to its own); the bytes copied.
+    A Hugging Face parent's folders stay where they are: the release is that series."""
+    names = [n for n in checkpoint.checkpoint_names(parent.run_dir) if int(n[5:]) < parent.pos and
+             os.path.join(parent.run_dir, n) != parent.ckpt] if parent.state else []  # the branch point: linked
     copied = sum(link_tree(os.path.join(parent.run_dir, n), os.path.join(out_dir, n)) for n in names)
     lines = parent.state["metrics_lines"] if parent.state else 0
     src = os.path.join(parent.run_dir, "metrics.jsonl")
@@ -199,9 +252,9 @@ def _link_parent(out_dir, parent):
 def plan(cfg, steps):
     """For the dry run, from the steps of each chunk of the branch's data: (the step it
     starts at, steps left, its LR schedule's length, where it starts)."""
-    path = os.path.normpath(cfg.branch_from)
+    path = os.path.realpath(cfg.branch_from)
     if checkpoint.kind(path) == "ours":
-        parent = parent_of(cfg, verify=False)
+        parent = parent_of(resolved(cfg))
         left = sum(steps if parent.new_dirs else steps[parent.pos :])
         return parent.state["step"], left, parent_steps(parent), \
             f"{path} (step {parent.state['step']:,}, schedule position {parent.pos})"

@@ -181,7 +181,7 @@ class Index:
         if manifest["tokenizer"]["kind"] == "tiktoken" or manifest["tokenizer"].get("file"):
             self.tok = data.load_tokenizer(self.table[0][0], manifest)
         self.state = checkpoint.read_state(checkpoint.find_checkpoint(self.run)) if self.run else None
-        self._orders = {}
+        self._orders, self._configs = {}, {}
 
     def _checked(self, data_dir, name, entry):
         folder = os.path.join(data_dir, "index", name)
@@ -221,31 +221,44 @@ class Index:
         """Where a run trained a row: [{pos, step, chunk_step, slot, checkpoint}], one per
         schedule position of its chunk that trained it (a replacement chunk trains its
         rows again); [] when the run never reached it or the row is in the chunk's
-        untrained remainder."""
+        untrained remainder. Each position counts with the batch size and seed it was
+        trained with (a branch may change them: its parent's positions keep the parent's)."""
         if not self.state:
             return []
-        cfg = self.state["config"]
-        G = cfg["global_batch_size"]
-        d, manifest, local = self.table[chunk]
-        if chunk not in self._orders:
-            order = np.random.default_rng([cfg["seed"], local]).permutation(manifest["chunks"][local]["sequences"])
-            self._orders[chunk] = np.argsort(order)  # row -> its place in the chunk's order
-        place = int(self._orders[chunk][row])
-        chunk_step, slot = divmod(place, G)
         skipped = {s["pos"] for s in self.state["skipped"]}
         out, base = [], 0
         for pos, c in enumerate(self.state["schedule"]):
-            d_c, m_c, l_c = self.table[c]
-            steps = data.chunk_steps(m_c, l_c, G)
             if pos in skipped:
                 continue
-            done = pos < self.state["pos"] or (self.state["reader"] and pos == self.state["pos"] and
-                                               chunk_step < self.state["reader"]["step"])
-            if c == chunk and chunk_step < steps and done:
-                out.append({"pos": pos, "step": base + chunk_step + 1, "chunk_step": chunk_step, "slot": slot,
-                            "checkpoint": f"ckpt_{pos:03d}" if pos < self.state["pos"] else "ckpt_rolling"})
+            cfg = self._config_at(pos)
+            G = cfg["global_batch_size"]
+            d_c, m_c, l_c = self.table[c]
+            steps = data.chunk_steps(m_c, l_c, G)
+            if c == chunk:
+                chunk_step, slot = divmod(self._place(chunk, cfg["seed"], row), G)
+                done = pos < self.state["pos"] or (self.state["reader"] and pos == self.state["pos"] and
+                                                   chunk_step < self.state["reader"]["step"])
+                if chunk_step < steps and done:
+                    out.append({"pos": pos, "step": base + chunk_step + 1, "chunk_step": chunk_step, "slot": slot,
+                                "checkpoint": f"ckpt_{pos:03d}" if pos < self.state["pos"] else "ckpt_rolling"})
             base += steps
         return out
+
+    def _config_at(self, pos):
+        """The config that trained schedule position pos: the one its chunk-end checkpoint
+        recorded (in a branch's run dir, the parent's, linked), else the newest state's."""
+        if pos not in self._configs:
+            done = pos < self.state["pos"] and checkpoint.read_state(os.path.join(self.run, f"ckpt_{pos:03d}"))
+            self._configs[pos] = (done or self.state)["config"]
+        return self._configs[pos]
+
+    def _place(self, chunk, seed, row):
+        """A row's place in its chunk's shuffled order under a seed."""
+        if (chunk, seed) not in self._orders:
+            d, manifest, local = self.table[chunk]
+            order = np.random.default_rng([seed, local]).permutation(manifest["chunks"][local]["sequences"])
+            self._orders[chunk, seed] = np.argsort(order)  # row -> its place in the chunk's order
+        return int(self._orders[chunk, seed][row])
 
     def source(self, chunk, row):
         d, manifest, local = self.table[chunk]

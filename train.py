@@ -388,6 +388,8 @@ def setup(cfg, rank, world_size, device):
     """(Run, state) of a run from its config, or (None, state) when its run dir has already
     reached the end of its schedule or max_steps."""
     check_folders(cfg)
+    if cfg.branch_from:
+        cfg = branch.resolved(cfg)  # before the lock: a branch never writes into its parent's run dir
     accum = grad_accum(cfg, world_size)
     fsdp = cfg.parallel == "fsdp" and world_size > 1
     if rank == 0:  # one writer per run dir: a second train.py on it (a requeued job) stops here, changing nothing
@@ -395,19 +397,23 @@ def setup(cfg, rank, world_size, device):
     repeat = determinism(cfg, device)  # before the first matmul
     dtype, precision = choose_dtype(cfg, device, rank, world_size)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not fsdp else nullcontext()
-    parent = None
+    parent = first = None
     if cfg.branch_from:  # a branch: the parent's schedule goes on, with the data of the config
-        branch.check_out_dir(cfg)
-        parent = branch.parent_of(cfg)
-        cfg = branch.branch_config(cfg, parent)
+        first = branch.started(cfg)
+        if first and branch.own_checkpoint(find_checkpoint(cfg.out_dir, chunk_ends_only=False), first):
+            cfg = branch.config_of_started(cfg, first)  # it resumes: the parent is not read (it may be gone)
+        else:
+            parent = branch.parent_of(cfg)
+            cfg = branch.branch_config(cfg, parent)
     dirs, table, data_sha = prepare_data(cfg, rank, world_size)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     barrier(world_size)
     log = RunLog(cfg.out_dir, rank)
     resume = resume_point(cfg.out_dir, log, rank, world_size)  # the newest intact checkpoint
-    if parent and not branch.own_checkpoint(resume, cfg):
+    if cfg.branch_from and not branch.own_checkpoint(resume, first):
         resume = None  # only the parent's checkpoints, linked: the branch starts (again)
+        parent = parent or branch.parent_of(cfg)
     changes = {}
     if resume:
         saved = read_state(resume)
@@ -435,7 +441,7 @@ def setup(cfg, rank, world_size, device):
               peak_flops(cfg, device, dtype, precision["matmul_gflops"]))
 
     info = run_info(device, world_size) | {"dtype": str(dtype).removeprefix("torch."), **precision, **repeat}
-    log.open_wandb(cfg, parent.run_dir if parent else None)
+    log.open_wandb(cfg, parent.run_dir if parent else first["parent_run"] if first else None)
     state = start(run, resume, parent, data_sha, info, changes)
     run.total_steps = state["total_steps"]
     print0(f"git {info['git_commit'][:12]} | torch {info['torch']} | {world_size} x {info['device']} | "

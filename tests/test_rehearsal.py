@@ -91,6 +91,13 @@ def test_amber_shaped_release_through_convert_train_inspect_memorize(tmp_path, c
     with open(branch_dir / "ledger.jsonl") as f:
         first = json.loads(f.readline())
     assert first["event"] == "branch" and first["optimizer"].startswith("fresh") and first["step"] == 2
-    assert os.path.samefile(branch_dir / "ckpt_000" / "config.json", amber / "ckpt_000" / "config.json")
+    # the release's folders stay in the release (nothing linked); a rerun has nothing to do and moves nothing
+    assert sorted(n for n in os.listdir(branch_dir) if n.startswith("ckpt_")) == ["ckpt_001", "ckpt_002"]
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), branch_cfg], env=env,
+                           capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert again.returncode == 0 and "nothing to do" in again.stdout and "damaged" not in again.stdout + again.stderr
+    verify = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "verify", str(branch_dir)], env=env,
+                            capture_output=True, text=True, cwd=str(tmp_path))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
     with open(branch_dir / "ckpt_002" / "state.json") as f:
         assert (json.load(f)["step"], mem.checkpoints_of(str(branch_dir))[-1][2]) == (6, [0, 1, 2])

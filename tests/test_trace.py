@@ -79,6 +79,32 @@ def test_a_planted_sentence_is_found_where_a_scan_finds_it_with_inspects_steps(r
     assert any(s[1] - s[0] >= len(ids) and s[2] >= len(expected) for s in spans)
 
 
+def test_a_branch_with_another_batch_size_traces_each_chunk_with_its_own(run):
+    """A branch from ckpt_002 that doubles global_batch_size: a row of chunks 0-2 was
+    trained at the parent's batch size, a row of chunk 3 at the branch's, after the parent's steps."""
+    root, values = run
+    G, seed, data_dir = values["global_batch_size"], values["seed"], str(root / "data")
+    cfg_path = write_config(root / "branch_g.py", values | dict(out_dir=str(root / "branch_g"), global_batch_size=2 * G,
+                                                                branch_from=str(root / "run" / "ckpt_002")))
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), cfg_path], check=True, capture_output=True,
+                   cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    ids = data.load_tokenizer(data_dir).encode(PLANTED)
+    rows, _ = tr.query(str(root / "branch_g"), ids=",".join(map(str, ids)), limit=100, out=lambda *a: None)
+
+    def batch(chunk):
+        return G if chunk <= 2 else 2 * G
+
+    checked = set()
+    for r in rows:
+        reader = data.ChunkReader(data_dir, r["chunk"], seed, batch(r["chunk"]), batch(r["chunk"]))
+        base = sum(data.ChunkReader(data_dir, c, seed, batch(c), batch(c)).steps for c in range(r["chunk"]))
+        for t in r["trained"]:
+            assert r["row"] in reader.step_rows(t["chunk_step"]).tolist()
+            assert t["step"] == base + t["chunk_step"] + 1
+            checked.add(batch(r["chunk"]))
+    assert checked == {G, 2 * G}, [(r["chunk"], r["trained"]) for r in rows]  # the parent's chunks and the branch's
+
+
 def test_the_index_refuses_other_data_and_a_rebuild_does_only_what_is_missing(run, capsys):
     root, _ = run
     index_dir = root / "data" / "index"

@@ -754,14 +754,51 @@ def test_a_branch_with_the_parents_config_is_the_parent_bit_for_bit(corpus, refe
     first = ledger(run)[0]
     assert first["event"] == "branch" and first["checkpoint"] == "ckpt_000" and first["changes"] == {}
     assert first["checkpoint_sha256"] == checkpoint.sha256_file(reference / "ckpt_000" / "state.json")
-    for name, fault, starts in (("branch_kill", "step:100", 1), ("branch_kill_early", "step:49", 2)):
-        assert train(corpus, name, fault=fault, **branch_of).returncode == -9  # step 49: before its first rolling
-        train(corpus, name, **branch_of)  # checkpoint (step 50), so the branch starts again
+    # the same branch point however it is written; a branch with checkpoints of its own resumes with its
+    # parent gone (hard links hold every file it needs); killed before its first rolling checkpoint
+    # (step 50) it starts again, from a symbolic link to the parent's checkpoint
+    os.symlink(reference / "ckpt_000", corpus / "parent_link")
+    for name, fault, again, starts in (("branch_kill", "step:100", str(reference / "ckpt_000") + "/", 1),
+                                       ("branch_kill_early", "step:49", str(corpus / "parent_link"), 2)):
+        assert train(corpus, name, fault=fault, **branch_of).returncode == -9
+        if starts == 1:
+            os.rename(reference, corpus / "reference_away")
+        try:
+            train(corpus, name, branch_from=again)
+        finally:
+            if starts == 1:
+                os.rename(corpus / "reference_away", reference)
         assert_same_checkpoint(reference / "ckpt_002", corpus / name / "ckpt_002")
         assert metrics(corpus / name) == metrics(reference)
         assert [e["event"] for e in ledger(corpus / name)].count("branch") == starts
-    refused = train(corpus, "branch_same_again", expect_ok=False, out_dir=str(reference), **branch_of)
+    (corpus / "not_a_run").mkdir()
+    (corpus / "not_a_run" / "notes.txt").write_text("mine")
+    refused = train(corpus, "branch_same_again", expect_ok=False, out_dir=str(corpus / "not_a_run"), **branch_of)
     assert refused.returncode == 1 and "is not empty and is not this branch's run dir" in refused.stderr
+    inside = train(corpus, "branch_inside", expect_ok=False, out_dir=str(reference / "branches" / "b"), **branch_of)
+    assert inside.returncode == 1 and "inside the parent's run dir" in inside.stderr
+    assert not (reference / "branches").exists()
+
+
+def test_a_branch_loads_the_checkpoint_it_verified(corpus, reference, tmp_path):
+    """A parent still training replaces its checkpoint between the branch's reading it and
+    linking it: the branch refuses in one line and keeps no half-linked branch point."""
+    import shutil
+
+    import branch
+    from common import link_tree
+
+    parent_dir = tmp_path / "parent"
+    link_tree(str(reference), str(parent_dir))
+    cfg = branch.resolved(config_from_dict(run_values(corpus, "branch_race",
+                                                      branch_from=str(parent_dir / "ckpt_000"))))
+    parent = branch.parent_of(cfg)
+    shutil.rmtree(parent_dir / "ckpt_000")
+    os.rename(parent_dir / "ckpt_001", parent_dir / "ckpt_000")  # the parent's newer checkpoint took its place
+    here = tmp_path / "branch_race" / "ckpt_000"
+    with pytest.raises(ConfigError, match="changed while it was linked"):
+        branch._link_branch_point(parent, str(here))
+    assert not here.exists()
 
 
 def test_a_branch_with_other_data_goes_on_from_its_parent(corpus, reference):
