@@ -327,9 +327,25 @@ def _stop(signum, frame):
 
 def worker_signals():
     """For a pool's worker processes (their initializer): the parent handles Ctrl-C and
-    SIGTERM and ends its pool; a worker just dies with it."""
+    SIGTERM and ends its pool; a worker just dies with it, and with a parent killed
+    outright too (SIGKILL, the OOM killer), so that no orphan goes on writing while the
+    same command, run again, writes the same files."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
+
+
+def die_with_parent():
+    """SIGKILL this process when its parent ends (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import multiprocessing
+
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    parent = multiprocessing.parent_process()
+    if os.getppid() != (parent.pid if parent else os.getppid()):  # the parent ended before the call
+        os._exit(1)
 
 
 @contextlib.contextmanager

@@ -1275,7 +1275,10 @@ def convert_amber(src_dir, out_dir, workers=None, vocab_size=32000, sources=AMBE
         raise DataError(f"{out_dir} holds a prepared data dir; give a new folder for the converted data")
     if os.path.exists(out_dir) and os.listdir(out_dir) and not os.path.exists(job_path):
         raise DataError(f"{out_dir} exists and holds no conversion; give a new folder for the converted data")
+    hold_lock(dir_lock(out_dir), "data.py convert-amber")  # one conversion at a time: its temporary files are stale
     os.makedirs(out_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(glob.escape(out_dir), "chunk_*.tmp")):  # a killed run's half-written files
+        os.remove(stale)
     if os.path.exists(job_path):
         with open(job_path) as f:
             job = json.load(f)

@@ -324,6 +324,53 @@ def test_convert_amber_streams_at_amber_shapes_and_resumes_byte_identical(tmp_pa
     assert reader.steps == 5 and reader.batch(0, 0)[0].shape == (4, 2048)
 
 
+# a conversion whose worker hangs in the middle of chunk 1 (faults come from outside the product)
+HUNG_WORKER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import data
+real = data.NpyAppender.append
+def append(self, block):
+    real(self, block)
+    self.f.flush()
+    if "chunk_001" in self.f.name:
+        time.sleep(3600)
+data.NpyAppender.append = append
+data.CONVERT_BLOCK = 16
+data.main(["convert-amber", {src!r}, {out!r}, "--workers=2"])
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_killed_conversion_goes_on_with_the_same_command(tmp_path, sig):
+    """Killed (SIGKILL or SIGTERM) while a worker is in the middle of a chunk: no worker
+    outlives the conversion, and the same command ends byte-identical to an uninterrupted one."""
+    import signal
+    import time
+
+    src, out, ref = (str(tmp_path / n) for n in ("release", "out", "ref"))
+    data.write_synthetic_release(src, 4, 40, seed=3)  # rows of 2,049 ids under 32,000
+    data.convert_amber(src, ref, workers=2, progress=False)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, "-c", HUNG_WORKER.format(root=root, src=src, out=out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while sum(os.path.exists(os.path.join(out, f"chunk_{c:03d}.json")) for c in (0, 2, 3)) < 3:
+        assert proc.poll() is None and time.time() < deadline, "the conversion ended or stalled before the kill"
+        time.sleep(0.05)
+    with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+        workers = [int(p) for p in f.read().split()]
+    assert os.path.exists(os.path.join(out, "chunk_001.npy.tmp"))  # half-written by the hung worker
+    proc.send_signal(getattr(signal, sig))
+    proc.wait()
+    deadline = time.time() + 30
+    while any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in workers):
+        assert time.time() < deadline, "a worker outlived the conversion"
+        time.sleep(0.05)
+    data.convert_amber(src, out, workers=2, progress=False)  # the same command
+    assert files_of(out) == files_of(ref) and not any(n.endswith(".tmp") for n in os.listdir(out))
+
+
 @pytest.mark.parametrize("bad,error", [
     ("{not json", r"train_000.jsonl:3: not valid JSON"),
     ('{"token_ids": [1, 2], "source": "c4"}', r"train_000.jsonl:3: a row of 2 token ids; every row of the release has 2049"),
