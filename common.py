@@ -335,16 +335,18 @@ def worker_signals():
     die_with_parent()
 
 
-def die_with_parent():
-    """SIGKILL this process when its parent ends (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+def die_with_parent(parent_pid=None):
+    """SIGKILL this process when its parent (parent_pid; by default multiprocessing's
+    parent) ends: Linux's PR_SET_PDEATHSIG, kept across exec; elsewhere nothing."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
     import multiprocessing
 
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    parent = multiprocessing.parent_process()
-    if os.getppid() != (parent.pid if parent else os.getppid()):  # the parent ended before the call
+    if parent_pid is None:
+        parent_pid = multiprocessing.parent_process().pid if multiprocessing.parent_process() else os.getppid()
+    if os.getppid() != parent_pid:  # the parent ended before the call
         os._exit(1)
 
 

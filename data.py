@@ -1388,8 +1388,10 @@ def remix(src_dir, out_dir, weights, chunks=None, n_chunks=None, seed=0, progres
         raise DataError(f"remix weights {weights}: each must be a number from 0 to 100 (epochs over the source)")
     chunks = list(range(len(parent["chunks"]))) if chunks is None else list(chunks)
     bad = [c for c in chunks if not 0 <= c < len(parent["chunks"])]
-    if bad or not chunks:
-        raise DataError(f"chunks {bad or chunks}: {src_dir} has chunks 0..{len(parent['chunks']) - 1}")
+    if bad or not chunks or len(set(chunks)) < len(chunks):
+        raise DataError(f"chunks {bad or chunks}: {src_dir} has chunks 0..{len(parent['chunks']) - 1}; give each once")
+    if n_chunks is not None and not (isinstance(n_chunks, int) and n_chunks >= 1):
+        raise DataError(f"n_chunks={n_chunks!r}: give a whole number of at least 1")
     ids = {names.index(n): weights.get(n, 1.0) for n in names}
     job = {"format": REMIX_FORMAT, "remix_of": os.path.abspath(src_dir), "parent_manifest_sha256":
            manifest_sha256(src_dir), "weights": {n: float(weights.get(n, 1.0)) for n in names}, "chunks": chunks,
@@ -1401,6 +1403,7 @@ def remix(src_dir, out_dir, weights, chunks=None, n_chunks=None, seed=0, progres
         if old != job:
             raise DataError(f"{out_dir} exists and holds {'another remix' if old else 'other files'}; give a new "
                             "folder, or the same command to resume it")
+    fresh = not os.path.exists(job_path)
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(job_path, job)
 
@@ -1409,15 +1412,23 @@ def remix(src_dir, out_dir, weights, chunks=None, n_chunks=None, seed=0, progres
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     taken, n = os.path.join(work, "taken.bin"), 0  # (chunk, row, source) of every row taken
-    with open(taken, "wb") as f:
-        for c in chunks:  # each parent chunk checked against its sha256 once, here
-            tokens, sources = open_split(src_dir, parent["chunks"][c], verify=True)
-            rows = remix_rows(sources, ids, seed, c)
-            f.write(np.stack([np.full(len(rows), c), rows, sources[rows]], 1).astype(np.int64).tobytes())
-            n += len(rows)
+    try:
+        with open(taken, "wb") as f:
+            for c in chunks:  # each parent chunk checked against its sha256 once, here
+                tokens, sources = open_split(src_dir, parent["chunks"][c], verify=True)
+                rows = remix_rows(sources, ids, seed, c)
+                f.write(np.stack([np.full(len(rows), c), rows, sources[rows]], 1).astype(np.int64).tobytes())
+                n += len(rows)
+        if n < job["n_chunks"]:
+            raise DataError(f"the remix takes {n} rows, fewer than n_chunks={job['n_chunks']}; raise the weights")
+    except BaseException:  # nothing committed yet: the folder goes back to what it was
+        shutil.rmtree(work, ignore_errors=True)
+        if fresh:
+            os.remove(job_path)
+            with contextlib.suppress(OSError):
+                os.rmdir(out_dir)
+        raise
     dtype = tokens.dtype
-    if n < job["n_chunks"]:
-        raise DataError(f"the remix takes {n} rows, fewer than n_chunks={job['n_chunks']}; raise the weights")
     pairs = np.memmap(taken, dtype=np.int64, mode="r", shape=(n, 3))
     L = parent["seq_len"] + 1
     entries = []
@@ -1457,17 +1468,24 @@ def _remix_weights(text):
         raise DataError(f"--weights={text!r}: write source:weight pairs, e.g. books:2,code:0.5") from None
 
 
-def chunk_ids(text):
-    """None, "4-7" or "1,3,5" -> chunk ids (a range's end included)."""
+def chunk_ids(text, n_chunks):
+    """None, "4-7" or "1,3,5" -> chunk ids (a range's end included), each once and each one
+    of the data's n_chunks; anything else is one line."""
     if not text:
         return None
     try:
         if "-" in text:
             first, last = map(int, text.split("-"))
-            return list(range(first, last + 1))
-        return [int(c) for c in text.split(",")]
+            ids = list(range(first, last + 1))
+        else:
+            ids = [int(c) for c in text.split(",")]
     except ValueError:
         raise DataError(f"--chunks={text!r}: write a range (4-7) or a list (1,3,5)") from None
+    if not ids or len(set(ids)) < len(ids) or not all(0 <= c < n_chunks for c in ids):
+        why = "an empty range" if not ids else "a chunk twice" if len(set(ids)) < len(ids) else \
+            f"chunks the data does not have (it has 0..{n_chunks - 1})"
+        raise DataError(f"--chunks={text!r} names {why}; give chunks 0..{n_chunks - 1}, each once")
+    return ids
 
 
 def _remix_chunk(src_dir, parent, out_dir, k, pairs, order, dtype, L, names, bar):
@@ -1519,13 +1537,14 @@ def main(argv):
             print(f"{paths[1]}: {t['chunks']} chunks, {t['train_sequences']:,} sequences, {t['train_tokens']:,} tokens")
         elif argv and argv[0] == "remix":
             paths = [a for a in argv[1:] if not a.startswith("--")]
-            opts = parse_options([a for a in argv[1:] if a.startswith("--")], {"weights", "chunks", "n_chunks", "seed"},
-                                 DataError)
+            opts = parse_options([a for a in argv[1:] if a.startswith("--")],
+                                 {"weights": str, "chunks": str, "n_chunks": int, "seed": int}, DataError)
             if len(paths) != 2 or "weights" not in opts:
                 raise DataError("usage: python data.py remix DATA_DIR OUT_DIR --weights=books:2,code:0.5 "
                                 "[--chunks=4-7] [--n_chunks=N] [--seed=0]")
-            manifest = remix(paths[0], paths[1], _remix_weights(opts["weights"]), chunk_ids(opts.get("chunks")),
-                             int(opts.get("n_chunks", 0)) or None, int(opts.get("seed", 0)))
+            n_parent = len(load_manifest(paths[0])["chunks"])
+            manifest = remix(paths[0], paths[1], _remix_weights(opts["weights"]),
+                             chunk_ids(opts.get("chunks"), n_parent), opts.get("n_chunks"), opts.get("seed", 0))
             for s in manifest["sources"]:
                 print(f"{s['name']:16s} weight {s['remix_weight']:<5g} {s['train_tokens']:15,d} training tokens")
             print(f"{paths[1]}: {manifest['totals']['chunks']} chunks, {manifest['totals']['train_sequences']:,} rows")

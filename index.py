@@ -15,6 +15,7 @@ that was built from other data or is incomplete. `Index` maps what the engine fi
 to chunk, row and position, and a row to the optimizer steps that trained it.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,7 +26,7 @@ import numpy as np
 
 import checkpoint
 import data
-from common import UserError, hold_lock, worker_signals, write_json_atomic
+from common import UserError, die_with_parent, hold_lock, worker_signals, write_json_atomic
 
 INDEX_FORMAT = "llm360-mini infini-gram shard"
 SMALL_SHARD = 64 << 20  # bytes of ids under which a shard is built by one indexer process
@@ -90,29 +91,70 @@ def build_shard(data_dir, entry, folder, mem_gb=2, cpus=1, block=4096):
     cmd = [sys.executable, "-m", "infini_gram.indexing", "--data_dir", os.path.abspath(tmp), "--save_dir",
            os.path.abspath(tmp), "--token_dtype", f"u{8 * width}", "--mem", str(mem_gb), "--cpus", str(cpus),
            "--ulimit", str(resource.getrlimit(resource.RLIMIT_NOFILE)[1])]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    returncode, tail = _run_indexer(cmd, tmp, folder)
     size = L * width * len(tokens)
     want = size // width * int(np.ceil(np.log2(size) / 8))  # a pointer of `ratio` bytes per token
-    if proc.returncode or not os.path.exists(os.path.join(tmp, "table.0")) or \
+    if returncode or not os.path.exists(os.path.join(tmp, "table.0")) or \
             os.path.getsize(os.path.join(tmp, "table.0")) != want:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise TraceError(f"infini-gram's indexer failed on {folder}: {tail[0]}")
+        raise TraceError(f"infini-gram's indexer failed on {folder}: {tail}")
     write_json_atomic(os.path.join(tmp, "shard.json"), {"format": INDEX_FORMAT, "sha256": entry["sha256"],
                                                         "rows": len(tokens), "row_length": L - 1,
-                                                        "dtype": tokens.dtype.name, "table_bytes": want})
+                                                        "dtype": tokens.dtype.name, "table_bytes": want,
+                                                        "chunk_file": _file_stamp(data_dir, entry)})
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)
 
 
+STALL_S = 1800  # an indexer whose files have not grown for this long is stuck, and is stopped
+
+
+def _run_indexer(cmd, tmp, folder):
+    """(exit status, its last line of output) of infini-gram's indexer: it dies with this
+    process (a killed worker leaves no indexer behind), and a watchdog stops it when
+    nothing under tmp has grown for STALL_S seconds."""
+    import functools
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=functools.partial(die_with_parent, os.getpid()))
+        grown, last = time.monotonic(), -1
+        while proc.poll() is None:
+            with contextlib.suppress(OSError):
+                size = sum(e.stat().st_size for e in os.scandir(tmp))
+                if size != last:
+                    grown, last = time.monotonic(), size
+            if time.monotonic() - grown > STALL_S:
+                proc.kill()
+                proc.wait()
+                raise TraceError(f"infini-gram's indexer wrote nothing for {STALL_S} s on {folder} and was stopped "
+                                 "(too little --mem_gb for the shard?); run trace.py index again, with more --mem_gb")
+            time.sleep(0.2)
+        log.seek(0)
+        lines = log.read().decode(errors="replace").strip().splitlines()
+    return proc.returncode, (lines[-1] if lines else "no output")
+
+
+def _build_job(job):
+    return build_shard(*job)
+
+
 def build(path, workers=1, chunks=None, mem_gb=2, progress=True):
-    """Build the shards of every data dir of path that are missing or stale; returns them."""
-    from concurrent.futures import ProcessPoolExecutor
+    """Build the shards of every data dir of path that are missing or stale (or those of
+    `chunks`, "4-7" or "1,3,5"); returns them. Ctrl-C or SIGTERM stops every worker and
+    its indexer at once: a shard commits by a rename, and the next run builds the rest."""
+    import multiprocessing
 
     from tqdm import tqdm
 
     _engine_class()  # infini-gram installed, or one line that says what to install
+    if not (isinstance(mem_gb, int) and mem_gb >= 1) or not (isinstance(workers, int) and workers >= 1):
+        raise TraceError(f"--mem_gb={mem_gb} --workers={workers}: each must be a whole number of at least 1")
+    dirs = data_dirs(path)
+    chunks = data.chunk_ids(chunks, max(len(data.load_manifest(d)["chunks"]) for d in dirs))
     jobs = []
-    for d in data_dirs(path):
+    for d in dirs:
         manifest = data.load_manifest(d)
         hold_lock(os.path.join(d, "index.lock"), "trace.py index")
         for name, entry in _shards(d, manifest):
@@ -128,9 +170,8 @@ def build(path, workers=1, chunks=None, mem_gb=2, progress=True):
                 build_shard(d, entry, folder, mem_gb, cpus)
                 bar.update(1)
         else:
-            with ProcessPoolExecutor(workers, initializer=worker_signals) as pool:
-                for future in [pool.submit(build_shard, d, e, f, mem_gb, cpus) for d, e, f in jobs]:
-                    future.result()
+            with multiprocessing.Pool(workers, initializer=worker_signals) as pool:  # its exit terminates the workers
+                for _ in pool.imap_unordered(_build_job, [(d, e, f, mem_gb, cpus) for d, e, f in jobs]):
                     bar.update(1)
     return [f for _, _, f in jobs]
 
@@ -143,11 +184,21 @@ def _shard_record(folder):
         return {}
 
 
+def _file_stamp(data_dir, entry):
+    """[size, mtime in ns] of a chunk's file: a chunk rewritten in place (its manifest left
+    as it was) shows here, without hashing 7 GB for every query."""
+    st = os.stat(os.path.join(data_dir, entry["file"]))
+    return [st.st_size, st.st_mtime_ns]
+
+
 def fresh(folder, entry):
-    """Whether a shard is complete and was built from this chunk (its sha256 and table size)."""
+    """Whether a shard is complete and was built from this chunk as it is now (its sha256,
+    the file's size and time, and the table's size)."""
     record, table = _shard_record(folder), os.path.join(folder, "table.0")
+    data_dir = os.path.dirname(os.path.dirname(os.path.abspath(folder)))  # DATA_DIR/index/NAME
     return record.get("sha256") == entry["sha256"] and os.path.exists(table) and \
-        os.path.getsize(table) == record.get("table_bytes")
+        os.path.getsize(table) == record.get("table_bytes") and \
+        record.get("chunk_file") == _file_stamp(data_dir, entry)
 
 
 # -----------------------------------------------------------------------------
@@ -172,6 +223,7 @@ class Index:
                 vals.append(self._checked(d, "val", manifest["val"]))
         manifest = self.table[0][1]
         self.dtype = np.dtype(manifest["dtype"])
+        self.vocab_size = manifest["tokenizer"]["vocab_size"]
         kw = dict(eos_token_id=0, vocab_size=int(np.iinfo(self.dtype).max), version=4,
                   token_dtype=f"u{8 * self.dtype.itemsize}")
         self.engine = Engine(index_dir=folders, **kw)
@@ -189,8 +241,8 @@ class Index:
         if not record:
             raise TraceError(f"{data_dir} has no index of {name}; build it: python trace.py index {self.path}")
         if not fresh(folder, entry):
-            raise TraceError(f"{folder} was built from other data than {data_dir}'s {name} (sha256 differs); build "
-                             f"it again: python trace.py index {self.path}")
+            raise TraceError(f"{folder} was built from other data than {data_dir}'s {name} (its sha256, or the "
+                             f"chunk file changed since); build it again: python trace.py index {self.path}")
         return os.path.abspath(folder)
 
     def count(self, ids, val=False):

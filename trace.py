@@ -230,10 +230,23 @@ def _by_bucket(ckpt, rows):
 
 
 def encode(index, text=None, ids=None):
+    """The query's token ids: --ids, each an id of the vocabulary (never the rows'
+    separator, which no token is), or --text, valid UTF-8, tokenized."""
     if ids:
-        return [int(i) for i in ids.split(",")]
+        try:
+            out = [int(i) for i in ids.split(",")]
+        except ValueError:
+            raise TraceError(f"--ids={ids!r}: write token ids separated by commas, e.g. --ids=1,2,3") from None
+        bad = [i for i in out if not 0 <= i < index.vocab_size]
+        if bad:
+            raise TraceError(f"--ids: {bad[0]} is not a token id; the vocabulary is 0..{index.vocab_size - 1}")
+        return out
     if index.tok is None:
         raise TraceError("the data dir has no tokenizer to encode --text with; give --ids=1,2,3")
+    try:
+        (text or "").encode("utf-8")
+    except UnicodeEncodeError:
+        raise TraceError("--text is not valid UTF-8; give the text in UTF-8 (or its token ids with --ids)") from None
     out = index.tok.encode(text or "")
     if not out:
         raise TraceError(f"--text={text!r} tokenizes to nothing; give some text")
@@ -274,8 +287,7 @@ def main(argv):
             if len(argv) < 2 or argv[1].startswith("--"):
                 sys.exit(usage)
             opts = parse_options(argv[2:], {"workers": int, "chunks": str, "mem_gb": int}, TraceError)
-            built = suffix.build(argv[1], opts.get("workers", 1), data.chunk_ids(opts.get("chunks")),
-                                 opts.get("mem_gb", 2))
+            built = suffix.build(argv[1], opts.get("workers", 1), opts.get("chunks"), opts.get("mem_gb", 2))
             print(f"{argv[1]}: {len(built)} shard(s) built, the others were up to date")
         elif argv[0] == "contamination":
             if len(argv) < 2 or argv[1].startswith("--"):

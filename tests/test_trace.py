@@ -118,8 +118,81 @@ def test_the_index_refuses_other_data_and_a_rebuild_does_only_what_is_missing(ru
     with pytest.raises(tr.TraceError, match="built from other data"):
         tr.Index(str(root / "run"))
     suffix.build(str(root / "run"), progress=False)
-    with pytest.raises(SystemExit, match="tokenizes to nothing"):
-        tr.main([str(root / "run"), "--text="])
+    # a chunk whose rows changed in place (same shape, manifest untouched): stale, and a rebuild refuses it
+    chunk = root / "data" / "chunk_003.npy"
+    original = chunk.read_bytes()
+    rows = np.load(chunk)
+    np.save(chunk, rows[::-1])
+    with pytest.raises(tr.TraceError, match="the chunk file changed since"):
+        tr.Index(str(root / "run"))
+    with pytest.raises(data.DataError):
+        suffix.build(str(root / "run"), progress=False)
+    chunk.write_bytes(original)
+    assert suffix.build(str(root / "run"), progress=False) == [str(index_dir / "chunk_003")]
+    # queries and options it cannot take: one line each, before any work
+    for args, error in ((["--text="], "tokenizes to nothing"), (["--ids=65535"], "65535 is not a token id"),
+                        (["--ids=1,x"], "write token ids separated by commas"),
+                        (["--text=caf\udce9"], "not valid UTF-8")):
+        with pytest.raises(SystemExit, match=error):
+            tr.main([str(root / "run"), *args])
+    for args, error in ((["--chunks=9-12"], "chunks the data does not have"), (["--chunks=3-1"], "an empty range"),
+                        (["--mem_gb=0"], "at least 1"), (["--mem_gb=-1"], "at least 1")):
+        with pytest.raises(SystemExit, match=error):
+            tr.main(["index", str(root / "run"), *args])
+
+
+def _stuck_indexer(tmp_path):
+    """A PYTHONPATH on which infini_gram.indexing never ends and writes nothing (the rest
+    of infini_gram is the real one)."""
+    import importlib.util
+
+    real = importlib.util.find_spec("infini_gram").submodule_search_locations[0]
+    fake = tmp_path / "fake" / "infini_gram"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(f"__path__.append({real!r})\n")
+    (fake / "indexing.py").write_text("import time\nwhile True:\n    time.sleep(1)\n")
+    return str(tmp_path / "fake")
+
+
+def test_a_stuck_indexer_is_stopped_and_sigterm_stops_every_worker(run, tmp_path, monkeypatch):
+    root, _ = run
+    fake = _stuck_indexer(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", fake)
+    monkeypatch.setattr(suffix, "STALL_S", 1)
+    manifest = data.load_manifest(str(root / "data"))
+    with pytest.raises(tr.TraceError, match="wrote nothing for 1 s"):
+        suffix.build_shard(str(root / "data"), manifest["chunks"][0], str(tmp_path / "shard"))
+    # SIGTERM while two workers' indexers run: the command ends, and no indexer is left
+    import signal
+    import time
+
+    copy = tmp_path / "data"
+    shutil.copytree(root / "data", copy, ignore=shutil.ignore_patterns("index"))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "trace.py"), "index", str(copy), "--workers=2"],
+                            env=dict(os.environ, PYTHONPATH=f"{fake}:{ROOT}"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+    def indexers():
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if b"infini_gram.indexing" in cmdline and str(copy).encode() in cmdline:
+                found.append(pid)
+        return found
+
+    deadline = time.time() + 60
+    while len(indexers()) < 2:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read() if proc.poll() is not None else ""
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143 and "stopped" in proc.stderr.read()
+    deadline = time.time() + 10
+    while indexers():
+        assert time.time() < deadline, "an indexer outlived trace.py index"
+        time.sleep(0.1)
 
 
 def test_contamination_flags_exactly_the_leaked_rows_and_splits_the_scores(run):
