@@ -39,8 +39,9 @@ import sys
 import numpy as np
 
 import data
+import evaluate
 import index as suffix
-from common import as_bool, atomic_write, iter_jsonl, one_line_errors, parse_options, read_jsonl, write_text_atomic
+from common import as_bool, atomic_write, iter_jsonl, one_line_errors, parse_options, write_text_atomic
 from index import Index, TraceError
 
 
@@ -79,12 +80,11 @@ def contamination(run_dir, task_dir, n=13, out=print):
         raise TraceError(f"{run_dir}'s data has no tokenizer: benchmark text cannot be encoded for it")
     summary, per_row = [], []
     for task in ROW_TEXT:
-        path = next((os.path.join(task_dir, task + ext) for ext in (".jsonl", ".parquet")
-                     if os.path.exists(os.path.join(task_dir, task + ext))), None)
+        path = evaluate.task_file(task_dir, task)
         if path is None:
             continue
-        dirty = []
-        for i, doc in enumerate(read_task_rows(path)):
+        dirty, sha = [], evaluate.task_sha256(task_dir, task)
+        for i, doc in enumerate(evaluate.read_rows(path, task)):  # evaluate.py's reader, and its checks
             ids = index.tok.encode("\n".join(ROW_TEXT[task](doc)))
             longest, is_dirty = row_overlap(index, ids, n)
             per_row.append({"task": task, "row": i, "tokens": len(ids), "longest_span": longest, "dirty": is_dirty})
@@ -92,8 +92,8 @@ def contamination(run_dir, task_dir, n=13, out=print):
         line = {"task": task, "rows": len(dirty), "dirty": sum(dirty), "dirty_share": sum(dirty) / len(dirty)}
         summary.append(line | {"checkpoint": "", "metric": "", "clean": "", "dirty_score": ""})
         newest = {}  # (checkpoint, metric) -> its newest (clean, dirty) scores; evals.jsonl is streamed
-        for r in iter_jsonl(os.path.join(run_dir, "evals.jsonl")):
-            if r["task"] == task and r.get("items"):
+        for r in iter_jsonl(os.path.join(run_dir, "evals.jsonl")):  # results of these very rows only
+            if r["task"] == task and r.get("items") and r.get("task_sha256") == sha:
                 items = np.array(r["items"], dtype=float)
                 flags = np.array(dirty[: len(items)])
                 newest[(r["checkpoint"], r["metric"])] = (float(items[~flags].mean()) if (~flags).any() else "",
@@ -109,14 +109,6 @@ def contamination(run_dir, task_dir, n=13, out=print):
     write_text_atomic(os.path.join(run_dir, "contamination.csv"),
                       ",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in summary))
     return summary
-
-
-def read_task_rows(path):
-    if path.endswith(".parquet"):
-        import pyarrow.parquet
-
-        return pyarrow.parquet.read_table(path).to_pylist()
-    return read_jsonl(path)
 
 
 # -----------------------------------------------------------------------------

@@ -270,7 +270,6 @@ def plan(cfg, world_size):
     except ValueError:
         print(f"{'hugging face layout':22s} none (muP or biases that no HF layout holds)")
     total_tokens = sum(steps) * G * T
-    gb = 2**30
     lines = [
         f"model            {n:,} parameters, {fpt / 1e9:.2f} GFLOP per token (training)",
         f"batch            {G:,} sequences x {T:,} tokens = {G * T:,} tokens per step; micro-batch "

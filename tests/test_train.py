@@ -602,7 +602,7 @@ def test_stages_train_one_data_dir_after_the_other(corpus):
     the first stage's tokenizer; chunks count on across stages; memorize.py follows them."""
     import data
     import memorize
-    from config import ConfigError, config_from_dict
+    from config import config_from_dict
 
     base = run_values(corpus, "staged")
     stage1 = config_from_dict(dict(base, data_dir=str(corpus / "stage1"), n_chunks=2,
