@@ -15,7 +15,7 @@ pointing at chunks converted by `python data.py convert-amber`. For every
 checkpoint and every chunk it has trained on (and, with --unseen, the others, as
 a baseline), the same --samples sequences of the chunk, chosen by the seed and
 recorded by index, are scored. Each (checkpoint, chunk) pair is written to
-RUN_DIR/memorization/ as soon as it is done, so an interrupted analysis resumes
+RUN_DIR/memorization/kK_lL/ (results at other k and l never mix) as soon as it is done, so an interrupted analysis resumes
 where it stopped and a rerun recomputes nothing. Then the summaries: per
 checkpoint the score distribution and k-extractible share (Figure 7), the
 checkpoint x chunk matrix of mean scores (Figure 8), and the correlation of
@@ -134,7 +134,7 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
     L = min(m["seq_len"] for _, m, _ in table) + 1
     if k + l > L:
         raise MemorizeError(f"k + l = {k + l} is longer than the {L} tokens of each stored sequence; lower k or l")
-    out_dir = os.path.join(run_dir, "memorization")
+    out_dir = results_dir(run_dir, k, l)
     os.makedirs(out_dir, exist_ok=True)
     if rank == 0:
         hold_lock(os.path.join(run_dir, ".memorization.lock"), "a memorize.py analysis")  # beside the results
@@ -219,16 +219,20 @@ def read_result(path):
     return None
 
 
-def load_results(run_dir):
-    out_dir = os.path.join(run_dir, "memorization")
+def results_dir(run_dir, k, l):
+    """Where the results at prompt length k and generation length l go: one folder per
+    (k, l), so that tables, figures and trace.py never mix two settings."""
+    return os.path.join(run_dir, "memorization", f"k{k}_l{l}")
+
+
+def load_results(out_dir):
     names = sorted(n for n in os.listdir(out_dir) if n.endswith(".json") and "__chunk_" in n)
     return [r for r in (read_result(os.path.join(out_dir, n)) for n in names) if r]
 
 
-def summarize(run_dir):
-    """Tables (printed), CSV files and PNG figures of the results on disk."""
-    results = load_results(run_dir)
-    out_dir = os.path.join(run_dir, "memorization")
+def summarize(out_dir):
+    """Tables (printed), CSV files and PNG figures of the results in out_dir (one (k, l))."""
+    results = load_results(out_dir)
     ckpts = sorted({r["checkpoint"] for r in results})
     chunks = sorted({r["chunk"] for r in results})
     l = results[0]["l"] if results else 0
@@ -341,9 +345,10 @@ def main(argv):
         run(argv[0], checkpoints=opts["checkpoints"].split(",") if "checkpoints" in opts else None,
             unseen=opts.get("unseen", False), data_dir=opts.get("data_dir"), rank=rank,
             compile=opts.get("compile", "auto"), world_size=world_size, device=device, **kw)
-        wait_for_ranks(os.path.join(argv[0], "memorization"), token, rank, world_size)  # no timeout
+        out_dir = results_dir(argv[0], kw["k"], kw["l"])
+        wait_for_ranks(out_dir, token, rank, world_size)  # no timeout
         if rank == 0:
-            summarize(argv[0])
+            summarize(out_dir)
 
 
 if __name__ == "__main__":

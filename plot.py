@@ -2,8 +2,8 @@
 Every figure of a run, drawn from the files the run wrote, so any of them can be
 drawn again at any time:
 
-    python plot.py RUN_DIR        training.png, evals.png and memorization/*.png, from
-                                  metrics.jsonl, evals.csv and memorization/*.csv
+    python plot.py RUN_DIR        training.png, evals.png and memorization/kK_lL/*.png, from
+                                  metrics.jsonl, evals.csv and memorization/kK_lL/*.csv
     python plot.py RUN_DIR RUN_DIR ... [--out_dir=DIR]
                                   compare.png and compare.csv: runs on one token axis
                                   (a trunk and its branches), each branch point marked
@@ -12,15 +12,16 @@ drawn again at any time:
                               tokens/s against tokens seen (train.py redraws it at every
                               checkpoint, in about 0.1 s)
     evals.png                 one curve per task and metric over training (evaluate.py)
-    memorization/scores.png   the score distribution of each checkpoint (paper Figure 7)
-    memorization/matrix.png   mean score, checkpoint x chunk (Figure 8)
-    memorization/correlation.png  score correlation between checkpoints (Figure 9)
+    memorization/kK_lL/scores.png   the score distribution of each checkpoint (paper Figure 7)
+    memorization/kK_lL/matrix.png   mean score, checkpoint x chunk (Figure 8)
+    memorization/kK_lL/correlation.png  score correlation between checkpoints (Figure 9)
 
 matplotlib's object API on the Agg canvas (headless, no pyplot state); every PNG is
 written atomically.
 """
 
 import csv
+import glob
 import json
 import math
 import os
@@ -309,12 +310,14 @@ def main(argv):
     if os.path.exists(os.path.join(run_dir, "evals.csv")):
         plot_evals(run_dir)
         drawn.append("evals.png")
-    if os.path.exists(os.path.join(run_dir, "memorization", "matrix.csv")):
-        plot_memorization(os.path.join(run_dir, "memorization"))
-        drawn.append("memorization/scores.png, matrix.png, correlation.png")
-    if os.path.exists(os.path.join(run_dir, "memorization", "duplication_summary.csv")):
-        plot_duplication(os.path.join(run_dir, "memorization"))
-        drawn.append("memorization/duplication.png")
+    for folder in sorted(glob.glob(os.path.join(glob.escape(run_dir), "memorization", "k*_l*"))):  # one per (k, l)
+        name = os.path.relpath(folder, run_dir)
+        if os.path.exists(os.path.join(folder, "matrix.csv")):
+            plot_memorization(folder)
+            drawn.append(f"{name}/scores.png, matrix.png, correlation.png")
+        if os.path.exists(os.path.join(folder, "duplication_summary.csv")):
+            plot_duplication(folder)
+            drawn.append(f"{name}/duplication.png")
     if not drawn:
         sys.exit(f"error: {run_dir} holds no metrics.jsonl, evals.csv or memorization results to draw")
     print(f"{run_dir}: drew {', '.join(drawn)}")

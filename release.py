@@ -26,6 +26,7 @@ after new checkpoints, evaluations or memorization results: only new or changed
 checkpoints are exported, and everything else, the card included, is refreshed.
 """
 
+import glob
 import json
 import os
 import re
@@ -43,7 +44,8 @@ from model import Transformer
 from model_config import hf_config
 
 CARD_FIGURES = [("logs/training.png", "training"), ("evals/evals.png", "evaluations over training"),
-                ("memorization/scores.png", "memorization scores"), ("memorization/matrix.png", "memorization by chunk")]
+                ("memorization/*/scores.png", "memorization scores"), ("memorization/*/matrix.png",
+                                                                        "memorization by chunk")]
 
 
 class ReleaseError(UserError):
@@ -312,14 +314,17 @@ def model_card(run_dir, out_dir, cfg, state, manifests, data_dsts, index, hf_rea
                   _table(["task", "rows", "dirty", "share", "metric", "clean", "dirty rows"],
                          [[r[0], r[1], r[2], f"{100 * float(r[3]):.1f}%", r[5], r[6][:6], r[7][:6]] for r in rows
                           if not r[4] or r[4] == last_ckpt]), ""]
-    mem = os.path.join(run_dir, "memorization", "per_checkpoint.csv")
-    if os.path.exists(mem):
+    for mem in sorted(glob.glob(os.path.join(glob.escape(run_dir), "memorization", "k*_l*", "per_checkpoint.csv"))):
         with open(mem) as f:
             rows = [line.rstrip("\n").split(",") for line in f]
-        lines += ["Memorization ([memorization/](memorization/)): the share of sampled training sequences whose "
+        name = os.path.basename(os.path.dirname(mem))
+        k, l = re.fullmatch(r"k(\d+)_l(\d+)", name).groups()
+        lines += [f"Memorization at k = {k}, l = {l} "
+                  f"([memorization/{name}/](memorization/{name}/)): the share of sampled training sequences whose "
                   "continuation the checkpoint reproduces exactly (k-extractible) and the mean score:", "",
                   _table(["checkpoint", "sequences", "mean score", "k-extractible"], [r[:4] for r in rows[1:]]), ""]
-    figures = [(f, t) for f, t in CARD_FIGURES if os.path.exists(os.path.join(out_dir, f))]
+    figures = [(os.path.relpath(f, out_dir), t) for pattern, t in CARD_FIGURES  # memorization: one per (k, l)
+               for f in sorted(glob.glob(os.path.join(glob.escape(out_dir), pattern)))]
     if figures:
         lines += ["## Figures", ""] + [f"![{t}]({f})" for f, t in figures] + [""]
     if not hf_reason:

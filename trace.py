@@ -6,7 +6,7 @@ token ids (OLMoTrace's engine; requirements-trace.txt).
     python trace.py index RUN_DIR|DATA_DIR [--workers=2] [--chunks=0-99] [--mem_gb=2]
     python trace.py RUN_DIR --text="And God said" | --ids=1,2,3 [--max=10] [--spans=True --min_len=8]
     python trace.py contamination RUN_DIR --task_dir=DIR [--n=13]
-    python trace.py memorization RUN_DIR [--max_rows=1000]    memorize.py's scores against duplication
+    python trace.py memorization RUN_DIR [--k=32 --l=32]    memorize.py's scores against duplication
 
 `index` writes one shard per chunk, DATA_DIR/index/chunk_NNN/, and one for the held-out
 split, DATA_DIR/index/val/, straight from the chunk files (never from raw text): each
@@ -136,7 +136,7 @@ def spearman(x, y):
 BUCKETS = [(0, 0), (1, 1), (2, 2), (3, 4), (5, 8), (9, 16), (17, 10**12)]  # times a sequence was trained on
 
 
-def duplication(run_dir, max_rows=1000, out=print):
+def duplication(run_dir, k=32, l=32, max_rows=1000, out=print):
     """For every sequence memorize.py scored: how often its k + l tokens occur in the
     training data, how many of those the checkpoint had trained on and how many steps ago
     the last one was, and how often its l-token continuation occurs; to
@@ -148,11 +148,12 @@ def duplication(run_dir, max_rows=1000, out=print):
     from plot import plot_duplication
 
     index = Index(run_dir)
-    folder = os.path.join(run_dir, "memorization")
+    folder = os.path.join(run_dir, "memorization", f"k{k}_l{l}")  # memorize.results_dir: one (k, l)
     names = sorted(n for n in os.listdir(folder) if "__chunk_" in n and n.endswith(".json")) \
         if os.path.isdir(folder) else []
     if not names:
-        raise TraceError(f"{folder} holds no memorization results; run python memorize.py {run_dir} first")
+        raise TraceError(f"{folder} holds no memorization results; run python memorize.py {run_dir} --k={k} --l={l} "
+                         "first")
     by_ckpt = {}
     for name in names:
         by_ckpt.setdefault(name.split("__chunk_")[0], []).append(name)
@@ -291,7 +292,8 @@ def main(argv):
         elif argv[0] == "memorization":
             if len(argv) < 2 or argv[1].startswith("--"):
                 sys.exit(usage)
-            duplication(argv[1], parse_options(argv[2:], {"max_rows": int}, TraceError).get("max_rows", 1000))
+            opts = parse_options(argv[2:], {"max_rows": int, "k": int, "l": int}, TraceError)
+            duplication(argv[1], opts.get("k", 32), opts.get("l", 32), opts.get("max_rows", 1000))
         else:
             opts = parse_options(argv[1:], {"text": str, "ids": str, "max": int, "spans": as_bool, "min_len": int},
                                  TraceError)

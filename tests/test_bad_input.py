@@ -266,7 +266,7 @@ def test_bad_input_gives_one_line_and_changes_nothing(root, case, capsys):
 def test_a_truncated_memorization_result_is_computed_again(root):
     argv = [str(root / "run"), "--samples=2", "--batch_size=2", "--checkpoints=ckpt_000"]
     memorize.main(argv)
-    path = root / "run" / "memorization" / "ckpt_000__chunk_000.json"
+    path = root / "run" / "memorization" / "k32_l32" / "ckpt_000__chunk_000.json"
     good = path.read_text()
     path.write_text(good[: len(good) // 2])
     memorize.main(argv)

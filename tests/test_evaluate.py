@@ -561,13 +561,13 @@ def test_results_are_computed_again_when_the_weights_changed(run, tmp_path):
     first = {r["checkpoint"]: r["value"] for r in ev.sweep(str(run_dir), ["ppl"], limit=2)
              if r["metric"] == "ppl/all"}
     mem.run(str(run_dir), k=8, l=8, samples=3)
-    before = json.loads((run_dir / "memorization" / "ckpt_001__chunk_000.json").read_text())
+    before = json.loads((run_dir / "memorization" / "k8_l8" / "ckpt_001__chunk_000.json").read_text())
     for name in os.listdir(run_dir / "ckpt_000"):
         shutil.copy(run_dir / "ckpt_000" / name, run_dir / "ckpt_001" / name)
     rows = [r for r in ev.sweep(str(run_dir), ["ppl"], limit=2) if r["metric"] == "ppl/all"]
     assert first["ckpt_000"] != first["ckpt_001"]
     assert rows[-1]["checkpoint"] == "ckpt_001" and rows[-1]["value"] == pytest.approx(first["ckpt_000"], rel=1e-9)
     mem.run(str(run_dir), k=8, l=8, samples=3)
-    after = json.loads((run_dir / "memorization" / "ckpt_001__chunk_000.json").read_text())
-    same = json.loads((run_dir / "memorization" / "ckpt_000__chunk_000.json").read_text())
+    after = json.loads((run_dir / "memorization" / "k8_l8" / "ckpt_001__chunk_000.json").read_text())
+    same = json.loads((run_dir / "memorization" / "k8_l8" / "ckpt_000__chunk_000.json").read_text())
     assert after["key"] != before["key"] and after["scores"] == same["scores"]

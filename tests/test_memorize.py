@@ -3,6 +3,7 @@ transformers, only seen chunks sampled, resumable, and clear errors."""
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -91,19 +92,19 @@ def test_run_scores_and_summaries_exactly_with_known_outputs(prepared, tmp_path,
     save_ckpt(run_dir, "ckpt_000", fresh_model(cfg), cfg, [0, 1, 2, 3], 1)
     save_ckpt(run_dir, "ckpt_001", fresh_model(cfg), cfg, [0, 1, 2, 3], 2)
     mem.run(str(run_dir), k=K, l=L, samples=20)
-    results = mem.load_results(str(run_dir))
+    results = mem.load_results(mem.results_dir(str(run_dir), K, L))
     for r in results:
         rows = chunk_rows(cfg, r["chunk"], 20)
         expected = np.where(rows[:, 0] % 2 == 0, 1.0, (L - 1) / L)
         assert r["scores"] == expected.tolist()
-    summary = mem.summarize(str(run_dir))
+    summary = mem.summarize(mem.results_dir(str(run_dir), K, L))
     seen_rows = np.concatenate([chunk_rows(cfg, 0, 20), chunk_rows(cfg, 1, 20)])
-    lines = (run_dir / "memorization" / "per_checkpoint.csv").read_text().splitlines()
+    lines = (pathlib.Path(mem.results_dir(str(run_dir), K, L)) / "per_checkpoint.csv").read_text().splitlines()
     extractible = float(lines[2].split(",")[3])
     assert extractible == pytest.approx(np.mean(seen_rows[:, 0] % 2 == 0), abs=1e-6)
     assert summary["score_corr"][0, 1] == pytest.approx(1.0)  # the same outputs at both checkpoints
     for png in ("scores.png", "matrix.png", "correlation.png"):
-        assert (run_dir / "memorization" / png).read_bytes()[:4] == b"\x89PNG"
+        assert (pathlib.Path(mem.results_dir(str(run_dir), K, L)) / png).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_memorized_chunk_scores_one_and_a_fresh_model_near_chance(prepared, tmp_path):
@@ -114,8 +115,8 @@ def test_memorized_chunk_scores_one_and_a_fresh_model_near_chance(prepared, tmp_
     save_ckpt(tmp_path / "fresh", "ckpt_000", fresh_model(cfg), cfg, [0, 1, 2, 3], 1)
     mem.run(str(run_dir), k=K, l=L, samples=8)
     mem.run(str(tmp_path / "fresh"), k=K, l=L, samples=8)
-    trained = mem.load_results(str(run_dir))[0]
-    fresh = mem.load_results(str(tmp_path / "fresh"))[0]
+    trained = mem.load_results(mem.results_dir(str(run_dir), K, L))[0]
+    fresh = mem.load_results(mem.results_dir(str(tmp_path / "fresh"), K, L))[0]
     assert trained["scores"] == [1.0] * 8
     assert np.mean(fresh["scores"]) < 0.1
 
@@ -157,11 +158,11 @@ def test_only_seen_chunks_and_the_same_indices_every_time(prepared, tmp_path):
     # position 1 (chunk 1) was skipped: the checkpoint has seen chunks 0 and 2
     save_ckpt(run_dir, "ckpt_002", fresh_model(cfg), cfg, [0, 1, 2, 3, 0], 3, skipped=[{"chunk": 1, "pos": 1}])
     mem.run(str(run_dir), k=K, l=L, samples=5)
-    results = mem.load_results(str(run_dir))
+    results = mem.load_results(mem.results_dir(str(run_dir), K, L))
     assert sorted(r["chunk"] for r in results) == [0, 2] and all(r["seen"] for r in results)
     first = {r["chunk"]: r["indices"] for r in results}
     mem.run(str(tmp_path / "run"), k=K, l=L, samples=5, unseen=True)
-    results = mem.load_results(str(run_dir))
+    results = mem.load_results(mem.results_dir(str(run_dir), K, L))
     assert {r["chunk"]: r["seen"] for r in results} == {0: True, 1: False, 2: True, 3: False}
     assert {r["chunk"]: r["indices"] for r in results if r["seen"]} == first
 
@@ -187,7 +188,7 @@ def test_interrupted_analysis_resumes_without_recomputing(prepared, tmp_path, mo
     monkeypatch.setattr(mem, "score_pair", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     mem.run(str(tmp_path / "b"), k=K, l=L, samples=6)
     assert len(calls) == 2  # only the pairs not finished before
-    a, b = tmp_path / "a" / "memorization", tmp_path / "b" / "memorization"
+    a, b = (pathlib.Path(mem.results_dir(str(tmp_path / n), K, L)) for n in "ab")
     assert sorted(os.listdir(a)) == sorted(os.listdir(b))
     assert all((a / f).read_bytes() == (b / f).read_bytes() for f in os.listdir(a))
 
@@ -224,7 +225,7 @@ def test_torchrun_splits_the_pairs_and_gives_the_same_files(prepared, tmp_path):
                            str(29700 + os.getpid() % 200), os.path.join(repo, "memorize.py"), str(tmp_path / "two"),
                            *args], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    a, b = tmp_path / "one" / "memorization", tmp_path / "two" / "memorization"
+    a, b = (pathlib.Path(mem.results_dir(str(tmp_path / n), 16, 16)) for n in ("one", "two"))
     pairs = [f for f in os.listdir(a) if f.endswith(".json")]
     assert len(pairs) == 3 and all((a / f).read_bytes() == (b / f).read_bytes() for f in pairs)
     assert (a / "matrix.csv").read_text() == (b / "matrix.csv").read_text()

@@ -84,10 +84,10 @@ def test_evaluate_and_memorize_stopped_mid_sweep_go_on_to_the_same_results(run_d
     undo = stop_after(monkeypatch, memorize, "score_pair", 2, signal.SIGTERM)
     assert_stopped(memorize.main, [str(stopped), *argv], 143, capsys)
     undo()
-    done = sorted(os.listdir(stopped / "memorization"))
+    done = sorted(os.listdir(stopped / "memorization" / "k8_l8"))
     assert done == ["ckpt_000__chunk_000.json"], done  # the second pair was scored, not written: no half file
     memorize.main([str(stopped), *argv])
-    for name in sorted(os.listdir(once / "memorization")):
+    for name in sorted(os.listdir(once / "memorization" / "k8_l8")):
         if name.endswith(".json"):
-            a, b = (json.loads((d / "memorization" / name).read_text()) for d in (once, stopped))
+            a, b = (json.loads((d / "memorization" / "k8_l8" / name).read_text()) for d in (once, stopped))
             assert a["scores"] == b["scores"] and a["indices"] == b["indices"], name

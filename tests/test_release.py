@@ -47,7 +47,7 @@ def test_release_links_loads_and_reproduces(run, tmp_path):
     tasks = make_tasks(tmp_path / "tasks")
     ev.sweep(str(run_dir), ["ppl", "arc_challenge"], str(tasks), limit=3)
     mem.run(str(run_dir), k=16, l=16, samples=4)
-    mem.summarize(str(run_dir))
+    mem.summarize(mem.results_dir(str(run_dir), 16, 16))
     rel.release(str(run_dir), str(out))
     for n, st in first.items():  # not exported again
         now = os.stat(out / "checkpoints" / "ckpt_000" / n)
@@ -76,7 +76,7 @@ def test_release_links_loads_and_reproduces(run, tmp_path):
     card = (out / "README.md").read_text()
     assert "| code | config | checkpoints | optimizer states | data mix | data order | data availability |" in card
     assert all((out / p).exists() for p in links(card)), [p for p in links(card) if not (out / p).exists()]
-    assert {"logs/training.png", "evals/evals.png", "memorization/scores.png"} <= set(links(card))
+    assert {"logs/training.png", "evals/evals.png", "memorization/k16_l16/scores.png"} <= set(links(card))
     manifest = json.loads((run / "data" / "manifest.json").read_text())
     for s in manifest["sources"]:
         assert f"| {s['name']} |" in card and f"{s['train_tokens']:,}" in card
@@ -138,8 +138,8 @@ def test_plot_redraws_every_figure_of_a_run_from_its_files(run, tmp_path):
     shutil.copytree(run / "run", run_dir, copy_function=os.link)
     ev.sweep(str(run_dir), ["ppl"], limit=2)
     mem.run(str(run_dir), k=8, l=8, samples=3, checkpoints=["ckpt_000", "ckpt_002"])
-    mem.summarize(str(run_dir))
-    figures = ["training.png", "evals.png"] + [f"memorization/{n}.png" for n in ("scores", "matrix", "correlation")]
+    mem.summarize(mem.results_dir(str(run_dir), 8, 8))
+    figures = ["training.png", "evals.png"] + [f"memorization/k8_l8/{n}.png" for n in ("scores", "matrix", "correlation")]
     drawn = {f: (run_dir / f).read_bytes() for f in figures}
     for f in figures:
         os.remove(run_dir / f)

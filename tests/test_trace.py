@@ -231,10 +231,11 @@ def test_memorization_is_explained_by_the_times_each_sequence_was_trained_on(run
     root, values = run
     run_dir = str(root / "run")
     memorize.run(run_dir, k=8, l=8, samples=20, checkpoints=["ckpt_001", "ckpt_003"])
+    memorize.run(run_dir, k=4, l=4, samples=5, checkpoints=["ckpt_001"])  # another (k, l): kept apart, never mixed
     import csv
 
-    rho = tr.duplication(run_dir, out=lambda *a: None)
-    with open(root / "run" / "memorization" / "duplication.csv") as f:
+    rho = tr.duplication(run_dir, k=8, l=8, out=lambda *a: None)
+    with open(root / "run" / "memorization" / "k8_l8" / "duplication.csv") as f:
         rows = [{k: (v if k == "checkpoint" else int(v) if k != "score" and v else float(v) if v else v)
                  for k, v in r.items()} for r in csv.DictReader(f)]
     data_dir = str(root / "data")
@@ -257,8 +258,9 @@ def test_memorization_is_explained_by_the_times_each_sequence_was_trained_on(run
         assert r["steps_since_last"] == (state_step - before[-1] if before else "")
         checked += bool(before)
     assert checked >= 20 and set(rho) == {"ckpt_001", "ckpt_003"}
+    assert len(rows) == sum(len(r["scores"]) for r in memorize.load_results(memorize.results_dir(run_dir, 8, 8)))
     for name in ("duplication.csv", "duplication_summary.csv", "duplication.png"):
-        assert (root / "run" / "memorization" / name).exists()
+        assert (root / "run" / "memorization" / "k8_l8" / name).exists()
     assert tr.spearman([1, 2, 3, 4], [10, 20, 20, 40]) == pytest.approx(0.9486833, rel=1e-6)  # scipy's value
 
 

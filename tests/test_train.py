@@ -618,7 +618,7 @@ def test_stages_train_one_data_dir_after_the_other(corpus):
     stages = {r["chunk"]: r["stage"] for r in metrics_full(corpus / "staged") if "stage" in r}
     assert stages == {0: 0, 1: 0, 2: 1, 3: 1}
     memorize.run(str(corpus / "staged"), k=8, l=8, samples=3, checkpoints=["ckpt_003"])
-    files = {r["chunk"]: r for r in memorize.load_results(str(corpus / "staged"))}
+    files = {r["chunk"]: r for r in memorize.load_results(memorize.results_dir(str(corpus / "staged"), 8, 8))}
     assert sorted(files) == [0, 1, 2, 3]
     assert files[3]["data_dir"] == str(corpus / "stage2") and files[3]["chunk_in_data_dir"] == 1
     assert set(files[3]["sources"]) == {"code"} and set(files[0]["sources"]) == {"web"}
@@ -827,7 +827,7 @@ def test_a_branch_with_other_data_goes_on_from_its_parent(corpus, reference):
     first = ledger(run)[0]
     assert first["event"] == "branch" and first["changes"]["data_dir"] == [str(corpus / "data"), remix]
     memorize.run(str(run), k=8, l=8, samples=2, checkpoints=["ckpt_000", "ckpt_002"])
-    seen = json.loads((run / "memorization" / "ckpt_002__chunk_004.json").read_text())
+    seen = json.loads((run / "memorization" / "k8_l8" / "ckpt_002__chunk_004.json").read_text())
     assert seen["data_dir"] == remix and seen["seen"]
     # trunk and branch on one axis: the same validation up to the branch point, then the branch's own
     import plot
