@@ -37,7 +37,7 @@ import data
 import model as model_module
 import sandbox
 from common import (UserError, as_bool, code_version, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, iter_jsonl, read_jsonl,
-                    sha256_file, wait_for_ranks)
+                    sha256_file, wait_for_ranks, write_text_atomic)
 from machine import torch_device
 from model import KVCache
 from plot import plot_evals
@@ -591,18 +591,24 @@ def _merge(run_dir, out_path, tasks):
     return rows
 
 
+def column(r):
+    """A result's column in evals.csv: task/metric, and "@limitN" for a score of the first N
+    rows only, so that it is never drawn beside full scores as one of them."""
+    return f"{r['task']}/{r['metric']}" + (f"@limit{r['limit']}" if r.get("limit") else "")
+
+
 def write_table(run_dir, rows):
     """evals.csv (checkpoint x task/metric; the newest result of each) and evals.png (plot.py)."""
     if not rows:
         return
-    keys = sorted({f"{r['task']}/{r['metric']}" for r in rows})
+    keys = sorted({column(r) for r in rows})
     ckpts = list(dict.fromkeys(r["checkpoint"] for r in rows))
-    table = {(r["checkpoint"], f"{r['task']}/{r['metric']}"): r["value"] for r in rows}
+    table = {(r["checkpoint"], column(r)): r["value"] for r in rows}
     tokens = {r["checkpoint"]: r["tokens"] for r in rows}
-    with open(os.path.join(run_dir, "evals.csv"), "w") as f:
-        f.write(",".join(["checkpoint", "tokens"] + keys) + "\n")
-        for c in ckpts:
-            f.write(",".join([c, str(tokens[c])] + [f"{table[(c, k)]:.6g}" if (c, k) in table else "" for k in keys]) + "\n")
+    lines = [",".join(["checkpoint", "tokens"] + keys)]
+    lines += [",".join([c, str(tokens[c])] + [f"{table[(c, k)]:.6g}" if (c, k) in table else "" for k in keys])
+              for c in ckpts]
+    write_text_atomic(os.path.join(run_dir, "evals.csv"), "\n".join(lines) + "\n")
     plot_evals(run_dir)
 
 

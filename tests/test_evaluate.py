@@ -274,7 +274,13 @@ def test_results_are_reused_only_when_everything_that_makes_them_is_equal(run, t
     for limit in (2, None):
         ev.sweep(str(run_dir), ["arc_challenge"], str(tasks), limit=limit)
     assert (run_dir / "evals.jsonl").read_text() == lines  # both are cached now
-    assert (run_dir / "evals.csv").read_text().splitlines()[1].split(",")[0] == "ckpt_000"
+    header, row = (line.split(",") for line in (run_dir / "evals.csv").read_text().splitlines())
+    assert row[0] == "ckpt_000"  # the --limit=2 score is a column of its own, never the full benchmark's
+    scores = dict(zip(header, row))
+    assert {"arc_challenge/acc", "arc_challenge/acc@limit2"} <= set(scores)
+    full = next(r["value"] for r in ev.sweep(str(run_dir), ["arc_challenge"], str(tasks))
+                if r["metric"] == "acc" and r["n"] == n_full)
+    assert float(scores["arc_challenge/acc"]) == pytest.approx(full, rel=1e-5)
     monkeypatch.undo()
     monkeypatch.setitem(ev._SCORER, "scorer", "changed-code")
     assert arc(ev.sweep(str(run_dir), ["arc_challenge"], str(tasks))) == [2, n_full, n_full]
