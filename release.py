@@ -75,6 +75,11 @@ def release(run_dir, out_dir=None):
     index_path = os.path.join(out_dir, "release.json")
     index = json.load(open(index_path)) if os.path.exists(index_path) else {"checkpoints": {}}
     index["run_dir"] = os.path.realpath(run_dir)  # which run this folder is a release of
+    gone = sorted(set(index["checkpoints"]) - {os.path.basename(p) for p in ckpts})
+    if gone:  # the release may hold the last copy of them: refused, not deleted
+        raise ReleaseError(f"{out_dir} holds {', '.join(gone)}, which {run_dir} no longer has (moved aside, or "
+                           "deleted?); a release mirrors its run: restore them in the run, or release into a new "
+                           "folder. Nothing was changed")
     copied = 0
 
     # every checkpoint: a Hugging Face folder (exported once), its optimizer state (linked)

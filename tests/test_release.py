@@ -87,6 +87,14 @@ def test_release_links_loads_and_reproduces(run, tmp_path):
         assert f"final validation loss, {s['name']} | {last:.4f}" in card
     assert "Evaluations of ckpt_002" in card and "| arc_challenge | acc |" in card
 
+    # a checkpoint gone from the run (moved aside): the release, which may hold its last copy, is left as it was
+    os.rename(run_dir / "ckpt_002", tmp_path / "ckpt_002.away")
+    before = sorted((p, os.stat(p).st_mtime_ns) for p in out.rglob("*") if p.is_file())
+    with pytest.raises(rel.ReleaseError, match="holds ckpt_002, which .* no longer has"):
+        rel.release(str(run_dir), str(out))
+    assert sorted((p, os.stat(p).st_mtime_ns) for p in out.rglob("*") if p.is_file()) == before
+    os.rename(tmp_path / "ckpt_002.away", run_dir / "ckpt_002")
+
     # the release reproduces its run: its config and data train the same final weights
     cmd = re.search(r"python train.py logs/config.py (.*)\n", card).group(1).split()
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "logs/config.py", *cmd], check=True,
