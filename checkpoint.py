@@ -42,6 +42,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import MISSING, fields
@@ -50,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from common import barrier, broadcast0, sha256_file, size_text, writing
+from common import barrier, broadcast0, read_json, sha256_file, size_text, writing
 from config import ConfigError, config_to_dict, saved_config
 from hf_format import CheckpointError, hf_model_config, hf_shards, load_hf
 from model import Transformer
@@ -72,7 +73,7 @@ def checkpoint_names(run_dir, rolling=False):
     last when rolling=True; never *.tmp (being written) or *.damaged-TIME (moved aside)."""
     if not os.path.isdir(run_dir):
         return []
-    return sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and (n[5:].isdigit() or
+    return sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and (re.fullmatch(r"[0-9]+", n[5:]) or
                   (rolling and n == "ckpt_rolling")) and os.path.isdir(os.path.join(run_dir, n))
                   and not os.path.islink(os.path.join(run_dir, n)))
 
@@ -393,8 +394,7 @@ def verify_run(out_dir):
     bad += verify_metrics(out_dir, {n: read_state(os.path.join(out_dir, n)) for n in names})
     config_path = os.path.join(out_dir, "config.json")
     if os.path.exists(config_path):
-        with open(config_path) as f:
-            dirs = data.stage_dirs(json.load(f))
+        dirs = data.stage_dirs(read_json(config_path))
         for d in dirs:
             try:
                 manifest = data.load_manifest(d)
@@ -694,9 +694,8 @@ def _hf_special_tokens(path, tok):
     cfg_path = os.path.join(path, "tokenizer_config.json")
     if not os.path.exists(cfg_path):
         return
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    bos = cfg.get("bos_token")
+    cfg = read_json(cfg_path)
+    bos = cfg.get("bos_token") if isinstance(cfg, dict) else None
     bos = bos.get("content") if isinstance(bos, dict) else bos
     bos_id = tok.sp.piece_to_id(bos) if bos else None
     if bos_id is not None and tok.sp.id_to_piece(bos_id) == bos:

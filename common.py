@@ -25,6 +25,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -223,6 +224,16 @@ def read_jsonl(path):
     return list(iter_jsonl(path))
 
 
+def read_json(path, fix="restore it, or remove it and run the command again"):
+    """A JSON file: one that is cut short, edited into something else or not UTF-8 is a
+    one-line UserError naming it and what to do (`fix`)."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise UserError(f"{path}: not valid JSON ({e}); {fix}") from None
+
+
 def iter_jsonl(path):
     """The records of a JSON-lines file written by us, one at a time (evals.jsonl at AMBER's
     360 checkpoints, with each row's results, is too large to hold)."""
@@ -288,8 +299,9 @@ def size_text(n):
 @contextlib.contextmanager
 def writing(path):
     """Writes under `path`: an OSError that names no file (a write to a full disk; numpy's
-    short write "N requested and M written") is raised again naming `path`, so that the
-    one-line error says where."""
+    short write "N requested and M written"), or safetensors' own error for one ("I/O
+    error: ... (os error 28)", not an OSError), is raised again as an OSError naming
+    `path`, so that the one-line error says where and what is half-written is removed."""
     try:
         yield
     except OSError as e:
@@ -298,6 +310,11 @@ def writing(path):
         short = e.errno is None and "written" in str(e)
         raise OSError(errno.ENOSPC if short else e.errno, "No space left on device (a short write)" if short
                       else e.strerror or str(e), path) from None
+    except Exception as e:
+        found = re.search(r"os error (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
+        if not found:
+            raise
+        raise OSError(int(found[1]), os.strerror(int(found[1])), path) from None
 
 
 def os_error_line(e):

@@ -53,7 +53,7 @@ import sysconfig
 import numpy as np
 
 from common import (UserError, atomic_write, broadcast0, dir_lock, hold_lock, link, one_line_errors, parse_options,
-                    sha256_file, worker_signals, write_json_atomic, writing)
+                    read_json, sha256_file, worker_signals, write_json_atomic, writing)
 from config import ConfigError, load_config
 
 MANIFEST_FORMAT, MANIFEST_VERSION = "llm360-mini data", 2  # 2: the two-pass global shuffle
@@ -782,8 +782,13 @@ def load_manifest(data_dir):
     path = os.path.join(data_dir, "manifest.json")
     if not os.path.exists(path):
         raise DataError(f"{path} not found. HINT: run `python data.py CONFIG` first to prepare {data_dir}")
-    with open(path) as f:
-        manifest = json.load(f)
+    try:
+        with open(path, "rb") as f:
+            manifest = json.load(f)
+    except ValueError as e:  # not JSON, or not UTF-8
+        raise DataError(f"{path}: not valid JSON ({e}); restore it, or prepare the data again") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: a JSON {type(manifest).__name__}, not a manifest; restore it, or prepare the data again")
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
         raise DataError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, expected "
                         f"{MANIFEST_FORMAT!r} version {MANIFEST_VERSION}; prepare the data again with this data.py")
@@ -1101,7 +1106,7 @@ class NpyAppender:
 def release_files(src_dir):
     """The release's .jsonl and .jsonl.gz files in natural order (train_2 before train_10)."""
     files = glob.glob(os.path.join(src_dir, "*.jsonl")) + glob.glob(os.path.join(src_dir, "*.jsonl.gz"))
-    files.sort(key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", os.path.basename(p))])
+    files.sort(key=lambda p: [int(t) if t.isdigit() else t for t in re.split(r"([0-9]+)", os.path.basename(p))])
     if not files:
         raise DataError(f"{src_dir}: no .jsonl or .jsonl.gz files; LLM360 releases AMBER's chunks as train_NNN.jsonl")
     return files
@@ -1230,8 +1235,7 @@ def _finished_chunk(out_dir, c, path):
     rec_path = os.path.join(out_dir, f"chunk_{c:03d}.json")
     if not os.path.exists(rec_path):
         return None
-    with open(rec_path) as f:
-        rec = json.load(f)
+    rec = read_json(rec_path, "remove it: its chunk is converted again")
     src = rec["source_file"]
     if (src["name"], src["bytes"]) != (os.path.basename(path), os.path.getsize(path)):
         raise DataError(f"{rec_path}: chunk {c} was converted from {src['name']} ({src['bytes']:,} bytes), but "
@@ -1280,8 +1284,7 @@ def convert_amber(src_dir, out_dir, workers=None, vocab_size=32000, sources=AMBE
     for stale in glob.glob(os.path.join(glob.escape(out_dir), "chunk_*.tmp")):  # a killed run's half-written files
         os.remove(stale)
     if os.path.exists(job_path):
-        with open(job_path) as f:
-            job = json.load(f)
+        job = read_json(job_path, "convert into a new folder")
         mine = {"vocab_size": vocab_size, "sources": names, "files": [os.path.basename(p) for p in files]}
         for key, value in mine.items():
             if job[key] != value:
@@ -1399,7 +1402,7 @@ def remix(src_dir, out_dir, weights, chunks=None, n_chunks=None, seed=0, progres
     hold_lock(dir_lock(out_dir), "data.py remix")
     job_path = os.path.join(out_dir, "remix.json")
     if os.path.exists(out_dir) and os.listdir(out_dir):
-        old = json.load(open(job_path)) if os.path.exists(job_path) else None
+        old = read_json(job_path, "remix into a new folder") if os.path.exists(job_path) else None
         if old != job:
             raise DataError(f"{out_dir} exists and holds {'another remix' if old else 'other files'}; give a new "
                             "folder, or the same command to resume it")
@@ -1436,7 +1439,7 @@ def remix(src_dir, out_dir, weights, chunks=None, n_chunks=None, seed=0, progres
     for k, order in enumerate(permutation_pieces(n, _even_sizes(n, job["n_chunks"]), [seed, len(chunks)], work)):
         rec_path = os.path.join(out_dir, f"chunk_{k:03d}.json")
         if os.path.exists(rec_path):  # committed before a kill
-            entries.append(json.load(open(rec_path)))
+            entries.append(read_json(rec_path, "remove it: its chunk is remixed again"))
             bar.update(len(order))
             continue
         entries.append(_remix_chunk(src_dir, parent, out_dir, k, pairs, order, dtype, L, names, bar))

@@ -685,7 +685,7 @@ def register_lm_eval():
 
 
 def _whole_number(text, what):
-    if not text.isdigit() or int(text) < 1:
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise EvalError(f"{what}={text!r}: give a whole number >= 1")
     return int(text)
 

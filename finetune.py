@@ -114,8 +114,12 @@ def read_records(path):
     if path.endswith(".parquet"):
         import pyarrow.parquet
 
+        try:
+            batches = pyarrow.parquet.ParquetFile(path).iter_batches(1024)
+        except Exception as e:  # pyarrow's errors are its own classes
+            raise FinetuneError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
         i = 0
-        for batch in pyarrow.parquet.ParquetFile(path).iter_batches(1024):
+        for batch in batches:
             for rec in batch.to_pylist():
                 yield f"{path} row {i}", rec
                 i += 1
@@ -179,7 +183,17 @@ def conversation(rec, where):
 
 
 def preference(rec, where):
-    """(prompt, chosen, rejected) of a pair record: plain, SafeRLHF or Anthropic HH."""
+    """(prompt, chosen, rejected) of a pair record: plain, SafeRLHF or Anthropic HH; a pair
+    whose two responses are the same text is refused (its DPO gradient is zero: it would
+    train nothing, silently)."""
+    prompt, chosen, rejected = _pair(rec, where)
+    if chosen.strip() == rejected.strip():
+        raise FinetuneError(f"{where}: chosen and rejected are the same response; a preference pair needs two "
+                            "different ones: fix or remove the pair")
+    return prompt, chosen, rejected
+
+
+def _pair(rec, where):
     if {"prompt", "chosen", "rejected"} <= set(rec):
         return tuple(_text(rec, k, where) for k in ("prompt", "chosen", "rejected"))
     if {"prompt", "response_0", "response_1"} <= set(rec):

@@ -11,7 +11,7 @@ import os
 import torch
 
 import data
-from common import atomic_write, write_json_atomic
+from common import atomic_write, write_json_atomic, writing
 from model import Transformer, hf_parts, to_hf_state_dict
 from model_config import hf_config, model_config_from_hf
 
@@ -54,6 +54,13 @@ def save_hf(model, out_dir, max_shard_bytes=5 * 2**30, bos_token_id=None, eos_to
         shards[-1][name] = t
         size += nbytes
     os.makedirs(out_dir, exist_ok=True)
+    with writing(out_dir):
+        _write_shards(out_dir, shards, tensors, save_file)
+    write_json_atomic(os.path.join(out_dir, "config.json"), config, indent=2)
+
+
+def _write_shards(out_dir, shards, tensors, save_file):
+    """The safetensors files (and their index when there are several), each atomically."""
     if len(shards) == 1:
         atomic_write(os.path.join(out_dir, "model.safetensors"),
                       lambda p: save_file(shards[0], p, metadata={"format": "pt"}))
@@ -66,7 +73,6 @@ def save_hf(model, out_dir, max_shard_bytes=5 * 2**30, bos_token_id=None, eos_to
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": weight_map}
         write_json_atomic(os.path.join(out_dir, "model.safetensors.index.json"), index, indent=2)
-    write_json_atomic(os.path.join(out_dir, "config.json"), config, indent=2)
 
 
 def hf_shards(hf_dir):

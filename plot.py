@@ -30,7 +30,7 @@ import threading
 
 import numpy as np
 
-from common import atomic_write, one_line_errors, parse_options
+from common import UserError, atomic_write, one_line_errors, parse_options
 
 _WARM = []  # the warm-up thread, joined before the first figure: matplotlib is not thread-safe
 
@@ -83,9 +83,16 @@ def read_metrics(out_dir):
     {"val_loss" or "val_loss/<source>": (tokens, losses)}) of a run's metrics.jsonl, read
     line by line."""
     series, val = {k: [] for k in ("tokens",) + KEYS}, {}
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
+    path = os.path.join(out_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise UserError(f"{out_dir} has no metrics.jsonl: give the out_dir of a train.py run")
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                r = json.loads(line)
+            except ValueError:
+                raise UserError(f"{path}:{lineno}: not a JSON line ({line[:40]!r}); the file was edited or cut: "
+                                f"python train.py verify {out_dir} says which checkpoint still holds it") from None
             if "val_loss" in r:
                 for k in (k for k in r if k.startswith("val_loss")):
                     val.setdefault(k, ([], []))
@@ -227,8 +234,27 @@ def branch_tokens(run_dir):
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        first = json.loads(f.readline() or "{}")
-    return first.get("tokens") if first.get("event") == "branch" else None
+        line = f.readline()
+    try:
+        first = json.loads(line or "{}")
+    except ValueError:
+        raise UserError(f"{path}:1: not a JSON line ({line[:40]!r}); the run's ledger is damaged") from None
+    return first.get("tokens") if isinstance(first, dict) and first.get("event") == "branch" else None
+
+
+def run_names(run_dirs):
+    """A name per run: its folder's name, or as many of its last path parts as tell it
+    from the others (runs/a/tiny and runs/b/tiny are a/tiny and b/tiny)."""
+    parts = [os.path.realpath(d).strip(os.sep).split(os.sep) for d in run_dirs]
+    if len(set(map(tuple, parts))) < len(parts):
+        raise UserError(f"{' '.join(run_dirs)}: a run given twice; compare different runs")
+    names = []
+    for p in parts:
+        n = 1
+        while sum(q[-n:] == p[-n:] for q in parts) > 1:
+            n += 1
+        names.append("/".join(p[-n:]))
+    return names
 
 
 def plot_compare(run_dirs, out_dir):
@@ -236,7 +262,7 @@ def plot_compare(run_dirs, out_dir):
     of each source, LR, and the evaluations of evals.csv), each branch point dotted;
     compare.csv: every run's validation losses at the first run's validation points (the
     others' linearly interpolated between their own, blank outside them). Returns the rows."""
-    runs = [(os.path.basename(os.path.normpath(d)), *read_metrics(d), branch_tokens(d)) for d in run_dirs]
+    runs = [(name, *read_metrics(d), branch_tokens(d)) for name, d in zip(run_names(run_dirs), run_dirs)]
     val_keys = sorted({k for _, _, val, _ in runs for k in val}, key=lambda k: (k != "val_loss", k))
     evals = {}
     for d in run_dirs:
@@ -290,12 +316,19 @@ def plot_compare(run_dirs, out_dir):
 
 def main(argv):
     runs = [a for a in argv if not a.startswith("--")]
-    with one_line_errors():
-        opts = parse_options([a for a in argv if a.startswith("--")], {"out_dir"})
-    if not runs or not all(os.path.isdir(r) for r in runs):
+    if not runs:
         sys.exit("usage: python plot.py RUN_DIR                 redraws the figures of a run from its files\n"
                  "       python plot.py RUN_DIR RUN_DIR ... [--out_dir=DIR]   compare.png and compare.csv of runs "
                  "(default DIR: compare/ beside the first run)")
+    with one_line_errors():
+        opts = parse_options([a for a in argv if a.startswith("--")], {"out_dir"})
+        missing = [r for r in runs if not os.path.isdir(r)]
+        if missing:
+            raise UserError(f"{missing[0]}: no such run dir; give the out_dir of a train.py run")
+        _draw(runs, opts)
+
+
+def _draw(runs, opts):
     if len(runs) > 1:
         out = opts.get("out_dir") or os.path.join(os.path.dirname(os.path.normpath(runs[0])), "compare")
         table = plot_compare(runs, out)
@@ -319,7 +352,7 @@ def main(argv):
             plot_duplication(folder)
             drawn.append(f"{name}/duplication.png")
     if not drawn:
-        sys.exit(f"error: {run_dir} holds no metrics.jsonl, evals.csv or memorization results to draw")
+        raise UserError(f"{run_dir} holds no metrics.jsonl, evals.csv or memorization results to draw")
     print(f"{run_dir}: drew {', '.join(drawn)}")
 
 

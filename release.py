@@ -38,7 +38,8 @@ import torch
 import checkpoint
 import data
 import hf_format
-from common import UserError, hold_lock, link, link_tree, iter_jsonl, one_line_errors, read_jsonl, sha256_file, write_json_atomic, write_text_atomic
+from common import (UserError, hold_lock, iter_jsonl, link, link_tree, one_line_errors, read_json, read_jsonl, sha256_file,
+                    write_json_atomic, write_text_atomic, writing)
 from config import format_config, saved_config
 from model import Transformer
 from model_config import hf_config
@@ -64,8 +65,9 @@ def release(run_dir, out_dir=None):
              if checkpoint.kind(os.path.join(run_dir, n)) == "ours"]
     if not ckpts:
         raise ReleaseError(f"{run_dir} holds no checkpoints (ckpt_NNN folders); train first")
-    with open(os.path.join(ckpts[-1], "state.json")) as f:
-        last_state = json.load(f)
+    last_state = checkpoint.read_state(ckpts[-1])
+    if last_state is None:
+        raise ReleaseError(f"{ckpts[-1]}/state.json is missing or not valid JSON; python train.py verify {run_dir}")
     cfg = saved_config(last_state["config"])
     try:
         hf_config(cfg.model)
@@ -73,7 +75,7 @@ def release(run_dir, out_dir=None):
     except ValueError as e:
         hf_reason = str(e)
     index_path = os.path.join(out_dir, "release.json")
-    index = json.load(open(index_path)) if os.path.exists(index_path) else {"checkpoints": {}}
+    index = read_json(index_path, "release into a new folder") if os.path.exists(index_path) else {"checkpoints": {}}
     index["run_dir"] = os.path.realpath(run_dir)  # which run this folder is a release of
     gone = sorted(set(index["checkpoints"]) - {os.path.basename(p) for p in ckpts})
     if gone:  # the release may hold the last copy of them: refused, not deleted
@@ -197,14 +199,12 @@ def export(ckpt_dir, out_dir, max_shard_bytes=5 * 2**30):
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    for name, blob in files.items():
-        with open(os.path.join(tmp, name), "wb") as f:
-            f.write(blob)
-    eos = tok.eos_id
-    write_json_atomic(os.path.join(tmp, "generation_config.json"),
-                      {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False,
-                       "max_length": cfg.max_seq_len}, indent=2)
-    hf_format.save_hf(model, tmp, max_shard_bytes, bos_token_id=eos, eos_token_id=eos)  # config.json last
+    try:
+        with writing(out_dir):  # a full disk: one line naming out_dir, and no half-written folder left
+            _write_export(tmp, files, model, tok, max_shard_bytes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     umask = os.umask(0)
     os.umask(umask)
     for name in os.listdir(tmp):  # safetensors writes 0600; a release is for reading
@@ -215,6 +215,17 @@ def export(ckpt_dir, out_dir, max_shard_bytes=5 * 2**30):
     os.replace(tmp, out_dir)
     shutil.rmtree(old, ignore_errors=True)
     return info
+
+
+def _write_export(tmp, files, model, tok, max_shard_bytes):
+    for name, blob in files.items():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(blob)
+    eos = tok.eos_id
+    write_json_atomic(os.path.join(tmp, "generation_config.json"),
+                      {"bos_token_id": eos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False,
+                       "max_length": model.config.max_seq_len}, indent=2)
+    hf_format.save_hf(model, tmp, max_shard_bytes, bos_token_id=eos, eos_token_id=eos)  # config.json last
 
 
 # -----------------------------------------------------------------------------
@@ -241,7 +252,7 @@ def _last_metrics(path):
 
 def model_card(run_dir, out_dir, cfg, state, manifests, data_dsts, index, hf_reason):
     name = os.path.basename(os.path.normpath(run_dir))
-    run = json.load(open(os.path.join(run_dir, "run.json"))) if os.path.exists(os.path.join(run_dir, "run.json")) else {}
+    run = read_json(os.path.join(run_dir, "run.json")) if os.path.exists(os.path.join(run_dir, "run.json")) else {}
     commit = run.get("git_commit") or "unknown"
     rel = lambda p: os.path.relpath(p, out_dir)  # noqa: E731
     m = cfg.model

@@ -51,6 +51,10 @@ def sample_text(ckpt_dir, prompt="", max_new_tokens=200, temperature=0.8, top_k=
     the spans of the new text (min_len tokens or more) that occur verbatim in the training
     data the checkpoint had seen (its run's index, `python trace.py index RUN_DIR`)."""
     check_sampling(max_new_tokens, temperature, top_k, min_len)
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # bytes of another encoding, passed through by the shell
+        raise UserError("--prompt is not valid UTF-8 text; give it in UTF-8") from None
     device = torch_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # a GPU when there is one
     if chat:
         prompt = data.chat_turn(prompt, Config().system_prompt)

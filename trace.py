@@ -38,10 +38,11 @@ import sys
 
 import numpy as np
 
+import checkpoint
 import data
 import evaluate
 import index as suffix
-from common import as_bool, atomic_write, iter_jsonl, one_line_errors, parse_options, write_text_atomic
+from common import as_bool, atomic_write, iter_jsonl, one_line_errors, parse_options, read_json, write_text_atomic
 from index import Index, TraceError
 
 
@@ -185,11 +186,12 @@ def duplication(run_dir, k=32, l=32, max_rows=1000, out=print):
 
 def _duplication_rows(index, run_dir, folder, name, cache, max_rows):
     """The rows of duplication.csv for one (checkpoint, chunk) result of memorize.py."""
-    with open(os.path.join(folder, name)) as f:
-        res = json.load(f)
+    res = read_json(os.path.join(folder, name), "remove it: memorize.py scores its pair again")
     k, l = res["k"], res["l"]
-    with open(os.path.join(run_dir, res["checkpoint"], "state.json")) as f:
-        at = json.load(f)["step"]
+    state = checkpoint.read_state(os.path.join(run_dir, res["checkpoint"]))
+    if state is None:
+        raise TraceError(f"{run_dir}/{res['checkpoint']}: no readable state.json; python train.py verify {run_dir}")
+    at = state["step"]
     d, local = res["data_dir"], res["chunk_in_data_dir"]
     tokens = np.load(os.path.join(d, data.load_manifest(d)["chunks"][local]["file"]), mmap_mode="r")
     rows = []

@@ -42,7 +42,7 @@ import plot
 from checkpoint import (check_metrics, check_resumable, find_checkpoint, load_checkpoint, load_init_from,
                         metrics_digest, read_state, resume_point, save_checkpoint, verify_run)
 from common import (all_reduce_sum, atomic_write, barrier, broadcast0, close_distributed, gather, hold_lock,
-                    init_distributed, one_line_errors, print0, write_json_atomic, writing)
+                    init_distributed, one_line_errors, print0, read_json, write_json_atomic, writing)
 from config import Config, ConfigError, config_to_dict, format_config, load_config, save_config
 from machine import choose_dtype, determinism, peak_flops, peak_memory_gb, run_info
 from model import Transformer, summary
@@ -178,6 +178,14 @@ def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, au
 # metrics and the ledger
 
 
+def _wandb_id(path):
+    """The W&B run id kept in a run dir's wandb.json."""
+    record = read_json(path, "remove it: the run then logs to a new W&B run")
+    if not (isinstance(record, dict) and isinstance(record.get("id"), str)):
+        raise ConfigError(f"{path}: no W&B run id in it; remove it: the run then logs to a new W&B run")
+    return record["id"]
+
+
 class RunLog:
     """metrics.jsonl and ledger.jsonl of the run dir, written by rank 0, line by line."""
 
@@ -201,13 +209,9 @@ class RunLog:
         path = os.path.join(cfg.out_dir, "wandb.json")
         if not os.path.exists(path):
             write_json_atomic(path, {"id": os.urandom(6).hex(), "project": cfg.wandb_project})
-        with open(path) as f:
-            run_id = json.load(f)["id"]
+        run_id = _wandb_id(path)
         parent = os.path.join(parent_dir, "wandb.json") if parent_dir else ""
-        extra = {}
-        if parent and os.path.exists(parent):
-            with open(parent) as f:
-                extra = {"wandb_parent_id": json.load(f)["id"]}
+        extra = {"wandb_parent_id": _wandb_id(parent)} if parent and os.path.exists(parent) else {}
         self.wandb = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=cfg.out_dir,
                                 config=config_to_dict(cfg) | extra,
                                 notes=f"a branch of {parent_dir}, from {cfg.branch_from}" if parent_dir else None)

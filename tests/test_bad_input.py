@@ -15,6 +15,7 @@ import data
 import evaluate
 import finetune
 import memorize
+import plot
 import release
 import sample
 import train
@@ -102,6 +103,14 @@ CASES = {  # id: (script's main, argv from root), what the line must say
                                           "is not empty and is not this branch's run dir"),
     "a remix weight on a source the data dir lacks": (lambda r: (data.main, ["remix", str(r / "data"), str(r / "rmx"),
                                                                              "--weights=nope:2"]), "has no source 'nope'"),
+    "remix: a chunk twice": (lambda r: (data.main, ["remix", str(r / "data"), str(r / "rmx"), "--weights=web:2",
+                                                    "--chunks=1,1"]), "names a chunk twice"),
+    "remix: a range past the last chunk": (lambda r: (data.main, ["remix", str(r / "data"), str(r / "rmx"), "--weights=web:2",
+                                                                  "--chunks=1-9"]), "chunks the data does not have"),
+    "remix: --n_chunks=abc": (lambda r: (data.main, ["remix", str(r / "data"), str(r / "rmx"), "--weights=web:2",
+                                                     "--n_chunks=abc"]), "--n_chunks='abc': expected a whole number"),
+    "remix: more chunks than rows": (lambda r: (data.main, ["remix", str(r / "data"), str(r / "rmx"), "--weights=web:2",
+                                                            "--n_chunks=100000"]), "fewer than n_chunks=100000"),
     # data.py convert-amber
     "convert-amber: a row without token_ids": (lambda r: (data.main, ["convert-amber", str(_release(
         r, '{"tokens": [1, 2]}\n')), str(r / "converted")]), r"train_000.jsonl:1: no 'token_ids' list"),
@@ -147,6 +156,27 @@ CASES = {  # id: (script's main, argv from root), what the line must say
         "was trained with another tokenizer"),
     "an invalid manifest.json": (lambda r: (train.cli, [config(r, out_dir=str(r / "o5"), data_dir=_bad_manifest(r))]),
                                  "manifest.json"),
+    # files of ours that are cut short or edited, and odd names
+    "a manifest.json that is not JSON": (lambda r: (train.cli, [config(r, out_dir=str(r / "o7"), data_dir=_bad_manifest(
+        r, "manifest_text", "{oops"))]), "manifest.json: not valid JSON"),
+    "plot: a missing run": (lambda r: (plot.main, [str(r / "nowhere")]), "nowhere: no such run dir"),
+    "plot: a metrics line cut short": (lambda r: (plot.main, [_cut_metrics(r)]), r"metrics.jsonl:3: not a JSON line"),
+    "plot: the same run twice": (lambda r: (plot.main, [str(r / "run"), str(r / "run") + "/"]), "a run given twice"),
+    "sample: a prompt that is not UTF-8": (lambda r: (sample.main, [_ckpt(r), "--prompt=caf\udce9"]),
+                                           "--prompt is not valid UTF-8"),
+    "W&B's run file cut short": (lambda r: (train.cli, [config(r, out_dir=_with_file(r / "wb_cut", "wandb.json", '{"id": '),
+                                                       wandb_project="llm360-test")]), "wandb.json: not valid JSON"),
+    # task files: the rows each task reads, as the datasets hold them (trace.py reads them the same way)
+    "a task row with an integer question": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=mmlu", "--task_dir=" + task_dir(
+        r, "t_int", mmlu='{"question": 7, "subject": "s", "choices": ["a", "b", "c", "d"], "answer": 0}\n')]),
+        r"mmlu.jsonl:1: 'question' is int"),
+    "a task row without its question": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=arc_challenge", "--task_dir="
+                                                   + task_dir(r, "t_nokey", arc_challenge='{"id": "x", "answerKey": "A"}\n')]),
+                                        r"arc_challenge.jsonl:1: no 'question'"),
+    "a task file of JSON lists": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=arc_challenge", "--task_dir=" + task_dir(
+        r, "t_lists", arc_challenge='["a", "b"]\n')]), r"arc_challenge.jsonl:1: a list, not a JSON object"),
+    "a task parquet of random bytes": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=arc_challenge", "--task_dir="
+                                                  + _noise_parquet(r)]), "arc_challenge.parquet: not a readable parquet"),
     # fine-tuning files
     "finetune: a value that is not a string": (lambda r: (finetune.main, _ft(r, "list_value.jsonl", '{"instruction": ["a"], '
                                                                               '"output": "b"}\n' * 4)), "'instruction' is list"),
@@ -159,6 +189,11 @@ CASES = {  # id: (script's main, argv from root), what the line must say
                                         "list.jsonl:1: a list, not a JSON object"),
     "finetune: JSON lines in .json": (lambda r: (finetune.main, _ft(r, "lines.json", '{"instruction": "a", "output": "b"}\n' * 2)),
                                       "not one JSON document"),
+    "finetune: a parquet file of random bytes": (lambda r: (finetune.main, _ft(r, "noise.parquet", os.urandom(256))),
+                                                 "noise.parquet: not a readable parquet file"),
+    "dpo: chosen equals rejected": (lambda r: (finetune.main, _ft(r, "same.jsonl", '{"prompt": "p", "chosen": "a", '
+                                                                  '"rejected": "a "}\n' * 4, objective="dpo")),
+                                    "same.jsonl:1: chosen and rejected are the same response"),
     "finetune: not UTF-8": (lambda r: (finetune.main, _ft(r, "latin.jsonl", b'{"instruction": "caf\xe9", "output": "b"}\n')),
                             "not UTF-8 text"),
 }
@@ -207,21 +242,53 @@ def _other_tokenizer(r):
     return str(folder)
 
 
-def _bad_manifest(r):
-    folder = r / "bad_manifest"
+def _bad_manifest(r, name="bad_manifest", text='{"format": "llm360-data", "chunks": 3}'):
+    folder = r / name
     if not folder.exists():
         shutil.copytree(r / "data", folder)
-        (folder / "manifest.json").write_text('{"format": "llm360-data", "chunks": 3}')
+        (folder / "manifest.json").write_text(text)
     return str(folder)
 
 
-def _ft(r, name, text):
+def _with_file(folder, name, text):
+    folder.mkdir(exist_ok=True)
+    (folder / name).write_text(text)
+    return str(folder)
+
+
+def test_a_folder_named_like_a_checkpoint_but_not_one_is_ignored(tmp_path):
+    for name in ("ckpt_000", "ckpt_\u00b2", "ckpt_\u0663", "ckpt_1a"):  # a superscript and an Arabic-Indic digit
+        (tmp_path / name).mkdir()
+    import checkpoint
+
+    assert checkpoint.checkpoint_names(str(tmp_path)) == ["ckpt_000"]
+
+
+def _cut_metrics(r):
+    """A copy of the run whose metrics.jsonl has a line cut short in its middle."""
+    folder = r / "cut_metrics"
+    if not folder.exists():
+        folder.mkdir()
+        lines = (r / "run" / "metrics.jsonl").read_text().splitlines(keepends=True)
+        (folder / "metrics.jsonl").write_text("".join(lines[:2]) + lines[2][:10] + "\n" + "".join(lines[3:]))
+    return str(folder)
+
+
+def _noise_parquet(r):
+    folder = r / "t_parquet"
+    folder.mkdir(exist_ok=True)
+    (folder / "arc_challenge.parquet").write_bytes(os.urandom(512))
+    (folder / "arc_challenge_train.jsonl").write_text((r / "tasks" / "arc_challenge_train.jsonl").read_text())
+    return str(folder)
+
+
+def _ft(r, name, text, **keys):
     path = r / "ft" / name
     path.parent.mkdir(exist_ok=True)
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     cfg = write_config(r / "ft" / "case.py", dict(init_from=_ckpt(r), finetune_data=str(path), seq_len=64,
                                                   data_dir=str(r / "ft" / "data"), out_dir=str(r / "ft" / "run"),
-                                                  global_batch_size=2, micro_batch_size=2))
+                                                  global_batch_size=2, micro_batch_size=2, **keys))
     return [cfg]
 
 
@@ -261,6 +328,7 @@ def test_bad_input_gives_one_line_and_changes_nothing(root, case, capsys):
     after = {p: v for p, v in snapshot(root).items() if "/run/" in p or "/data/" in p}
     assert after == before  # nothing written, nothing lost
     assert not os.path.exists(root / "converted" / "manifest.json")
+    assert not os.path.exists(root / "rmx")  # a remix refused leaves no folder, remix.json or .remix_work
 
 
 def test_a_truncated_memorization_result_is_computed_again(root):
@@ -293,10 +361,16 @@ def test_a_full_or_read_only_disk_gives_one_line(root, tmp_path):
               f"for out in {mnt}/ro/run {mnt}/full_run; do {sys.executable} {train_py} {cfg} --out_dir=$out "
               "2>&1 >/dev/null | tr '\\r' '\\n' | tail -1; done; "
               f"{sys.executable} {train_py} {cfg} --out_dir={mnt}/run2 --data_dir={mnt}/data 2>&1 >/dev/null "
-              "| tr '\\r' '\\n' | tail -1; ls -A " + str(mnt))
+              "| tr '\\r' '\\n' | tail -1; "
+              # the disk full in the middle of safetensors' write (its error is no OSError): a 128 KiB tmpfs
+              f"mkdir {mnt}/small && mount -t tmpfs -o size=128k tmpfs {mnt}/small && {sys.executable} "
+              f"{os.path.join(ROOT, 'release.py')} export {root / 'run' / 'ckpt_001'} {mnt}/small/hf 2>&1 | tail -1; "
+              f"ls -A {mnt}/small; ls -A " + str(mnt))
     proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
-    read_only, full_ckpt, full_data, *listing = proc.stdout.splitlines()
+    read_only, full_ckpt, full_data, full_export, *listing = proc.stdout.splitlines()
+    assert re.match(f"error: {mnt}/small/hf(.tmp)?: No space left on device \\(", full_export), full_export
+    assert "small" in listing and "hf" not in listing and "hf.tmp" not in listing  # nothing of the export left
     assert read_only == f"error: {mnt}/ro/run: Read-only file system; give a folder this process can write to"
     assert re.fullmatch(f"error: {mnt}/full_run: [0-9.]+ MiB free, a checkpoint needs about [0-9.]+ MiB; free space "
                         r"and run the same command again \(it resumes from the start\)", full_ckpt), full_ckpt
