@@ -666,7 +666,8 @@ def bench_rehearsal(folder="runs/rehearsal"):
     rc, seconds, peaks = _run_watched(cmd, env, log, until=lambda: 3 in steps())
     killed = steps()[3]
     print(f"run 1: {seconds:.0f} s to step 3 ({killed['step_time']:.1f} s a step, {killed['tok_per_s']:,.0f} tok/s, "
-          f"MFU {100 * killed['mfu']:.1f}% of bf16 matmul); SIGKILLed; peak anonymous memory per rank "
+          + (f"MFU {100 * killed['mfu']:.1f}% of bf16 matmul" if killed["mfu"] is not None else "MFU unknown")
+          + "); SIGKILLed; peak anonymous memory per rank "
           + ", ".join(f"{m / 1024:.2f} GiB" for m in peaks))
     rc, seconds, peaks = _run_watched(cmd, env, log)
     if rc:

@@ -381,6 +381,11 @@ def one_line_errors():
         sys.exit(f"error: {e}")
     except OSError as e:
         sys.exit(f"error: {os_error_line(e)}")
+    except (MemoryError, RuntimeError) as e:  # torch's OutOfMemoryError is a RuntimeError
+        line = out_of_memory_line(e)
+        if line is None:
+            raise
+        sys.exit(f"error: {line}")
     except (KeyboardInterrupt, Stopped) as e:
         name, status = ("SIGINT", 130) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", 143)
         print(f"stopped by {name}: what was finished is kept (written whole, or not at all); run the same command "
@@ -390,6 +395,18 @@ def one_line_errors():
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         close_distributed()
+
+
+def out_of_memory_line(e):
+    """One line for a failed allocation (host or GPU), with the size it asked for; None for
+    another error."""
+    text = str(e)
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
+            or "out of memory" in text.lower()):
+        return None
+    asked = re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", text)
+    return (f"out of memory{f' allocating {asked[1]}' if asked else ''}: lower micro_batch_size, or see what a "
+            "config needs on each device with --dry_run=True")
 
 
 # -----------------------------------------------------------------------------

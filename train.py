@@ -454,6 +454,14 @@ def setup(cfg, rank, world_size, device):
     return run, state
 
 
+def mfu(flops_per_step, seconds, world_size, peak):
+    """Model FLOPs utilization of a step, or None when it would be over 1: the peak was
+    measured too low (on a CPU busy when train.py timed its matmuls), and a figure that
+    cannot be true is not written as data."""
+    value = flops_per_step / seconds / world_size / peak
+    return value if value <= 1.0 else None
+
+
 def planned_steps(table, global_batch_size):
     """The steps of every planned chunk: the LR schedule's length unless lr_steps says
     otherwise (a replacement chunk fills the steps of a skipped one)."""
@@ -716,7 +724,7 @@ def _train(run, state, preemption):
                       "chunk_step": reader.step, "tokens": state["tokens"], "loss": loss, "grad_norm": norm, "lr": lr,
                       "step_time": dt, "tok_per_s": tokens_per_step * seqs_per_row / dt,
                       "tok_per_s_device": tokens_per_step * seqs_per_row / dt / run.world_size,
-                      "mfu": flops_per_step / dt / run.world_size / run.peak,
+                      "mfu": mfu(flops_per_step, dt, run.world_size, run.peak),
                       "peak_mem_gb": peak_memory_gb(run.device)} | stats
             if cfg.val_interval and state["step"] % cfg.val_interval == 0:
                 record.update(validate(run, data_dir, manifest) or {})
@@ -724,7 +732,8 @@ def _train(run, state, preemption):
             bar.update(1)
             if rank == 0:
                 bar.write(f"step {state['step']:6d} | chunk {chunk} | loss {loss:.4f} | lr {lr:.2e} | "
-                          f"norm {norm:.3f} | tok/s {record['tok_per_s']:,.0f} | mfu {100 * record['mfu']:.0f}%"
+                          f"norm {norm:.3f} | tok/s {record['tok_per_s']:,.0f} | mfu "
+                          + (f"{100 * record['mfu']:.0f}%" if record["mfu"] is not None else "?")
                           + (f" | val {record['val_loss']:.4f}" if record.get("val_loss") else ""))
 
             # stop at max_steps or on a signal; a rolling checkpoint every ckpt_interval steps

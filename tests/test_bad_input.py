@@ -341,6 +341,19 @@ def test_a_truncated_memorization_result_is_computed_again(root):
     assert path.read_text() == good
 
 
+def test_out_of_memory_in_setup_is_one_line(root):
+    """A model too large for the memory there is (an address-space limit of 6 GiB here):
+    one line with the size asked for, not a traceback."""
+    cfg = config(root, out_dir=str(root / "too_large"), dim=4096, n_layer=16, n_head=32, intermediate_size=11008)
+    code = ("import resource, sys; import train; resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30)); "
+            f"train.cli([{cfg!r}])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"))
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and re.fullmatch(r"error: out of memory allocating [0-9]+ bytes: .*--dry_run=True",
+                                                 last), proc.stderr[-2000:]
+
+
 def _can_mount():
     try:
         return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"], capture_output=True,

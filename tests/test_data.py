@@ -614,3 +614,12 @@ def test_data_py_and_its_workers_never_load_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stderr[-500:]
+
+
+def test_a_fractional_remix_weight_takes_exactly_round_w_n_rows():
+    """Weight 1.37 on 10 rows: each once, and round(0.37 * 10) = 4 of them again (floor would take 3)."""
+    sources = np.array([0] * 10 + [1] * 7)
+    rows = data.remix_rows(sources, {0: 1.37, 1: 0.5}, seed=3, chunk=0)
+    taken = np.bincount(rows, minlength=17)
+    assert taken[:10].sum() == 14 and taken[:10].min() == 1 and taken[:10].max() == 2
+    assert taken[10:].sum() == round(0.5 * 7) == 4 and taken[10:].max() == 1  # a seeded half, each row at most once

@@ -191,6 +191,13 @@ def test_crystalcoder_param_count_by_hand():
     assert model.num_params() == expected == 6_575_278_720
 
 
+def test_an_mfu_over_one_is_unknown_not_data():
+    import train
+
+    assert train.mfu(3e11, 1.0, 1, 1e12) == pytest.approx(0.3)
+    assert train.mfu(1.5e12, 1.0, 1, 1e12) is None  # a peak measured too low on a busy machine
+
+
 def test_flops_give_the_papers_mfu():
     """AMBER: 582.4k tokens/s on 224 A100s (312 TFLOP/s bf16) is about 36% MFU (paper)."""
     with torch.device("meta"):
