@@ -157,3 +157,9 @@ def test_plot_redraws_every_figure_of_a_run_from_its_files(run, tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), str(tmp_path / "tasks_none")],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and bad.stderr.startswith("usage: python plot.py RUN_DIR")
+
+
+def test_runs_of_the_same_folder_name_get_distinct_names():
+    import plot
+
+    assert plot.run_names(["runs/a/x/tiny", "runs/b/x/tiny", "runs/c"]) == ["a/x/tiny", "b/x/tiny", "c"]

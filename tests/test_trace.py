@@ -219,6 +219,13 @@ def test_contamination_flags_exactly_the_leaked_rows_and_splits_the_scores(run):
     card = (root / "release" / "README.md")
     release.release(str(root / "run"), str(root / "release"))
     assert "Benchmark contamination" in card.read_text() and "| arc_challenge | 5 | 2 | 40.0% |" in card.read_text()
+    # the task's rows reordered since they were evaluated: their per-row results are not split by the new flags
+    reordered = root / "tasks_reordered"
+    shutil.copytree(root / "tasks", reordered)
+    lines = (reordered / "arc_challenge.jsonl").read_text().splitlines(keepends=True)
+    (reordered / "arc_challenge.jsonl").write_text("".join(lines[::-1]))
+    summary = tr.contamination(str(root / "run"), str(reordered), out=lambda *a: None)
+    assert not [s for s in summary if s["task"] == "arc_challenge" and s["checkpoint"]]
 
 
 def test_memorization_is_explained_by_the_times_each_sequence_was_trained_on(run):
