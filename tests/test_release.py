@@ -156,7 +156,8 @@ def test_plot_redraws_every_figure_of_a_run_from_its_files(run, tmp_path):
     assert {f: (run_dir / f).read_bytes() for f in figures} == drawn
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "plot.py"), str(tmp_path / "tasks_none")],
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and bad.stderr.startswith("usage: python plot.py RUN_DIR")
+    assert bad.returncode == 1 and bad.stderr == f"error: {tmp_path / 'tasks_none'}: no such run dir; give the out_dir " \
+        "of a train.py run\n"
 
 
 def test_runs_of_the_same_folder_name_get_distinct_names():
