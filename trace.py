@@ -40,8 +40,8 @@ import numpy as np
 
 import checkpoint
 import data
-import evaluate
 import index as suffix
+import tasks
 from common import as_bool, atomic_write, iter_jsonl, one_line_errors, parse_options, read_json, write_text_atomic
 from index import Index, TraceError
 
@@ -81,11 +81,11 @@ def contamination(run_dir, task_dir, n=13, out=print):
         raise TraceError(f"{run_dir}'s data has no tokenizer: benchmark text cannot be encoded for it")
     summary, per_row = [], []
     for task in ROW_TEXT:
-        path = evaluate.task_file(task_dir, task)
+        path = tasks.task_file(task_dir, task)
         if path is None:
             continue
-        dirty, sha = [], evaluate.task_sha256(task_dir, task)
-        for i, doc in enumerate(evaluate.read_rows(path, task)):  # evaluate.py's reader, and its checks
+        dirty, sha = [], tasks.task_sha256(task_dir, task)
+        for i, doc in enumerate(tasks.read_rows(path, task)):  # evaluate.py's reader, and its checks
             ids = index.tok.encode("\n".join(ROW_TEXT[task](doc)))
             longest, is_dirty = row_overlap(index, ids, n)
             per_row.append({"task": task, "row": i, "tokens": len(ids), "longest_span": longest, "dirty": is_dirty})
