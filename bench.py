@@ -29,11 +29,11 @@ all its sources with 1 and 2 worker processes, and the reader's time per
 optimizer step against the time of that training step.
 
 `convert` writes synthetic releases in AMBER's format (1,000 and 15,000 rows of
-2,049 ids) and runs `data.py convert-amber` on each with 1 worker and one per
+2,049 ids) and runs `convert_amber.py` on each with 1 worker and one per
 core: wall time, tokens/s per worker, and the peak resident memory of the
 process with its workers.
 
-`prepare` runs `data.py CONFIG` on a corpus of made-up documents and on one 4x
+`prepare` runs `prepare.py CONFIG` on a corpus of made-up documents and on one 4x
 larger, with the same given tokenizer (training one reads a capped sample, apart
 from the data path), and prints the peak resident memory of each; then fine-tuning's
 preparation on made-up conversations, and on 4x as many.
@@ -271,20 +271,21 @@ def bench_data(cfg):
     import multiprocessing
 
     import data
+    import prepare
 
-    manifest = data.prepare(cfg, progress=False)  # nothing to do when already prepared
+    manifest = prepare.prepare(cfg, progress=False)  # nothing to do when already prepared
     tok = data.load_tokenizer(cfg.data_dir, manifest)
     docs = [d for name, spec in cfg.sources.items()
-            for d in data._source_documents(data.resolve_source(name, spec), [])]
+            for d in prepare.source_documents(prepare.resolve_source(name, spec), [])]
     n_bytes = sum(len(d.encode()) for d in docs)
     print(f"{len(docs):,} documents, {n_bytes / 1e6:.1f} MB; tokenizer {tok.kind}, vocab {tok.vocab_size}")
     dtype = data.token_dtype(tok.vocab_size)
     ctx = multiprocessing.get_context("fork")
     for workers in (1, 2):
-        with ctx.Pool(workers, data._init_worker, (tok.kind, tok.blob, tok.name, dtype)) as pool:
-            pool.map(data._encode, docs[:workers])  # start-up, outside the timing
+        with ctx.Pool(workers, prepare.init_tokenizer_worker, (tok.kind, tok.blob, tok.name, dtype)) as pool:
+            pool.map(prepare.encode_document, docs[:workers])  # start-up, outside the timing
             t0 = time.perf_counter()
-            n_tokens = sum(len(a) for a in pool.imap(data._encode, docs, chunksize=8))
+            n_tokens = sum(len(a) for a in pool.imap(prepare.encode_document, docs, chunksize=8))
             dt = time.perf_counter() - t0
         print(f"tokenize, {workers} worker process{'es' if workers > 1 else ''}: {n_bytes / dt / 1e6:6.2f} MB/s "
               f"{n_tokens / dt:10,.0f} tok/s")
@@ -356,7 +357,7 @@ def bench_convert(rows=(1000, 15000), files=4):
     32,000): peak memory as the release grows, and tokens/s with 1 and N workers."""
     import tempfile
 
-    import data
+    import convert_amber
 
     tmp = tempfile.mkdtemp(prefix="bench_convert_")
     _, base, base_anon = _peak_run([sys.executable, "-c", "import data"])
@@ -364,16 +365,16 @@ def bench_convert(rows=(1000, 15000), files=4):
     cores = os.cpu_count()
     for n in rows:
         src = os.path.join(tmp, f"release_{n}")
-        data.write_synthetic_release(src, files, n // files, seed=n)
-        mb = sum(os.path.getsize(p) for p in data.release_files(src)) / 1e6
+        convert_amber.write_synthetic_release(src, files, n // files, seed=n)
+        mb = sum(os.path.getsize(p) for p in convert_amber.release_files(src)) / 1e6
         tokens = n * 2049
         for workers in sorted({1, cores}):
             out = os.path.join(tmp, f"out_{n}_{workers}")
             t0 = time.perf_counter()  # in this process: the rate without the interpreter's start-up
-            data.convert_amber(src, out, workers=workers, progress=False)
+            convert_amber.convert_amber(src, out, workers=workers, progress=False)
             rate = tokens / (time.perf_counter() - t0)
             shutil.rmtree(out)
-            _, peak, anon = _peak_run([sys.executable, "data.py", "convert-amber", src, out, f"--workers={workers}"])
+            _, peak, anon = _peak_run([sys.executable, "convert_amber.py", src, out, f"--workers={workers}"])
             print(f"{n:6,d} rows ({mb:4.0f} MB of JSON), {workers} worker{'s' if workers > 1 else ' '}: "
                   f"{rate / 1e6:5.2f}M tok/s ({rate / workers / 1e6:.2f}M per worker), "
                   f"peak {peak:4.0f} MB resident (largest process), {anon:4.0f} MB anonymous (all processes)")
@@ -385,7 +386,7 @@ def bench_convert(rows=(1000, 15000), files=4):
 
 
 def bench_prepare(docs=(20000, 80000)):
-    """`data.py CONFIG` on a corpus of made-up JSON-lines documents and on one 4x larger:
+    """`prepare.py CONFIG` on a corpus of made-up JSON-lines documents and on one 4x larger:
     peak resident memory and time of the whole preparation (tokenizer, packing, shuffle)."""
     import json
     import random
@@ -400,10 +401,10 @@ def bench_prepare(docs=(20000, 80000)):
             for _ in range(n):
                 f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(50, 400)))}) + "\n")
         if n == docs[0]:  # a tokenizer trained once, then given: its training sample is capped apart
-            import data
+            import prepare
 
-            tok = data.train_sentencepiece(data.sample_lines(
-                [data.resolve_source("web", {"path": corpus, "format": "jsonl"})], 0), 4096)
+            tok = prepare.train_sentencepiece(prepare.sample_lines(
+                [prepare.resolve_source("web", {"path": corpus, "format": "jsonl"})], 0), 4096)
             with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
                 f.write(tok)
         cfg_path = os.path.join(tmp, f"prepare_{n}.py")
@@ -411,7 +412,7 @@ def bench_prepare(docs=(20000, 80000)):
             f.write(f"model = 'tiny'\nsources = {{'web': {{'path': {corpus!r}, 'format': 'jsonl'}}}}\n"
                     f"tokenizer = {os.path.join(tmp, 'tokenizer.model')!r}\n"
                     f"data_dir = {os.path.join(tmp, f'data_{n}')!r}\nseq_len = 256\nn_chunks = 16\nnum_workers = 1\n")
-        dt, peak, anon = _peak_run([sys.executable, "data.py", cfg_path])
+        dt, peak, anon = _peak_run([sys.executable, "prepare.py", cfg_path])
         with open(os.path.join(tmp, f"data_{n}", "manifest.json")) as f:
             tokens = json.load(f)["totals"]["train_tokens"]
         print(f"{n:7,d} documents ({os.path.getsize(corpus) / 1e6:5.0f} MB, {tokens / 1e6:6.1f}M training tokens): "
@@ -444,10 +445,11 @@ def bench_eval(cfg, n_items=40, n_shots=5):
     from lm_eval.models.huggingface import HFLM
 
     import data
+    import prepare
     import evaluate as ev
     from hf_format import save_hf
 
-    manifest = data.prepare(cfg, progress=False)
+    manifest = prepare.prepare(cfg, progress=False)
     tok = data.load_tokenizer(cfg.data_dir, manifest)
     model = Transformer(cfg.model)
     model.init_weights(cfg.seed)
@@ -526,6 +528,7 @@ def bench_trace(data_dir="data/tiny", spans=200, span_len=32):
     import tempfile
 
     import data
+    import remix
     import index
 
     if not os.path.exists(os.path.join(data_dir, "manifest.json")):
@@ -534,7 +537,7 @@ def bench_trace(data_dir="data/tiny", spans=200, span_len=32):
     tokens = sum(e["sequences"] for e in manifest["chunks"]) * (manifest["seq_len"] + 1)
     work = tempfile.mkdtemp(prefix="bench_trace_")
     big = os.path.join(work, "x4")
-    data.remix(data_dir, big, {s["name"]: 4 for s in manifest["sources"]}, progress=False)
+    remix.remix(data_dir, big, {s["name"]: 4 for s in manifest["sources"]}, progress=False)
     code = "import sys, index; index.build(sys.argv[1], progress=False)"
     for name, folder, n in (("1x", os.path.join(work, "x1"), tokens), ("4x", big, 4 * tokens)):
         if name == "1x":
@@ -638,12 +641,12 @@ def bench_rehearsal(folder="runs/rehearsal"):
     import json
     import subprocess
 
-    import data
+    import convert_amber
 
     shutil.rmtree(folder, ignore_errors=True)
     release, data_dir, run_dir = (os.path.join(folder, n) for n in ("release", "data", "run"))
-    data.write_synthetic_release(release, 1, 8, seed=0)
-    data.convert_amber(release, data_dir, workers=1, progress=False)
+    convert_amber.write_synthetic_release(release, 1, 8, seed=0)
+    convert_amber.convert_amber(release, data_dir, workers=1, progress=False)
     args = ["configs/amber_7b.py", f"--data_dir={data_dir}", f"--out_dir={run_dir}", "--n_layer=2", "--n_chunks=1",
             "--global_batch_size=2", "--micro_batch_size=1", "--ckpt_interval=2", "--val_sequences=0",
             "--warmup_steps=2"]

@@ -13,7 +13,7 @@ the LR's place in warmup and decay, AdamW and every RNG. With the parent's confi
 unchanged it is the parent: its later checkpoints equal the parent's bit for bit. It
 may change:
   - the data of the remaining schedule: a data dir (or stages) other than the
-    parent's, such as `data.py remix` writes; its chunks are then the rest of the
+    parent's, such as `remix.py` writes; its chunks are then the rest of the
     schedule, after the parent's chunks up to the branch point;
   - the LR schedule's remainder (lr, min_lr, warmup_steps, lr_schedule), and whatever
     else a resume would refuse, but the model's shape.

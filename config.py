@@ -33,11 +33,11 @@ class ConfigError(UserError):
 class Config:
     # model: a preset name of model_config.PRESETS; any ModelConfig field given as a key overrides it
     model: ModelConfig = PRESETS["tiny"]
-    # data (data.py): the mix, {source name: source spec}, see data.py for a spec's keys
+    # data (data.py): the mix, {source name: source spec}, see prepare.py for a spec's keys
     sources: dict = field(default_factory=dict)
     tokenizer: str = "train"  # "train" (SentencePiece BPE on the sources) | a .model path | "tiktoken:NAME"
     val_fraction: float = 0.01  # share of each source's documents held out for validation
-    data_dir: str = "data/tiny"  # where data.py writes the tokenizer, manifest and chunks
+    data_dir: str = "data/tiny"  # where prepare.py writes the tokenizer, manifest and chunks
     stages: tuple[str, ...] = ()  # train.py: data dirs trained one after the other (CrystalCoder); (): data_dir
     seq_len: int = 256  # tokens per training sequence (chunks store seq_len + 1)
     n_chunks: int = 8  # the training data is split into this many chunks, one checkpoint each

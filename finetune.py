@@ -338,7 +338,7 @@ def prepare(cfg, tok, val_fraction=0.1):
                 out.append(part)
             out.close()
             sha = sha256_file(os.path.join(tmp, f"{split}.npy"))
-            src_sha = data._write_npy(os.path.join(tmp, f"{split}.src.npy"), np.zeros(len(idx), dtype=np.uint8))
+            src_sha = data.write_npy(os.path.join(tmp, f"{split}.src.npy"), np.zeros(len(idx), dtype=np.uint8))
             entries[split] = {"file": f"{split}.npy", "sha256": sha, "sources_file": f"{split}.src.npy",
                               "sources_sha256": src_sha, "sequences": len(idx),
                               "tokens_per_source": {"finetune": counted}}

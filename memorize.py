@@ -11,7 +11,7 @@ equal the data. A sequence with score 1 is k-extractible.
 
 RUN_DIR is a run of ours, or a folder of Hugging Face checkpoints ckpt_000 ...
 ckpt_359 (AMBER's release; checkpoint i has seen chunks 0..i) with --data_dir
-pointing at chunks converted by `python data.py convert-amber`. For every
+pointing at chunks converted by `python convert_amber.py`. For every
 checkpoint and every chunk it has trained on (and, with --unseen, the others, as
 a baseline), the same --samples sequences of the chunk, chosen by the seed and
 recorded by index, are scored. Each (checkpoint, chunk) pair is written to

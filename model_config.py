@@ -1,7 +1,7 @@
 """
 The model's config: ModelConfig, the named shapes (PRESETS), and the Hugging Face
 config.json of a shape, both ways. Apart from model.py (the network), so that what only
-reads a config (config.py, data.py and its worker processes) never loads torch. It
+reads a config (config.py, data.py, prepare.py and its worker processes) never loads torch. It
 imports nothing of the project.
 """
 

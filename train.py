@@ -37,6 +37,8 @@ from tqdm import tqdm
 
 import branch
 import data
+import convert_amber
+import prepare
 import memory
 import plot
 from checkpoint import (check_metrics, check_resumable, find_checkpoint, load_checkpoint, load_init_from,
@@ -292,13 +294,13 @@ def plan(cfg, world_size):
     data_bytes = sequences * ((T + 1) * np.dtype(data.token_dtype(cfg.model.vocab_size)).itemsize + 1)
     ckpt_bytes = 12 * n
     cores = os.cpu_count() or 1
-    hours = sequences * (T + 1) / data.CONVERT_TOKENS_PER_S_PER_WORKER / 3600
+    hours = sequences * (T + 1) / convert_amber.CONVERT_TOKENS_PER_S_PER_WORKER / 3600
     lines += [
         f"disk, data       {data_bytes / 1e12:,.3f} TB of chunks ({sequences:,} rows of {T + 1:,} ids)",
         f"disk, ckpts      {ckpt_bytes / 1e9:,.1f} GB per checkpoint (fp32 weights + AdamW moments), "
         f"{len(steps) * ckpt_bytes / 1e12:,.2f} TB for all {len(steps)}",
         f"conversion       {hours / 64:,.1f} h on 64 cores ({hours / cores:,.1f} h on this machine's {cores}) from "
-        f"a JSON-lines release like AMBER's, at {data.CONVERT_TOKENS_PER_S_PER_WORKER / 1e6:.1f}M tokens/s per "
+        f"a JSON-lines release like AMBER's, at {convert_amber.CONVERT_TOKENS_PER_S_PER_WORKER / 1e6:.1f}M tokens/s per "
         "worker (python bench.py convert)",
     ]
     out = {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T, "planned_world": planned_world, **mem}
@@ -356,8 +358,8 @@ def prepare_data(cfg, rank, world_size):
                                                                                                "manifest.json")):
         if not cfg.sources:
             raise data.DataError(f"{cfg.data_dir} is not prepared and the config has no sources; "
-                                 "run `python data.py CONFIG` with a config that has them")
-        data.prepare(cfg)
+                                 "run `python prepare.py CONFIG` with a config that has them")
+        prepare.prepare(cfg)
     barrier(world_size)
     return data.training_data(cfg)
 

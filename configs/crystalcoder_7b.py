@@ -28,7 +28,7 @@ mup_output_alpha = 2.22  # logits x 2.22 x 0.0625 = 0.13875; attention scaled by
 # data: three stages, each its own prepared data dir: (1) half of SlimPajama,
 # (2) the other half plus two epochs of StarCoder, (3) Python and web code
 # (HTML, CSS, JavaScript) plus a 10B-token SlimPajama sample (§4.2)
-data_dir = "data/crystalcoder_stage1"  # data.py prepares one stage at a time: --data_dir=... with its sources
+data_dir = "data/crystalcoder_stage1"  # prepare.py prepares one stage at a time: --data_dir=... with its sources
 stages = ("data/crystalcoder_stage1", "data/crystalcoder_stage2", "data/crystalcoder_stage3")  # train.py: in order
 seq_len = 2048
 n_chunks = 143  # (assumption: the paper reports 143 released checkpoints, one per chunk here)

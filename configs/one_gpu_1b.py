@@ -1,5 +1,5 @@
 # A 1B-parameter AMBER-shaped model for one 80 GB GPU (A100 / H100), on your own data.
-#   python data.py configs/one_gpu_1b.py         # after setting `sources` to your corpus
+#   python prepare.py configs/one_gpu_1b.py         # after setting `sources` to your corpus
 #   python train.py configs/one_gpu_1b.py
 #   python train.py configs/one_gpu_1b.py --dry_run=True --dry_run_sequences_per_chunk=100000
 # The shape is ours (not from the paper): LLaMA's recipe at width 2048.
@@ -12,7 +12,7 @@ intermediate_size = 5504  # about 8/3 x 2048, a multiple of 64
 vocab_size = 32000  # LLaMA's tokenizer: set tokenizer to its tokenizer.model path, or train one
 max_seq_len = 2048
 
-sources = {}  # {name: {"path": ..., "format": ...}}: see data.py
+sources = {}  # {name: {"path": ..., "format": ...}}: see prepare.py
 tokenizer = "train"
 data_dir = "data/one_gpu"
 seq_len = 2048

@@ -1,6 +1,6 @@
 """Every bad input the user can make gets one line that says what is wrong and where,
 never a traceback, and changes nothing on disk: train.py, evaluate.py, memorize.py and
-data.py convert-amber, through their command lines (in this process: a traceback would
+convert_amber.py, through their command lines (in this process: a traceback would
 be an exception here, not a SystemExit)."""
 
 import os
@@ -11,7 +11,9 @@ import sys
 
 import pytest
 
-import data
+import convert_amber
+import prepare
+import remix
 import evaluate
 import finetune
 import memorize
@@ -95,26 +97,26 @@ CASES = {  # id: (script's main, argv from root), what the line must say
     "batch_size=0": (lambda r: (memorize.main, [str(r / "run"), "--batch_size=0"]), "batch_size=0: must be >= 1"),
     "unknown checkpoint (memorize)": (lambda r: (memorize.main, [str(r / "run"), "--checkpoints=ckpt_999"]),
                                       "has no checkpoint ckpt_999; it has ckpt_000, ckpt_001"),
-    # train.py --branch_from, data.py remix
+    # train.py --branch_from, remix.py
     "a branch point that does not exist": (lambda r: (train.cli, [config(r, out_dir=str(r / "b")), "--branch_from="
                                                       + str(r / "run" / "ckpt_009")]), "ckpt_009'?: no checkpoint there"),
     "a branch into a non-empty run dir": (lambda r: (train.cli, [config(r, out_dir=str(r / "tasks")), "--branch_from="
                                                      + str(r / "run" / "ckpt_000")]),
                                           "is not empty and is not this branch's run dir"),
-    "a remix weight on a source the data dir lacks": (lambda r: (data.main, ["remix", str(r / "data"), str(r / "rmx"),
+    "a remix weight on a source the data dir lacks": (lambda r: (remix.main, [str(r / "data"), str(r / "rmx"),
                                                                              "--weights=nope:2"]), "has no source 'nope'"),
-    "remix: a chunk twice": (lambda r: (data.main, ["remix", str(r / "data"), str(r / "rmx"), "--weights=web:2",
+    "remix: a chunk twice": (lambda r: (remix.main, [str(r / "data"), str(r / "rmx"), "--weights=web:2",
                                                     "--chunks=1,1"]), "names a chunk twice"),
-    "remix: a range past the last chunk": (lambda r: (data.main, ["remix", str(r / "data"), str(r / "rmx"), "--weights=web:2",
+    "remix: a range past the last chunk": (lambda r: (remix.main, [str(r / "data"), str(r / "rmx"), "--weights=web:2",
                                                                   "--chunks=1-9"]), "chunks the data does not have"),
-    "remix: --n_chunks=abc": (lambda r: (data.main, ["remix", str(r / "data"), str(r / "rmx"), "--weights=web:2",
+    "remix: --n_chunks=abc": (lambda r: (remix.main, [str(r / "data"), str(r / "rmx"), "--weights=web:2",
                                                      "--n_chunks=abc"]), "--n_chunks='abc': expected a whole number"),
-    "remix: more chunks than rows": (lambda r: (data.main, ["remix", str(r / "data"), str(r / "rmx"), "--weights=web:2",
+    "remix: more chunks than rows": (lambda r: (remix.main, [str(r / "data"), str(r / "rmx"), "--weights=web:2",
                                                             "--n_chunks=100000"]), "fewer than n_chunks=100000"),
-    # data.py convert-amber
-    "convert-amber: a row without token_ids": (lambda r: (data.main, ["convert-amber", str(_release(
+    # convert_amber.py
+    "convert-amber: a row without token_ids": (lambda r: (convert_amber.main, [str(_release(
         r, '{"tokens": [1, 2]}\n')), str(r / "converted")]), r"train_000.jsonl:1: no 'token_ids' list"),
-    "convert-amber: an empty file": (lambda r: (data.main, ["convert-amber", str(_release(r, "")),
+    "convert-amber: an empty file": (lambda r: (convert_amber.main, [str(_release(r, "")),
                                                             str(r / "converted")]), "train_000.jsonl: the file holds no rows"),
     # sample.py: what sampling cannot do (A negative temperature sampled the inverted distribution)
     "sample: max_new_tokens=-1": (lambda r: (sample.main, [_ckpt(r), "--max_new_tokens=-1"]),
@@ -235,7 +237,7 @@ def _other_tokenizer(r):
         manifest = json.loads((folder / "manifest.json").read_text())
         words = ["".join(chr(97 + (i * 7 + j * 3) % 26) for j in range(2 + i % 6)) for i in range(3000)]
         lines = [" ".join(words[i : i + 12]) for i in range(0, 3000, 3)]
-        blob = data.train_sentencepiece(lines, manifest["tokenizer"]["vocab_size"])
+        blob = prepare.train_sentencepiece(lines, manifest["tokenizer"]["vocab_size"])
         (folder / manifest["tokenizer"]["file"]).write_bytes(blob)
         manifest["tokenizer"]["sha256"] = hashlib.sha256(blob).hexdigest()
         (folder / "manifest.json").write_text(json.dumps(manifest))

@@ -1,4 +1,4 @@
-"""data.py: deterministic preparation, nothing lost or leaked, world-size independent
+"""data.py, prepare.py, convert_amber.py, remix.py: deterministic preparation, nothing lost or leaked, world-size independent
 batches, exact resume, and clear errors that leave no half-written data dir."""
 
 import json
@@ -10,8 +10,11 @@ import sys
 import numpy as np
 import pytest
 
+import convert_amber
 import data
-from data import ChunkReader, DataError, load_manifest, prepare, split_and_pack
+import remix
+from data import ChunkReader, DataError, load_manifest
+from prepare import permutation_pieces, prepare, split_and_pack, train_sentencepiece
 from conftest import make_corpus, make_cfg, make_text
 
 @pytest.fixture(scope="module")
@@ -118,21 +121,21 @@ def test_split_and_pack_never_leaks_validation_and_loses_only_the_tail():
 def test_two_pass_shuffle_is_a_uniform_permutation_in_pieces(tmp_path, monkeypatch):
     import itertools
 
-    monkeypatch.setattr(data, "SHUFFLE_BLOCK", 64)  # many blocks, so pass 1 really deals across them
+    monkeypatch.setattr("prepare.SHUFFLE_BLOCK", 64)  # many blocks, so pass 1 really deals across them
     n, sizes = 1000, [300, 1, 0, 450, 249]
-    pieces = list(data.permutation_pieces(n, sizes, [5, 1]))
+    pieces = list(permutation_pieces(n, sizes, [5, 1]))
     assert [len(p) for p in pieces] == sizes
     assert sorted(np.concatenate(pieces).tolist()) == list(range(n))  # each item exactly once
-    on_disk = list(data.permutation_pieces(n, sizes, [5, 1], str(tmp_path)))
+    on_disk = list(permutation_pieces(n, sizes, [5, 1], str(tmp_path)))
     assert all(np.array_equal(a, b) for a, b in zip(pieces, on_disk)) and os.listdir(tmp_path) == []
-    other = np.concatenate(list(data.permutation_pieces(n, sizes, [6, 1])))
+    other = np.concatenate(list(permutation_pieces(n, sizes, [6, 1])))
     assert not np.array_equal(np.concatenate(pieces), other)
     # uniform: all 4! orders of 4 items, blocks of 2 cut into pieces of 1 and 3, equally often
-    monkeypatch.setattr(data, "SHUFFLE_BLOCK", 2)
+    monkeypatch.setattr("prepare.SHUFFLE_BLOCK", 2)
     draws = 4800
     seen = {p: 0 for p in itertools.permutations(range(4))}
     for s in range(draws):
-        seen[tuple(np.concatenate(list(data.permutation_pieces(4, [1, 3], s))).tolist())] += 1
+        seen[tuple(np.concatenate(list(permutation_pieces(4, [1, 3], s))).tolist())] += 1
     expected = draws / 24
     chi2 = sum((k - expected) ** 2 / expected for k in seen.values())
     assert chi2 < 60, f"chi-square {chi2:.1f} over 23 degrees of freedom: not uniform ({seen})"
@@ -263,18 +266,18 @@ def test_convert_amber_streams_at_amber_shapes_and_resumes_byte_identical(tmp_pa
     import hashlib
 
     src = str(tmp_path / "release")
-    paths = data.write_synthetic_release(src, 3, 40, seed=1)  # rows of 2,049 ids under 32,000
+    paths = convert_amber.write_synthetic_release(src, 3, 40, seed=1)  # rows of 2,049 ids under 32,000
     os.rename(paths[2], paths[2].replace("train_002", "train_10"))  # natural order: train_10 after train_001
-    data.write_synthetic_release(str(tmp_path / "gz"), 1, 30, seed=2, gz=True)
+    convert_amber.write_synthetic_release(str(tmp_path / "gz"), 1, 30, seed=2, gz=True)
     os.rename(str(tmp_path / "gz" / "train_000.jsonl.gz"), os.path.join(src, "train_2.jsonl.gz"))
-    paths = data.release_files(src)
+    paths = convert_amber.release_files(src)
     assert [os.path.basename(p) for p in paths] == ["train_000.jsonl", "train_001.jsonl", "train_2.jsonl.gz",
                                                     "train_10.jsonl"]
-    monkeypatch.setattr(data, "CONVERT_BLOCK", 16)  # several blocks per file, and a partial last one
+    monkeypatch.setattr(convert_amber, "CONVERT_BLOCK", 16)  # several blocks per file, and a partial last one
     ref = str(tmp_path / "ref")
-    manifest = data.convert_amber(src, ref, workers=2, progress=False)
+    manifest = convert_amber.convert_amber(src, ref, workers=2, progress=False)
     assert manifest["dtype"] == "uint16" and manifest["seq_len"] == 2048 and len(manifest["chunks"]) == 4
-    names = list(data.AMBER_SOURCES)
+    names = list(convert_amber.AMBER_SOURCES)
     for c, path in enumerate(paths):
         rows = release_rows(path)
         tokens, sources = data.open_split(ref, manifest["chunks"][c])  # checks the sha256 too
@@ -306,19 +309,19 @@ def test_convert_amber_streams_at_amber_shapes_and_resumes_byte_identical(tmp_pa
 
     monkeypatch.setattr(data.NpyAppender, "append", crash)
     with pytest.raises(KeyboardInterrupt):
-        data.convert_amber(src, out, workers=1, progress=False)
+        convert_amber.convert_amber(src, out, workers=1, progress=False)
     assert not os.path.exists(os.path.join(out, "manifest.json"))
     assert os.path.exists(os.path.join(out, "chunk_002.npy.tmp")) and not os.path.exists(os.path.join(out, "chunk_002.json"))
     monkeypatch.setattr(data.NpyAppender, "append", real_append)
-    done, real_convert = [], data._convert_file
-    monkeypatch.setattr(data, "_convert_file", lambda job: done.append(job[0]) or real_convert(job))
-    data.convert_amber(src, out, workers=1, progress=False)
+    done, real_convert = [], convert_amber._convert_file
+    monkeypatch.setattr(convert_amber, "_convert_file", lambda job: done.append(job[0]) or real_convert(job))
+    convert_amber.convert_amber(src, out, workers=1, progress=False)
     assert done == [2, 3]  # the finished chunks are not redone
     assert files_of(out) == files_of(ref) | {"convert.json": files_of(out)["convert.json"]}
     json_of = lambda d: json.loads(files_of(d)["manifest.json"])
     assert json_of(out)["chunks"] == json_of(ref)["chunks"]
     done.clear()
-    data.convert_amber(src, out, workers=1, progress=False)  # nothing left to do
+    convert_amber.convert_amber(src, out, workers=1, progress=False)  # nothing left to do
     assert done == []
     reader = ChunkReader(out, 3, 0, 8, 4)
     assert reader.steps == 5 and reader.batch(0, 0)[0].shape == (4, 2048)
@@ -328,6 +331,7 @@ def test_convert_amber_streams_at_amber_shapes_and_resumes_byte_identical(tmp_pa
 HUNG_WORKER = """
 import sys, time
 sys.path.insert(0, {root!r})
+import convert_amber
 import data
 real = data.NpyAppender.append
 def append(self, block):
@@ -336,8 +340,8 @@ def append(self, block):
     if "chunk_001" in self.f.name:
         time.sleep(3600)
 data.NpyAppender.append = append
-data.CONVERT_BLOCK = 16
-data.main(["convert-amber", {src!r}, {out!r}, "--workers=2"])
+convert_amber.CONVERT_BLOCK = 16
+convert_amber.main([{src!r}, {out!r}, "--workers=2"])
 """
 
 
@@ -349,8 +353,8 @@ def test_a_killed_conversion_goes_on_with_the_same_command(tmp_path, sig):
     import time
 
     src, out, ref = (str(tmp_path / n) for n in ("release", "out", "ref"))
-    data.write_synthetic_release(src, 4, 40, seed=3)  # rows of 2,049 ids under 32,000
-    data.convert_amber(src, ref, workers=2, progress=False)
+    convert_amber.write_synthetic_release(src, 4, 40, seed=3)  # rows of 2,049 ids under 32,000
+    convert_amber.convert_amber(src, ref, workers=2, progress=False)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.Popen([sys.executable, "-c", HUNG_WORKER.format(root=root, src=src, out=out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -367,7 +371,7 @@ def test_a_killed_conversion_goes_on_with_the_same_command(tmp_path, sig):
     while any(os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z" for p in workers):
         assert time.time() < deadline, "a worker outlived the conversion"
         time.sleep(0.05)
-    data.convert_amber(src, out, workers=2, progress=False)  # the same command
+    convert_amber.convert_amber(src, out, workers=2, progress=False)  # the same command
     assert files_of(out) == files_of(ref) and not any(n.endswith(".tmp") for n in os.listdir(out))
 
 
@@ -382,7 +386,7 @@ def test_a_killed_conversion_goes_on_with_the_same_command(tmp_path, sig):
 ])
 def test_convert_amber_bad_rows_name_file_and_line(tmp_path, bad, error):
     src = str(tmp_path / "release")
-    path = data.write_synthetic_release(src, 1, 4)[0]
+    path = convert_amber.write_synthetic_release(src, 1, 4)[0]
     lines = open(path).read().splitlines()
     if bad.startswith("["):  # one bad id at the end of an otherwise good row
         row = json.loads(lines[2])
@@ -393,10 +397,10 @@ def test_convert_amber_bad_rows_name_file_and_line(tmp_path, bad, error):
     lines[2] = bad
     open(path, "w").write("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=error):
-        data.convert_amber(src, str(tmp_path / "out"), workers=1, progress=False)
+        convert_amber.convert_amber(src, str(tmp_path / "out"), workers=1, progress=False)
     assert not os.path.exists(tmp_path / "out" / "manifest.json")
     if "not json" in bad:  # the command line says the same in one line
-        last = subprocess_error(["convert-amber", src, str(tmp_path / "out2"), "--workers=1"])
+        last = subprocess_error([src, str(tmp_path / "out2"), "--workers=1"])
         assert last.startswith("error: ") and "train_000.jsonl:3: not valid JSON" in last
 
 
@@ -405,27 +409,27 @@ def subprocess_error(args):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    p = subprocess.run([sys.executable, os.path.join(root, "data.py"), *args], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, os.path.join(root, "convert_amber.py"), *args], capture_output=True, text=True)
     assert p.returncode == 1, p.stderr
     return p.stderr.strip().splitlines()[-1]  # above it: the progress bar
 
 
 def test_convert_amber_dtype_follows_the_vocabulary_and_refuses_a_changed_release(tmp_path):
     src = str(tmp_path / "release")
-    data.write_synthetic_release(src, 2, 3, row_length=9, vocab_size=70000, seed=3)
-    manifest = data.convert_amber(src, str(tmp_path / "out"), vocab_size=70000, workers=1, progress=False)
+    convert_amber.write_synthetic_release(src, 2, 3, row_length=9, vocab_size=70000, seed=3)
+    manifest = convert_amber.convert_amber(src, str(tmp_path / "out"), vocab_size=70000, workers=1, progress=False)
     assert manifest["dtype"] == "uint32" and manifest["seq_len"] == 8
     assert manifest["tokenizer"]["vocab_size"] == 70000
     with pytest.raises(DataError, match="vocab_size=70000, not 32000"):
-        data.convert_amber(src, str(tmp_path / "out"), workers=1, progress=False)
-    data.write_synthetic_release(src, 2, 4, row_length=9, vocab_size=70000, seed=4)  # the release changed
+        convert_amber.convert_amber(src, str(tmp_path / "out"), workers=1, progress=False)
+    convert_amber.write_synthetic_release(src, 2, 4, row_length=9, vocab_size=70000, seed=4)  # the release changed
     os.remove(tmp_path / "out" / "manifest.json")
     with pytest.raises(DataError, match="chunk 0 was converted from train_000.jsonl"):
-        data.convert_amber(src, str(tmp_path / "out"), vocab_size=70000, workers=1, progress=False)
+        convert_amber.convert_amber(src, str(tmp_path / "out"), vocab_size=70000, workers=1, progress=False)
     os.makedirs(tmp_path / "other")
     (tmp_path / "other" / "keep.txt").write_text("mine")
     with pytest.raises(DataError, match="holds no conversion"):
-        data.convert_amber(src, str(tmp_path / "other"), workers=1, progress=False)
+        convert_amber.convert_amber(src, str(tmp_path / "other"), workers=1, progress=False)
 
 
 # -----------------------------------------------------------------------------
@@ -500,7 +504,7 @@ def test_token_dtype_switches_above_65535():
 
 def test_a_pydoc_topics_file_is_read_never_run(tmp_path):
     """format 'pydoc_topics' takes the literal `topics` dict; code in the file never runs."""
-    import data as d
+    import prepare as d
 
     pwned = tmp_path / "pwned"
     path = tmp_path / "topics.py"
@@ -526,7 +530,7 @@ def test_a_swapped_tokenizer_or_damaged_validation_split_is_refused(prepared, tm
     cfg = prepared
     copy = tmp_path / "data"
     shutil.copytree(cfg.data_dir, copy)
-    (copy / "tokenizer.model").write_bytes(data.train_sentencepiece(["another corpus"] * 300, 300))
+    (copy / "tokenizer.model").write_bytes(train_sentencepiece(["another corpus"] * 300, 300))
     with pytest.raises(DataError, match="not the tokenizer this data was made with"):
         data.load_tokenizer(str(copy))
     val = np.load(copy / "val.npy", mmap_mode="r+")
@@ -549,8 +553,8 @@ def test_remix_takes_each_row_as_its_weight_says_resumes_and_holds_one_block(tmp
     import tracemalloc
 
     def converted(name, rows):
-        data.write_synthetic_release(str(tmp_path / f"{name}_release"), 2, rows, seed=1)
-        return data.convert_amber(str(tmp_path / f"{name}_release"), str(tmp_path / name), workers=1, progress=False)
+        convert_amber.write_synthetic_release(str(tmp_path / f"{name}_release"), 2, rows, seed=1)
+        return convert_amber.convert_amber(str(tmp_path / f"{name}_release"), str(tmp_path / name), workers=1, progress=False)
 
     parent = converted("amber", 300)
     weights = {"arxiv": 2, "c4": 0, "book": 0.5}
@@ -562,7 +566,7 @@ def test_remix_takes_each_row_as_its_weight_says_resumes_and_holds_one_block(tmp
             out += [(hashlib.sha1(t.tobytes()).hexdigest(), int(s)) for t, s in zip(tokens, sources)]
         return out
 
-    whole = data.remix(str(tmp_path / "amber"), str(tmp_path / "whole"), weights, n_chunks=3, progress=False)
+    whole = remix.remix(str(tmp_path / "amber"), str(tmp_path / "whole"), weights, n_chunks=3, progress=False)
     got, before = rows_of(tmp_path / "whole", whole), rows_of(tmp_path / "amber", parent)
     names = [s["name"] for s in parent["sources"]]
     count = {}
@@ -579,28 +583,28 @@ def test_remix_takes_each_row_as_its_weight_says_resumes_and_holds_one_block(tmp
     assert {s["name"]: s["train_tokens"] for s in whole["sources"]}["arxiv"] == 2 * 2049 * sum(
         names[r[1]] == "arxiv" for r in before)
 
-    real = data._remix_chunk
+    real = remix._remix_chunk
 
     def die_after_first(src_dir, parent_m, out_dir, k, *args):
         if k == 1:
             raise KeyboardInterrupt
         return real(src_dir, parent_m, out_dir, k, *args)
 
-    monkeypatch.setattr(data, "_remix_chunk", die_after_first)
+    monkeypatch.setattr(remix, "_remix_chunk", die_after_first)
     with pytest.raises(KeyboardInterrupt):
-        data.remix(str(tmp_path / "amber"), str(tmp_path / "resumed"), weights, n_chunks=3, progress=False)
+        remix.remix(str(tmp_path / "amber"), str(tmp_path / "resumed"), weights, n_chunks=3, progress=False)
     assert not (tmp_path / "resumed" / "manifest.json").exists()
-    monkeypatch.setattr(data, "_remix_chunk", real)
-    data.remix(str(tmp_path / "amber"), str(tmp_path / "resumed"), weights, n_chunks=3, progress=False)
+    monkeypatch.setattr(remix, "_remix_chunk", real)
+    remix.remix(str(tmp_path / "amber"), str(tmp_path / "resumed"), weights, n_chunks=3, progress=False)
     for name in sorted(os.listdir(tmp_path / "whole")):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
 
-    monkeypatch.setattr(data, "REMIX_BLOCK", 32)
+    monkeypatch.setattr(remix, "REMIX_BLOCK", 32)
     peaks = []
     for name, rows in (("small", 300), ("large", 1200)):
         converted(name, rows)
         tracemalloc.start()
-        data.remix(str(tmp_path / name), str(tmp_path / f"{name}_remix"), weights, progress=False)
+        remix.remix(str(tmp_path / name), str(tmp_path / f"{name}_remix"), weights, progress=False)
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     chunk_bytes = 1200 * 2049 * 2  # 4.9 MB: the large data is two of them
@@ -619,7 +623,7 @@ def test_data_py_and_its_workers_never_load_torch():
 def test_a_fractional_remix_weight_takes_exactly_round_w_n_rows():
     """Weight 1.37 on 10 rows: each once, and round(0.37 * 10) = 4 of them again (floor would take 3)."""
     sources = np.array([0] * 10 + [1] * 7)
-    rows = data.remix_rows(sources, {0: 1.37, 1: 0.5}, seed=3, chunk=0)
+    rows = remix.remix_rows(sources, {0: 1.37, 1: 0.5}, seed=3, chunk=0)
     taken = np.bincount(rows, minlength=17)
     assert taken[:10].sum() == 14 and taken[:10].min() == 1 and taken[:10].max() == 2
     assert taken[10:].sum() == round(0.5 * 7) == 4 and taken[10:].max() == 1  # a seeded half, each row at most once

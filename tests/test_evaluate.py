@@ -161,6 +161,7 @@ def test_few_shot_prompts_are_deterministic_and_exclude_the_item(tmp_path):
 def test_a_model_that_prefers_the_gold_answer_scores_one(tmp_path):
     """Train a tiny model on the gold answers: accuracy 1.0; move the gold label and it drops."""
     import data
+    import prepare
     from model import Transformer
     from model_config import ModelConfig
 
@@ -169,7 +170,7 @@ def test_a_model_that_prefers_the_gold_answer_scores_one(tmp_path):
     docs = [{"id": str(i), "question": w(rng, 4) + "?", "choices": {"text": rng.sample(pairs, 4),  # 4 distinct
              "label": ["A", "B", "C", "D"]}, "answerKey": "ABCD"[i % 4]} for i in range(8)]
     lines = [w(rng, 8) for _ in range(400)] + [d["question"] for d in docs]
-    tok = data.Tokenizer("sentencepiece", data.train_sentencepiece(lines, 300))
+    tok = data.Tokenizer("sentencepiece", prepare.train_sentencepiece(lines, 300))
     model = Transformer(ModelConfig(vocab_size=300, dim=64, n_layer=2, n_head=4, intermediate_size=128,
                                     max_seq_len=64))
     model.init_weights(0)

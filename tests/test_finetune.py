@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import checkpoint
 import data
+import prepare
 import finetune as ft
 import train
 from conftest import trained_run, write_config
@@ -26,7 +27,7 @@ TURNS = [("What is two plus two?", "It is four."), ("And three plus three?", "Si
 @pytest.fixture(scope="module")
 def tok():
     lines = [q for q, _ in TURNS] + [a for _, a in TURNS] + ["USER: ASSISTANT: A chat. alpha beta gamma"] * 20
-    return data.Tokenizer("sentencepiece", data.train_sentencepiece(lines * 5, 320))
+    return data.Tokenizer("sentencepiece", prepare.train_sentencepiece(lines * 5, 320))
 
 
 def test_vicuna_text_and_mask_equal_a_hand_built_conversation(tok):

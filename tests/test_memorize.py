@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import prepare
 import memorize as mem
 from config import config_from_dict, config_to_dict
 from conftest import corpus_values, make_corpus
@@ -22,7 +23,7 @@ K, L = 16, 16
 def prepared(tmp_path_factory):
     root = make_corpus(tmp_path_factory.mktemp("mem_corpus"))
     cfg = config_from_dict(corpus_values(root, "data", dim=64, n_layer=2, n_head=4, intermediate_size=128))
-    data.prepare(cfg, progress=False)
+    prepare.prepare(cfg, progress=False)
     return root, cfg
 
 

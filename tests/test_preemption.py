@@ -12,6 +12,7 @@ import signal
 import pytest
 
 import data
+import convert_amber
 import evaluate
 import memorize
 from conftest import trained_run
@@ -43,15 +44,15 @@ def assert_stopped(main, argv, status, capsys):
 
 def test_convert_amber_stopped_after_a_chunk_goes_on_to_the_same_data_dir(tmp_path, monkeypatch, capsys):
     release = tmp_path / "release"
-    data.write_synthetic_release(str(release), 3, 40, row_length=257, vocab_size=500, seed=1)
-    argv = ["convert-amber", str(release), str(tmp_path / "once"), "--workers=1", "--vocab_size=500"]
-    data.main(argv)
-    argv[2] = str(tmp_path / "stopped")
-    undo = stop_after(monkeypatch, data, "_convert_file", 1, signal.SIGTERM)
-    assert_stopped(data.main, argv, 143, capsys)
+    convert_amber.write_synthetic_release(str(release), 3, 40, row_length=257, vocab_size=500, seed=1)
+    argv = [str(release), str(tmp_path / "once"), "--workers=1", "--vocab_size=500"]
+    convert_amber.main(argv)
+    argv[1] = str(tmp_path / "stopped")
+    undo = stop_after(monkeypatch, convert_amber, "_convert_file", 1, signal.SIGTERM)
+    assert_stopped(convert_amber.main, argv, 143, capsys)
     undo()
     assert not os.path.exists(tmp_path / "stopped" / "manifest.json")  # never a data dir that looks complete
-    data.main(argv)
+    convert_amber.main(argv)
     assert "1 of 3 chunks are done already" in capsys.readouterr().out
     once, stopped = (data.load_manifest(str(tmp_path / d)) for d in ("once", "stopped"))
     assert once["chunks"] == stopped["chunks"] and once["totals"] == stopped["totals"]

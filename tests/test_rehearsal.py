@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import data
+import convert_amber
 import memorize as mem
 from conftest import save_like_amber, write_config
 from config import config_from_dict
@@ -23,8 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.slow
 def test_amber_shaped_release_through_convert_train_inspect_memorize(tmp_path, capsys):
     release, data_dir, run_dir = tmp_path / "release", str(tmp_path / "amber_data"), tmp_path / "run"
-    data.write_synthetic_release(str(release), 3, 16, seed=7)
-    manifest = data.convert_amber(str(release), data_dir, workers=2, progress=False)
+    convert_amber.write_synthetic_release(str(release), 3, 16, seed=7)
+    manifest = convert_amber.convert_amber(str(release), data_dir, workers=2, progress=False)
     assert manifest["seq_len"] == 2048 and manifest["dtype"] == "uint16" and manifest["tokenizer"]["vocab_size"] == 32000
 
     values = dict(data_dir=data_dir, out_dir=str(run_dir), seq_len=2048, max_seq_len=2048, vocab_size=32000,

@@ -600,18 +600,18 @@ def test_init_from_starts_a_new_run_from_another_runs_checkpoint(corpus, referen
 def test_stages_train_one_data_dir_after_the_other(corpus):
     """CrystalCoder's three stages, in small: each stage its own prepared data dir, sharing
     the first stage's tokenizer; chunks count on across stages; memorize.py follows them."""
-    import data
     import memorize
+    import prepare
     from config import config_from_dict
 
     base = run_values(corpus, "staged")
     stage1 = config_from_dict(dict(base, data_dir=str(corpus / "stage1"), n_chunks=2,
                                    sources={"web": base["sources"]["web"]}))
-    data.prepare(stage1, progress=False)
+    prepare.prepare(stage1, progress=False)
     stage2 = config_from_dict(dict(base, data_dir=str(corpus / "stage2"), n_chunks=2,
                                    sources={"code": base["sources"]["code"]},
                                    tokenizer=str(corpus / "stage1" / "tokenizer.model")))
-    data.prepare(stage2, progress=False)
+    prepare.prepare(stage2, progress=False)
     train(corpus, "staged", stages=(str(corpus / "stage1"), str(corpus / "stage2")))
     state = json.loads((corpus / "staged" / "ckpt_003" / "state.json").read_text())
     assert state["schedule"] == [0, 1, 2, 3] and state["finished"]
@@ -625,7 +625,7 @@ def test_stages_train_one_data_dir_after_the_other(corpus):
     # another tokenizer in a later stage is refused
     other = config_from_dict(dict(base, data_dir=str(corpus / "stage_other"), n_chunks=2, seed=9,
                                   sources={"code": base["sources"]["code"]}))
-    data.prepare(other, progress=False)
+    prepare.prepare(other, progress=False)
     proc = train(corpus, "staged_bad", expect_ok=False, stages=(str(corpus / "stage1"), str(corpus / "stage_other")))
     assert "different tokenizers" in proc.stderr
 
@@ -694,11 +694,12 @@ def test_validation_is_over_a_seeded_sample_of_the_whole_mix(tmp_path, monkeypat
     losses computed row by row; the same rows and values on 2 ranks as on one. (The code
     before took the split's first rows: one source's.)"""
     import data
+    import prepare
 
     root = make_corpus(tmp_path)
     cfg = config_from_dict(corpus_values(root, "data", **SMALL_MODEL, val_fraction=0.3, val_sequences=6,
                                          micro_batch_size=4))
-    data.prepare(cfg, progress=False)
+    prepare.prepare(cfg, progress=False)
     manifest = data.load_manifest(cfg.data_dir)
     tokens, sources = data.open_split(cfg.data_dir, manifest["val"])
     assert (np.diff(sources) >= 0).all() and len(set(sources.tolist())) == 3  # stored source by source
@@ -807,9 +808,10 @@ def test_a_branch_with_other_data_goes_on_from_its_parent(corpus, reference):
     records the change; memorize.py and plot.py read the branch as any run."""
     import data
     import memorize
+    import remix as remixing
 
     remix = str(corpus / "remix_noweb")
-    data.main(["remix", str(corpus / "data"), remix, "--weights=web:0,code:2", "--chunks=1-2"])
+    remixing.main([str(corpus / "data"), remix, "--weights=web:0,code:2", "--chunks=1-2"])
     m = data.load_manifest(remix)
     assert m["config"]["remix_of"] == str(corpus / "data") and all(c["tokens_per_source"]["web"] == 0
                                                                    for c in m["chunks"])
