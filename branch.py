@@ -173,7 +173,8 @@ def start(run, parent, data_sha, precision):
     run.log.event("branch", **{"from": cfg.branch_from}, parent_run=parent.run_dir,
                   checkpoint=os.path.basename(parent.ckpt), checkpoint_sha256=parent.fingerprint, **start_at,
                   optimizer=optimizer, data=parent.new_dirs or "the parent's", stages=list(cfg.stages),
-                  changes=changes, world_size=run.world_size, **precision)
+                  changes=changes, world_size=run.world_size, **precision,
+                  checkpoint_format=checkpoint.run_format(parent.run_dir) if parent.state else checkpoint.FORMAT_VERSION)
     here = parent.ckpt
     if parent.state is not None:  # the branch point, linked first, then verified: what is loaded is what was checked
         here = os.path.join(cfg.out_dir, os.path.basename(parent.ckpt))

@@ -26,7 +26,9 @@ A checkpoint folder holds:
                                the data manifest's sha256, the config, the world size,
                                `metrics_lines` and `metrics_sha256`: the metrics.jsonl lines
                                up to it, `files`: the size and sha256 of every other file,
-                               and `state_sha256`: of state.json itself (but that key)
+                               `state_sha256`: of state.json itself (but that key), and
+                               `format_version` (FORMAT_VERSION; none: 1, written before
+                               checkpoints recorded files and digests, read as it is)
 
 A checkpoint is written into NAME.tmp and renamed into place, so a folder named
 ckpt_NNN is always complete; a resume verifies the newest against `files` and
@@ -82,6 +84,36 @@ def linked_checkpoints(run_dir):
     """Checkpoint names of a run dir that are symbolic links: never followed (another run's
     checkpoint, or one of this run's under a second name)."""
     return sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and os.path.islink(os.path.join(run_dir, n)))
+
+
+FORMAT_VERSION = 2  # state.json's format; 1 (no version): written before the integrity fields
+INTEGRITY = ("files", "state_sha256", "metrics_lines", "metrics_sha256", "total_steps")  # what 2 always records
+
+
+def integrity_problems(path, state):
+    """[] when a state.json holds what its format version promises; a current-version state
+    missing a field, or a state of an older version in a run dir started by code that
+    writes the current one (its ledger's first event says so), is damaged. The one place
+    that knows the older formats: version 1 records no files and no digests, and is read
+    as it is (its total_steps is planned again from the data)."""
+    version = state.get("format_version", 1)
+    started = run_format(os.path.dirname(os.path.abspath(path)))
+    if version < started:
+        return [f"state.json says format {version}, but its run dir was started by code that writes format {started} "
+                "(edited?)"]
+    missing = [k for k in INTEGRITY if k not in state] if version >= 2 else []
+    return [f"state.json lacks {', '.join(missing)}, which format {version} records (edited?)"] if missing else []
+
+
+def run_format(out_dir):
+    """The checkpoint format the code that started a run dir writes: its ledger's first
+    event records it (1 for a run dir started before it did)."""
+    try:
+        with open(os.path.join(out_dir, "ledger.jsonl")) as f:
+            first = json.loads(f.readline() or "{}")
+    except (OSError, ValueError):
+        return 1
+    return first.get("checkpoint_format", 1) if isinstance(first, dict) else 1
 
 
 def state_digest(state):
@@ -184,7 +216,8 @@ def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_s
     files = hash_files(tmp, rank, world_size)  # collective: each rank hashes a share
     t3 = time.perf_counter()
     if rank == 0:
-        full = state | {"config": config_to_dict(cfg), "world_size": world_size, "files": files}
+        full = state | {"config": config_to_dict(cfg), "world_size": world_size, "files": files,
+                        "format_version": FORMAT_VERSION}
         with open(os.path.join(tmp, "state.json"), "w") as f:
             f.write(json.dumps(full | {"state_sha256": state_digest(full)}, indent=1))
         if os.path.exists(path):  # the rolling checkpoint: replace the previous one
@@ -265,10 +298,13 @@ def verify_checkpoint(path, rank=0, world_size=1):
     state = read_state(path)
     if state is None:
         return ["state.json is missing or not valid JSON"]
+    problems = integrity_problems(path, state)
+    if problems:
+        return problems
     if "state_sha256" in state and state_digest(state) != state["state_sha256"]:
         return ["state.json was changed after it was written (its sha256 is not the one it records)"]
     files = state.get("files")
-    if files is None:
+    if files is None:  # format 1
         return []
     problems = []
     for name, rec in files.items():
@@ -356,7 +392,7 @@ def verify_metrics(out_dir, states):
 def check_metrics(out_dir, state, path, rank=0, world_size=1):
     """A resume refuses a metrics.jsonl whose first lines are not those its checkpoint
     recorded. Rank 0 reads the file (300k lines at AMBER's size) and tells the others."""
-    if "metrics_sha256" not in state:  # written before checkpoints recorded it
+    if state.get("format_version", 1) < 2:  # format 1 recorded no metrics digest
         return
     n, sha = broadcast0(metrics_digest(os.path.join(out_dir, "metrics.jsonl"), state["metrics_lines"])
                         if rank == 0 else None, world_size)
@@ -383,8 +419,8 @@ def verify_run(out_dir):
         if problems:
             bad += 1
             print(f"{name:14s} DAMAGED: {'; '.join(problems)}")
-        elif "files" not in st:
-            print(f"{name:14s} not checked: written before checkpoints recorded their files")
+        elif st.get("format_version", 1) < 2:
+            print(f"{name:14s} not checked: format 1, written before checkpoints recorded their files")
         else:
             print(f"{name:14s} ok ({len(st['files'])} files, {sum(r['bytes'] for r in st['files'].values()) / 1e6:,.1f} MB)")
     for name in linked_checkpoints(out_dir):

@@ -41,8 +41,8 @@ import convert_amber
 import prepare
 import memory
 import plot
-from checkpoint import (check_metrics, check_resumable, find_checkpoint, load_checkpoint, load_init_from,
-                        metrics_digest, read_state, resume_point, save_checkpoint, verify_run)
+from checkpoint import (FORMAT_VERSION, check_metrics, check_resumable, find_checkpoint, load_checkpoint,
+                        load_init_from, metrics_digest, read_state, resume_point, save_checkpoint, verify_run)
 from common import (all_reduce_sum, atomic_write, barrier, broadcast0, close_distributed, gather, hold_lock,
                     init_distributed, one_line_errors, print0, read_json, write_json_atomic, writing)
 from config import Config, ConfigError, config_to_dict, format_config, load_config, save_config
@@ -503,7 +503,7 @@ def start(run, resume, parent, data_sha, info, changes):
         save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
         write_json_atomic(os.path.join(cfg.out_dir, "run.json"), info)
     if not parent:
-        log.event("start", world_size=run.world_size,
+        log.event("start", world_size=run.world_size, checkpoint_format=FORMAT_VERSION,
                   parallel="fsdp" if run.fsdp else "ddp" if run.world_size > 1 else "single", **precision)
     return state
 

@@ -341,6 +341,48 @@ def test_a_damaged_old_checkpoint_blocks_nothing_and_verify_finds_it(corpus, ref
     assert "DAMAGED: optimizer.pt: sha256 differs" in lines["ckpt_002"]
 
 
+def test_a_stripped_state_json_is_damaged_and_a_format_1_checkpoint_reads_as_it_is(corpus, reference, tmp_path):
+    """A state.json of the current format without its integrity fields is damaged, and so
+    is one that also lost its format version in a run dir started by the current code; a
+    run dir of format 1 (no version, no digests, as older code wrote it) is read as it is:
+    verify says "not checked", and a resume takes its newest checkpoint."""
+    import shutil
+
+    from common import link_tree
+
+    def strip(run, name, keys):
+        path = run / name / "state.json"
+        state = json.loads(path.read_text())
+        path.unlink()  # a hard link of the reference's: replaced, not written through
+        path.write_text(json.dumps({k: v for k, v in state.items() if k not in keys}, indent=1))
+
+    verify = [sys.executable, os.path.join(ROOT, "train.py"), "verify"]
+    run = tmp_path / "stripped"
+    link_tree(str(reference), str(run))
+    strip(run, "ckpt_001", ("files", "state_sha256", "metrics_sha256"))
+    strip(run, "ckpt_002", ("files", "state_sha256", "metrics_sha256", "format_version"))
+    lines = {line.split()[0]: line for line in subprocess.run(verify + [str(run)], capture_output=True,
+                                                                 text=True).stdout.splitlines()}
+    assert "DAMAGED: state.json lacks files, state_sha256, metrics_sha256" in lines["ckpt_001"]
+    assert "DAMAGED: state.json says format 1, but its run dir was started by code that writes format 2" \
+        in lines["ckpt_002"]
+    old = tmp_path / "format_1"
+    link_tree(str(reference), str(old))
+    events = (old / "ledger.jsonl").read_text().splitlines()
+    first = {k: v for k, v in json.loads(events[0]).items() if k != "checkpoint_format"}
+    (old / "ledger.jsonl").unlink()
+    (old / "ledger.jsonl").write_text("\n".join([json.dumps(first)] + events[1:]) + "\n")
+    for name in ("ckpt_000", "ckpt_001", "ckpt_002"):
+        strip(old, name, ("files", "state_sha256", "metrics_sha256", "format_version", "total_steps"))
+    proc = subprocess.run(verify + [str(old)], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.count("not checked: format 1") == 3, proc.stdout
+    log = train_py.RunLog(str(old), 0)
+    assert checkpoint.resume_point(str(old), log) == str(old / "ckpt_002")
+    assert torch.equal(checkpoint.load_model(str(old / "ckpt_002")).tok_emb.weight,
+                       checkpoint.load_model(str(reference / "ckpt_002")).tok_emb.weight)
+    shutil.rmtree(run)
+
+
 def rolling_weights(run_dir):
     """The weights of ckpt_rolling, as model.safetensors or (FSDP) as the ranks' DCP shards."""
     return checkpoint.load_model(os.path.join(run_dir, "ckpt_rolling")).state_dict()
