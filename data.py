@@ -247,12 +247,14 @@ def load_tokenizer(data_dir, manifest=None):
     return Tokenizer("sentencepiece", blob)
 
 
-def check_vocab(manifest, model_cfg, where=""):
-    """Refuse a model whose embedding table cannot hold every token id of the data."""
+def check_vocab(manifest, model_cfg, where="", error=None):
+    """Refuse a model whose embedding table cannot hold every token id of the data (train.py
+    before training; memorize.py before scoring a checkpoint on a data dir)."""
     vocab = manifest["tokenizer"]["vocab_size"]
     if vocab > model_cfg.vocab_size:
-        raise DataError(f"{where}the data's tokenizer has {vocab} tokens but the model's vocab_size is "
-                        f"{model_cfg.vocab_size}: set vocab_size >= {vocab} or prepare the data with this model")
+        raise (error or DataError)(f"{where}the data's tokenizer has {vocab} tokens but the model's vocab_size is "
+                                   f"{model_cfg.vocab_size}: set vocab_size >= {vocab}, or give data of the "
+                                   "model's own tokenizer")
 
 
 def stage_dirs(config):

@@ -21,7 +21,6 @@ model "llm360" (model_args="checkpoint=PATH"), to run any harness task.
 """
 
 import glob
-import hashlib
 import json
 import math
 import os
@@ -36,8 +35,10 @@ import checkpoint
 import data
 import model as model_module
 import sandbox
+import sweeping
+import tasks
 from tasks import FEWSHOT, load_task
-from common import (UserError, as_bool, code_version, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, iter_jsonl, read_jsonl,
+from common import (UserError, as_bool, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, iter_jsonl, read_jsonl,
                     sha256_file, wait_for_ranks, write_text_atomic)
 from machine import torch_device
 from model import KVCache
@@ -54,26 +55,17 @@ class EvalError(UserError):
 # what a result depends on, and which checkpoints there are
 
 
-def scorer_version():
-    """sha256 of the code that computes a score (this file and model.py), part of every
-    result's cache key: after any change to them a rerun scores again (rows of older code
-    stay in evals.jsonl, unused)."""
-    if "scorer" not in _SCORER:
-        _SCORER["scorer"] = code_version(__file__, model_module.__file__)
-    return _SCORER["scorer"]
-
-
-_SCORER = {}
+SCORER_FILES = tuple(os.path.abspath(f) for f in (__file__, model_module.__file__, tasks.__file__))  # a score's code
 
 
 def result_key(task, task_sha, limit, tokenizer, weights=None):
     """What a result depends on: the checkpoint's weights (checkpoint.identity's
     fingerprint), the task's files (or text, or validation split), how many rows
-    (--limit), the few-shot count, the tokenizer and the scoring code. evals.jsonl rows
-    are reused only when all of these are equal."""
+    (--limit), the few-shot count, the tokenizer and the scoring code (this file, model.py
+    and tasks.py). evals.jsonl rows are reused only when all of these are equal."""
     parts = {"task": task, "task_sha256": task_sha, "limit": limit, "n_shots": FEWSHOT.get(task),
-             "tokenizer": tokenizer, "scorer": scorer_version(), "weights": weights}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+             "tokenizer": tokenizer, "weights": weights}
+    return sweeping.result_key(parts, *SCORER_FILES)
 
 
 def checkpoints_to_evaluate(run_dir):
@@ -339,9 +331,6 @@ def multiple_choice(model, tok, task, docs, shots_from, n_shots=None):
 
 HUMANEVAL_STOP = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]
 
-COMPILE_MIN_STEPS = 10_000  # generated tokens per checkpoint from which compile="auto" compiles decoding
-
-
 def complete(model, tok, prompt, max_new_tokens, stop, compile=False):
     keep = max(1, model.config.max_seq_len - max_new_tokens)  # the prompt's last tokens that fit beside the answer
     ids = ([tok.prefix_id] + tok.encode(prompt))[-keep:]
@@ -353,10 +342,9 @@ def complete(model, tok, prompt, max_new_tokens, stop, compile=False):
 
 
 def code_task(model, tok, task, docs, max_new_tokens=128, timeout=10.0, compile="auto", allow_code_execution=False):
-    """pass@1 of HumanEval or MBPP rows; compile: True, False, or "auto" (compile the
-    decoding step when the task generates COMPILE_MIN_STEPS tokens or more)."""
-    if compile == "auto":
-        compile = len(docs) * max_new_tokens >= COMPILE_MIN_STEPS
+    """pass@1 of HumanEval or MBPP rows; compile: True, False, or "auto" (sweeping.compile_decoding
+    of the tokens the task generates)."""
+    compile = sweeping.compile_decoding(compile, len(docs) * max_new_tokens)
     per_doc = []
     for doc in docs:
         if task == "humaneval":
@@ -427,10 +415,7 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
         raise EvalError(f"--text={text}: no such file")
     # a missing or empty run dir, or an unknown checkpoint, stops here, before anything is written
     names = {os.path.basename(os.path.normpath(p)): p for p in checkpoints_to_evaluate(run_dir)}
-    unknown = set(checkpoints or ()) - set(names)
-    if unknown:
-        raise EvalError(f"{run_dir} has no checkpoint {', '.join(sorted(unknown))}; it has {', '.join(names)}")
-    paths = [p for name, p in names.items() if not checkpoints or name in checkpoints]
+    paths = [names[n] for n in sweeping.pick(run_dir, list(names), checkpoints, EvalError)]
     token = rank_token(world_size)
     if rank == 0:  # one evaluation per run dir at a time (training may go on beside it)
         hold_lock(os.path.join(run_dir, "evals.lock"), "an evaluate.py sweep")
@@ -480,7 +465,7 @@ def _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, al
             for r in rows:
                 f.write(json.dumps({"checkpoint": name, "step": info["step"], "tokens": info["tokens"],
                                     "task": task, **r, "limit": limit, "tokenizer": info["tokenizer"],
-                                    "scorer": scorer_version(), "key": key}) + "\n")
+                                    "scorer": sweeping.code_hash(*SCORER_FILES), "key": key}) + "\n")
         print(f"{name} {task}: " + ", ".join(f"{r['metric']} {r['value']:.4f}" for r in rows), flush=True)
 
 

@@ -21,11 +21,10 @@ checkpoint the score distribution and k-extractible share (Figure 7), the
 checkpoint x chunk matrix of mean scores (Figure 8), and the correlation of
 per-sequence scores and of k-extractibility between checkpoints (Figure 9), as
 printed tables, CSV files, and PNG figures. --compile=auto compiles the decoding
-step (torch.compile; CUDA graphs on a GPU) for a checkpoint with COMPILE_MIN_STEPS
+step (torch.compile; CUDA graphs on a GPU) for a checkpoint with sweeping.COMPILE_MIN_STEPS
 decoding steps or more to run; True or False forces it.
 """
 
-import hashlib
 import json
 import os
 import sys
@@ -36,7 +35,8 @@ import torch
 import checkpoint
 import data
 import model as model_module
-from common import (UserError, as_bool, code_version, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, wait_for_ranks,
+import sweeping
+from common import (UserError, as_bool, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, wait_for_ranks,
                     write_json_atomic)
 from plot import plot_memorization
 
@@ -108,25 +108,18 @@ def score_pair(model, tokens, sources, indices, k, l, batch_size, device, compil
 # the analysis
 
 
-COMPILE_MIN_STEPS = 10_000  # decoding steps per checkpoint from which compile="auto" compiles the step
-
-
 def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_dir=None, batch_size=64, seed=0,
         rank=0, world_size=1, device=None, compile="auto"):
     """Score every (checkpoint, chunk) pair not yet on disk; returns the result files' paths.
     compile: True, False, or "auto": compile the decoding step for a checkpoint whose pairs
-    here take COMPILE_MIN_STEPS steps or more (a compile takes seconds to a minute)."""
+    here take sweeping.COMPILE_MIN_STEPS steps or more (a compile takes seconds to a minute)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for key, value in (("k", k), ("l", l), ("samples", samples), ("batch_size", batch_size)):
         if value < 1:
             raise MemorizeError(f"{key}={value}: must be >= 1")
     ckpts = checkpoints_of(run_dir)
-    if checkpoints:
-        unknown = set(checkpoints) - {c[0] for c in ckpts}
-        if unknown:
-            raise MemorizeError(f"{run_dir} has no checkpoint {', '.join(sorted(unknown))}; it has "
-                                f"{', '.join(c[0] for c in ckpts)}")
-        ckpts = [c for c in ckpts if c[0] in checkpoints]
+    picked = sweeping.pick(run_dir, [c[0] for c in ckpts], checkpoints, MemorizeError)
+    ckpts = [c for c in ckpts if c[0] in picked]
     dirs = [data_dir] if data_dir else ckpts[-1][3]  # the newest: a branch's stages extend its parent's
     if dirs is None:
         raise MemorizeError("these checkpoints do not name their data: give --data_dir (converted AMBER chunks)")
@@ -164,13 +157,13 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
             model_for.clear()
             model, _, _ = checkpoint.load(path, device, need_tokenizer=False)
             model_for[name] = model
-        check_vocab(model_for[name], manifest, path)
+        data.check_vocab(manifest, model_for[name].config, where=f"{path}: ", error=MemorizeError)
         # a chunk's sha256 is checked once per process, not once per checkpoint: at AMBER's
         # 360 checkpoints that is 7 GB read once instead of up to 360 times
         tokens, sources = data.open_split(d, manifest["chunks"][local], verify=(d, local) not in verified)
         verified.add((d, local))
         indices = sample_indices(len(tokens), samples, seed, chunk)
-        use_compile = steps[name] >= COMPILE_MIN_STEPS if compile == "auto" else bool(compile)
+        use_compile = sweeping.compile_decoding(compile, steps[name])
         scores, srcs = score_pair(model_for[name], tokens, sources, indices, k, l, batch_size, device, use_compile)
         names = [s["name"] for s in manifest["sources"]]
         write_json_atomic(file, {"checkpoint": name, "chunk": chunk, "seen": was_seen, "k": k, "l": l, "samples": samples,
@@ -182,25 +175,12 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
     return files
 
 
-_CODE = {}
-
-
 def result_key(weights, chunk_sha256, k, l, samples, seed):
     """What a (checkpoint, chunk) result depends on: the checkpoint's weights (their
     fingerprint, checkpoint.identity), the chunk's sha256, k, l, the samples and their
     seed, and the code that computes the scores (this file and model.py)."""
-    if "code" not in _CODE:
-        _CODE["code"] = code_version(__file__, model_module.__file__)
-    parts = {"weights": weights, "chunk_sha256": chunk_sha256, "k": k, "l": l,
-             "samples": samples, "seed": seed, "code": _CODE["code"]}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_vocab(model, manifest, where):
-    vocab = manifest["tokenizer"]["vocab_size"]
-    if vocab > model.config.vocab_size:
-        raise MemorizeError(f"{where}: the model's vocab_size is {model.config.vocab_size} but the data's token ids "
-                            f"go up to {vocab - 1}: these checkpoints were not trained on this data")
+    parts = {"weights": weights, "chunk_sha256": chunk_sha256, "k": k, "l": l, "samples": samples, "seed": seed}
+    return sweeping.result_key(parts, __file__, model_module.__file__)
 
 
 def read_result(path):

@@ -283,7 +283,7 @@ def test_results_are_reused_only_when_everything_that_makes_them_is_equal(run, t
                 if r["metric"] == "acc" and r["n"] == n_full)
     assert float(scores["arc_challenge/acc"]) == pytest.approx(full, rel=1e-5)
     monkeypatch.undo()
-    monkeypatch.setitem(ev._SCORER, "scorer", "changed-code")
+    monkeypatch.setattr(ev.sweeping, "code_hash", lambda *files: "changed-code")
     assert arc(ev.sweep(str(run_dir), ["arc_challenge"], str(tasks))) == [2, n_full, n_full]
 
 
