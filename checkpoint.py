@@ -166,7 +166,7 @@ def full_state_dict(raw_model, fsdp):
     return {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous() for k, v in sd.items()}
 
 
-def save_checkpoint(path, raw_model, optimizer, state, cfg, rank, world_size, fsdp, *, consolidated=True):
+def save_checkpoint(path, raw_model, optimizer, state, cfg, *, rank, world_size, fsdp, consolidated=True):
     """Write a checkpoint folder atomically: everything into path.tmp, then one rename.
     consolidated=False under FSDP: the weights as each rank's shard (model/), not gathered
     into model.safetensors. Returns the seconds each part took and the bytes written."""
@@ -179,7 +179,7 @@ def save_checkpoint(path, raw_model, optimizer, state, cfg, rank, world_size, fs
     barrier(world_size)
     try:
         with writing(tmp):
-            return _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp,
+            return _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank=rank, world_size=world_size, fsdp=fsdp,
                                      consolidated=consolidated or not fsdp)
     except OSError:
         if rank == 0:  # a full disk: give back what the unfinished checkpoint took
@@ -187,7 +187,7 @@ def save_checkpoint(path, raw_model, optimizer, state, cfg, rank, world_size, fs
         raise
 
 
-def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank, world_size, fsdp, *, consolidated):
+def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, *, rank, world_size, fsdp, consolidated):
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()

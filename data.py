@@ -393,7 +393,7 @@ class ChunkReader:
     1,706,976 sequences of each chunk).
     """
 
-    def __init__(self, data_dir, chunk, seed, global_batch_size, micro_batch_size, rank=0, world_size=1,
+    def __init__(self, data_dir, chunk, seed, global_batch_size, micro_batch_size, *, rank=0, world_size=1,
                  verify=True, manifest=None):
         manifest = manifest or load_manifest(data_dir)
         if not 0 <= chunk < len(manifest["chunks"]):

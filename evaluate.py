@@ -341,7 +341,7 @@ def complete(model, tok, prompt, max_new_tokens, stop, compile=False):
     return text[:cut]
 
 
-def code_task(model, tok, task, docs, max_new_tokens=128, timeout=10.0, compile="auto", allow_code_execution=False):
+def code_task(model, tok, task, docs, *, max_new_tokens=128, timeout=10.0, compile="auto", allow_code_execution=False):
     """pass@1 of HumanEval or MBPP rows; compile: True, False, or "auto" (sweeping.compile_decoding
     of the tokens the task generates)."""
     compile = sweeping.compile_decoding(compile, len(docs) * max_new_tokens)
@@ -366,7 +366,7 @@ def code_task(model, tok, task, docs, max_new_tokens=128, timeout=10.0, compile=
 # the sweep over checkpoints (the task files: tasks.py)
 
 
-def evaluate_checkpoint(model, tok, info, task, task_dir, limit=None, text=None, allow_code_execution=False):
+def evaluate_checkpoint(model, tok, info, task, task_dir, *, limit=None, text=None, allow_code_execution=False):
     """[{metric, value, n, task_sha256, items}] of one task on one model (items: each row's value,
     for the multiple-choice and code tasks)."""
     if task == "ppl":
@@ -395,7 +395,7 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, limit=None, text=None,
             for k, v in metrics.items()]
 
 
-def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None, device="cpu", rank=0,
+def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=None, device="cpu", rank=0,
           world_size=1, allow_code_execution=False):
     """Evaluate every checkpoint x task not yet in RUN_DIR/evals.jsonl; return all rows.
 
@@ -426,7 +426,8 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
     damaged = []
     for path in paths[rank::world_size]:
         try:
-            _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, allow_code_execution)
+            _sweep_checkpoint(path, tasks, task_dir, limit=limit, text=text, device=device, done=done, mine=mine,
+                          allow_code_execution=allow_code_execution)
         except checkpoint.CheckpointError as e:  # a damaged checkpoint stops nothing else: it is named at the end
             if len(paths) == 1:
                 raise
@@ -441,7 +442,7 @@ def sweep(run_dir, tasks, task_dir=None, checkpoints=None, limit=None, text=None
     return rows if rank == 0 else None
 
 
-def _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, allow_code_execution):
+def _sweep_checkpoint(path, tasks, task_dir, *, limit, text, device, done, mine, allow_code_execution):
     """The tasks of one checkpoint that are not done, appended to the rank's file."""
     name = os.path.basename(os.path.normpath(path))
     model = tok = None
@@ -460,7 +461,8 @@ def _sweep_checkpoint(path, tasks, task_dir, limit, text, device, done, mine, al
             continue
         if model is None:
             model, tok, info = checkpoint.load(path, device)
-        rows = evaluate_checkpoint(model, tok, info, task, task_dir, limit, text, allow_code_execution)
+        rows = evaluate_checkpoint(model, tok, info, task, task_dir, limit=limit, text=text,
+                                           allow_code_execution=allow_code_execution)
         with open(mine, "a") as f:
             for r in rows:
                 f.write(json.dumps({"checkpoint": name, "step": info["step"], "tokens": info["tokens"],
@@ -595,9 +597,10 @@ def main(argv):
                                         "device": torch_device, "allow_code_execution": as_bool}, EvalError)
         rank, world_size, device = init_distributed()  # one process: rank 0 of 1, on a GPU if there is one
         sweep(argv[0], opts.get("tasks", "ppl").split(","), opts.get("task_dir"),
-              opts["checkpoints"].split(",") if "checkpoints" in opts else None,
-              _whole_number(opts["limit"], "--limit") if "limit" in opts else None, opts.get("text"),
-              opts.get("device", device), rank, world_size, opts.get("allow_code_execution", False))
+              checkpoints=opts["checkpoints"].split(",") if "checkpoints" in opts else None,
+              limit=_whole_number(opts["limit"], "--limit") if "limit" in opts else None, text=opts.get("text"),
+              device=opts.get("device", device), rank=rank, world_size=world_size,
+              allow_code_execution=opts.get("allow_code_execution", False))
 
 
 if __name__ == "__main__":

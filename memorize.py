@@ -98,7 +98,7 @@ def memorization_scores(generated, truth):
     return (np.asarray(generated) == np.asarray(truth)).mean(axis=1)
 
 
-def score_pair(model, tokens, sources, indices, k, l, batch_size, device, compile=False):
+def score_pair(model, tokens, sources, indices, k, l, *, batch_size, device, compile=False):
     rows = np.asarray(tokens[indices], dtype=np.int64)
     generated = greedy_continuations(model, rows[:, :k], l, batch_size, device, compile=compile)
     return memorization_scores(generated, rows[:, k : k + l]), sources[indices]
@@ -108,7 +108,7 @@ def score_pair(model, tokens, sources, indices, k, l, batch_size, device, compil
 # the analysis
 
 
-def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_dir=None, batch_size=64, seed=0,
+def run(run_dir, *, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_dir=None, batch_size=64, seed=0,
         rank=0, world_size=1, device=None, compile="auto"):
     """Score every (checkpoint, chunk) pair not yet on disk; returns the result files' paths.
     compile: True, False, or "auto": compile the decoding step for a checkpoint whose pairs
@@ -164,7 +164,8 @@ def run(run_dir, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_
         verified.add((d, local))
         indices = sample_indices(len(tokens), samples, seed, chunk)
         use_compile = sweeping.compile_decoding(compile, steps[name])
-        scores, srcs = score_pair(model_for[name], tokens, sources, indices, k, l, batch_size, device, use_compile)
+        scores, srcs = score_pair(model_for[name], tokens, sources, indices, k, l, batch_size=batch_size, device=device,
+                                  compile=use_compile)
         names = [s["name"] for s in manifest["sources"]]
         write_json_atomic(file, {"checkpoint": name, "chunk": chunk, "seen": was_seen, "k": k, "l": l, "samples": samples,
                            "seed": seed, "key": key, "data_dir": d, "chunk_in_data_dir": local,

@@ -148,7 +148,8 @@ def release(run_dir, out_dir=None):
     if os.path.isdir(os.path.join(run_dir, "memorization")):
         copied += link_tree(os.path.join(run_dir, "memorization"), os.path.join(out_dir, "memorization"))
 
-    card = model_card(run_dir, out_dir, cfg, last_state, manifests, data_dsts, index, hf_reason)
+    card = model_card(run_dir, out_dir, cfg, last_state, manifests=manifests, data_dsts=data_dsts, index=index,
+                      hf_reason=hf_reason)
     write_text_atomic(os.path.join(out_dir, "README.md"), card)
     print(f"released {len(ckpts)} checkpoints of {run_dir} to {out_dir} ({copied / 1e6:.1f} MB copied where "
           "hard links were not possible)")
@@ -250,7 +251,7 @@ def _last_metrics(path):
     return train, val
 
 
-def model_card(run_dir, out_dir, cfg, state, manifests, data_dsts, index, hf_reason):
+def model_card(run_dir, out_dir, cfg, state, *, manifests, data_dsts, index, hf_reason):
     name = os.path.basename(os.path.normpath(run_dir))
     run = read_json(os.path.join(run_dir, "run.json")) if os.path.exists(os.path.join(run_dir, "run.json")) else {}
     commit = run.get("git_commit") or "unknown"

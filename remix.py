@@ -109,7 +109,8 @@ def remix(src_dir, out_dir, weights, chunks=None, n_chunks=None, seed=0, progres
             entries.append(read_json(rec_path, "remove it: its chunk is remixed again"))
             bar.update(len(order))
             continue
-        entries.append(_remix_chunk(src_dir, parent, out_dir, k, pairs, order, dtype, L, names, bar))
+        entries.append(_remix_chunk(src_dir, parent, out_dir, k, pairs=pairs, order=order, dtype=dtype, L=L, names=names,
+                                   bar=bar))
         write_json_atomic(rec_path, entries[-1])
     bar.close()
     del pairs
@@ -138,7 +139,7 @@ def _remix_weights(text):
         raise DataError(f"--weights={text!r}: write source:weight pairs, e.g. books:2,code:0.5") from None
 
 
-def _remix_chunk(src_dir, parent, out_dir, k, pairs, order, dtype, L, names, bar):
+def _remix_chunk(src_dir, parent, out_dir, k, *, pairs, order, dtype, L, names, bar):
     """Chunk k of a remix: the rows at `order` of the taken (chunk, row, source) triples,
     gathered from the parent's memory-mapped chunk files block by block, written under a
     temporary name, then renamed."""

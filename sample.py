@@ -44,7 +44,7 @@ def check_sampling(max_new_tokens, temperature, top_k, min_len):
         raise UserError(f"min_len={min_len}: give at least 1")
 
 
-def sample_text(ckpt_dir, prompt="", max_new_tokens=200, temperature=0.8, top_k=200, seed=1337, device=None,
+def sample_text(ckpt_dir, prompt="", *, max_new_tokens=200, temperature=0.8, top_k=200, seed=1337, device=None,
                 out=None, chat=False, trace=False, min_len=8):
     """Write the prompt and what the checkpoint writes after it to `out` (default stdout),
     piece by piece, until EOS or max_new_tokens; return the new text. trace=True then lists

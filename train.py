@@ -133,7 +133,7 @@ _VAL_VERIFIED = set()
 
 
 @torch.no_grad()
-def validation_loss(model, data_dir, manifest, cfg, rank, world_size, device, autocast, ref_model=None):
+def validation_loss(model, data_dir, manifest, cfg, *, rank, world_size, device, autocast, ref_model=None):
     """{"val_loss": mean loss over a seeded sample of val_sequences rows of the whole held-out
     split (the counted tokens' mean for "lm", the pairs' for "dpo"), "val_loss/<source>":
     over val_sequences rows of each source (data.validation_rows), and for "dpo" each
@@ -548,8 +548,8 @@ def train_step(run, reader, lr):
 
 
 def validate(run, data_dir, manifest):
-    return validation_loss(run.model, data_dir, manifest, run.cfg, run.rank, run.world_size, run.device, run.autocast,
-                           run.ref_model)
+    return validation_loss(run.model, data_dir, manifest, run.cfg, rank=run.rank, world_size=run.world_size,
+                           device=run.device, autocast=run.autocast, ref_model=run.ref_model)
 
 
 def save(run, state, name, reader=None):
@@ -561,7 +561,7 @@ def save(run, state, name, reader=None):
     digest = metrics_digest(run.log.metrics_path) if run.rank == 0 else None  # the metrics up to this checkpoint
     state["metrics_lines"], state["metrics_sha256"] = broadcast0(digest, run.world_size)
     info = save_checkpoint(os.path.join(run.cfg.out_dir, name), run.raw_model, run.optimizer, state, run.cfg,
-                           run.rank, run.world_size, run.fsdp, consolidated=reader is None)
+                           rank=run.rank, world_size=run.world_size, fsdp=run.fsdp, consolidated=reader is None)
     return info | {"peak_mem_gb": [round(m, 2) for m in gather(peak_memory_gb(run.device), run.world_size)]}
 
 
@@ -703,7 +703,7 @@ def _train(run, state, preemption):
         data_dir, manifest, local = run.table[chunk]  # `chunk` counts over all stages
         data.check_split(data_dir, manifest["chunks"][local], rank, run.world_size)
         reader = data.ChunkReader(data_dir, local, cfg.seed, cfg.global_batch_size, cfg.micro_batch_size,
-                                  rank, run.world_size, verify=False, manifest=manifest)
+                                  rank=rank, world_size=run.world_size, verify=False, manifest=manifest)
         if state["reader"]:
             reader.load_state_dict(state["reader"])
         bar = tqdm(total=reader.steps, initial=reader.step, desc=f"chunk {chunk} ({pos + 1}/{len(state['schedule'])})",

@@ -156,7 +156,7 @@ def step_contents(cfg, chunk, step, world_size, micro):
     """All sequences that `step` trains on, gathered over ranks and micro-batches, sorted."""
     got = []
     for rank in range(world_size):
-        reader = ChunkReader(cfg.data_dir, chunk, cfg.seed, cfg.global_batch_size, micro, rank, world_size)
+        reader = ChunkReader(cfg.data_dir, chunk, cfg.seed, cfg.global_batch_size, micro, rank=rank, world_size=world_size)
         for m in range(reader.accum):
             x, y = reader.batch(step, m)
             assert x.shape == (micro, cfg.seq_len) and np.array_equal(x[:, 1:], y[:, :-1])
@@ -174,7 +174,7 @@ def test_steps_do_not_depend_on_world_size_or_micro_batch(prepared):
                 assert step_contents(prepared, chunk, step, world_size, micro) == ref
     # the order inside a chunk is a function of (seed, chunk) alone
     a = ChunkReader(prepared.data_dir, 1, prepared.seed, 8, 2).order
-    assert np.array_equal(a, ChunkReader(prepared.data_dir, 1, prepared.seed, 8, 4, 1, 2).order)
+    assert np.array_equal(a, ChunkReader(prepared.data_dir, 1, prepared.seed, 8, 4, rank=1, world_size=2).order)
     assert not np.array_equal(a, ChunkReader(prepared.data_dir, 1, prepared.seed + 1, 8, 2).order)
 
 
@@ -539,8 +539,8 @@ def test_a_swapped_tokenizer_or_damaged_validation_split_is_refused(prepared, tm
     del val
     model = Transformer(cfg.model)
     with pytest.raises(DataError, match="val.npy"):
-        train.validation_loss(model, str(copy), data.load_manifest(str(copy)), cfg, 0, 1, torch.device("cpu"),
-                              torch.autocast("cpu", enabled=False))
+        train.validation_loss(model, str(copy), data.load_manifest(str(copy)), cfg, rank=0, world_size=1,
+                              device=torch.device("cpu"), autocast=torch.autocast("cpu", enabled=False))
 
 
 def test_remix_takes_each_row_as_its_weight_says_resumes_and_holds_one_block(tmp_path, monkeypatch):
@@ -585,10 +585,10 @@ def test_remix_takes_each_row_as_its_weight_says_resumes_and_holds_one_block(tmp
 
     real = remix._remix_chunk
 
-    def die_after_first(src_dir, parent_m, out_dir, k, *args):
+    def die_after_first(src_dir, parent_m, out_dir, k, **kw):
         if k == 1:
             raise KeyboardInterrupt
-        return real(src_dir, parent_m, out_dir, k, *args)
+        return real(src_dir, parent_m, out_dir, k, **kw)
 
     monkeypatch.setattr(remix, "_remix_chunk", die_after_first)
     with pytest.raises(KeyboardInterrupt):

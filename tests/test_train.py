@@ -748,7 +748,7 @@ def test_validation_is_over_a_seeded_sample_of_the_whole_mix(tmp_path, monkeypat
     model = Transformer(cfg.model)
     model.init_weights(0)
     cpu, off = torch.device("cpu"), torch.autocast("cpu", enabled=False)
-    got = train_py.validation_loss(model, cfg.data_dir, manifest, cfg, 0, 1, cpu, off)
+    got = train_py.validation_loss(model, cfg.data_dir, manifest, cfg, rank=0, world_size=1, device=cpu, autocast=off)
 
     def mean_loss(rows):  # row by row: the sum of each row's token losses over all their tokens
         sums = []
@@ -768,9 +768,9 @@ def test_validation_is_over_a_seeded_sample_of_the_whole_mix(tmp_path, monkeypat
     # two ranks: each runs its share, then the sums are reduced
     shares = {}
     monkeypatch.setattr(train_py, "all_reduce_sum", lambda x, ws: shares.setdefault("rank1", x.clone()))
-    train_py.validation_loss(model, cfg.data_dir, manifest, cfg, 1, 2, cpu, off)
+    train_py.validation_loss(model, cfg.data_dir, manifest, cfg, rank=1, world_size=2, device=cpu, autocast=off)
     monkeypatch.setattr(train_py, "all_reduce_sum", lambda x, ws: x.add_(shares["rank1"]))
-    two = train_py.validation_loss(model, cfg.data_dir, manifest, cfg, 0, 2, cpu, off)
+    two = train_py.validation_loss(model, cfg.data_dir, manifest, cfg, rank=0, world_size=2, device=cpu, autocast=off)
     assert two.keys() == got.keys() and all(two[k] == pytest.approx(got[k], rel=1e-12) for k in got)
     # the sample is uniform: every row of a 40-row split is drawn 2,000 x 8 / 40 times, within chance
     counts = np.bincount(np.concatenate([data.validation_rows(np.zeros(40, int), 8, s)[0] for s in range(2000)]),
