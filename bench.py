@@ -7,7 +7,7 @@ Benchmark of model.py against transformers on this machine, in float32.
     python bench.py convert
     python bench.py prepare
     python bench.py figures [RUN_DIR]
-    python bench.py trace [DATA_DIR]                        trace.py: index build, memory, query latency
+    python bench.py trace [DATA_DIR]                        tracing.py: index build, memory, query latency
     python bench.py rehearsal [FOLDER]                      AMBER's tensors on 2 CPU ranks: kill, resume
     python bench.py gpu [CONFIG] [--device=cpu --smoke]     the GPU check (gpu_check.py)
     python bench.py fused [CONFIG]                          model.py's plain steps against fused.py's
@@ -518,7 +518,7 @@ def bench_figures(run_dir="runs/tiny", reps=5):
 
 
 def bench_trace(data_dir="data/tiny", spans=200, span_len=32):
-    """trace.py at the main job's data: the index build (ours, from the chunk files) in
+    """tracing.py at the main job's data: the index build (ours, from the chunk files) in
     tokens/s against infini-gram's own pipeline from JSON lines of the same rows' text (the
     one way it runs offline: UTF-8 bytes, no tokenizer), and peak memory as the data grows
     4x (a remix of every source at weight 4); query latency of a 32-token span; the

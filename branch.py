@@ -27,7 +27,7 @@ its parent's deletion; the branch point is linked first and verified there, so w
 loaded is what was checked, even from a parent still training; metrics.jsonl starts with
 the parent's lines up to it; the ledger's first event, "branch", names the parent, the
 checkpoint and its sha256, the stages and every change. evaluate.py, memorize.py,
-release.py, plot.py and trace.py read it as any run. Running the same command again
+release.py, plot.py and tracing.py read it as any run. Running the same command again
 resumes the branch, however the branch point is written (the path is resolved once). A
 branch never writes into its parent's run dir: an out_dir inside it is refused. From a
 Hugging Face folder nothing is linked: the release folder is that series.

@@ -390,7 +390,7 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, *, limit=None, text=No
                    for d in per_doc]
     else:
         metrics, per_doc = multiple_choice(model, tok, task, docs, shots)
-    # items: each row's value, in the task file's order (trace.py contamination splits them clean / dirty)
+    # items: each row's value, in the task file's order (tracing.py contamination splits them clean / dirty)
     return [{"metric": k, "value": v, "n": len(docs), "task_sha256": sha, "items": [d[k] for d in per_doc]}
             for k, v in metrics.items()]
 

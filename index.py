@@ -1,5 +1,5 @@
 """
-The suffix-array index of a run's training data, for trace.py and sample.py --trace:
+The suffix-array index of a run's training data, for tracing.py and sample.py --trace:
 infini-gram's engine (OLMoTrace's; requirements-trace.txt) over one shard per chunk.
 
     DATA_DIR/index/chunk_NNN/    tokenized.0 (each training row after a separator of
@@ -40,7 +40,7 @@ def _engine_class():
     try:
         from infini_gram.engine import InfiniGramEngine
     except ImportError:
-        raise TraceError("trace.py needs infini-gram: pip install -r requirements-trace.txt") from None
+        raise TraceError("tracing.py needs infini-gram: pip install -r requirements-trace.txt") from None
     return InfiniGramEngine
 
 
@@ -129,7 +129,7 @@ def _run_indexer(cmd, tmp, folder):
                 proc.kill()
                 proc.wait()
                 raise TraceError(f"infini-gram's indexer wrote nothing for {STALL_S} s on {folder} and was stopped "
-                                 "(too little --mem_gb for the shard?); run trace.py index again, with more --mem_gb")
+                                 "(too little --mem_gb for the shard?); run tracing.py index again, with more --mem_gb")
             time.sleep(0.2)
         log.seek(0)
         lines = log.read().decode(errors="replace").strip().splitlines()
@@ -156,7 +156,7 @@ def build(path, workers=1, chunks=None, mem_gb=2, progress=True):
     jobs = []
     for d in dirs:
         manifest = data.load_manifest(d)
-        hold_lock(os.path.join(d, "index.lock"), "trace.py index")
+        hold_lock(os.path.join(d, "index.lock"), "tracing.py index")
         for name, entry in _shards(d, manifest):
             if chunks is not None and not (name == "val" or int(name[6:]) in chunks):
                 continue
@@ -239,10 +239,10 @@ class Index:
         folder = os.path.join(data_dir, "index", name)
         record = _shard_record(folder)
         if not record:
-            raise TraceError(f"{data_dir} has no index of {name}; build it: python trace.py index {self.path}")
+            raise TraceError(f"{data_dir} has no index of {name}; build it: python tracing.py index {self.path}")
         if not fresh(folder, entry):
             raise TraceError(f"{folder} was built from other data than {data_dir}'s {name} (its sha256, or the "
-                             f"chunk file changed since); build it again: python trace.py index {self.path}")
+                             f"chunk file changed since); build it again: python tracing.py index {self.path}")
         return os.path.abspath(folder)
 
     def count(self, ids, val=False):

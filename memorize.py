@@ -202,7 +202,7 @@ def read_result(path):
 
 def results_dir(run_dir, k, l):
     """Where the results at prompt length k and generation length l go: one folder per
-    (k, l), so that tables, figures and trace.py never mix two settings."""
+    (k, l), so that tables, figures and tracing.py never mix two settings."""
     return os.path.join(run_dir, "memorization", f"k{k}_l{l}")
 
 

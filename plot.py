@@ -205,7 +205,7 @@ def plot_memorization(out_dir):
 
 
 def plot_duplication(folder):
-    """duplication.png from duplication_summary.csv (trace.py memorization): the mean
+    """duplication.png from duplication_summary.csv (tracing.py memorization): the mean
     memorization score and the k-extractible share by how often a sequence was trained on,
     one line per checkpoint."""
     header, *rows = _read_csv(os.path.join(folder, "duplication_summary.csv"))

@@ -322,10 +322,10 @@ def model_card(run_dir, out_dir, cfg, state, *, manifests, data_dsts, index, hf_
                          [[r["task"], r["metric"], f"{r['value']:.4f}", r["n"] if r["n"] is not None else ""]
                           for r in evals if r["checkpoint"] == last]), ""]
     contam = os.path.join(run_dir, "contamination.csv")
-    if os.path.exists(contam):  # trace.py contamination: benchmark rows found in this run's training data
+    if os.path.exists(contam):  # tracing.py contamination: benchmark rows found in this run's training data
         with open(contam) as f:
             rows = [line.rstrip("\n").split(",") for line in f][1:]
-        lines += ["Benchmark contamination ([evals/contamination.csv](evals/contamination.csv), `trace.py "
+        lines += ["Benchmark contamination ([evals/contamination.csv](evals/contamination.csv), `tracing.py "
                   "contamination`): rows of which a 13-gram occurs in the training data, and the last "
                   "checkpoint's score on the clean and the dirty rows:", "",
                   _table(["task", "rows", "dirty", "share", "metric", "clean", "dirty rows"],

@@ -11,7 +11,7 @@ of a document as in training (a Hugging Face folder's BOS if it has one).
 temperature=0 is greedy; --chat=True wraps the prompt in the Vicuna v1.1 template
 that finetune.py trains with. --trace=True then lists the spans of the output of at
 least --min_len (8) tokens that occur verbatim in the training data the checkpoint had
-seen, with the last step that trained one (OLMoTrace's view; `python trace.py index
+seen, with the last step that trained one (OLMoTrace's view; `python tracing.py index
 RUN_DIR` first).
 """
 
@@ -49,7 +49,7 @@ def sample_text(ckpt_dir, prompt="", *, max_new_tokens=200, temperature=0.8, top
     """Write the prompt and what the checkpoint writes after it to `out` (default stdout),
     piece by piece, until EOS or max_new_tokens; return the new text. trace=True then lists
     the spans of the new text (min_len tokens or more) that occur verbatim in the training
-    data the checkpoint had seen (its run's index, `python trace.py index RUN_DIR`)."""
+    data the checkpoint had seen (its run's index, `python tracing.py index RUN_DIR`)."""
     check_sampling(max_new_tokens, temperature, top_k, min_len)
     try:
         prompt.encode("utf-8")

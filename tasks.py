@@ -1,6 +1,6 @@
 """
 The benchmark task files: where they are in a task dir, what a row of each task must
-hold (the public datasets' fields), the one reader of them (evaluate.py and trace.py),
+hold (the public datasets' fields), the one reader of them (evaluate.py and tracing.py),
 and the sha256 a result records of them.
 
     TASK_DIR/TASK.jsonl (or .parquet)            the split evaluated
@@ -54,7 +54,7 @@ def _check_row(task, row, where):
 def read_rows(path, task=None):
     """The rows of a task file (each checked against the task's fields when given); a
     malformed line, a file that is not JSON lines or parquet, and a file without rows are
-    one line each (a benchmark of 0 items is not a score). trace.py reads them here too."""
+    one line each (a benchmark of 0 items is not a score). tracing.py reads them here too."""
     rows = []
     if path.endswith(".parquet"):
         import pyarrow.parquet

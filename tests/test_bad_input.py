@@ -168,7 +168,7 @@ CASES = {  # id: (script's main, argv from root), what the line must say
                                            "--prompt is not valid UTF-8"),
     "W&B's run file cut short": (lambda r: (train.cli, [config(r, out_dir=_with_file(r / "wb_cut", "wandb.json", '{"id": '),
                                                        wandb_project="llm360-test")]), "wandb.json: not valid JSON"),
-    # task files: the rows each task reads, as the datasets hold them (trace.py reads them the same way)
+    # task files: the rows each task reads, as the datasets hold them (tracing.py reads them the same way)
     "a task row with an integer question": (lambda r: (evaluate.main, [str(r / "run"), "--tasks=mmlu", "--task_dir=" + task_dir(
         r, "t_int", mmlu='{"question": 7, "subject": "s", "choices": ["a", "b", "c", "d"], "answer": 0}\n')]),
         r"mmlu.jsonl:1: 'question' is int"),

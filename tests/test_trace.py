@@ -1,4 +1,4 @@
-"""trace.py against a brute-force scan: a sentence planted in a corpus is found at every
+"""tracing.py against a brute-force scan: a sentence planted in a corpus is found at every
 row that holds it, with the steps that trained those rows as data.py inspect's reader
 gives them; an index of other data is refused; a rebuild does only what is missing."""
 
@@ -17,7 +17,7 @@ from test_evaluate import make_tasks
 
 pytest.importorskip("infini_gram")
 import index as suffix  # noqa: E402
-import trace as tr  # noqa: E402  (ours, not the standard library's: the repo is first on the path)
+import tracing as tr  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLANTED = "zorbify quelm vantrix oplu mendabor"
@@ -110,7 +110,7 @@ def test_the_index_refuses_other_data_and_a_rebuild_does_only_what_is_missing(ru
     index_dir = root / "data" / "index"
     shutil.rmtree(index_dir / "chunk_001")
     (index_dir / "chunk_001.tmp").mkdir()  # a build killed halfway: never read
-    with pytest.raises(tr.TraceError, match="no index of chunk_001; build it: python trace.py index"):
+    with pytest.raises(tr.TraceError, match="no index of chunk_001; build it: python tracing.py index"):
         tr.Index(str(root / "run"))
     assert suffix.build(str(root / "run"), progress=False) == [str(index_dir / "chunk_001")]
     record = (index_dir / "chunk_002" / "shard.json").read_text()
@@ -168,7 +168,7 @@ def test_a_stuck_indexer_is_stopped_and_sigterm_stops_every_worker(run, tmp_path
 
     copy = tmp_path / "data"
     shutil.copytree(root / "data", copy, ignore=shutil.ignore_patterns("index"))
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "trace.py"), "index", str(copy), "--workers=2"],
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tracing.py"), "index", str(copy), "--workers=2"],
                             env=dict(os.environ, PYTHONPATH=f"{fake}:{ROOT}"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
@@ -191,7 +191,7 @@ def test_a_stuck_indexer_is_stopped_and_sigterm_stops_every_worker(run, tmp_path
     assert proc.wait(timeout=60) == 143 and "stopped" in proc.stderr.read()
     deadline = time.time() + 10
     while indexers():
-        assert time.time() < deadline, "an indexer outlived trace.py index"
+        assert time.time() < deadline, "an indexer outlived tracing.py index"
         time.sleep(0.1)
 
 

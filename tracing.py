@@ -3,10 +3,10 @@ Any text traced to the training steps that saw it, and benchmark contamination
 measured on the exact training data, through infini-gram's suffix-array index of the
 token ids (OLMoTrace's engine; requirements-trace.txt).
 
-    python trace.py index RUN_DIR|DATA_DIR [--workers=2] [--chunks=0-99] [--mem_gb=2]
-    python trace.py RUN_DIR --text="And God said" | --ids=1,2,3 [--max=10] [--spans=True --min_len=8]
-    python trace.py contamination RUN_DIR --task_dir=DIR [--n=13]
-    python trace.py memorization RUN_DIR [--k=32 --l=32]    memorize.py's scores against duplication
+    python tracing.py index RUN_DIR|DATA_DIR [--workers=2] [--chunks=0-99] [--mem_gb=2]
+    python tracing.py RUN_DIR --text="And God said" | --ids=1,2,3 [--max=10] [--spans=True --min_len=8]
+    python tracing.py contamination RUN_DIR --task_dir=DIR [--n=13]
+    python tracing.py memorization RUN_DIR [--k=32 --l=32]    memorize.py's scores against duplication
 
 `index` writes one shard per chunk, DATA_DIR/index/chunk_NNN/, and one for the held-out
 split, DATA_DIR/index/val/, straight from the chunk files (never from raw text): each
