@@ -28,6 +28,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -113,20 +114,32 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     return -F.logsigmoid(margin).mean(), {k: v.detach() for k, v in stats.items()}
 
 
-def objective(model, ref_model, x, y, cfg):
-    """(loss, {stat: per-row values}) of one micro-batch. "lm": the mean next-token loss over
-    counted targets. "dpo": each stored row is a pair, [chosen | rejected], each seq_len + 1
-    tokens with its prompt and padding uncounted; the frozen reference model (the starting
-    checkpoint) scores both without gradients, in the same forward shape."""
-    if cfg.objective == "lm":
-        _, loss = model(x, y)
-        return loss, {}
-    n, L = x.shape[0], cfg.seq_len
+def lm_objective(model, x, y):
+    """(loss, {}) of one micro-batch: the mean next-token loss over counted targets (all of
+    them in pre-training; fine-tuning's prompts and padding are -1, uncounted)."""
+    _, loss = model(x, y)
+    return loss, {}
+
+
+def dpo_objective(model, x, y, *, ref_model, seq_len, beta):
+    """(loss, {stat: per-pair values}) of one micro-batch of pairs: each stored row is
+    [chosen | rejected], each seq_len + 1 tokens with its prompt and padding uncounted; the
+    frozen reference model (the starting checkpoint) scores both without gradients, in the
+    same forward shape."""
+    n, L = x.shape[0], seq_len
     xs, ys = torch.cat([x[:, :L], x[:, L + 1 :]]), torch.cat([y[:, :L], y[:, L + 1 :]])  # chosen rows, then rejected
     policy = sequence_logps(model(xs)[0], ys)
     with torch.no_grad():
         ref = sequence_logps(ref_model(xs)[0], ys)
-    return dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], cfg.dpo_beta)
+    return dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta)
+
+
+def objective_of(cfg, ref_model=None):
+    """(the objective of one micro-batch, fn(model, x, y) -> (loss, stats), and the names of
+    its statistics), chosen once per run: the training step never asks which it is."""
+    if cfg.objective == "lm":
+        return lm_objective, ()
+    return partial(dpo_objective, ref_model=ref_model, seq_len=cfg.seq_len, beta=cfg.dpo_beta), DPO_STATS
 
 
 _VAL_VERIFIED = set()
@@ -152,14 +165,14 @@ def validation_loss(model, data_dir, manifest, cfg, *, rank, world_size, device,
     groups = [(s, True, mix[sources[mix] == s]) for s in extra] + [(s, False, rows) for s, rows in extra.items()]
     batches = [(g, rows[i : i + cfg.micro_batch_size]) for g, (_, _, rows) in enumerate(groups)
                for i in range(0, len(rows), cfg.micro_batch_size)]
-    names = DPO_STATS if cfg.objective == "dpo" else ()
+    objective, names = objective_of(cfg, ref_model)
     total = torch.zeros(len(groups), 2 + len(names), dtype=torch.float64, device=device)  # loss sum, count, stats
     model.eval()
     for i in range(rank, -(-len(batches) // world_size) * world_size, world_size):
         g, rows = batches[i] if i < len(batches) else batches[0]
         x, y = (t.to(device) for t in data.rows_to_xy(tokens[rows]))
         with autocast:
-            loss, stats = objective(model, ref_model, x, y, cfg)
+            loss, stats = objective(model, x, y)
         counted = int((y != -1).sum()) if cfg.objective == "lm" else len(x)  # tokens, or pairs
         if i < len(batches):
             total[g] += torch.tensor([loss.item() * counted, counted] + [stats[k].sum().item() for k in names],
@@ -339,6 +352,8 @@ class Run:
     optimizer: torch.optim.Optimizer
     params: list
     ref_model: Transformer | None  # DPO's frozen reference
+    objective: object  # fn(model, x, y) -> (loss, stats) of one micro-batch (objective_of), chosen once
+    stat_names: tuple  # the statistics it returns (DPO's), averaged over the step
     accum: int  # micro-batches per optimizer step on each rank
     total_steps: int  # the LR schedule's length (state["total_steps"])
     peak: float  # FLOP/s of one device in the run's dtype, for MFU
@@ -441,9 +456,12 @@ def setup(cfg, rank, world_size, device):
     groups = raw_model.param_groups(cfg.weight_decay)
     optimizer = make_optimizer(groups, cfg, device)
     ref_model = reference_model(cfg, device, dtype, fsdp, data_sha, rank) if cfg.objective == "dpo" else None
-    run = Run(cfg, rank, world_size, device, fsdp, autocast, log, dirs, table, raw_model, model, optimizer,
-              [p for g in groups for p in g["params"]], ref_model, accum, 0,
-              peak_flops(cfg, device, dtype, precision["matmul_gflops"]))
+    objective, stat_names = objective_of(cfg, ref_model)
+    run = Run(cfg=cfg, rank=rank, world_size=world_size, device=device, fsdp=fsdp, autocast=autocast, log=log,
+              dirs=dirs, table=table, raw_model=raw_model, model=model, optimizer=optimizer,
+              params=[p for g in groups for p in g["params"]], ref_model=ref_model, objective=objective,
+              stat_names=stat_names, accum=accum, total_steps=0,
+              peak=peak_flops(cfg, device, dtype, precision["matmul_gflops"]))
 
     info = run_info(device, world_size) | {"dtype": str(dtype).removeprefix("torch."), **precision, **repeat}
     log.open_wandb(cfg, parent.run_dir if parent else first["parent_run"] if first else None)
@@ -520,7 +538,7 @@ def train_step(run, reader, lr):
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
     loss_sum = torch.zeros((), device=run.device)
-    stat_sums = torch.zeros(len(DPO_STATS) if cfg.objective == "dpo" else 0, device=run.device)
+    stat_sums = torch.zeros(len(run.stat_names), device=run.device)
     for micro in range(run.accum):
         x, y = next(reader)
         x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
@@ -529,16 +547,16 @@ def train_step(run, reader, lr):
         # does), so no rank ever holds an unsharded float32 gradient (27 GB at 7B)
         sync = model.no_sync() if (run.world_size > 1 and not run.fsdp and not last) else nullcontext()
         with sync, run.autocast:
-            loss, stats = objective(model, run.ref_model, x, y, cfg)
+            loss, stats = run.objective(model, x, y)
             (loss / run.accum).backward()
         loss_sum += loss.detach()
         if stats:
-            stat_sums += torch.stack([stats[k].mean() for k in DPO_STATS])
+            stat_sums += torch.stack([stats[k].mean() for k in run.stat_names])
     norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     n = run.accum * run.world_size
     loss_avg = (all_reduce_sum(loss_sum, run.world_size) / n).item()
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    stats = dict(zip(DPO_STATS, (all_reduce_sum(stat_sums, run.world_size) / n).tolist())) if len(stat_sums) else {}
+    stats = dict(zip(run.stat_names, (all_reduce_sum(stat_sums, run.world_size) / n).tolist())) if len(stat_sums) else {}
     if math.isfinite(loss_avg) and math.isfinite(norm):
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
