@@ -17,8 +17,6 @@ devices (FSDP2, checkpointing, compile) parallelize.py's; what a rank holds memo
 a branch's start is branch.py's.
 """
 
-import itertools
-import json
 import math
 import os
 import random
@@ -37,20 +35,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import branch
-import data
 import convert_amber
-import prepare
+import data
 import memory
 import plot
+import prepare
 from checkpoint import (FORMAT_VERSION, check_metrics, check_resumable, find_checkpoint, load_checkpoint,
                         load_init_from, metrics_digest, read_state, resume_point, save_checkpoint, verify_run)
-from common import (all_reduce_sum, atomic_write, barrier, broadcast0, close_distributed, gather, hold_lock,
-                    init_distributed, one_line_errors, print0, read_json, write_json_atomic, writing)
-from config import Config, ConfigError, config_to_dict, format_config, load_config, save_config
+from common import (all_reduce_sum, barrier, broadcast0, close_distributed, gather, hold_lock, init_distributed,
+                    one_line_errors, print0, write_json_atomic)
+from config import Config, ConfigError, format_config, load_config, save_config
 from machine import choose_dtype, determinism, peak_flops, peak_memory_gb, run_info
 from model import Transformer, summary
 from model_config import hf_config
 from parallelize import shard, speed_up
+from runlog import RunLog
 
 # -----------------------------------------------------------------------------
 # the schedule
@@ -187,73 +186,6 @@ def validation_loss(model, data_dir, manifest, cfg, *, rank, world_size, device,
         both = total[[g for g, (src, _, _) in enumerate(groups) if src == s]].sum(0)
         out[f"val_loss/{names_of[s]}"] = (both[0] / both[1]).item()
     return out | {f"val_{k}": (sample[2 + i] / sample[1]).item() for i, k in enumerate(names)}
-
-
-# -----------------------------------------------------------------------------
-# metrics and the ledger
-
-
-def _wandb_id(path):
-    """The W&B run id kept in a run dir's wandb.json."""
-    record = read_json(path, "remove it: the run then logs to a new W&B run")
-    if not (isinstance(record, dict) and isinstance(record.get("id"), str)):
-        raise ConfigError(f"{path}: no W&B run id in it; remove it: the run then logs to a new W&B run")
-    return record["id"]
-
-
-class RunLog:
-    """metrics.jsonl and ledger.jsonl of the run dir, written by rank 0, line by line."""
-
-    def __init__(self, out_dir, rank):
-        self.rank = rank
-        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
-        self.ledger_path = os.path.join(out_dir, "ledger.jsonl")
-        self.wandb = None
-
-    def open_wandb(self, cfg, parent_dir=None):
-        """Also log to Weights & Biases (wandb_project; the paper published its metrics there).
-        One W&B run per run dir, its id kept in the run dir's wandb.json: a resume logs on
-        into the same W&B run; a branch is a W&B run of its own that names its parent's."""
-        if self.rank != 0 or not cfg.wandb_project:
-            return
-        try:
-            import wandb  # optional: only when asked for
-        except ImportError:
-            raise ConfigError("wandb_project is set and wandb is not installed: pip install wandb, or set "
-                              "wandb_project=''") from None
-        path = os.path.join(cfg.out_dir, "wandb.json")
-        if not os.path.exists(path):
-            write_json_atomic(path, {"id": os.urandom(6).hex(), "project": cfg.wandb_project})
-        run_id = _wandb_id(path)
-        parent = os.path.join(parent_dir, "wandb.json") if parent_dir else ""
-        extra = {"wandb_parent_id": _wandb_id(parent)} if parent and os.path.exists(parent) else {}
-        self.wandb = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=cfg.out_dir,
-                                config=config_to_dict(cfg) | extra,
-                                notes=f"a branch of {parent_dir}, from {cfg.branch_from}" if parent_dir else None)
-
-    def _append(self, path, record):
-        if self.rank == 0:
-            with writing(path), open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-                f.flush()
-
-    def metric(self, record):
-        self._append(self.metrics_path, record)
-        if self.wandb:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
-
-    def event(self, event, **fields):
-        self._append(self.ledger_path, {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields})
-
-    def truncate_metrics(self, n_lines):
-        """On resume: keep the lines the checkpoint had seen, drop those written after it."""
-        if self.rank != 0 or not os.path.exists(self.metrics_path):
-            return
-        def keep(tmp):  # line by line: AMBER's run logs ~300k steps
-            with open(self.metrics_path) as src, open(tmp, "w") as dst:
-                dst.writelines(itertools.islice(src, n_lines))
-
-        atomic_write(self.metrics_path, keep)
 
 
 # -----------------------------------------------------------------------------
