@@ -142,3 +142,21 @@ def test_typed_options_take_any_boolean_spelling_and_refuse_the_rest():
                          ("--chta=True", "did you mean 'chat'")]:
         with pytest.raises(UserError, match=message):
             parse_options([bad], kinds)
+
+
+def test_every_module_name_the_docs_mention_exists():
+    """`module.name` in the README and docs/ names something the module has (a file name
+    such as `model.safetensors` is not a module's name)."""
+    import glob
+    import importlib
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    modules = {f[:-3] for f in os.listdir(root) if f.endswith(".py")}
+    files = {"safetensors", "json", "jsonl", "npy", "png", "pt", "csv", "txt", "lock", "tmp", "model", "md", "py"}
+    missing = []
+    for path in [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md"))):
+        for m in re.finditer(r"`([a-z_]+)\.([A-Za-z_]\w*)", open(path).read()):
+            if m[1] in modules and m[2] not in files and not hasattr(importlib.import_module(m[1]), m[2]):
+                missing.append(f"{os.path.basename(path)}: {m[0]}`")
+    assert not missing, missing
