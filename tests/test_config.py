@@ -145,8 +145,8 @@ def test_typed_options_take_any_boolean_spelling_and_refuse_the_rest():
 
 
 def test_every_module_name_the_docs_mention_exists():
-    """`module.name` in the README and docs/ names something the module has (a file name
-    such as `model.safetensors` is not a module's name)."""
+    """`module.name` (or `module.name()`) in the README and docs/ names something the module
+    has; a file name such as `model.safetensors` is not a module's name."""
     import glob
     import importlib
     import re
@@ -156,7 +156,7 @@ def test_every_module_name_the_docs_mention_exists():
     files = {"safetensors", "json", "jsonl", "npy", "png", "pt", "csv", "txt", "lock", "tmp", "model", "md", "py"}
     missing = []
     for path in [os.path.join(root, "README.md")] + sorted(glob.glob(os.path.join(root, "docs", "*.md"))):
-        for m in re.finditer(r"`([a-z_]+)\.([A-Za-z_]\w*)", open(path).read()):
+        for m in re.finditer(r"`([a-z_]+)\.([A-Za-z_]\w*)(\(\))?`", open(path).read()):
             if m[1] in modules and m[2] not in files and not hasattr(importlib.import_module(m[1]), m[2]):
                 missing.append(f"{os.path.basename(path)}: {m[0]}`")
     assert not missing, missing
