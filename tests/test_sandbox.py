@@ -213,5 +213,5 @@ def _lingering():
 def test_no_process_of_a_sample_outlives_run(caller):
     assert not _lingering()
     for name, program in LINGERERS.items():
-        run_as(caller, [program], timeout=1.5)
+        run_as(caller, [program], timeout=0.75)
         assert not _lingering(), name  # checked the moment run() returned: no wait, no retry

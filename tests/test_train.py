@@ -341,7 +341,8 @@ def test_a_damaged_old_checkpoint_blocks_nothing_and_verify_finds_it(corpus, ref
     assert "DAMAGED: optimizer.pt: sha256 differs" in lines["ckpt_002"]
 
 
-def test_a_stripped_state_json_is_damaged_and_a_format_1_checkpoint_reads_as_it_is(corpus, reference, tmp_path):
+def test_a_stripped_state_json_is_damaged_and_a_format_1_checkpoint_reads_as_it_is(corpus, reference, tmp_path,
+                                                                                   capsys):
     """A state.json of the current format without its integrity fields is damaged, and so
     is one that also lost its format version in a run dir started by the current code; a
     run dir of format 1 (no version, no digests, as older code wrote it) is read as it is:
@@ -356,13 +357,15 @@ def test_a_stripped_state_json_is_damaged_and_a_format_1_checkpoint_reads_as_it_
         path.unlink()  # a hard link of the reference's: replaced, not written through
         path.write_text(json.dumps({k: v for k, v in state.items() if k not in keys}, indent=1))
 
-    verify = [sys.executable, os.path.join(ROOT, "train.py"), "verify"]
+    def verify(run_dir):  # python train.py verify RUN_DIR, in this process: (problems, {name: its line})
+        bad = checkpoint.verify_run(str(run_dir))
+        return bad, {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+
     run = tmp_path / "stripped"
     link_tree(str(reference), str(run))
     strip(run, "ckpt_001", ("files", "state_sha256", "metrics_sha256"))
     strip(run, "ckpt_002", ("files", "state_sha256", "metrics_sha256", "format_version"))
-    lines = {line.split()[0]: line for line in subprocess.run(verify + [str(run)], capture_output=True,
-                                                                 text=True).stdout.splitlines()}
+    _, lines = verify(run)
     assert "DAMAGED: state.json lacks files, state_sha256, metrics_sha256" in lines["ckpt_001"]
     assert "DAMAGED: state.json says format 1, but its run dir was started by code that writes format 2" \
         in lines["ckpt_002"]
@@ -374,8 +377,8 @@ def test_a_stripped_state_json_is_damaged_and_a_format_1_checkpoint_reads_as_it_
     (old / "ledger.jsonl").write_text("\n".join([json.dumps(first)] + events[1:]) + "\n")
     for name in ("ckpt_000", "ckpt_001", "ckpt_002"):
         strip(old, name, ("files", "state_sha256", "metrics_sha256", "format_version", "total_steps"))
-    proc = subprocess.run(verify + [str(old)], capture_output=True, text=True)
-    assert proc.returncode == 0 and proc.stdout.count("not checked: format 1") == 3, proc.stdout
+    bad, lines = verify(old)
+    assert bad == 0 and sum("not checked: format 1" in line for line in lines.values()) == 3, lines
     log = train_py.RunLog(str(old), 0)
     assert checkpoint.resume_point(str(old), log) == str(old / "ckpt_002")
     assert torch.equal(checkpoint.load_model(str(old / "ckpt_002")).tok_emb.weight,
