@@ -445,9 +445,9 @@ def bench_eval(cfg, n_items=40, n_shots=5):
     from lm_eval.models.huggingface import HFLM
 
     import data
-    import prepare
     import evaluate as ev
-    from hf_format import save_hf
+    import prepare
+    from hf_format import hf_tokenizer_files, save_hf
 
     manifest = prepare.prepare(cfg, progress=False)
     tok = data.load_tokenizer(cfg.data_dir, manifest)
@@ -468,7 +468,7 @@ def bench_eval(cfg, n_items=40, n_shots=5):
                 for d, c in zip(docs, ctxs) for i, choice in enumerate(d["choices"]["text"])]
     with tempfile.TemporaryDirectory() as folder:
         save_hf(model, folder, bos_token_id=tok.eos_id, eos_token_id=tok.eos_id)
-        for name, blob in data.hf_tokenizer_files(tok, cfg.model.max_seq_len).items():
+        for name, blob in hf_tokenizer_files(tok, cfg.model.max_seq_len).items():
             with open(os.path.join(folder, name), "wb") as f:
                 f.write(blob)
         hf_tok = transformers.AutoTokenizer.from_pretrained(folder)

@@ -1,8 +1,9 @@
 """
 Hugging Face model folders, LLM360's release format: config.json and float32 safetensors
 (or .bin) shards, written and read one tensor at a time. model.py maps our tensor names
-to theirs (fused q/k/v and gate/up split and joined), model_config.py the config.json.
-checkpoint.py reads a folder through here as it reads one of ours.
+to theirs (fused q/k/v and gate/up split and joined), model_config.py the config.json;
+the tokenizer's files (hf_tokenizer_files) are written here. checkpoint.py reads a folder
+through here as it reads one of ours.
 """
 
 import json
@@ -11,6 +12,7 @@ import os
 import torch
 
 import data
+from data import DataError
 from common import atomic_write, write_json_atomic, writing
 from model import Transformer, hf_parts, to_hf_state_dict
 from model_config import hf_config, model_config_from_hf
@@ -158,3 +160,84 @@ def load_hf(hf_dir, dtype=torch.float32, device="cpu"):
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight  # assign=True replaced the shared Parameter
     return model
+
+
+# -----------------------------------------------------------------------------
+# the tokenizer as Hugging Face files: tokenizer.json that `tokenizers` runs exactly
+# like our SentencePiece model
+
+
+def hf_tokenizer_files(tok, model_max_length):
+    """{file name: bytes} of the tokenizer files of a Hugging Face folder: tokenizer.model
+    (ours, as is), tokenizer.json, tokenizer_config.json and special_tokens_map.json.
+
+    tokenizer.json is a byte-fallback BPE written from the SentencePiece model itself: its
+    merges are the pieces' splits, ranked by the pieces' scores, which is the order in
+    which SentencePiece's BPE merges. Our run's conventions carry over exactly:
+      - SentencePiece always adds the dummy "\u2581" in front, even before a leading space
+        (Hugging Face's Llama tokenizer does not when the text starts with a space, so it
+        disagrees on " x": we write the normalizer ourselves: Prepend, then Replace);
+      - no BOS is added: our documents are separated by EOS, so EOS is also the "start"
+        token (bos_token = eos_token, as GPT-2), and the harness's prefix for an empty
+        context is EOS, as in evaluate.py;
+      - special-token strings in text ("</s>") are text, as in our data (split_special_tokens).
+    """
+    if tok.kind != "sentencepiece":
+        raise DataError(f"only SentencePiece tokenizers export to Hugging Face files; this run uses tiktoken "
+                        f"{tok.name!r}, which Hugging Face loads by its own name (e.g. 'gpt2')")
+    sp, space = tok.sp, "\u2581"
+    dummy_prefix = sp.encode("a", out_type=str)[0].startswith(space)
+    if sp.encode("a b", out_type=str)[-1] != space + "b" or "\uff46" not in "".join(sp.encode("\uff46", out_type=str)) \
+            and "<0xEF>" not in sp.encode("\uff46", out_type=str):
+        raise DataError("the SentencePiece model puts whitespace at the end of pieces or normalizes text (NFKC); "
+                        "tokenizer.json would not reproduce it: train it with normalization_rule_name='identity'")
+    try:  # the model type needs protobuf (installed with the test requirements)
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        proto = pb.ModelProto()
+        proto.ParseFromString(tok.blob)
+        if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
+            raise DataError("only a SentencePiece BPE model (LLaMA's kind) exports to tokenizer.json; this one is "
+                            f"{pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)}")
+    except ImportError:
+        pass
+    n = sp.get_piece_size()
+    pieces = [sp.id_to_piece(i) for i in range(n)]
+    special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)]
+    normal = {p: i for i, p in enumerate(pieces) if not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))}
+    merges = []  # (score of the merged piece, ids of the two halves, the halves)
+    for piece, i in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                merges.append((-sp.get_score(i), normal[left], normal[right], left, right))
+    merges.sort()
+    unk = pieces[sp.unk_id()] if sp.unk_id() >= 0 else None
+    eos = pieces[tok.eos_id]
+    tokenizer = {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": i, "content": pieces[i], "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True} for i in special],
+        "normalizer": {"type": "Sequence", "normalizers": (
+            [{"type": "Prepend", "prepend": space}] if dummy_prefix else []) + [
+            {"type": "Replace", "pattern": {"String": " "}, "content": space}]},
+        "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": space}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}]
+                                 if dummy_prefix else [])},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": any(sp.is_byte(i) for i in range(n)),
+                  "ignore_merges": False, "vocab": {p: i for i, p in enumerate(pieces)},
+                  "merges": [[m[3], m[4]] for m in merges]},
+    }
+    specials = {"bos_token": eos, "eos_token": eos, "unk_token": unk, "pad_token": eos}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **specials, "add_bos_token": False,
+              "add_eos_token": False, "split_special_tokens": True, "clean_up_tokenization_spaces": False,
+              "model_max_length": model_max_length}
+
+    def dump(obj):
+        return json.dumps(obj, ensure_ascii=False, indent=2).encode()
+
+    return {"tokenizer.model": tok.blob, "tokenizer.json": dump(tokenizer), "tokenizer_config.json": dump(config),
+            "special_tokens_map.json": dump(specials)}

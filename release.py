@@ -184,13 +184,13 @@ def export(ckpt_dir, out_dir, max_shard_bytes=5 * 2**30):
     """Write a checkpoint (ours, or a Hugging Face folder) as a folder that transformers
     loads offline with AutoModelForCausalLM / AutoTokenizer.from_pretrained(out_dir):
     config.json and safetensors weights (float32), tokenizer.model / tokenizer.json /
-    tokenizer_config.json / special_tokens_map.json (data.hf_tokenizer_files), and
+    tokenizer_config.json / special_tokens_map.json (hf_format.hf_tokenizer_files), and
     generation_config.json. Everything is written to OUT_DIR.tmp and renamed into place,
     so OUT_DIR is either the whole export or absent (or the previous export)."""
     model, tok, info = checkpoint.load(ckpt_dir)
     cfg = model.config
     hf_config(cfg)  # refuses a shape no Hugging Face layout holds, before anything is written
-    files = data.hf_tokenizer_files(tok, cfg.max_seq_len)
+    files = hf_format.hf_tokenizer_files(tok, cfg.max_seq_len)
     ours = set(files) | {"config.json", "generation_config.json", "model.safetensors.index.json"}
     other = [n for n in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
              if n not in ours and not re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", n)]
