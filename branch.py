@@ -33,7 +33,6 @@ branch never writes into its parent's run dir: an out_dir inside it is refused. 
 Hugging Face folder nothing is linked: the release folder is that series.
 """
 
-import json
 import os
 import re
 import shutil
@@ -41,6 +40,7 @@ from dataclasses import dataclass, replace
 
 import checkpoint
 import data
+import runlog
 from common import atomic_write, barrier, link_tree, print0, sha256_file, size_text
 from config import ConfigError, config_to_dict, saved_config
 
@@ -120,16 +120,8 @@ def started(cfg):
     again: it resumes), None when out_dir is new; anything else is refused."""
     out = cfg.out_dir
     names = [n for n in os.listdir(out) if n != ".lock"] if os.path.isdir(out) else []
-    first = None
-    if os.path.exists(os.path.join(out, "ledger.jsonl")):
-        with open(os.path.join(out, "ledger.jsonl")) as f:
-            line = f.readline()
-        try:
-            first = json.loads(line or "{}")
-        except ValueError:
-            raise ConfigError(f"{out}/ledger.jsonl: its first line is not JSON ({line[:60]!r}); the run dir's "
-                              "history is damaged: restore it, or give another out_dir") from None
-    if first and first.get("event") == "branch" and first.get("from") == cfg.branch_from:
+    first = runlog.first_event(out)
+    if first.get("event") == "branch" and first.get("from") == cfg.branch_from:
         return first
     if names:
         raise ConfigError(f"out_dir={out!r} is not empty and is not this branch's run dir; a branch writes a new run "

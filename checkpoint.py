@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import runlog
 from common import barrier, broadcast0, read_json, sha256_file, size_text, writing
 from config import ConfigError, config_to_dict, saved_config
 from hf_format import CheckpointError, hf_model_config, hf_shards, load_hf
@@ -109,11 +110,9 @@ def run_format(out_dir):
     """The checkpoint format the code that started a run dir writes: its ledger's first
     event records it (1 for a run dir started before it did)."""
     try:
-        with open(os.path.join(out_dir, "ledger.jsonl")) as f:
-            first = json.loads(f.readline() or "{}")
-    except (OSError, ValueError):
+        return runlog.first_event(out_dir).get("checkpoint_format", 1)
+    except ConfigError:  # a damaged ledger: the checkpoints are judged by what they hold
         return 1
-    return first.get("checkpoint_format", 1) if isinstance(first, dict) else 1
 
 
 def state_digest(state):

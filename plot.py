@@ -30,6 +30,7 @@ import threading
 
 import numpy as np
 
+import runlog
 from common import UserError, atomic_write, one_line_errors, parse_options
 
 _WARM = []  # the warm-up thread, joined before the first figure: matplotlib is not thread-safe
@@ -230,16 +231,8 @@ def plot_duplication(folder):
 
 def branch_tokens(run_dir):
     """The tokens at which a branch left its parent (its ledger's first event), else None."""
-    path = os.path.join(run_dir, "ledger.jsonl")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        line = f.readline()
-    try:
-        first = json.loads(line or "{}")
-    except ValueError:
-        raise UserError(f"{path}:1: not a JSON line ({line[:40]!r}); the run's ledger is damaged") from None
-    return first.get("tokens") if isinstance(first, dict) and first.get("event") == "branch" else None
+    first = runlog.first_event(run_dir)
+    return first.get("tokens") if first.get("event") == "branch" else None
 
 
 def run_names(run_dirs):

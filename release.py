@@ -38,7 +38,8 @@ import torch
 import checkpoint
 import data
 import hf_format
-from common import (UserError, hold_lock, iter_jsonl, link, link_tree, one_line_errors, read_json, read_jsonl, sha256_file,
+import runlog
+from common import (UserError, hold_lock, iter_jsonl, link, link_tree, one_line_errors, read_json, sha256_file,
                     write_json_atomic, write_text_atomic, writing)
 from config import format_config, saved_config
 from model import Transformer
@@ -285,7 +286,7 @@ def model_card(run_dir, out_dir, cfg, state, *, manifests, data_dsts, index, hf_
     ]
     if hf_reason:
         lines += [f"No Hugging Face layout holds this model: {hf_reason}", ""]
-    first = (read_jsonl(os.path.join(run_dir, "ledger.jsonl")) or [{}])[0]
+    first = runlog.first_event(run_dir)
     if first.get("event") == "branch":  # an experiment: where it left its parent, and what it changed
         changed = ", ".join(f"`{k}` {a!r} -> {b!r}" for k, (a, b) in first["changes"].items()) or "nothing"
         lines += [f"Branched from `{first['parent_run']}` at `{first['checkpoint']}` (step {first['step']:,}, "

@@ -14,6 +14,25 @@ from common import atomic_write, read_json, write_json_atomic, writing
 from config import ConfigError, config_to_dict
 
 
+def first_event(out_dir):
+    """The first event of a run dir's ledger: "start", or "branch" (where a branch left its
+    parent), with the checkpoint format its code writes; {} when there is no ledger. Only
+    the first line is read. One that is not a JSON object is a one-line error."""
+    path = os.path.join(out_dir, "ledger.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path, "rb") as f:
+        line = f.readline()
+    try:
+        first = json.loads(line or b"{}")
+    except ValueError:
+        first = None
+    if not isinstance(first, dict):
+        raise ConfigError(f"{path}:1: not a JSON object ({line[:40]!r}); the run dir's history is damaged: restore "
+                          "it from a copy")
+    return first
+
+
 def _wandb_id(path):
     """The W&B run id kept in a run dir's wandb.json."""
     record = read_json(path, "remove it: the run then logs to a new W&B run")
