@@ -7,11 +7,11 @@ Benchmark of model.py against transformers on this machine, in float32.
     python bench.py convert
     python bench.py prepare
     python bench.py figures [RUN_DIR]
-    python bench.py trace [DATA_DIR]                        tracing.py: index build, memory, query latency
-    python bench.py rehearsal [FOLDER]                      AMBER's tensors on 2 CPU ranks: kill, resume
-    python bench.py gpu [CONFIG] [--device=cpu --smoke]     the GPU check (gpu_check.py)
-    python bench.py fused [CONFIG]                          model.py's plain steps against fused.py's
-    python bench.py ckpt [FOLDER] [--gb=2]                  a rank's checkpoint write and sha256 rates
+    python bench.py trace [DATA_DIR]                      index build, memory, query latency
+    python bench.py rehearsal [FOLDER]                    AMBER's tensors on 2 CPU ranks
+    python bench.py gpu [CONFIG] [--device=cpu --smoke]   the GPU check (gpu_check.py)
+    python bench.py fused [CONFIG]                        model.py's steps against fused.py's
+    python bench.py ckpt [FOLDER] [--gb=2]                a rank's checkpoint write and sha256 rates
 
 `model` times, in one run and on the same weights and batch:
   1. one training step (forward + backward + AdamW) of our model and of
@@ -68,10 +68,10 @@ import torch
 
 from common import parse_options
 from config import ConfigError, load_config
-from model import Transformer, to_hf_state_dict
+from model import to_hf_state_dict
 from model_config import hf_config
 from machine import matmul_rate
-from parallelize import speed_up
+from parallelize import build_model, speed_up
 from train import make_optimizer
 
 BATCH = 8  # sequences per training step (of the config's seq_len)
@@ -101,8 +101,7 @@ def timed(fn, n):
 
 def main(cfg):
     torch.manual_seed(0)
-    ours = Transformer(cfg.model)
-    ours.init_weights(cfg.seed)
+    ours = build_model(cfg, torch.device("cpu"), torch.float32, fsdp=False)
     ref = hf_copy(ours)
     T = cfg.seq_len
     idx = torch.randint(0, cfg.model.vocab_size, (BATCH, T + 1))
@@ -114,12 +113,14 @@ def main(cfg):
     with torch.no_grad():
         diff = (ours(x)[0] - ref(input_ids=x).logits).abs().max().item()
     print(f"max |logits ours - transformers| = {diff:.2e}")
-    speed_up(ours, cfg, torch.device("cpu"))  # as train.py on a CPU: fused.py's SwiGLU and chunked loss
+    # as train.py on a CPU: fused.py's SwiGLU and chunked loss
+    speed_up(ours, cfg, torch.device("cpu"))
 
     # 1. training step: ours as train.py sets it up (param groups, fused AdamW); transformers with
     # torch.optim.AdamW's defaults, as its Trainer's "adamw_torch"
     opt_ours = make_optimizer(ours.param_groups(0.1), cfg, torch.device("cpu"))
-    opt_ref = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=0.1)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                weight_decay=0.1)
 
     def step_ours():
         _, loss = ours(x, y)
@@ -144,10 +145,13 @@ def main(cfg):
     tok_ours, tok_ref = BATCH * T / statistics.median(t_ours), BATCH * T / statistics.median(t_ref)
     mfu = tok_ours * ours.flops_per_token(T) / rate
     print(f"float32 matmul rate      {rate / 1e9:.1f} GFLOP/s (1024 x 1024, best of 3)")
-    print(f"train step, ours         {tok_ours:9.0f} tok/s   MFU {100 * mfu:.0f}% of the matmul rate")
-    print(f"train step, transformers {tok_ref:9.0f} tok/s   MFU {100 * tok_ref * ours.flops_per_token(T) / rate:.0f}%")
+    print(f"train step, ours         {tok_ours:9.0f} tok/s   MFU {100 * mfu:.0f}% of the matmul "
+          "rate")
+    print(f"train step, transformers {tok_ref:9.0f} tok/s   MFU "
+          f"{100 * tok_ref * ours.flops_per_token(T) / rate:.0f}%")
     print(f"train step ratio         {tok_ours / tok_ref:.2f}x (ours / transformers)")
-    if "--compile" in sys.argv:  # train.py's compile=True: each block through torch.compile, the plain SwiGLU
+    # train.py's compile=True: each block through torch.compile, the plain SwiGLU
+    if "--compile" in sys.argv:
         for block in ours.layers:
             del block.mlp.forward
         speed_up(ours, replace(cfg, compile=True), torch.device("cpu"))
@@ -155,7 +159,8 @@ def main(cfg):
         step_ours()
         t_comp = statistics.median(timed(step_ours, STEPS) for _ in range(ROUNDS))
         print(f"train step, ours, compiled blocks {BATCH * T / t_comp:9.0f} tok/s   "
-              f"{statistics.median(t_ours) / t_comp:.2f}x eager (first step, compiling: {t_compile:.1f} s)")
+              f"{statistics.median(t_ours) / t_comp:.2f}x eager (first step, compiling: "
+              f"{t_compile:.1f} s)")
         for block in ours.layers:  # back to eager for the decoding benchmark
             block._compiled_call_impl = None
 
@@ -169,8 +174,9 @@ def main(cfg):
         return ours.generate(prompts, NEW_TOKENS, compile=compile)
 
     def gen_ref(use_cache):
-        return ref.generate(prompts, attention_mask=mask, do_sample=False, max_new_tokens=NEW_TOKENS,
-                            min_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0, use_cache=use_cache)
+        return ref.generate(prompts, attention_mask=mask, do_sample=False,
+                            max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, eos_token_id=None,
+                            pad_token_id=0, use_cache=use_cache)
 
     with torch.no_grad():
         t0 = time.perf_counter()
@@ -185,14 +191,17 @@ def main(cfg):
             g_ref.append(timed(lambda: gen_ref(True), 1))
             g_nocache.append(timed(lambda: gen_ref(False), 1))
     n = GEN_BATCH * NEW_TOKENS
-    s_ours, s_comp, s_ref, s_nc = (n / statistics.median(t) for t in (g_ours, g_comp, g_ref, g_nocache))
-    print(f"generate {GEN_BATCH} x ({PROMPT_LEN} + {NEW_TOKENS}) greedy (the same tokens all four ways: {same}):")
-    print(f"  ours, KV cache                {s_ours:9.0f} new tok/s   {s_ours / s_ref:.2f}x transformers cached")
-    print(f"  ours, KV cache, compiled step {s_comp:9.0f} new tok/s   {s_comp / s_ref:.2f}x transformers cached "
-          f"(compile {t_compile:.1f} s)")
+    s_ours, s_comp, s_ref, s_nc = (n / statistics.median(t)
+                                   for t in (g_ours, g_comp, g_ref, g_nocache))
+    print(f"generate {GEN_BATCH} x ({PROMPT_LEN} + {NEW_TOKENS}) greedy (the same tokens all four "
+          f"ways: {same}):")
+    print(f"  ours, KV cache                {s_ours:9.0f} new tok/s   {s_ours / s_ref:.2f}x "
+          "transformers cached")
+    print(f"  ours, KV cache, compiled step {s_comp:9.0f} new tok/s   {s_comp / s_ref:.2f}x "
+          f"transformers cached (compile {t_compile:.1f} s)")
     print(f"  transformers, cache           {s_ref:9.0f} new tok/s")
-    print(f"  transformers, no cache        {s_nc:9.0f} new tok/s   ours {s_ours / s_nc:.2f}x, compiled "
-          f"{s_comp / s_nc:.2f}x")
+    print(f"  transformers, no cache        {s_nc:9.0f} new tok/s   ours {s_ours / s_nc:.2f}x, "
+          f"compiled {s_comp / s_nc:.2f}x")
 
 
 def bench_fused(cfg, rounds=7, steps=3):
@@ -203,13 +212,14 @@ def bench_fused(cfg, rounds=7, steps=3):
     B, T = cfg.micro_batch_size, cfg.seq_len
     idx = torch.randint(0, cfg.model.vocab_size, (B, T + 1))
     x, y = idx[:, :-1], idx[:, 1:]
-    print(f"model {cfg.model.n_layer}L x {cfg.model.dim}, vocabulary {cfg.model.vocab_size:,}; micro-batch {B} x {T}; "
-          f"float32, {torch.get_num_threads()} threads; medians of {rounds} alternating rounds of {steps} steps")
-    variants = {"plain": {}, "fused swiglu": dict(loss=False), "chunked loss": dict(swiglu=False), "both": {}}
+    print(f"model {cfg.model.n_layer}L x {cfg.model.dim}, vocabulary {cfg.model.vocab_size:,}; "
+          f"micro-batch {B} x {T}; float32, {torch.get_num_threads()} threads; medians of {rounds} "
+          f"alternating rounds of {steps} steps")
+    variants = {"plain": {}, "fused swiglu": dict(loss=False), "chunked loss": dict(swiglu=False),
+                "both": {}}
     models = {}
     for name, kw in variants.items():
-        models[name] = Transformer(cfg.model)
-        models[name].init_weights(cfg.seed)
+        models[name] = build_model(cfg, device, torch.float32, fsdp=False)
         if name != "plain":
             fused.apply(models[name], device, **kw)
 
@@ -261,8 +271,9 @@ def bench_ckpt(folder="runs/bench_ckpt", gb=2.0, tries=3):
         hashes.append(size / (t2 - t1))
     shutil.rmtree(folder)
     print(f"{size / 1e9:.2f} GB as one rank's DCP shard, {tries} tries: write + fsync "
-          f"{statistics.median(writes) / 1e9:.2f} GB/s (planned with {WRITE_BYTES_PER_S / 1e9:.2f}), sha256 "
-          f"{statistics.median(hashes) / 1e9:.2f} GB/s (planned with {HASH_BYTES_PER_S / 1e9:.2f})")
+          f"{statistics.median(writes) / 1e9:.2f} GB/s (planned with "
+          f"{WRITE_BYTES_PER_S / 1e9:.2f}), sha256 {statistics.median(hashes) / 1e9:.2f} GB/s "
+          f"(planned with {HASH_BYTES_PER_S / 1e9:.2f})")
     return 0
 
 
@@ -278,28 +289,30 @@ def bench_data(cfg):
     docs = [d for name, spec in cfg.sources.items()
             for d in prepare.source_documents(prepare.resolve_source(name, spec), [])]
     n_bytes = sum(len(d.encode()) for d in docs)
-    print(f"{len(docs):,} documents, {n_bytes / 1e6:.1f} MB; tokenizer {tok.kind}, vocab {tok.vocab_size}")
+    print(f"{len(docs):,} documents, {n_bytes / 1e6:.1f} MB; tokenizer {tok.kind}, vocab "
+          f"{tok.vocab_size}")
     dtype = data.token_dtype(tok.vocab_size)
     ctx = multiprocessing.get_context("fork")
     for workers in (1, 2):
-        with ctx.Pool(workers, prepare.init_tokenizer_worker, (tok.kind, tok.blob, tok.name, dtype)) as pool:
+        with ctx.Pool(workers, prepare.init_tokenizer_worker, (tok.kind, tok.blob, tok.name,
+                                                               dtype)) as pool:
             pool.map(prepare.encode_document, docs[:workers])  # start-up, outside the timing
             t0 = time.perf_counter()
             n_tokens = sum(len(a) for a in pool.imap(prepare.encode_document, docs, chunksize=8))
             dt = time.perf_counter() - t0
-        print(f"tokenize, {workers} worker process{'es' if workers > 1 else ''}: {n_bytes / dt / 1e6:6.2f} MB/s "
-              f"{n_tokens / dt:10,.0f} tok/s")
+        print(f"tokenize, {workers} worker process{'es' if workers > 1 else ''}: "
+              f"{n_bytes / dt / 1e6:6.2f} MB/s {n_tokens / dt:10,.0f} tok/s")
 
     # the reader's share of a training step of this config (one process, float32)
-    reader = data.ChunkReader(cfg.data_dir, 0, cfg.seed, cfg.global_batch_size, cfg.micro_batch_size)
+    reader = data.ChunkReader(cfg.data_dir, 0, cfg.seed, cfg.global_batch_size,
+                              cfg.micro_batch_size)
     steps = min(reader.steps, 20)
     t0 = time.perf_counter()
     for step in range(steps):
         for micro in range(reader.accum):
             reader.batch(step, micro)
     t_read = (time.perf_counter() - t0) / steps
-    model = Transformer(cfg.model)
-    model.init_weights(cfg.seed)
+    model = build_model(cfg, torch.device("cpu"), torch.float32, fsdp=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def train_step():
@@ -312,8 +325,9 @@ def bench_data(cfg):
 
     train_step()
     t_step = statistics.median(timed(train_step, 1) for _ in range(3))
-    print(f"reader: {t_read * 1e3:.3f} ms per step of {cfg.global_batch_size} x {cfg.seq_len + 1} tokens "
-          f"({reader.accum} micro-batches), {100 * t_read / t_step:.3f}% of a {t_step:.2f} s training step")
+    print(f"reader: {t_read * 1e3:.3f} ms per step of {cfg.global_batch_size} x {cfg.seq_len + 1} "
+          f"tokens ({reader.accum} micro-batches), {100 * t_read / t_step:.3f}% of a {t_step:.2f} "
+          "s training step")
 
 
 def _tree_anon_mb(pid):
@@ -374,14 +388,17 @@ def bench_convert(rows=(1000, 15000), files=4):
             convert_amber.convert_amber(src, out, workers=workers, progress=False)
             rate = tokens / (time.perf_counter() - t0)
             shutil.rmtree(out)
-            _, peak, anon = _peak_run([sys.executable, "convert_amber.py", src, out, f"--workers={workers}"])
-            print(f"{n:6,d} rows ({mb:4.0f} MB of JSON), {workers} worker{'s' if workers > 1 else ' '}: "
-                  f"{rate / 1e6:5.2f}M tok/s ({rate / workers / 1e6:.2f}M per worker), "
-                  f"peak {peak:4.0f} MB resident (largest process), {anon:4.0f} MB anonymous (all processes)")
+            _, peak, anon = _peak_run([sys.executable, "convert_amber.py", src, out,
+                                       f"--workers={workers}"])
+            print(f"{n:6,d} rows ({mb:4.0f} MB of JSON), {workers} "
+                  f"worker{'s' if workers > 1 else ' '}: {rate / 1e6:5.2f}M tok/s "
+                  f"({rate / workers / 1e6:.2f}M per worker), peak {peak:4.0f} MB resident "
+                  f"(largest process), {anon:4.0f} MB anonymous (all processes)")
             shutil.rmtree(out)
         shutil.rmtree(src)
     print(f"AMBER's 1.26T tokens at the last per-worker rate on 64 cores: "
-          f"{1.26e12 / (rate / workers * 64) / 3600:.1f} h (if the disk keeps up: 2.5 TB written, 7.5 TB read)")
+          f"{1.26e12 / (rate / workers * 64) / 3600:.1f} h (if the disk keeps up: 2.5 TB written, "
+          "7.5 TB read)")
     shutil.rmtree(tmp)
 
 
@@ -394,13 +411,16 @@ def bench_prepare(docs=(20000, 80000)):
 
     tmp = tempfile.mkdtemp(prefix="bench_prepare_")
     rng = random.Random(0)
-    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))
+             for _ in range(5000)]
     for n in docs:
         corpus = os.path.join(tmp, f"corpus_{n}.jsonl")
         with open(corpus, "w") as f:
             for _ in range(n):
-                f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(50, 400)))}) + "\n")
-        if n == docs[0]:  # a tokenizer trained once, then given: its training sample is capped apart
+                f.write(json.dumps({"text": " ".join(rng.choice(words)
+                                                     for _ in range(rng.randint(50, 400)))}) + "\n")
+        # a tokenizer trained once, then given: its training sample is capped apart
+        if n == docs[0]:
             import prepare
 
             tok = prepare.train_sentencepiece(prepare.sample_lines(
@@ -409,28 +429,36 @@ def bench_prepare(docs=(20000, 80000)):
                 f.write(tok)
         cfg_path = os.path.join(tmp, f"prepare_{n}.py")
         with open(cfg_path, "w") as f:
-            f.write(f"model = 'tiny'\nsources = {{'web': {{'path': {corpus!r}, 'format': 'jsonl'}}}}\n"
-                    f"tokenizer = {os.path.join(tmp, 'tokenizer.model')!r}\n"
-                    f"data_dir = {os.path.join(tmp, f'data_{n}')!r}\nseq_len = 256\nn_chunks = 16\nnum_workers = 1\n")
+            f.write(f"model = 'tiny'\nsources = {{'web': {{'path': {corpus!r}, 'format': "
+                    f"'jsonl'}}}}\ntokenizer = {os.path.join(tmp, 'tokenizer.model')!r}\n"
+                    f"data_dir = {os.path.join(tmp, f'data_{n}')!r}\nseq_len = 256\nn_chunks = "
+                    "16\nnum_workers = 1\n")
         dt, peak, anon = _peak_run([sys.executable, "prepare.py", cfg_path])
         with open(os.path.join(tmp, f"data_{n}", "manifest.json")) as f:
             tokens = json.load(f)["totals"]["train_tokens"]
-        print(f"{n:7,d} documents ({os.path.getsize(corpus) / 1e6:5.0f} MB, {tokens / 1e6:6.1f}M training tokens): "
-              f"{dt:6.1f} s, peak {peak:4.0f} MB resident, {anon:4.0f} MB anonymous")
+        print(f"{n:7,d} documents ({os.path.getsize(corpus) / 1e6:5.0f} MB, {tokens / 1e6:6.1f}M "
+              f"training tokens): {dt:6.1f} s, peak {peak:4.0f} MB resident, {anon:4.0f} MB "
+              "anonymous")
     # fine-tuning's preparation (finetune.prepare): conversations rendered into rows of 2,049 ids
-    code = ("import sys, config, data, finetune; tok = data.Tokenizer('sentencepiece', open(sys.argv[1], 'rb').read()); "
-            "finetune.prepare(config.config_from_dict(dict(finetune_data=sys.argv[2], data_dir=sys.argv[3], "
-            "seq_len=2048, max_seq_len=2048)), tok)")
+    code = ("import sys, config, data, finetune; tok = data.Tokenizer('sentencepiece', "
+            "open(sys.argv[1], 'rb').read()); "
+            "finetune.prepare(config.config_from_dict(dict(finetune_data=sys.argv[2], "
+            "data_dir=sys.argv[3], seq_len=2048, max_seq_len=2048)), tok)")
     for n in (docs[0] // 4, docs[0]):
         convs = os.path.join(tmp, f"sft_{n}.jsonl")
         with open(convs, "w") as f:
             for _ in range(n):
-                f.write(json.dumps({"instruction": " ".join(rng.choice(words) for _ in range(rng.randint(20, 100))),
-                                    "output": " ".join(rng.choice(words) for _ in range(rng.randint(50, 300)))}) + "\n")
-        dt, peak, anon = _peak_run([sys.executable, "-c", code, os.path.join(tmp, "tokenizer.model"), convs,
+                f.write(json.dumps({"instruction": " ".join(rng.choice(words)
+                                                            for _ in range(rng.randint(20, 100))),
+                                    "output": " ".join(rng.choice(words)
+                                                       for _ in range(rng.randint(50, 300)))})
+                        + "\n")
+        dt, peak, anon = _peak_run([sys.executable, "-c", code,
+                                    os.path.join(tmp, "tokenizer.model"), convs,
                                     os.path.join(tmp, f"sft_data_{n}")])
-        print(f"finetune.prepare, {n:6,d} conversations ({os.path.getsize(convs) / 1e6:4.0f} MB; rows of 2,049 int32 "
-              f"ids: {n * 2049 * 4 / 1e6:4.0f} MB): {dt:5.1f} s, peak {peak:4.0f} MB resident, {anon:4.0f} MB anonymous")
+        print(f"finetune.prepare, {n:6,d} conversations ({os.path.getsize(convs) / 1e6:4.0f} MB; "
+              f"rows of 2,049 int32 ids: {n * 2049 * 4 / 1e6:4.0f} MB): {dt:5.1f} s, peak "
+              f"{peak:4.0f} MB resident, {anon:4.0f} MB anonymous")
     shutil.rmtree(tmp)
 
 
@@ -451,8 +479,7 @@ def bench_eval(cfg, n_items=40, n_shots=5):
 
     manifest = prepare.prepare(cfg, progress=False)
     tok = data.load_tokenizer(cfg.data_dir, manifest)
-    model = Transformer(cfg.model)
-    model.init_weights(cfg.seed)
+    model = build_model(cfg, torch.device("cpu"), torch.float32, fsdp=False)
     model.eval()
     rng = random.Random(0)
     words = "the of and to in is was for on that with as by at from his her which or be".split()
@@ -460,7 +487,8 @@ def bench_eval(cfg, n_items=40, n_shots=5):
     def w(n):
         return " ".join(rng.choice(words) for _ in range(n))
 
-    rows = [{"question": w(12) + "?", "choices": {"text": [w(3) for _ in range(4)], "label": list("ABCD")},
+    rows = [{"question": w(12) + "?", "choices": {"text": [w(3) for _ in range(4)],
+                                                  "label": list("ABCD")},
              "answerKey": "ABCD"[i % 4]} for i in range(n_items + n_shots)]
     docs, shots = rows[:n_items], rows[n_items:]
     ctxs = ev.contexts("arc_challenge", docs, shots, n_shots)
@@ -475,7 +503,8 @@ def bench_eval(cfg, n_items=40, n_shots=5):
         hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
     lm = HFLM(pretrained=hf, tokenizer=hf_tok, batch_size=16, max_length=cfg.model.max_seq_len)
     n_tokens = statistics.mean(len(tok.encode(c)) for c in ctxs)
-    print(f"{n_items} items, 4 choices, {n_shots}-shot contexts of {n_tokens:.0f} tokens on average")
+    print(f"{n_items} items, 4 choices, {n_shots}-shot contexts of {n_tokens:.0f} tokens on "
+          "average")
 
     def ours():
         ev.multiple_choice(model, tok, "arc_challenge", docs, shots, n_shots)
@@ -501,7 +530,8 @@ def bench_figures(run_dir="runs/tiny", reps=5):
     from plot import plot_run, warm_figures
 
     if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-        sys.exit(f"error: {run_dir}/metrics.jsonl not found; train first (python train.py configs/tiny.py)")
+        sys.exit(f"error: {run_dir}/metrics.jsonl not found; train first (python train.py "
+                 "configs/tiny.py)")
     per_chunk = {}
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         for r in map(json.loads, f):
@@ -512,9 +542,10 @@ def bench_figures(run_dir="runs/tiny", reps=5):
     again = statistics.median(timed(lambda: plot_run(run_dir), 1) for _ in range(reps))
     chunk = statistics.mean(per_chunk.values())
     print(f"{run_dir}: {len(per_chunk)} chunks of {chunk:.1f} s of training on average")
-    print(f"warm-up (matplotlib import and one off-screen draw, in a background thread): {warm:.3f} s")
-    print(f"training.png: first draw {first:.3f} s ({100 * first / chunk:.2f}% of a chunk), then {again:.3f} s "
-          f"({100 * again / chunk:.2f}%, median of {reps})")
+    print("warm-up (matplotlib import and one off-screen draw, in a background thread): "
+          f"{warm:.3f} s")
+    print(f"training.png: first draw {first:.3f} s ({100 * first / chunk:.2f}% of a chunk), then "
+          f"{again:.3f} s ({100 * again / chunk:.2f}%, median of {reps})")
 
 
 def bench_trace(data_dir="data/tiny", spans=200, span_len=32):
@@ -543,8 +574,8 @@ def bench_trace(data_dir="data/tiny", spans=200, span_len=32):
         if name == "1x":
             shutil.copytree(data_dir, folder, ignore=shutil.ignore_patterns("index"))
         seconds, rss, anon = _peak_run([sys.executable, "-c", code, folder])
-        print(f"index {name}: {n:,} tokens in {seconds:.1f} s, {n / seconds / 1e6:.2f}M tokens/s; peak resident "
-              f"{rss:.0f} MB, anonymous {anon:.0f} MB")
+        print(f"index {name}: {n:,} tokens in {seconds:.1f} s, {n / seconds / 1e6:.2f}M tokens/s; "
+              f"peak resident {rss:.0f} MB, anonymous {anon:.0f} MB")
     # infini-gram's own pipeline from JSON lines: the same rows as text
     tok = data.load_tokenizer(data_dir)
     raw = os.path.join(work, "jsonl")
@@ -555,12 +586,13 @@ def bench_trace(data_dir="data/tiny", spans=200, span_len=32):
                 f.write(json.dumps({"text": tok.decode(row)}) + "\n")
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "infini_gram.indexing", "--data_dir", raw, "--save_dir",
-                    os.path.join(work, "theirs"), "--token_dtype", "u8", "--mem", "2", "--cpus", "1",
-                    "--ulimit", "1024"], check=True, capture_output=True)
+                    os.path.join(work, "theirs"), "--token_dtype", "u8", "--mem", "2", "--cpus",
+                    "1", "--ulimit", "1024"], check=True, capture_output=True)
     seconds = time.perf_counter() - t0
     text_bytes = os.path.getsize(os.path.join(work, "theirs", "tokenized.0"))
-    print(f"infini-gram's pipeline from JSON lines: {text_bytes:,} bytes of the same rows' text in {seconds:.1f} s, "
-          f"{text_bytes / seconds / 1e6:.2f}M byte-tokens/s (ours above: {tokens:,} tokens of 2 bytes)")
+    print(f"infini-gram's pipeline from JSON lines: {text_bytes:,} bytes of the same rows' text in "
+          f"{seconds:.1f} s, {text_bytes / seconds / 1e6:.2f}M byte-tokens/s (ours above: "
+          f"{tokens:,} tokens of 2 bytes)")
     # query latency: spans drawn from the data
     found = index.Index(os.path.join(work, "x1"))
     rng = np.random.default_rng(0)
@@ -571,8 +603,9 @@ def bench_trace(data_dir="data/tiny", spans=200, span_len=32):
         t0 = time.perf_counter()
         found.occurrences(rows[r, i : i + span_len].tolist(), limit=10)
         times.append(time.perf_counter() - t0)
-    print(f"query of a {span_len}-token span (count, rows, positions): median {1e3 * np.median(times):.2f} ms, "
-          f"p99 {1e3 * np.percentile(times, 99):.2f} ms over {spans}")
+    print(f"query of a {span_len}-token span (count, rows, positions): median "
+          f"{1e3 * np.median(times):.2f} ms, p99 {1e3 * np.percentile(times, 99):.2f} ms over "
+          f"{spans}")
     shutil.rmtree(work)
     if os.path.isdir("runs/tiny/memorization"):
         import trace
@@ -582,7 +615,8 @@ def bench_trace(data_dir="data/tiny", spans=200, span_len=32):
         trace.duplication("runs/tiny")
         with open("runs/tiny/memorization/duplication.csv") as f:
             n = sum(1 for _ in f) - 1
-        print(f"memorization-duplication pass on runs/tiny: {n} scored sequences in {time.perf_counter() - t0:.1f} s")
+        print(f"memorization-duplication pass on runs/tiny: {n} scored sequences in "
+              f"{time.perf_counter() - t0:.1f} s")
 
 
 def _rank_pids(pid):
@@ -622,7 +656,8 @@ def _run_watched(cmd, env, log, until=None):
                 os.kill(pid, signal.SIGKILL)
             p.wait()
             while any(os.path.exists(f"/proc/{pid}") and _anon_mb(pid) for pid in ranks):
-                time.sleep(0.1)  # a killed rank frees its memory (and the run dir's lock) before it is gone
+                # a killed rank frees its memory (and the run dir's lock) before it is gone
+                time.sleep(0.1)
             break
         time.sleep(0.05)
     return p.returncode, time.perf_counter() - t0, [peaks[r] for r in sorted(peaks)]
@@ -647,15 +682,18 @@ def bench_rehearsal(folder="runs/rehearsal"):
     release, data_dir, run_dir = (os.path.join(folder, n) for n in ("release", "data", "run"))
     convert_amber.write_synthetic_release(release, 1, 8, seed=0)
     convert_amber.convert_amber(release, data_dir, workers=1, progress=False)
-    args = ["configs/amber_7b.py", f"--data_dir={data_dir}", f"--out_dir={run_dir}", "--n_layer=2", "--n_chunks=1",
-            "--global_batch_size=2", "--micro_batch_size=1", "--ckpt_interval=2", "--val_sequences=0",
-            "--warmup_steps=2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")  # CPU ranks, also on a machine with one GPU
-    dry = subprocess.run([sys.executable, "train.py", *args, "--dry_run=True", "--dry_run_world_size=2"],
+    args = ["configs/amber_7b.py", f"--data_dir={data_dir}", f"--out_dir={run_dir}", "--n_layer=2",
+            "--n_chunks=1", "--global_batch_size=2", "--micro_batch_size=1", "--ckpt_interval=2",
+            "--val_sequences=0", "--warmup_steps=2"]
+    # CPU ranks, also on a machine with one GPU
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    dry = subprocess.run([sys.executable, "train.py", *args, "--dry_run=True",
+                          "--dry_run_world_size=2"],
                          capture_output=True, text=True, env=env, check=True).stdout
     print(next(line for line in dry.splitlines() if line.startswith("model ")))
     print(next(line for line in dry.splitlines() if line.startswith("memory/device")), "(dry run)")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", *args]  # torchrun
+    # torchrun
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "train.py", *args]
     metrics = os.path.join(run_dir, "metrics.jsonl")
 
     def steps():
@@ -668,8 +706,9 @@ def bench_rehearsal(folder="runs/rehearsal"):
     log = os.path.join(folder, "output.log")
     rc, seconds, peaks = _run_watched(cmd, env, log, until=lambda: 3 in steps())
     killed = steps()[3]
-    print(f"run 1: {seconds:.0f} s to step 3 ({killed['step_time']:.1f} s a step, {killed['tok_per_s']:,.0f} tok/s, "
-          + (f"MFU {100 * killed['mfu']:.1f}% of bf16 matmul" if killed["mfu"] is not None else "MFU unknown")
+    print(f"run 1: {seconds:.0f} s to step 3 ({killed['step_time']:.1f} s a step, "
+          f"{killed['tok_per_s']:,.0f} tok/s, " + (f"MFU {100 * killed['mfu']:.1f}% of bf16 matmul"
+                                                   if killed["mfu"] is not None else "MFU unknown")
           + "); SIGKILLed; peak anonymous memory per rank "
           + ", ".join(f"{m / 1024:.2f} GiB" for m in peaks))
     rc, seconds, peaks = _run_watched(cmd, env, log)
@@ -680,30 +719,34 @@ def bench_rehearsal(folder="runs/rehearsal"):
     resume = next(e for e in ledger if e["event"] == "resume")
     ckpt = next(e for e in ledger if e["event"] == "checkpoint")
     again = steps()[3]
-    print(f"run 2: resumed from {resume['checkpoint']} at step {resume['step']}, finished in {seconds:.0f} s; peak "
-          "anonymous memory per rank " + ", ".join(f"{m / 1024:.2f} GiB" for m in peaks) + "; peak resident (the "
-          "ranks' own count, file pages included) " + ", ".join(f"{m:.2f} GiB" for m in ckpt["peak_mem_gb"]))
+    print(f"run 2: resumed from {resume['checkpoint']} at step {resume['step']}, finished in "
+          f"{seconds:.0f} s; peak anonymous memory per rank "
+          + ", ".join(f"{m / 1024:.2f} GiB" for m in peaks) + "; peak resident (the ranks' own "
+          "count, file pages included) " + ", ".join(f"{m:.2f} GiB" for m in ckpt["peak_mem_gb"]))
     with open(os.path.join(run_dir, "ckpt_000", "state.json")) as f:
         files = json.load(f)["files"]
     parts = {"model.safetensors": 0, "optimizer/ (DCP shards)": 0, "rng": 0}
     for name, f in files.items():
-        parts["model.safetensors" if name == "model.safetensors" else "rng" if name.startswith("rng")
-              else "optimizer/ (DCP shards)"] += f["bytes"]
-    print(f"ckpt_000: {ckpt['seconds']:.1f} s in all: weights gathered to rank 0 and written {ckpt['weights_s']:.1f} s, "
-          f"optimizer shards {ckpt['optimizer_s']:.1f} s, sha256 of {len(files)} files on 2 ranks {ckpt['hash_s']:.1f} s "
+        parts["model.safetensors" if name == "model.safetensors" else "rng"
+              if name.startswith("rng") else "optimizer/ (DCP shards)"] += f["bytes"]
+    print(f"ckpt_000: {ckpt['seconds']:.1f} s in all: weights gathered to rank 0 and written "
+          f"{ckpt['weights_s']:.1f} s, optimizer shards {ckpt['optimizer_s']:.1f} s, sha256 of "
+          f"{len(files)} files on 2 ranks {ckpt['hash_s']:.1f} s "
           f"({ckpt['bytes'] / ckpt['hash_s'] / 1e9:.2f} GB/s); {ckpt['bytes'] / 1e9:.2f} GB: "
           + ", ".join(f"{k} {v / 1e9:.3f} GB" for k, v in parts.items()))
     same = all(killed[k] == again[k] for k in ("loss", "grad_norm", "lr", "tokens"))
-    print(f"step 3 after the resume: loss {again['loss']!r} (killed run {killed['loss']!r}), grad norm "
-          f"{again['grad_norm']!r} ({killed['grad_norm']!r}): {'bitwise equal' if same else 'DIFFERENT'}")
+    print(f"step 3 after the resume: loss {again['loss']!r} (killed run {killed['loss']!r}), grad "
+          f"norm {again['grad_norm']!r} ({killed['grad_norm']!r}): "
+          f"{'bitwise equal' if same else 'DIFFERENT'}")
     shutil.rmtree(folder)
     return 0 if same else 1
 
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare", "figures", "gpu",
-                                               "trace", "rehearsal", "fused", "ckpt") else "model"
+    mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare",
+                                               "figures", "gpu", "trace", "rehearsal", "fused",
+                                               "ckpt") else "model"
     if mode == "trace":
         sys.exit(bench_trace(*args))
     if mode == "rehearsal":
@@ -714,7 +757,9 @@ if __name__ == "__main__":
         sys.exit(gpu_check.main(args))
     if mode == "ckpt":
         sys.exit(bench_ckpt(*[a for a in args if not a.startswith("--")],
-                            **{k: float(v) for k, v in parse_options([a for a in args if a.startswith("--")]).items()}))
+                            **{k: float(v)
+                               for k, v
+                               in parse_options([a for a in args if a.startswith("--")]).items()}))
     if mode == "figures":
         sys.exit(bench_figures(*args))
     if mode in ("convert", "prepare"):

@@ -21,11 +21,9 @@ A checkpoint folder holds:
     optimizer.pt               the AdamW state; under FSDP a torch.distributed.checkpoint
                                folder optimizer/ instead, one shard per rank
     rng_rank{r}.pt             each rank's torch, Python (and CUDA) RNG state
-    state.json                 the run's state: step, tokens, schedule position `pos`, the
-                               schedule, skipped chunks, the reader's position inside a chunk,
-                               the data manifest's sha256, the config, the world size,
-                               `metrics_lines` and `metrics_sha256`: the metrics.jsonl lines
-                               up to it, `files`: the size and sha256 of every other file,
+    state.json                 the run's state (runstate.py: step, tokens, schedule position
+                               `pos`, the schedule, ...) with the config, the world size,
+                               `files`: the size and sha256 of every other file,
                                `state_sha256`: of state.json itself (but that key), and
                                `format_version` (FORMAT_VERSION; none: 1, written before
                                checkpoints recorded files and digests, read as it is)
@@ -58,6 +56,7 @@ from common import barrier, broadcast0, read_json, sha256_file, size_text, writi
 from config import ConfigError, config_to_dict, saved_config
 from hf_format import CheckpointError, hf_model_config, hf_shards, load_hf
 from model import Transformer
+from runstate import FORMAT_VERSION, INTEGRITY, upgraded
 
 
 # what the dry run plans a rank's checkpoint with: writing its shard (torch.distributed.checkpoint,
@@ -76,7 +75,8 @@ def checkpoint_names(run_dir, rolling=False):
     last when rolling=True; never *.tmp (being written) or *.damaged-TIME (moved aside)."""
     if not os.path.isdir(run_dir):
         return []
-    return sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and (re.fullmatch(r"[0-9]+", n[5:]) or
+    return sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_")
+                  and (re.fullmatch(r"[0-9]+", n[5:]) or
                   (rolling and n == "ckpt_rolling")) and os.path.isdir(os.path.join(run_dir, n))
                   and not os.path.islink(os.path.join(run_dir, n)))
 
@@ -84,11 +84,10 @@ def checkpoint_names(run_dir, rolling=False):
 def linked_checkpoints(run_dir):
     """Checkpoint names of a run dir that are symbolic links: never followed (another run's
     checkpoint, or one of this run's under a second name)."""
-    return sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_") and os.path.islink(os.path.join(run_dir, n)))
+    return sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_")
+                  and os.path.islink(os.path.join(run_dir, n)))
 
 
-FORMAT_VERSION = 2  # state.json's format; 1 (no version): written before the integrity fields
-INTEGRITY = ("files", "state_sha256", "metrics_lines", "metrics_sha256", "total_steps")  # what 2 always records
 
 
 def integrity_problems(path, state):
@@ -100,10 +99,11 @@ def integrity_problems(path, state):
     version = state.get("format_version", 1)
     started = run_format(os.path.dirname(os.path.abspath(path)))
     if version < started:
-        return [f"state.json says format {version}, but its run dir was started by code that writes format {started} "
-                "(edited?)"]
+        return [f"state.json says format {version}, but its run dir was started by code that "
+                f"writes format {started} (edited?)"]
     missing = [k for k in INTEGRITY if k not in state] if version >= 2 else []
-    return [f"state.json lacks {', '.join(missing)}, which format {version} records (edited?)"] if missing else []
+    return [f"state.json lacks {', '.join(missing)}, which format {version} records "
+            "(edited?)"] if missing else []
 
 
 def run_format(out_dir):
@@ -117,7 +117,8 @@ def run_format(out_dir):
 
 def state_digest(state):
     """The sha256 of a state as state.json holds it, leaving out its own digest."""
-    return hashlib.sha256(json.dumps({k: v for k, v in state.items() if k != "state_sha256"}, indent=1).encode()).hexdigest()
+    return hashlib.sha256(json.dumps({k: v for k, v in state.items() if k != "state_sha256"},
+                                     indent=1).encode()).hexdigest()
 
 
 def metrics_digest(path, n_lines=None):
@@ -157,7 +158,8 @@ def full_state_dict(raw_model, fsdp):
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        sd = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        sd = get_model_state_dict(raw_model,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         sd = raw_model.state_dict()
     if raw_model.config.tie_embeddings:
@@ -165,7 +167,8 @@ def full_state_dict(raw_model, fsdp):
     return {k: v.detach().to(device="cpu", dtype=torch.float32).contiguous() for k, v in sd.items()}
 
 
-def save_checkpoint(path, raw_model, optimizer, state, cfg, *, rank, world_size, fsdp, consolidated=True):
+def save_checkpoint(path, raw_model, optimizer, state, cfg, *, rank, world_size, fsdp,
+                    consolidated=True):
     """Write a checkpoint folder atomically: everything into path.tmp, then one rename.
     consolidated=False under FSDP: the weights as each rank's shard (model/), not gathered
     into model.safetensors. Returns the seconds each part took and the bytes written."""
@@ -178,15 +181,17 @@ def save_checkpoint(path, raw_model, optimizer, state, cfg, *, rank, world_size,
     barrier(world_size)
     try:
         with writing(tmp):
-            return _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank=rank, world_size=world_size, fsdp=fsdp,
-                                     consolidated=consolidated or not fsdp)
+            return _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, rank=rank,
+                                     world_size=world_size, fsdp=fsdp, consolidated=consolidated
+                                     or not fsdp)
     except OSError:
         if rank == 0:  # a full disk: give back what the unfinished checkpoint took
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, *, rank, world_size, fsdp, consolidated):
+def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, *, rank, world_size, fsdp,
+                      consolidated):
     from safetensors.torch import save_file
 
     t0 = time.perf_counter()
@@ -194,7 +199,8 @@ def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, *, rank, worl
         model_sd = full_state_dict(raw_model, fsdp)  # collective under FSDP
         if rank == 0:
             save_file(model_sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        del model_sd  # rank 0 held every weight in float32 (27 GB at 7B): gone before the optimizer's turn
+        # rank 0 held every weight in float32 (27 GB at 7B): gone before the optimizer's turn
+        del model_sd
     else:
         import torch.distributed.checkpoint as dcp
 
@@ -204,7 +210,8 @@ def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, *, rank, worl
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        dcp.save(get_optimizer_state_dict(raw_model, optimizer), checkpoint_id=os.path.join(tmp, "optimizer"))
+        dcp.save(get_optimizer_state_dict(raw_model, optimizer),
+                 checkpoint_id=os.path.join(tmp, "optimizer"))
     elif rank == 0:
         torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
     torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -223,8 +230,9 @@ def _write_checkpoint(tmp, path, raw_model, optimizer, state, cfg, *, rank, worl
             shutil.rmtree(path)
         os.rename(tmp, path)
     barrier(world_size)
-    return {"weights_s": round(t1 - t0, 3), "optimizer_s": round(t2 - t1, 3), "hash_s": round(t3 - t2, 3),
-            "bytes": sum(f["bytes"] for f in files.values()), "consolidated": consolidated}
+    return {"weights_s": round(t1 - t0, 3), "optimizer_s": round(t2 - t1, 3),
+            "hash_s": round(t3 - t2, 3), "bytes": sum(f["bytes"] for f in files.values()),
+            "consolidated": consolidated}
 
 
 def sharded_state_dict(raw_model):
@@ -245,9 +253,10 @@ def check_free_space(folder, needed, rank=0, world_size=1):
     free = broadcast0(shutil.disk_usage(folder).free if rank == 0 else 0, world_size)
     if free < needed * 1.01:
         newest = find_checkpoint(folder)
-        raise CheckpointError(f"{folder}: {size_text(free)} free, a checkpoint needs about {size_text(needed)}; free space "
-                              "and run the same command again (it resumes from "
-                              f"{os.path.basename(newest) if newest else 'the start'})")
+        start = os.path.basename(newest) if newest else "the start"
+        raise CheckpointError(f"{folder}: {size_text(free)} free, a checkpoint needs about "
+                              f"{size_text(needed)}; free space and run the same command again (it "
+                              f"resumes from {start})")
 
 
 def hash_files(folder, rank=0, world_size=1):
@@ -255,15 +264,18 @@ def hash_files(folder, rank=0, world_size=1):
     state.json. Collective: the files are dealt out by size, largest first, each to the
     rank with the fewest bytes so far (a 7B checkpoint is 80 GB: one 27 GB weights file and
     a shard of the optimizer per rank; sha256 runs at about 1.4 GB/s a core)."""
-    names = sorted(os.path.relpath(os.path.join(root, f), folder) for root, _, fs in os.walk(folder) for f in fs
-                   if f != "state.json" or root != folder)
-    sizes = broadcast0({n: os.path.getsize(os.path.join(folder, n)) for n in names} if rank == 0 else None,
+    names = sorted(os.path.relpath(os.path.join(root, f), folder)
+                   for root, _, fs in os.walk(folder) for f in fs if f != "state.json"
+                   or root != folder)
+    sizes = broadcast0({n: os.path.getsize(os.path.join(folder, n)) for n in names} if rank == 0
+                       else None,
                        world_size)  # rank 0's listing: every rank deals from the same one
     load, owner = [0] * world_size, {}
     for n in sorted(sizes, key=lambda n: (-sizes[n], n)):
         owner[n] = load.index(min(load))
         load[owner[n]] += sizes[n]
-    mine = {n: {"bytes": sizes[n], "sha256": sha256_file(os.path.join(folder, n))} for n in sizes if owner[n] == rank}
+    mine = {n: {"bytes": sizes[n], "sha256": sha256_file(os.path.join(folder, n))} for n in sizes
+            if owner[n] == rank}
     if world_size > 1:
         parts = [None] * world_size
         dist.all_gather_object(parts, mine)
@@ -284,7 +296,8 @@ def find_checkpoint(out_dir, chunk_ends_only=False):
         st = read_state(os.path.join(out_dir, name))
         if st is None or (chunk_ends_only and name == "ckpt_rolling"):
             continue
-        key = (st["pos"], st["step"])  # positions only grow; a rolling checkpoint is ahead of the last chunk's
+        # positions only grow; a rolling checkpoint is ahead of the last chunk's
+        key = (st["pos"], st["step"])
         if best_key is None or key > best_key:
             best, best_key = os.path.join(out_dir, name), key
     return best
@@ -301,7 +314,7 @@ def verify_checkpoint(path, rank=0, world_size=1):
     if problems:
         return problems
     if "state_sha256" in state and state_digest(state) != state["state_sha256"]:
-        return ["state.json was changed after it was written (its sha256 is not the one it records)"]
+        return ["state.json was changed after it was written (not the sha256 it records)"]
     files = state.get("files")
     if files is None:  # format 1
         return []
@@ -311,11 +324,12 @@ def verify_checkpoint(path, rank=0, world_size=1):
         if not os.path.isfile(p):
             problems.append(f"{name} is missing")
         elif os.path.getsize(p) != rec["bytes"]:
-            problems.append(f"{name} has {os.path.getsize(p):,} bytes, {rec['bytes']:,} were written")
+            problems.append(f"{name} has {os.path.getsize(p):,} bytes, not {rec['bytes']:,}")
     if problems:
         return problems
     got = hash_files(path, rank, world_size)
-    return [f"{n}: sha256 differs from the one written" for n, rec in files.items() if got[n]["sha256"] != rec["sha256"]]
+    return [f"{n}: sha256 differs from the one written" for n, rec in files.items()
+            if got[n]["sha256"] != rec["sha256"]]
 
 
 def resume_point(out_dir, log, rank=0, world_size=1):
@@ -328,15 +342,17 @@ def resume_point(out_dir, log, rank=0, world_size=1):
     linked = linked_checkpoints(out_dir) if os.path.isdir(out_dir) else []
     if linked:
         raise CheckpointError(f"{os.path.join(out_dir, linked[0])} is a symbolic link (to "
-                              f"{os.readlink(os.path.join(out_dir, linked[0]))}), not a checkpoint folder of this run; "
-                              "remove it (or put the folder itself there), then run this again")
+                              f"{os.readlink(os.path.join(out_dir, linked[0]))}), not a checkpoint "
+                              "folder of this run; remove it (or put the folder itself there), "
+                              "then run this again")
     while True:
         best = find_checkpoint(out_dir)
         best_pos = read_state(best)["pos"] if best else -1
         damaged = {}
-        for name in checkpoint_names(out_dir, rolling=True):  # unreadable state.json: newer than best by its name?
+        for name in checkpoint_names(out_dir, rolling=True):  # unreadable: newer by its name?
             path = os.path.join(out_dir, name)
-            if read_state(path) is None and (name == "ckpt_rolling" or int(name[5:]) + 1 > best_pos):
+            if read_state(path) is None and (name == "ckpt_rolling"
+                                             or int(name[5:]) + 1 > best_pos):
                 damaged[path] = ["state.json is missing or not valid JSON"]
         if best and not damaged:
             problems = verify_checkpoint(best, rank, world_size)
@@ -349,11 +365,11 @@ def resume_point(out_dir, log, rank=0, world_size=1):
             for path, problems in damaged.items():
                 aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
                 os.rename(path, aside)
-                log.event("damaged_checkpoint", checkpoint=os.path.basename(path), moved_to=os.path.basename(aside),
-                          problems=problems)
-                print(f"{path} is damaged ({'; '.join(problems[:3])}{'; ...' if len(problems) > 3 else ''}): "
-                      f"moved aside to {os.path.basename(aside)}; resuming from the newest intact checkpoint",
-                      flush=True)
+                log.event("damaged_checkpoint", checkpoint=os.path.basename(path),
+                          moved_to=os.path.basename(aside), problems=problems)
+                shown = "; ".join(problems[:3]) + ("; ..." if len(problems) > 3 else "")
+                print(f"{path} is damaged ({shown}): moved aside to {os.path.basename(aside)}; "
+                      "resuming from the newest intact checkpoint", flush=True)
         barrier(world_size)
 
 
@@ -382,9 +398,13 @@ def verify_metrics(out_dir, states):
     if not (broken or differ or short or n < newest):
         print(f"metrics.jsonl  ok ({n} lines)")
         return 0
-    print(f"metrics.jsonl  DAMAGED: {n} lines" + (f"; lines {broken[:5]} are not JSON" if broken else "")
-          + (f"; its first lines are not those {', '.join(sorted(differ + short))} recorded (edited or cut since)"
-             if differ or short else f"; the newest checkpoint counted {newest}"))
+    line = f"metrics.jsonl  DAMAGED: {n} lines"
+    if broken:
+        line += f"; lines {broken[:5]} are not JSON"
+    if differ or short:
+        line += f"; its first lines are not those {', '.join(sorted(differ + short))} recorded"
+    print(line + (" (edited or cut since)" if differ or short else
+                  f"; the newest checkpoint counted {newest}"))
     return 1
 
 
@@ -393,12 +413,14 @@ def check_metrics(out_dir, state, path, rank=0, world_size=1):
     recorded. Rank 0 reads the file (300k lines at AMBER's size) and tells the others."""
     if state.get("format_version", 1) < 2:  # format 1 recorded no metrics digest
         return
-    n, sha = broadcast0(metrics_digest(os.path.join(out_dir, "metrics.jsonl"), state["metrics_lines"])
+    n, sha = broadcast0(metrics_digest(os.path.join(out_dir, "metrics.jsonl"),
+                                       state["metrics_lines"])
                         if rank == 0 else None, world_size)
     if (n, sha) != (state["metrics_lines"], state["metrics_sha256"]):
-        raise CheckpointError(f"{os.path.join(out_dir, 'metrics.jsonl')}: its first {state['metrics_lines']:,} lines "
-                              f"are not those {path} recorded (edited or cut since); restore the file, or move the "
-                              "checkpoints it no longer matches out of the run dir to retrain from an older one "
+        raise CheckpointError(f"{os.path.join(out_dir, 'metrics.jsonl')}: its first "
+                              f"{state['metrics_lines']:,} lines are not those {path} recorded "
+                              "(edited or cut since); restore the file, or move the checkpoints it "
+                              "no longer matches out of the run dir to retrain from an older one "
                               f"(python train.py verify {out_dir} names them)")
 
 
@@ -419,23 +441,20 @@ def verify_run(out_dir):
             bad += 1
             print(f"{name:14s} DAMAGED: {'; '.join(problems)}")
         elif st.get("format_version", 1) < 2:
-            print(f"{name:14s} not checked: format 1, written before checkpoints recorded their files")
+            print(f"{name:14s} not checked: format 1, from before checkpoints recorded files")
         else:
-            print(f"{name:14s} ok ({len(st['files'])} files, {sum(r['bytes'] for r in st['files'].values()) / 1e6:,.1f} MB)")
+            print(f"{name:14s} ok ({len(st['files'])} files, "
+                  f"{sum(r['bytes'] for r in st['files'].values()) / 1e6:,.1f} MB)")
     for name in linked_checkpoints(out_dir):
         bad += 1
-        print(f"{name:14s} DAMAGED: a symbolic link (to {os.readlink(os.path.join(out_dir, name))}), not a folder of "
-              "this run")
+        print(f"{name:14s} DAMAGED: a symbolic link (to "
+              f"{os.readlink(os.path.join(out_dir, name))}), not a folder of this run")
     bad += verify_metrics(out_dir, {n: read_state(os.path.join(out_dir, n)) for n in names})
     config_path = os.path.join(out_dir, "config.json")
     if os.path.exists(config_path):
-        dirs = data.stage_dirs(read_json(config_path))
-        for d in dirs:
+        for d in data.stage_dirs(read_json(config_path)):
             try:
-                manifest = data.load_manifest(d)
-                for entry in manifest["chunks"] + ([manifest["val"]] if manifest.get("val") else []):
-                    data.open_split(d, entry, verify=True)
-                print(f"{d}  ok ({len(manifest['chunks'])} chunks)")
+                print(f"{d}  ok ({data.verify_dir(d)} chunks)")
             except data.DataError as e:
                 bad += 1
                 print(f"{d}  DAMAGED: {e}")
@@ -450,9 +469,10 @@ def verify_run(out_dir):
 
 def load_weights(model, sd, where, assign=False):
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=assign)
-    if unexpected or [k for k in missing if not (k == "lm_head.weight" and model.config.tie_embeddings)]:
-        raise ConfigError(f"{where}: weights do not fit this model (missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}); it was saved by a model of another shape")
+    if unexpected or [k for k in missing if not (k == "lm_head.weight"
+                                                 and model.config.tie_embeddings)]:
+        raise ConfigError(f"{where}: weights do not fit this model (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]}); it was saved by a model of another shape")
 
 
 def load_checkpoint_weights(path, raw_model, rank, fsdp):
@@ -467,12 +487,13 @@ def load_checkpoint_weights(path, raw_model, rank, fsdp):
 
         sd = sharded_state_dict(raw_model)
         dcp.load(sd, checkpoint_id=os.path.join(path, "model"))
-        set_model_state_dict(raw_model, sd, options=StateDictOptions(strict=False))  # a tied head comes with tok_emb
+        set_model_state_dict(raw_model, sd, options=StateDictOptions(strict=False))  # tied head
     elif fsdp:
         sd = load_file(os.path.join(path, "model.safetensors")) if rank == 0 else {}
         if rank == 0 and raw_model.config.tie_embeddings:
             sd["lm_head.weight"] = sd["tok_emb.weight"]
-        set_model_state_dict(raw_model, sd, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        set_model_state_dict(raw_model, sd, options=StateDictOptions(full_state_dict=True,
+                                                                     broadcast_from_rank0=True))
     else:
         with torch.no_grad():
             load_weights(raw_model, load_file(os.path.join(path, "model.safetensors")), path)
@@ -483,13 +504,14 @@ def load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=True)
     if load_optimizer:
         load_optimizer_state(path, raw_model, optimizer, fsdp)
     with open(os.path.join(path, "state.json")) as f:
-        state = json.load(f)
+        state = upgraded(json.load(f))
     rng_path = os.path.join(path, f"rng_rank{rank}.pt")
     if not os.path.exists(rng_path):
         if state["world_size"] == (dist.get_world_size() if dist.is_initialized() else 1):
             raise CheckpointError(f"{rng_path} is missing: the checkpoint is damaged")
         # another world size: this rank had no RNG state then (its stream starts from the seed)
-        print(f"rank {rank}: {path} was written by {state['world_size']} ranks and holds no RNG state for this one",
+        print(f"rank {rank}: {path} was written by {state['world_size']} ranks and holds no RNG "
+              "state for this one",
               flush=True)
     else:
         rng = torch.load(rng_path, map_location="cpu", weights_only=True)
@@ -524,34 +546,38 @@ def load_optimizer_state(path, raw_model, optimizer, fsdp):
     names = {id(p): n for n, p in raw_model.named_parameters()}
     by_index = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     osd = {"state": {by_index[i]: s for i, s in osd["state"].items()},
-           "param_groups": [g | {"params": [by_index[i] for i in g["params"]]} for g in osd["param_groups"]]}
-    set_optimizer_state_dict(raw_model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
+           "param_groups": [g | {"params": [by_index[i] for i in g["params"]]}
+                            for g in osd["param_groups"]]}
+    set_optimizer_state_dict(raw_model, optimizer, osd,
+                             options=StateDictOptions(full_state_dict=True))
 
 
 # what a resume may change: where things are (the data's content is checked by its manifest's
 # sha256), when it stops, saves and validates, and how the machine computes; anything else
 # (the schedule, the data, the optimizer, the seed) makes another run: a branch
-RESUME_MAY_CHANGE = {"out_dir", "data_dir", "stages", "num_workers", "max_steps", "ckpt_interval", "val_interval",
-                     "val_sequences", "wandb_project", "peak_flops", "dry_run", "dry_run_sequences_per_chunk",
-                     "dry_run_world_size", "plan_gpu", "plan_gpu_memory_gb",
-                     "stop_grace_s", "micro_batch_size", "parallel", "compile", "activation_checkpointing",
-                     "dtype", "deterministic"}
+RESUME_MAY_CHANGE = {"out_dir", "data_dir", "stages", "num_workers", "max_steps", "ckpt_interval",
+                     "val_interval", "val_sequences", "wandb_project", "peak_flops", "dry_run",
+                     "dry_run_sequences_per_chunk", "dry_run_world_size", "plan_gpu",
+                     "plan_gpu_memory_gb", "stop_grace_s", "micro_batch_size", "parallel",
+                     "compile", "activation_checkpointing", "dtype", "deterministic"}
 
 
 def config_changes(saved, cfg):
     """{key: (saved value, new value)} of every key whose value differs (as JSON); a key
     the saved config lacks (added to Config since) counts as its default."""
     now = json.loads(json.dumps(config_to_dict(cfg)))
-    default = json.loads(json.dumps({f.name: f.default_factory() if f.default is MISSING else f.default
-                                     for f in fields(cfg) if f.name != "model"}))
-    return {k: (saved.get(k, default.get(k)), v) for k, v in now.items() if saved.get(k, default.get(k)) != v}
+    default = json.loads(json.dumps({f.name: f.default_factory() if f.default is MISSING
+                                     else f.default for f in fields(cfg) if f.name != "model"}))
+    return {k: (saved.get(k, default.get(k)), v) for k, v in now.items()
+            if saved.get(k, default.get(k)) != v}
 
 
 def check_shape(saved, cfg, path):
     changed = [f.name for f in fields(cfg.model) if saved.get(f.name) != getattr(cfg.model, f.name)]
     if changed:
-        raise ConfigError(f"{path} was trained with another model shape ({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); "
-                          "use another out_dir, or init_from to start a new run from it")
+        raise ConfigError(f"{path} was trained with another model shape "
+                          f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); use another "
+                          "out_dir, or init_from to start a new run from it")
 
 
 def check_resumable(state, cfg, data_sha, path):
@@ -561,15 +587,16 @@ def check_resumable(state, cfg, data_sha, path):
     saved = state["config"]
     check_shape(saved, cfg, path)
     if state["data_manifest_sha256"] != data_sha:
-        raise ConfigError(f"{path} was trained on other data (manifest sha256 {state['data_manifest_sha256'][:12]}..., "
-                          f"now {data_sha[:12]}...); use another out_dir, or init_from to continue on new data")
+        raise ConfigError(f"{path} was trained on other data (manifest sha256 "
+                          f"{state['data_manifest_sha256'][:12]}..., now {data_sha[:12]}...); use "
+                          "another out_dir, or init_from to continue on new data")
     changes = config_changes(saved, cfg)
     refused = {k: v for k, v in changes.items() if k not in RESUME_MAY_CHANGE}
     if refused:
         diff = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in refused.items())
-        raise ConfigError(f"{path}: a resume is the same run, and this config changes {diff}; run the command the run "
-                          f"was started with, or make the change an experiment: add --branch_from={path} "
-                          "--out_dir=NEW_DIR to this command")
+        raise ConfigError(f"{path}: a resume is the same run, and this config changes {diff}; run "
+                          "the command the run was started with, or make the change an "
+                          f"experiment: add --branch_from={path} --out_dir=NEW_DIR to this command")
     return {k: list(v) for k, v in changes.items()}
 
 
@@ -582,9 +609,10 @@ def check_tokenizer(path, cfg):
         tok = data.load_manifest(d)["tokenizer"]
         mine = tok.get("sha256") or tok.get("name")
         if theirs and mine and mine != theirs:
-            raise CheckpointError(f"init_from={path!r} was trained with another tokenizer (sha256 {theirs[:12]}...) "
-                                  f"than {d} holds ({mine[:12]}...); prepare the data with its tokenizer "
-                                  f"(tokenizer = '<its data dir>/tokenizer.model'), or start from another checkpoint")
+            raise CheckpointError(f"init_from={path!r} was trained with another tokenizer (sha256 "
+                                  f"{theirs[:12]}...) than {d} holds ({mine[:12]}...); prepare the "
+                                  "data with its tokenizer (tokenizer = '<its data dir>/"
+                                  "tokenizer.model'), or start from another checkpoint")
 
 
 def load_init_from(cfg, raw_model, optimizer, data_sha, rank, fsdp):
@@ -592,16 +620,18 @@ def load_init_from(cfg, raw_model, optimizer, data_sha, rank, fsdp):
     state when cfg.init_optimizer) or a Hugging Face folder (weights: AMBER's release)."""
     path = cfg.init_from
     if os.path.exists(os.path.join(path, "state.json")):
-        problems = verify_checkpoint(path, rank, dist.get_world_size() if dist.is_initialized() else 1)
+        world_size = dist.get_world_size() if dist.is_initialized() else 1
+        problems = verify_checkpoint(path, rank, world_size)
         if problems:
-            raise CheckpointError(f"init_from={path!r} is damaged ({'; '.join(problems)}); start from another checkpoint")
+            raise CheckpointError(f"init_from={path!r} is damaged ({'; '.join(problems)}); "
+                                  "start from another checkpoint")
         check_shape(read_state(path)["config"], cfg, path)
         check_tokenizer(path, cfg)
         load_checkpoint(path, raw_model, optimizer, rank, fsdp, load_optimizer=cfg.init_optimizer)
         return
     if not os.path.exists(os.path.join(path, "config.json")):
-        raise ConfigError(f"init_from={path!r} is neither a checkpoint of ours (state.json) nor a Hugging Face "
-                          "folder (config.json)")
+        raise ConfigError(f"init_from={path!r} is neither a checkpoint of ours (state.json) nor a "
+                          "Hugging Face folder (config.json)")
     sd = load_hf(path).state_dict()
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
@@ -623,27 +653,29 @@ def load_model(ckpt_dir, device="cpu"):
 
     state = read_state(ckpt_dir)
     if state is None:
-        raise CheckpointError(f"{ckpt_dir}/state.json is missing or not valid JSON: the checkpoint is damaged")
-    with torch.device("meta"):  # the weights are read straight onto the device: no second copy on the host
+        raise CheckpointError(f"{ckpt_dir}/state.json is missing or not valid JSON: the checkpoint "
+                              "is damaged")
+    with torch.device("meta"):  # read straight onto the device: no second copy on the host
         model = Transformer(saved_config(state["config"]).model)
-    if os.path.isdir(os.path.join(ckpt_dir, "model")):  # a stop checkpoint of an FSDP run: the ranks' shards
+    if os.path.isdir(os.path.join(ckpt_dir, "model")):  # an FSDP run's stop checkpoint: shards
         model.to_empty(device="cpu")
         problems = verify_checkpoint(ckpt_dir)
         if problems:
-            raise CheckpointError(f"{ckpt_dir} is damaged ({'; '.join(problems[:3])}); `python train.py verify "
-                                  f"{os.path.dirname(ckpt_dir) or '.'}` checks the whole run")
+            raise CheckpointError(f"{ckpt_dir} is damaged ({'; '.join(problems[:3])}); `python "
+                                  f"train.py verify {os.path.dirname(ckpt_dir) or '.'}` checks the "
+                                  "whole run")
         import torch.distributed.checkpoint as dcp
 
         sd = sharded_state_dict(model)
-        dcp.load(sd, checkpoint_id=os.path.join(ckpt_dir, "model"), no_dist=True)  # assembled whole, on the CPU
+        dcp.load(sd, checkpoint_id=os.path.join(ckpt_dir, "model"), no_dist=True)  # whole, on CPU
         load_weights(model, sd, ckpt_dir)
         return model.to(device)
     weights = os.path.join(ckpt_dir, "model.safetensors")
     written = state.get("files", {}).get("model.safetensors")
     if written and (not os.path.exists(weights) or sha256_file(weights) != written["sha256"]):
-        raise CheckpointError(f"{weights} is missing or differs from the file written (sha256 in state.json): the "
-                              f"checkpoint is damaged; `python train.py verify {os.path.dirname(ckpt_dir) or '.'}` "
-                              "checks the whole run")
+        raise CheckpointError(f"{weights} is missing or differs from the file written (sha256 in "
+                              "state.json): the checkpoint is damaged; `python train.py verify "
+                              f"{os.path.dirname(ckpt_dir) or '.'}` checks the whole run")
     load_weights(model, load_file(weights, device=str(device)), ckpt_dir, assign=True)
     if model.config.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight  # stored once, under tok_emb
@@ -661,18 +693,21 @@ def identity(path):
     if kind(path) == "ours":
         state = read_state(path)
         if state is None:
-            raise CheckpointError(f"{path}/state.json is missing or not valid JSON: the checkpoint is damaged")
+            raise CheckpointError(f"{path}/state.json is missing or not valid JSON: the checkpoint "
+                                  "is damaged")
         dirs = data.stage_dirs(state["config"])
         last = state["schedule"][max(0, state["pos"] - 1)]
-        data_dir = data.chunk_table(dirs)[last][0] if len(dirs) > 1 else dirs[0]  # the stage trained last
+        # the stage trained last
+        data_dir = data.chunk_table(dirs)[last][0] if len(dirs) > 1 else dirs[0]
         tok = data.load_manifest(data_dir)["tokenizer"]
         files = state.get("files", {})
         shards = sorted(f"{n} {r['sha256']}" for n, r in files.items() if n.startswith("model/"))
-        written = files.get("model.safetensors", {}).get("sha256") or \
-            (hashlib.sha256("\n".join(shards).encode()).hexdigest() if shards else None)  # a sharded checkpoint
+        written = files.get("model.safetensors", {}).get("sha256")
+        if not written and shards:  # a sharded checkpoint
+            written = hashlib.sha256("\n".join(shards).encode()).hexdigest()
         return {"step": state["step"], "tokens": state["tokens"], "data_dir": data_dir,
                 "tokenizer": tok.get("sha256") or tok.get("name"),
-                "weights": written or sha256_file(os.path.join(path, "model.safetensors"))}  # (older: no record)
+                "weights": written or sha256_file(os.path.join(path, "model.safetensors"))}
     if kind(path) == "hf":
         h = hashlib.sha256()
         for name in ("tokenizer.model", "tokenizer_config.json"):
@@ -681,12 +716,13 @@ def identity(path):
                     h.update(name.encode() + f.read())
         return {"step": None, "tokens": None, "data_dir": None, "tokenizer": h.hexdigest(),
                 "weights": _files_fingerprint(hf_shards(path))}
-    raise CheckpointError(f"{path} is neither a checkpoint of ours (state.json) nor a Hugging Face folder "
-                          "(config.json)")
+    raise CheckpointError(f"{path} is neither a checkpoint of ours (state.json) nor a Hugging Face "
+                          "folder (config.json)")
 
 
 def _files_fingerprint(paths):
-    """sha256 of files' names, sizes and modification times: cheap, and changed when a file is replaced."""
+    """sha256 of files' names, sizes and modification times: cheap, and changed when a file is
+    replaced."""
     h = hashlib.sha256()
     for p in paths:
         st = os.stat(p)
@@ -709,7 +745,8 @@ def load_tokenizer(path, info=None, required=True):
     info = info or identity(path)
     if info["data_dir"]:
         tok_info = data.load_manifest(info["data_dir"])["tokenizer"]
-        has_tok = tok_info["kind"] == "tiktoken" or tok_info.get("file")  # converted AMBER data may have none
+        # converted AMBER data may have none
+        has_tok = tok_info["kind"] == "tiktoken" or tok_info.get("file")
         return data.load_tokenizer(info["data_dir"]) if has_tok or required else None
     tok_file = os.path.join(path, "tokenizer.model")
     if not os.path.exists(tok_file):
@@ -735,7 +772,8 @@ def _hf_special_tokens(path, tok):
     bos_id = tok.sp.piece_to_id(bos) if bos else None
     if bos_id is not None and tok.sp.id_to_piece(bos_id) == bos:
         tok.prefix_id = bos_id
-        tok.add_bos = bool(cfg.get("add_bos_token", cfg.get("tokenizer_class", "").startswith("Llama")))
+        tok.add_bos = bool(cfg.get("add_bos_token",
+                                   cfg.get("tokenizer_class", "").startswith("Llama")))
 
 
 def load(path, device="cpu", need_tokenizer=True):

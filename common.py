@@ -65,7 +65,8 @@ def init_distributed():
     dist = _dist()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world_size, local_rank = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
+                                    int(os.environ["LOCAL_RANK"]))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -170,10 +171,11 @@ def hold_lock(lock_path, what):
     except BlockingIOError:
         holder = os.pread(fd, 300, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise UserError(f"{os.path.dirname(lock_path)} is in use by {holder} ({what}); wait for it to end or stop "
-                        "it, then run this again") from None
+        raise UserError(f"{os.path.dirname(lock_path)} is in use by {holder} ({what}); wait for it "
+                        "to end or stop it, then run this again") from None
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}".encode(),
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+              f"{time.strftime('%Y-%m-%dT%H:%M:%S')}".encode(),
               0)
     _LOCKS[lock_path] = fd
 
@@ -249,7 +251,8 @@ def link(src, dst):
     """dst as a hard link to src (a copy where links fail: across filesystems); returns the
     bytes copied."""
     if os.path.exists(dst) and os.path.samefile(src, dst):
-        return 0  # linked before (os.replace onto the same file would leave the temporary link behind)
+        # linked before (os.replace onto the same file would leave the temporary link behind)
+        return 0
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     tmp = dst + ".tmp"
     if os.path.lexists(tmp):
@@ -265,7 +268,8 @@ def link(src, dst):
 
 
 def link_tree(src, dst):
-    """Every file under src linked (or copied) to the same place under dst; returns the bytes copied."""
+    """Every file under src linked (or copied) to the same place under dst; returns the bytes
+    copied."""
     copied = 0
     for folder, _, files in os.walk(src):
         for name in files:
@@ -308,10 +312,11 @@ def writing(path):
         if e.filename:
             raise
         short = e.errno is None and "written" in str(e)
-        raise OSError(errno.ENOSPC if short else e.errno, "No space left on device (a short write)" if short
-                      else e.strerror or str(e), path) from None
+        raise OSError(errno.ENOSPC if short else e.errno, "No space left on device (a short write)"
+                      if short else e.strerror or str(e), path) from None
     except Exception as e:
-        found = re.search(r"os error (\d+)", str(e)) if type(e).__name__ == "SafetensorError" else None
+        found = re.search(r"os error (\d+)",
+                          str(e)) if type(e).__name__ == "SafetensorError" else None
         if not found:
             raise
         raise OSError(int(found[1]), os.strerror(int(found[1])), path) from None
@@ -326,7 +331,8 @@ def os_error_line(e):
         folder = os.path.dirname(os.path.abspath(path))
         while not os.path.exists(folder):
             folder = os.path.dirname(folder)
-        line += f" ({shutil.disk_usage(folder).free / 2**20:,.1f} MiB free on {folder}); free space and run again"
+        free = shutil.disk_usage(folder).free / 2**20
+        line += f" ({free:,.1f} MiB free on {folder}); free space and run again"
     elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         line += "; give a folder this process can write to"
     return line
@@ -362,7 +368,8 @@ def die_with_parent(parent_pid=None):
 
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if parent_pid is None:
-        parent_pid = multiprocessing.parent_process().pid if multiprocessing.parent_process() else os.getppid()
+        parent_pid = (multiprocessing.parent_process().pid if multiprocessing.parent_process()
+                      else os.getppid())
     if os.getppid() != parent_pid:  # the parent ended before the call
         os._exit(1)
 
@@ -374,7 +381,8 @@ def one_line_errors():
     never a traceback; SIGINT (Ctrl-C) and SIGTERM (a scheduler's preemption) end it with
     one line saying that the same command goes on, and status 130 or 143. The process
     group, if any, is closed on the way out."""
-    previous = signal.signal(signal.SIGTERM, _stop) if threading.current_thread() is threading.main_thread() else None
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if main else None
     try:
         yield
     except UserError as e:
@@ -388,8 +396,8 @@ def one_line_errors():
         sys.exit(f"error: {line}")
     except (KeyboardInterrupt, Stopped) as e:
         name, status = ("SIGINT", 130) if isinstance(e, KeyboardInterrupt) else ("SIGTERM", 143)
-        print(f"stopped by {name}: what was finished is kept (written whole, or not at all); run the same command "
-              "to go on", file=sys.stderr, flush=True)
+        print(f"stopped by {name}: what was finished is kept (written whole, or not at all); run "
+              "the same command to go on", file=sys.stderr, flush=True)
         sys.exit(status)
     finally:
         if previous is not None:
@@ -401,12 +409,12 @@ def out_of_memory_line(e):
     """One line for a failed allocation (host or GPU), with the size it asked for; None for
     another error."""
     text = str(e)
-    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError" or "can't allocate memory" in text
-            or "out of memory" in text.lower()):
+    if not (isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "out of memory" in text.lower()):
         return None
     asked = re.search(r"[Tt]ried to allocate ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", text)
-    return (f"out of memory{f' allocating {asked[1]}' if asked else ''}: lower micro_batch_size, or see what a "
-            "config needs on each device with --dry_run=True")
+    return (f"out of memory{f' allocating {asked[1]}' if asked else ''}: lower micro_batch_size, "
+            "or see what a config needs on each device with --dry_run=True")
 
 
 # -----------------------------------------------------------------------------
@@ -436,13 +444,15 @@ def parse_options(args, known=None, error=UserError):
         key, value = arg[2:].split("=", 1)
         if known is not None and key not in known:
             close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(known))}"
+            hint = (f"; did you mean {close[0]!r}?" if close
+                    else f"; known: {', '.join(sorted(known))}")
             raise error(f"unknown option {key!r}{hint}")
         out[key] = value
         if isinstance(known, dict):
             try:
                 out[key] = known[key](value)
             except ValueError:
-                what = getattr(known[key], "what", {int: "a whole number", float: "a number"}.get(known[key], "?"))
+                what = getattr(known[key], "what",
+                               {int: "a whole number", float: "a number"}.get(known[key], "?"))
                 raise error(f"--{key}={value!r}: expected {what}") from None
     return out

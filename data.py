@@ -25,12 +25,14 @@ import sys
 
 import numpy as np
 
-from common import UserError, broadcast0, dir_lock, hold_lock, one_line_errors, parse_options, sha256_file
+from common import (UserError, broadcast0, dir_lock, hold_lock, one_line_errors, parse_options,
+                    sha256_file)
 from config import ConfigError, load_config
 
 
 MANIFEST_FORMAT, MANIFEST_VERSION = "llm360-mini data", 2  # 2: the two-pass global shuffle
-DATA_KEYS = ("sources", "tokenizer", "val_fraction", "seq_len", "n_chunks", "seed")  # what defines a data dir
+# what defines a data dir
+DATA_KEYS = ("sources", "tokenizer", "val_fraction", "seq_len", "n_chunks", "seed")
 
 
 class DataError(UserError):
@@ -52,7 +54,8 @@ class Tokenizer:
             self.sp = spm.SentencePieceProcessor(model_proto=blob)
             self.vocab_size, self.eos_id = self.sp.get_piece_size(), self.sp.eos_id()
             if self.eos_id < 0:
-                raise DataError("the SentencePiece model has no EOS piece; train one with eos_id set")
+                raise DataError("the SentencePiece model has no EOS piece; train one with eos_id "
+                                "set")
         else:
             self.enc = load_tiktoken(name)
             self.vocab_size, self.eos_id = self.enc.n_vocab, self.enc.eot_token
@@ -61,14 +64,17 @@ class Tokenizer:
         self.prefix_id, self.add_bos = self.eos_id, False
 
     def encode(self, text):
-        return self.sp.encode(text) if self.kind == "sentencepiece" else self.enc.encode_ordinary(text)
+        return (self.sp.encode(text) if self.kind == "sentencepiece"
+                else self.enc.encode_ordinary(text))
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
-        return self.sp.decode(ids) if self.kind == "sentencepiece" else self.enc.decode(ids, errors="replace")
+        return (self.sp.decode(ids) if self.kind == "sentencepiece"
+                else self.enc.decode(ids, errors="replace"))
 
 
-VICUNA_ROLES = ("USER", "ASSISTANT")  # FastChat's vicuna_v1.1, the template AmberChat was trained with
+# FastChat's vicuna_v1.1, the template AmberChat was trained with
+VICUNA_ROLES = ("USER", "ASSISTANT")
 
 
 def chat_turn(question, system=""):
@@ -83,9 +89,10 @@ def load_tiktoken(name):
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # tiktoken raises whatever its download raised
-        raise DataError(f"tiktoken cannot load encoding {name!r} ({type(e).__name__}: {e}). tiktoken downloads "
-                        "its BPE file on first use: offline, put the file in TIKTOKEN_CACHE_DIR first, or use "
-                        "tokenizer='train' (SentencePiece trained on the sources)") from None
+        raise DataError(f"tiktoken cannot load encoding {name!r} ({type(e).__name__}: {e}). "
+                        "tiktoken downloads its BPE file on first use: offline, put the file in "
+                        "TIKTOKEN_CACHE_DIR first, or use tokenizer='train' (SentencePiece trained "
+                        "on the sources)") from None
 
 
 def token_dtype(vocab_size):
@@ -112,7 +119,8 @@ def staging(out, what="prepare.py preparing it"):
     when the block succeeds, removed when it fails, so a half-built data dir never looks
     valid (data.py and finetune.py build theirs in one)."""
     hold_lock(dir_lock(out), what)
-    for stale in glob.glob(f"{glob.escape(out.rstrip('/'))}.tmp[0-9]*"):  # the lock's holder owns staging: the rest
+    # the lock's holder owns staging: the rest
+    for stale in glob.glob(f"{glob.escape(out.rstrip('/'))}.tmp[0-9]*"):
         shutil.rmtree(stale, ignore_errors=True)  # were left by processes that died
     tmp = f"{out.rstrip('/')}.tmp{os.getpid()}"
     os.makedirs(tmp)
@@ -131,20 +139,44 @@ def staging(out, what="prepare.py preparing it"):
 # Reading a data dir
 
 
+def chunk_entry(stem, *, sha256, sources_sha256, sequences, tokens_per_source, **extra):
+    """A chunk's (or the held-out split's) entry in manifest.json: STEM.npy, the rows, and
+    STEM.src.npy, each row's source id, with their sha256, the rows and each source's
+    tokens; extra keys (where the chunk came from) after them."""
+    return {"file": f"{stem}.npy", "sha256": sha256, "sources_file": f"{stem}.src.npy",
+            "sources_sha256": sources_sha256, "sequences": int(sequences),
+            "tokens_per_source": {k: int(v) for k, v in tokens_per_source.items()}, **extra}
+
+
+def new_manifest(*, config, tokenizer, seed, seq_len, dtype, sources, chunks, val, **extra):
+    """A data dir's manifest.json, built here for every writer (prepare.py, convert_amber.py,
+    remix.py, finetune.py); its totals are counted from the chunks, so they cannot disagree."""
+    return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "config": config,
+            "tokenizer": tokenizer, "seed": seed, "seq_len": seq_len, "dtype": dtype, **extra,
+            "sources": sources, "chunks": chunks, "val": val,
+            "totals": {"train_sequences": sum(c["sequences"] for c in chunks),
+                       "train_tokens": sum(sum(c["tokens_per_source"].values()) for c in chunks),
+                       "val_sequences": val["sequences"] if val else 0, "chunks": len(chunks)}}
+
+
 def load_manifest(data_dir):
     path = os.path.join(data_dir, "manifest.json")
     if not os.path.exists(path):
-        raise DataError(f"{path} not found. HINT: run `python prepare.py CONFIG` first to prepare {data_dir}")
+        raise DataError(f"{path} not found. HINT: run `python prepare.py CONFIG` first to prepare "
+                        f"{data_dir}")
     try:
         with open(path, "rb") as f:
             manifest = json.load(f)
     except ValueError as e:  # not JSON, or not UTF-8
-        raise DataError(f"{path}: not valid JSON ({e}); restore it, or prepare the data again") from None
+        raise DataError(f"{path}: not valid JSON ({e}); restore it, or prepare the data "
+                        "again") from None
     if not isinstance(manifest, dict):
-        raise DataError(f"{path}: a JSON {type(manifest).__name__}, not a manifest; restore it, or prepare the data again")
+        raise DataError(f"{path}: a JSON {type(manifest).__name__}, not a manifest; restore it, or "
+                        "prepare the data again")
     if manifest.get("format") != MANIFEST_FORMAT or manifest.get("version") != MANIFEST_VERSION:
-        raise DataError(f"{path}: format {manifest.get('format')!r} version {manifest.get('version')!r}, expected "
-                        f"{MANIFEST_FORMAT!r} version {MANIFEST_VERSION}; prepare the data again with this data.py")
+        raise DataError(f"{path}: format {manifest.get('format')!r} version "
+                        f"{manifest.get('version')!r}, expected {MANIFEST_FORMAT!r} version "
+                        f"{MANIFEST_VERSION}; prepare the data again with this data.py")
     return manifest
 
 
@@ -157,12 +189,14 @@ def load_tokenizer(data_dir, manifest=None):
     if info["kind"] == "tiktoken":
         return Tokenizer("tiktoken", name=info["name"])
     if not info.get("file"):
-        raise DataError(f"{data_dir}: the manifest names no tokenizer file (converted data?); decoding needs one")
+        raise DataError(f"{data_dir}: the manifest names no tokenizer file (converted data?); "
+                        "decoding needs one")
     with open(os.path.join(data_dir, info["file"]), "rb") as f:
         blob = f.read()
     if info.get("sha256") and hashlib.sha256(blob).hexdigest() != info["sha256"]:
-        raise DataError(f"{os.path.join(data_dir, info['file'])} is not the tokenizer this data was made with (sha256 "
-                        "differs from manifest.json); restore it or prepare the data again")
+        raise DataError(f"{os.path.join(data_dir, info['file'])} is not the tokenizer this data "
+                        "was made with (sha256 differs from manifest.json); restore it or prepare "
+                        "the data again")
     return Tokenizer("sentencepiece", blob)
 
 
@@ -171,13 +205,14 @@ def check_vocab(manifest, model_cfg, where="", error=None):
     before training; memorize.py before scoring a checkpoint on a data dir)."""
     vocab = manifest["tokenizer"]["vocab_size"]
     if vocab > model_cfg.vocab_size:
-        raise (error or DataError)(f"{where}the data's tokenizer has {vocab} tokens but the model's vocab_size is "
-                                   f"{model_cfg.vocab_size}: set vocab_size >= {vocab}, or give data of the "
-                                   "model's own tokenizer")
+        raise (error or DataError)(f"{where}the data's tokenizer has {vocab} tokens but the "
+                                   f"model's vocab_size is {model_cfg.vocab_size}: set vocab_size "
+                                   f">= {vocab}, or give data of the model's own tokenizer")
 
 
 def stage_dirs(config):
-    """The data dirs a run trains on, in order: its stages, or its one data_dir (a Config or its dict)."""
+    """The data dirs a run trains on, in order: its stages, or its one data_dir (a Config or its
+    dict)."""
     get = config.get if isinstance(config, dict) else lambda k: getattr(config, k)
     return list(get("stages") or [get("data_dir")])
 
@@ -203,10 +238,11 @@ def check_data_config(cfg, manifest):
     if "sources" not in saved or saved == wanted:  # converted releases record no sources
         return
     changed = [k for k in wanted if saved.get(k) != wanted[k]]
-    shown = ", ".join(f"{k}={saved.get(k)!r} there, {wanted[k]!r} here" if k != "sources" else "sources differ"
-                      for k in changed)
-    raise ConfigError(f"{cfg.data_dir} was prepared with another data config ({shown}); set another data_dir to "
-                      "prepare this one, or drop the changed keys to train on it as it is")
+    shown = ", ".join(f"{k}={saved.get(k)!r} there, {wanted[k]!r} here" if k != "sources"
+                      else "sources differ" for k in changed)
+    raise ConfigError(f"{cfg.data_dir} was prepared with another data config ({shown}); set "
+                      "another data_dir to prepare this one, or drop the changed keys to train on "
+                      "it as it is")
 
 
 def training_data(cfg):
@@ -217,20 +253,21 @@ def training_data(cfg):
     dirs = stage_dirs(cfg)
     for d in dirs:
         if not os.path.exists(os.path.join(d, "manifest.json")):
-            raise DataError(f"stage {d} is not prepared: run `python prepare.py CONFIG --data_dir={d}` with its "
-                            "sources first")
+            raise DataError(f"stage {d} is not prepared: run `python prepare.py CONFIG "
+                            f"--data_dir={d}` with its sources first")
     table = chunk_table(dirs)
     for d, manifest in {d: m for d, m, _ in table}.items():
         check_vocab(manifest, cfg.model, where=f"{d}: ")
         if manifest["seq_len"] != cfg.seq_len:
-            raise ConfigError(f"{d} holds sequences of {manifest['seq_len']} tokens, the config asks for "
-                              f"seq_len={cfg.seq_len}; prepare another data dir")
+            raise ConfigError(f"{d} holds sequences of {manifest['seq_len']} tokens, the config "
+                              f"asks for seq_len={cfg.seq_len}; prepare another data dir")
     if cfg.sources and not cfg.stages:  # a config that names its data must train on that data
         check_data_config(cfg, table[0][1])
     tokenizers = {m["tokenizer"].get("sha256") or m["tokenizer"].get("name") for _, m, _ in table}
     if len(tokenizers) > 1:
-        raise ConfigError(f"the stages {dirs} were tokenized with different tokenizers; prepare every stage with "
-                          "the first one's (tokenizer='STAGE1_DIR/tokenizer.model')")
+        raise ConfigError(f"the stages {dirs} were tokenized with different tokenizers; prepare "
+                          "every stage with the first one's "
+                          "(tokenizer='STAGE1_DIR/tokenizer.model')")
     if not cfg.stages and cfg.n_chunks != len(table):
         raise ConfigError(f"n_chunks={cfg.n_chunks} but {cfg.data_dir} has {len(table)} chunks")
     shas = [manifest_sha256(d) for d in dirs]
@@ -246,10 +283,19 @@ def open_split(data_dir, entry, verify=True):
         if not os.path.exists(path):
             raise DataError(f"{path} is missing; prepare {data_dir} again")
         if verify and sha256_file(path) != entry[key.replace("file", "sha256")]:
-            raise DataError(f"{path}: sha256 does not match manifest.json, the file changed after it was written; "
-                            f"prepare {data_dir} again into a fresh data_dir")
+            raise DataError(f"{path}: sha256 does not match manifest.json, the file changed after "
+                            f"it was written; prepare {data_dir} again into a fresh data_dir")
         arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
     return arrays[0], np.asarray(arrays[1])
+
+
+def verify_dir(data_dir):
+    """Every chunk and the held-out split of a data dir against its manifest's sizes and
+    sha256; a DataError names the first that differs. Returns the number of chunks."""
+    manifest = load_manifest(data_dir)
+    for entry in manifest["chunks"] + ([manifest["val"]] if manifest.get("val") else []):
+        open_split(data_dir, entry, verify=True)
+    return len(manifest["chunks"])
 
 
 def check_split(data_dir, entry, rank, world_size):
@@ -312,23 +358,25 @@ class ChunkReader:
     1,706,976 sequences of each chunk).
     """
 
-    def __init__(self, data_dir, chunk, seed, global_batch_size, micro_batch_size, *, rank=0, world_size=1,
-                 verify=True, manifest=None):
+    def __init__(self, data_dir, chunk, seed, global_batch_size, micro_batch_size, *, rank=0,
+                 world_size=1, verify=True, manifest=None):
         manifest = manifest or load_manifest(data_dir)
         if not 0 <= chunk < len(manifest["chunks"]):
-            raise DataError(f"chunk {chunk} does not exist: {data_dir} has {len(manifest['chunks'])} chunks")
+            raise DataError(f"chunk {chunk} does not exist: {data_dir} has "
+                            f"{len(manifest['chunks'])} chunks")
         G, mb, W = global_batch_size, micro_batch_size, world_size
         if G % (mb * W):
-            raise DataError(f"global_batch_size={G} is not divisible by micro_batch_size x world size = {mb} x {W}; "
-                            "change one of them so that the gradient accumulation steps are a whole number")
+            raise DataError(f"global_batch_size={G} is not divisible by micro_batch_size x world "
+                            f"size = {mb} x {W}; change one of them so that the gradient "
+                            "accumulation steps are a whole number")
         self.entry = manifest["chunks"][chunk]
         self.tokens, self.sources = open_split(data_dir, self.entry, verify)
         self.chunk, self.seed, self.G, self.mb, self.rank, self.W = chunk, seed, G, mb, rank, W
         self.accum = G // (mb * W)  # micro-batches per rank per optimizer step
         self.steps = len(self.tokens) // G
         if self.steps == 0:
-            raise DataError(f"chunk {chunk} has {len(self.tokens)} sequences, fewer than global_batch_size={G}; "
-                            "lower global_batch_size or n_chunks")
+            raise DataError(f"chunk {chunk} has {len(self.tokens)} sequences, fewer than "
+                            f"global_batch_size={G}; lower global_batch_size or n_chunks")
         self.order = np.random.default_rng([seed, chunk]).permutation(len(self.tokens))
         self.step, self.micro = 0, 0  # position: the next micro-batch to read
 
@@ -341,7 +389,8 @@ class ChunkReader:
         return self.step_rows(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
 
     def batch(self, step, micro):
-        """(x, y) int64 tensors (micro_batch_size, seq_len) of micro-batch `micro` of `step` on this rank."""
+        """(x, y) int64 tensors (micro_batch_size, seq_len) of micro-batch `micro` of `step` on
+        this rank."""
         rows = self.rank_rows(step)[micro * self.mb : (micro + 1) * self.mb]
         return rows_to_xy(self.tokens[rows])
 
@@ -363,14 +412,15 @@ class ChunkReader:
                 "step": self.step, "micro": self.micro}
 
     def load_state_dict(self, state):
-        for key, mine in [("chunk", self.chunk), ("chunk_sha256", self.entry["sha256"]), ("seed", self.seed),
-                          ("global_batch_size", self.G)]:
+        for key, mine in [("chunk", self.chunk), ("chunk_sha256", self.entry["sha256"]),
+                          ("seed", self.seed), ("global_batch_size", self.G)]:
             if state[key] != mine:
-                raise DataError(f"reader state is for {key}={state[key]!r}, this reader has {mine!r}: "
-                                "resume with the data and config of the saved run")
+                raise DataError(f"reader state is for {key}={state[key]!r}, this reader has "
+                                f"{mine!r}: resume with the data and config of the saved run")
         if state["micro"] and (state["micro_batch_size"], state["world_size"]) != (self.mb, self.W):
-            raise DataError("reader state is mid-step; resume it with the same micro_batch_size and world size "
-                            "(at a step boundary any split of the global batch works)")
+            raise DataError("reader state is mid-step; resume it with the same micro_batch_size "
+                            "and world size (at a step boundary any split of the global batch "
+                            "works)")
         self.step, self.micro = state["step"], state["micro"]
 
 
@@ -381,12 +431,14 @@ class ChunkReader:
 def inspect(cfg, chunk, step, max_chars=100):
     """Print what optimizer step `step` of chunk `chunk` trains on: rows, sources, text."""
     manifest = load_manifest(cfg.data_dir)
-    reader = ChunkReader(cfg.data_dir, chunk, cfg.seed, cfg.global_batch_size, cfg.global_batch_size,
-                         manifest=manifest)
+    reader = ChunkReader(cfg.data_dir, chunk, cfg.seed, cfg.global_batch_size,
+                         cfg.global_batch_size, manifest=manifest)
     if not 0 <= step < reader.steps:
-        raise DataError(f"step {step} is not in chunk {chunk}, which has steps 0..{reader.steps - 1}")
+        raise DataError(f"step {step} is not in chunk {chunk}, which has steps "
+                        f"0..{reader.steps - 1}")
     has_tok = manifest["tokenizer"]["kind"] == "tiktoken" or manifest["tokenizer"].get("file")
-    tok = load_tokenizer(cfg.data_dir, manifest) if has_tok else None  # converted data may come without one
+    # converted data may come without one
+    tok = load_tokenizer(cfg.data_dir, manifest) if has_tok else None
     names = [s["name"] for s in manifest["sources"]]
     print(f"chunk {chunk} ({manifest['chunks'][chunk]['file']}), step {step} of {reader.steps}: "
           f"{cfg.global_batch_size} sequences of {manifest['seq_len'] + 1} tokens, seed {cfg.seed}"
@@ -403,13 +455,16 @@ class NpyAppender:
     dimension can grow in place, and the result is byte-for-byte what np.save writes."""
 
     def __init__(self, path, dtype, row_shape=()):
-        self.f, self.dtype, self.row_shape, self.rows = open(path, "wb"), np.dtype(dtype), tuple(row_shape), 0
+        self.f, self.dtype, self.row_shape, self.rows = open(path, "wb"), np.dtype(dtype), \
+            tuple(row_shape), 0
         self._header()
 
     def _header(self):
         self.f.seek(0)
-        np.lib.format.write_array_header_1_0(self.f, {"descr": np.lib.format.dtype_to_descr(self.dtype),
-                                                      "fortran_order": False, "shape": (self.rows, *self.row_shape)})
+        np.lib.format.write_array_header_1_0(self.f,
+                                             {"descr": np.lib.format.dtype_to_descr(self.dtype),
+                                                      "fortran_order": False,
+                                              "shape": (self.rows, *self.row_shape)})
 
     def append(self, block):
         block = np.ascontiguousarray(block, dtype=self.dtype)
@@ -421,7 +476,8 @@ class NpyAppender:
         end = self.f.tell()
         self._header()
         if self.f.tell() != 128:  # the header kept its length, so the rows did not move
-            raise DataError(f"{self.f.name}: .npy header grew; numpy {np.__version__} does not pad it for growth")
+            raise DataError(f"{self.f.name}: .npy header grew; numpy {np.__version__} does not pad "
+                            "it for growth")
         self.f.seek(end)
         self.f.flush()
         os.fsync(self.f.fileno())
@@ -455,11 +511,13 @@ def chunk_ids(text, n_chunks):
 def main(argv):
     with one_line_errors():
         if not argv or argv[0] != "inspect":
-            raise DataError("usage: python data.py inspect CONFIG --chunk=C --step=S (prepare a data dir with "
-                            "prepare.py, convert AMBER's release with convert_amber.py, remix with remix.py)")
+            raise DataError("usage: python data.py inspect CONFIG --chunk=C --step=S (prepare a "
+                            "data dir with prepare.py, convert AMBER's release with "
+                            "convert_amber.py, remix with remix.py)")
         where = [a for a in argv[1:] if a.startswith(("--chunk=", "--step="))]
         picks = {k: int(v) for k, v in parse_options(where, error=DataError).items()}
-        inspect(load_config([a for a in argv[1:] if a not in where]), picks.get("chunk", 0), picks.get("step", 0))
+        inspect(load_config([a for a in argv[1:] if a not in where]), picks.get("chunk", 0),
+                picks.get("step", 0))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ With lm_eval installed, `import evaluate; evaluate.register_lm_eval()` registers
 model "llm360" (model_args="checkpoint=PATH"), to run any harness task.
 """
 
+import functools
 import glob
 import json
 import math
@@ -38,8 +39,9 @@ import sandbox
 import sweeping
 import tasks
 from tasks import FEWSHOT, load_task
-from common import (UserError, as_bool, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, iter_jsonl, read_jsonl,
-                    sha256_file, wait_for_ranks, write_text_atomic)
+from common import (UserError, as_bool, hold_lock, init_distributed, one_line_errors, parse_options,
+                    rank_token, iter_jsonl, read_jsonl, sha256_file, wait_for_ranks,
+                    write_text_atomic)
 from machine import torch_device
 from model import KVCache
 from plot import plot_evals
@@ -55,7 +57,8 @@ class EvalError(UserError):
 # what a result depends on, and which checkpoints there are
 
 
-SCORER_FILES = tuple(os.path.abspath(f) for f in (__file__, model_module.__file__, tasks.__file__))  # a score's code
+# a score's code
+SCORER_FILES = tuple(os.path.abspath(f) for f in (__file__, model_module.__file__, tasks.__file__))
 
 
 def result_key(task, task_sha, limit, tokenizer, weights=None):
@@ -72,13 +75,16 @@ def checkpoints_to_evaluate(run_dir):
     """A run's checkpoints in training order (the chunk ends, not ckpt_rolling), a folder of
     Hugging Face checkpoints, or one Hugging Face folder."""
     if not os.path.isdir(run_dir):
-        raise EvalError(f"{run_dir}: no such folder; give a run dir, a checkpoint folder or a folder of them")
-    if checkpoint.kind(run_dir) == "hf" and not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+        raise EvalError(f"{run_dir}: no such folder; give a run dir, a checkpoint folder or a "
+                        "folder of them")
+    if (checkpoint.kind(run_dir) == "hf"
+        and not os.path.exists(os.path.join(run_dir, "metrics.jsonl"))):
         return [run_dir]
     found = [os.path.join(run_dir, n) for n in checkpoint.checkpoint_names(run_dir)
              if checkpoint.kind(os.path.join(run_dir, n))]
     if not found:
-        raise EvalError(f"{run_dir} holds no checkpoints (ckpt_NNN folders); train first, or give a checkpoint folder")
+        raise EvalError(f"{run_dir} holds no checkpoints (ckpt_NNN folders); train first, or give "
+                        "a checkpoint folder")
     return found
 
 
@@ -118,12 +124,13 @@ def score_continuations(model, ctx_ids, conts):
     groups = {}  # tokens of context kept -> indices of the continuations that keep that many
     for k, c in enumerate(conts):
         if not c or len(c) > max_len:
-            raise EvalError(f"a continuation of {len(c)} tokens cannot be scored by a model of {max_len} tokens "
-                            "of context (the harness refuses it too)")
+            raise EvalError(f"a continuation of {len(c)} tokens cannot be scored by a model of "
+                            f"{max_len} tokens of context (the harness refuses it too)")
         groups.setdefault(min(len(ctx_ids), max_len + 1 - len(c)), []).append(k)
     out = [None] * len(conts)
     for keep, ks in groups.items():
-        for k, r in zip(ks, _score_shared(model, ctx_ids[len(ctx_ids) - keep:], [conts[k] for k in ks])):
+        for k, r in zip(ks, _score_shared(model, ctx_ids[len(ctx_ids) - keep:],
+                                          [conts[k] for k in ks])):
             out[k] = r
     return out
 
@@ -133,9 +140,12 @@ def _score_shared(model, ctx_ids, conts):
     K, longest = len(conts), max(len(c) for c in conts)
     cache = KVCache(model.config, 1, len(ctx_ids) + longest, device)
     logits, _ = model(torch.tensor([ctx_ids], device=device), cache=cache, pos=0)
-    first = F.log_softmax(logits[0, -1].float(), -1)  # the prediction of each continuation's first token
-    for i in range(model.config.n_layer):  # the same context for every continuation: expand the cache
-        cache.k[i], cache.v[i] = cache.k[i].expand(K, -1, -1, -1).clone(), cache.v[i].expand(K, -1, -1, -1).clone()
+    # the prediction of each continuation's first token
+    first = F.log_softmax(logits[0, -1].float(), -1)
+    # the same context for every continuation: expand the cache
+    for i in range(model.config.n_layer):
+        cache.k[i] = cache.k[i].expand(K, -1, -1, -1).clone()
+        cache.v[i] = cache.v[i].expand(K, -1, -1, -1).clone()
     cache.shape = (K,) + cache.shape[1:]
     out = []
     if longest > 1:
@@ -178,8 +188,8 @@ def sequence_losses(model, seqs, batch_size=8):
         rows = torch.as_tensor(seqs[i : i + batch_size], dtype=torch.long, device=device)
         x, y = rows[:, :-1].clamp(min=0), rows[:, 1:]
         logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1,
-                               reduction="sum")
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
+                               ignore_index=-1, reduction="sum")
         total, count = total + loss.item(), count + int((y != -1).sum())
     return total, count
 
@@ -239,7 +249,8 @@ def truthfulqa_primer():
     except ImportError:
         raise EvalError("truthfulqa_mc needs its QA primer: pip install -r requirements-eval.txt "
                         "(read from lm_eval's task file) or set TRUTHFULQA_PRIMER=FILE") from None
-    path = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "truthfulqa", "truthfulqa_mc1.yaml")
+    path = os.path.join(os.path.dirname(lm_eval.__file__), "tasks", "truthfulqa",
+                        "truthfulqa_mc1.yaml")
     with open(path) as f:
         template = yaml.safe_load(f)["doc_to_text"]
     return re.search(r"set prompt_qa = '(.*?)'\s*%}", template, re.S).group(1)
@@ -249,9 +260,11 @@ def _gold(task, doc, gold, n):
     """The gold index, or a one-line error: a malformed row is refused, never scored (0, or
     always right with one choice)."""
     if n < 2:
-        raise EvalError(f"{task} row {str(doc)[:80]}...: {n} choice(s); a multiple-choice row needs at least 2")
+        raise EvalError(f"{task} row {str(doc)[:80]}...: {n} choice(s); a multiple-choice row "
+                        "needs at least 2")
     if not (isinstance(gold, int) and 0 <= gold < n):
-        raise EvalError(f"{task} row {str(doc)[:80]}...: its answer {gold!r} names none of its {n} choices")
+        raise EvalError(f"{task} row {str(doc)[:80]}...: its answer {gold!r} names none of its {n} "
+                        "choices")
     return gold
 
 
@@ -260,16 +273,18 @@ def build(task, doc):
     if task == "arc_challenge":
         labels = list(doc["choices"]["label"])
         if len(labels) != len(doc["choices"]["text"]):
-            raise EvalError(f"{task} row {str(doc)[:80]}...: {len(labels)} labels for {len(doc['choices']['text'])} "
-                            "choices")
+            raise EvalError(f"{task} row {str(doc)[:80]}...: {len(labels)} labels for "
+                            f"{len(doc['choices']['text'])} choices")
         gold = labels.index(doc["answerKey"]) if doc["answerKey"] in labels else doc["answerKey"]
         return f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"]), \
             _gold(task, doc, gold, len(labels))
     if task == "hellaswag":
         ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
         label = str(doc["label"])
-        return _hellaswag_clean(doc["activity_label"] + ": " + ctx), [_hellaswag_clean(e) for e in doc["endings"]], \
-            _gold(task, doc, int(label) if label.lstrip("-").isdigit() else label, len(doc["endings"]))
+        return _hellaswag_clean(doc["activity_label"] + ": "
+                                + ctx), [_hellaswag_clean(e) for e in doc["endings"]], \
+            _gold(task, doc, int(label) if label.lstrip("-").isdigit() else label,
+                  len(doc["endings"]))
     if task == "mmlu":
         c = doc["choices"]
         if len(c) != 4:
@@ -278,7 +293,8 @@ def build(task, doc):
                 ["A", "B", "C", "D"], _gold(task, doc, doc["answer"], 4))
     if task == "truthfulqa_mc":
         choices = list(doc["mc1_targets"]["choices"])
-        return f"{truthfulqa_primer()}\n\nQ: {doc['question']}\nA:", choices, _gold(task, doc, 0, len(choices))
+        return (f"{truthfulqa_primer()}\n\nQ: {doc['question']}\nA:", choices,
+                _gold(task, doc, 0, len(choices)))
     raise EvalError(f"unknown multiple-choice task {task!r}")
 
 
@@ -291,7 +307,8 @@ def contexts(task, docs, shots_from, n_shots):
         order = list(np.random.default_rng(FEWSHOT_SEED).permutation(len(shots_from)))
     out = []
     for doc in docs:
-        shots = [shots_from[i] for i in order if shots_from[i] is not doc and shots_from[i] != doc][:n_shots]
+        shots = [shots_from[i] for i in order if shots_from[i] is not doc
+                 and shots_from[i] != doc][:n_shots]
         parts = []
         for s in shots:
             prompt, choices, gold = build(task, s)
@@ -299,7 +316,8 @@ def contexts(task, docs, shots_from, n_shots):
         parts.append(build(task, doc)[0])
         prefix = ""
         if task == "mmlu":
-            prefix = f"The following are multiple choice questions (with answers) about {doc['subject'].replace('_', ' ')}.\n\n"
+            prefix = ("The following are multiple choice questions (with answers) about "
+                      f"{doc['subject'].replace('_', ' ')}.\n\n")
         out.append(prefix + "\n\n".join(parts))
     return out
 
@@ -312,16 +330,21 @@ def multiple_choice(model, tok, task, docs, shots_from, n_shots=None):
     for doc, ctx in zip(docs, ctxs):
         _, choices, gold = build(task, doc)
         if task == "truthfulqa_mc":
-            mc2 = list(doc["mc2_targets"]["choices"])  # scored as its own batch, as the harness's mc2 task
-            lls1 = np.array([ll for ll, _ in loglikelihoods(model, tok, [(ctx, " " + c) for c in choices])])
-            lls2 = np.array([ll for ll, _ in loglikelihoods(model, tok, [(ctx, " " + c) for c in mc2])])
+            # scored as its own batch, as the harness's mc2 task
+            mc2 = list(doc["mc2_targets"]["choices"])
+            lls1 = np.array([ll for ll, _ in loglikelihoods(model, tok,
+                                                            [(ctx, " " + c) for c in choices])])
+            lls2 = np.array([ll for ll, _ in loglikelihoods(model, tok,
+                                                            [(ctx, " " + c) for c in mc2])])
             probs = np.exp(lls2) / np.exp(lls2).sum()
             per_doc.append({"mc1": float(np.argmax(lls1) == 0),
                             "mc2": float(probs[np.array(doc["mc2_targets"]["labels"]) == 1].sum())})
             continue
-        lls = np.array([ll for ll, _ in loglikelihoods(model, tok, [(ctx, " " + c) for c in choices])])
+        lls = np.array([ll for ll, _ in loglikelihoods(model, tok,
+                                                       [(ctx, " " + c) for c in choices])])
         lengths = np.array([float(len(c)) for c in choices])
-        per_doc.append({"acc": float(np.argmax(lls) == gold), "acc_norm": float(np.argmax(lls / lengths) == gold)})
+        per_doc.append({"acc": float(np.argmax(lls) == gold),
+                        "acc_norm": float(np.argmax(lls / lengths) == gold)})
     metrics = {k: float(np.mean([d[k] for d in per_doc])) for k in per_doc[0]} if per_doc else {}
     return metrics, per_doc
 
@@ -332,16 +355,20 @@ def multiple_choice(model, tok, task, docs, shots_from, n_shots=None):
 HUMANEVAL_STOP = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]
 
 def complete(model, tok, prompt, max_new_tokens, stop, compile=False):
-    keep = max(1, model.config.max_seq_len - max_new_tokens)  # the prompt's last tokens that fit beside the answer
+    # the prompt's last tokens that fit beside the answer
+    keep = max(1, model.config.max_seq_len - max_new_tokens)
     ids = ([tok.prefix_id] + tok.encode(prompt))[-keep:]
-    out = model.generate(torch.tensor([ids], device=model.tok_emb.weight.device), max_new_tokens, compile=compile,
-                         cache_len=max(model.config.max_seq_len, len(ids) + max_new_tokens) if compile else None)
+    out = model.generate(torch.tensor([ids], device=model.tok_emb.weight.device), max_new_tokens,
+                         compile=compile, cache_len=max(model.config.max_seq_len,
+                                                        len(ids) + max_new_tokens) if compile
+                         else None)
     text = tok.decode(out[0, len(ids):].tolist())
     cut = min([text.find(s) for s in stop if s in text] or [len(text)])
     return text[:cut]
 
 
-def code_task(model, tok, task, docs, *, max_new_tokens=128, timeout=10.0, compile="auto", allow_code_execution=False):
+def code_task(model, tok, task, docs, *, max_new_tokens=128, timeout=10.0, compile="auto",
+              allow_code_execution=False):
     """pass@1 of HumanEval or MBPP rows; compile: True, False, or "auto" (sweeping.compile_decoding
     of the tokens the task generates)."""
     compile = sweeping.compile_decoding(compile, len(docs) * max_new_tokens)
@@ -349,14 +376,17 @@ def code_task(model, tok, task, docs, *, max_new_tokens=128, timeout=10.0, compi
     for doc in docs:
         if task == "humaneval":
             body = complete(model, tok, doc["prompt"], max_new_tokens, HUMANEVAL_STOP, compile)
-            program = doc["prompt"] + body + "\n\n" + doc["test"] + f"\n\ncheck({doc['entry_point']})\n"
+            program = (doc["prompt"] + body + "\n\n" + doc["test"]
+                       + f"\n\ncheck({doc['entry_point']})\n")
         else:  # mbpp: the problem and its first test as a docstring, as in the MBPP paper
             prompt = f'"""\n{doc["text"]}\n{doc["test_list"][0]}\n"""\n'
-            body = complete(model, tok, prompt, max_new_tokens, ['\n"""', "\nassert", "\nif __name__", "\nprint("],
-                            compile)
-            program = body + "\n" + doc.get("test_setup_code", "") + "\n" + "\n".join(doc["test_list"]) + "\n"
+            body = complete(model, tok, prompt, max_new_tokens,
+                            ['\n"""', "\nassert", "\nif __name__", "\nprint("], compile)
+            program = body + "\n" + doc.get("test_setup_code",
+                                            "") + "\n" + "\n".join(doc["test_list"]) + "\n"
         per_doc.append({"task_id": doc["task_id"],
-                        "result": sandbox.run(program, timeout, allow_unisolated=allow_code_execution)})
+                        "result": sandbox.run(program, timeout,
+                                              allow_unisolated=allow_code_execution)})
     n = len(per_doc)
     return {"pass@1": sum(d["result"] == "passed" for d in per_doc) / max(1, n),
             "timeouts": sum(d["result"] == "timeout" for d in per_doc)}, per_doc
@@ -366,7 +396,8 @@ def code_task(model, tok, task, docs, *, max_new_tokens=128, timeout=10.0, compi
 # the sweep over checkpoints (the task files: tasks.py)
 
 
-def evaluate_checkpoint(model, tok, info, task, task_dir, *, limit=None, text=None, allow_code_execution=False):
+def evaluate_checkpoint(model, tok, info, task, task_dir, *, limit=None, text=None,
+                        allow_code_execution=False):
     """[{metric, value, n, task_sha256, items}] of one task on one model (items: each row's value,
     for the multiple-choice and code tasks)."""
     if task == "ppl":
@@ -381,22 +412,27 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, *, limit=None, text=No
                     {"metric": "ppl", "value": ppl, "n": 1, "task_sha256": sha}]
         res = perplexity_val(model, info["data_dir"], limit)
         sha = data.manifest_sha256(info["data_dir"])
-        return [{"metric": f"ppl/{k}", "value": ppl, "n": None, "task_sha256": sha} for k, (_, ppl) in res.items()]
+        return [{"metric": f"ppl/{k}", "value": ppl, "n": None, "task_sha256": sha}
+                for k, (_, ppl) in res.items()]
     docs, shots, sha = load_task(task_dir, task)
     docs = docs[:limit] if limit else docs
     if task in ("humaneval", "mbpp"):
-        metrics, per_doc = code_task(model, tok, task, docs, allow_code_execution=allow_code_execution)
-        per_doc = [{"pass@1": float(d["result"] == "passed"), "timeouts": float(d["result"] == "timeout")}
+        metrics, per_doc = code_task(model, tok, task, docs,
+                                     allow_code_execution=allow_code_execution)
+        per_doc = [{"pass@1": float(d["result"] == "passed"),
+                    "timeouts": float(d["result"] == "timeout")}
                    for d in per_doc]
     else:
         metrics, per_doc = multiple_choice(model, tok, task, docs, shots)
-    # items: each row's value, in the task file's order (tracing.py contamination splits them clean / dirty)
-    return [{"metric": k, "value": v, "n": len(docs), "task_sha256": sha, "items": [d[k] for d in per_doc]}
+    # items: each row's value, in the task file's order (tracing.py contamination splits them clean
+    # / dirty)
+    return [{"metric": k, "value": v, "n": len(docs), "task_sha256": sha,
+             "items": [d[k] for d in per_doc]}
             for k, v in metrics.items()]
 
 
-def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=None, device="cpu", rank=0,
-          world_size=1, allow_code_execution=False):
+def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=None, device="cpu",
+          rank=0, world_size=1, allow_code_execution=False):
     """Evaluate every checkpoint x task not yet in RUN_DIR/evals.jsonl; return all rows.
 
     Under torchrun, rank r takes checkpoints r, r + world_size, ... Each rank appends its
@@ -405,10 +441,11 @@ def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=N
     so the file is the same whatever the number of ranks."""
     for task in tasks:
         if task not in ("ppl", "humaneval", "mbpp") and task not in FEWSHOT:
-            raise EvalError(f"unknown task {task!r}; known: ppl, {', '.join(FEWSHOT)}, humaneval, mbpp")
+            raise EvalError(f"unknown task {task!r}; known: ppl, {', '.join(FEWSHOT)}, humaneval, "
+                            "mbpp")
         if task != "ppl" and not task_dir:
-            raise EvalError(f"{task} needs --task_dir=DIR, the folder holding {task}.jsonl (the rows of the public "
-                            "dataset, saved by you)")
+            raise EvalError(f"{task} needs --task_dir=DIR, the folder holding {task}.jsonl (the "
+                            "rows of the public dataset, saved by you)")
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise EvalError(f"limit={limit!r}: give a whole number >= 1, or no limit")
     if text and not os.path.isfile(text):
@@ -421,14 +458,17 @@ def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=N
         hold_lock(os.path.join(run_dir, "evals.lock"), "an evaluate.py sweep")
     out_path = os.path.join(run_dir, "evals.jsonl")
     part_paths = sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")))
-    done = {(r["checkpoint"], r["task"], r.get("key")) for p in [out_path] + part_paths for r in iter_jsonl(p)}
+    done = {(r["checkpoint"], r["task"], r.get("key")) for p in [out_path] + part_paths
+            for r in iter_jsonl(p)}
     mine = os.path.join(run_dir, f"evals.rank{rank}.jsonl")
     damaged = []
     for path in paths[rank::world_size]:
         try:
-            _sweep_checkpoint(path, tasks, task_dir, limit=limit, text=text, device=device, done=done, mine=mine,
+            _sweep_checkpoint(path, tasks, task_dir, limit=limit, text=text, device=device,
+                              done=done, mine=mine,
                           allow_code_execution=allow_code_execution)
-        except checkpoint.CheckpointError as e:  # a damaged checkpoint stops nothing else: it is named at the end
+        # a damaged checkpoint stops nothing else: it is named at the end
+        except checkpoint.CheckpointError as e:
             if len(paths) == 1:
                 raise
             print(f"{os.path.basename(os.path.normpath(path))}: not evaluated: {e}", flush=True)
@@ -437,16 +477,19 @@ def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=N
     if rank == 0:
         rows = _merge(run_dir, out_path, tasks)
     if damaged:
-        raise EvalError(f"{len(damaged)} damaged checkpoint(s) not evaluated ({', '.join(damaged)}); the others are in "
-                        f"{out_path}. `python train.py verify {run_dir}` checks the whole run")
+        raise EvalError(f"{len(damaged)} damaged checkpoint(s) not evaluated "
+                        f"({', '.join(damaged)}); the others are in {out_path}. `python train.py "
+                        f"verify {run_dir}` checks the whole run")
     return rows if rank == 0 else None
 
 
-def _sweep_checkpoint(path, tasks, task_dir, *, limit, text, device, done, mine, allow_code_execution):
+def _sweep_checkpoint(path, tasks, task_dir, *, limit, text, device, done, mine,
+                      allow_code_execution):
     """The tasks of one checkpoint that are not done, appended to the rank's file."""
     name = os.path.basename(os.path.normpath(path))
     model = tok = None
-    info = checkpoint.identity(path)  # no weights read: a rerun over 360 done checkpoints loads none
+    # no weights read: a rerun over 360 done checkpoints loads none
+    info = checkpoint.identity(path)
     for task in tasks:
         if task != "ppl":
             sha = load_task(task_dir, task)[2]
@@ -455,7 +498,8 @@ def _sweep_checkpoint(path, tasks, task_dir, *, limit, text, device, done, mine,
         elif info["data_dir"]:
             sha = data.manifest_sha256(info["data_dir"])
         else:
-            raise EvalError(f"{path}: ppl of a Hugging Face folder needs --text=FILE (it has no data dir)")
+            raise EvalError(f"{path}: ppl of a Hugging Face folder needs --text=FILE (it has no "
+                            "data dir)")
         key = result_key(task, sha, limit, info["tokenizer"], info["weights"])
         if (name, task, key) in done:
             continue
@@ -465,26 +509,33 @@ def _sweep_checkpoint(path, tasks, task_dir, *, limit, text, device, done, mine,
                                            allow_code_execution=allow_code_execution)
         with open(mine, "a") as f:
             for r in rows:
-                f.write(json.dumps({"checkpoint": name, "step": info["step"], "tokens": info["tokens"],
-                                    "task": task, **r, "limit": limit, "tokenizer": info["tokenizer"],
-                                    "scorer": sweeping.code_hash(*SCORER_FILES), "key": key}) + "\n")
-        print(f"{name} {task}: " + ", ".join(f"{r['metric']} {r['value']:.4f}" for r in rows), flush=True)
+                f.write(json.dumps({"checkpoint": name, "step": info["step"],
+                                    "tokens": info["tokens"], "task": task, **r, "limit": limit,
+                                    "tokenizer": info["tokenizer"],
+                                    "scorer": sweeping.code_hash(*SCORER_FILES), "key": key})
+                        + "\n")
+        print(f"{name} {task}: " + ", ".join(f"{r['metric']} {r['value']:.4f}" for r in rows),
+              flush=True)
 
 
 def _merge(run_dir, out_path, tasks):
     """Rank 0, after every rank is done: the ranks' rows into evals.jsonl in checkpoint,
     then task order; evals.csv and evals.png from all rows."""
-    order = {os.path.basename(os.path.normpath(p)): i for i, p in enumerate(checkpoints_to_evaluate(run_dir))}
-    new = [r for p in sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl"))) for r in read_jsonl(p)]
-    new.sort(key=lambda r: (order.get(r["checkpoint"], len(order)), tasks.index(r["task"]) if r["task"] in tasks
-                            else len(tasks)))  # stable: a task's metrics keep their order
+    order = {os.path.basename(os.path.normpath(p)): i
+             for i, p in enumerate(checkpoints_to_evaluate(run_dir))}
+    new = [r for p in sorted(glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")))
+           for r in read_jsonl(p)]
+    new.sort(key=lambda r: (order.get(r["checkpoint"], len(order)), tasks.index(r["task"])
+                            # stable: a task's metrics keep their order
+                            if r["task"] in tasks else len(tasks)))
     with open(out_path, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in new)
         f.flush()
         os.fsync(f.fileno())
     for p in glob.glob(os.path.join(run_dir, "evals.rank*.jsonl")):
         os.remove(p)
-    rows = [{k: v for k, v in r.items() if k != "items"} for r in iter_jsonl(out_path)]  # the table's values
+    # the table's values
+    rows = [{k: v for k, v in r.items() if k != "items"} for r in iter_jsonl(out_path)]
     write_table(run_dir, rows)
     return rows
 
@@ -504,7 +555,8 @@ def write_table(run_dir, rows):
     table = {(r["checkpoint"], column(r)): r["value"] for r in rows}
     tokens = {r["checkpoint"]: r["tokens"] for r in rows}
     lines = [",".join(["checkpoint", "tokens"] + keys)]
-    lines += [",".join([c, str(tokens[c])] + [f"{table[(c, k)]:.6g}" if (c, k) in table else "" for k in keys])
+    lines += [",".join([c, str(tokens[c])] + [f"{table[(c, k)]:.6g}" if (c, k) in table else ""
+                                              for k in keys])
               for c in ckpts]
     write_text_atomic(os.path.join(run_dir, "evals.csv"), "\n".join(lines) + "\n")
     plot_evals(run_dir)
@@ -512,9 +564,6 @@ def write_table(run_dir, rows):
 
 # -----------------------------------------------------------------------------
 # lm-evaluation-harness adapter
-
-
-_LM_CLASS = None
 
 
 def generate_until(model, tok, context, kwargs):
@@ -527,14 +576,19 @@ def generate_until(model, tok, context, kwargs):
         raise EvalError(f"generate_until with {kwargs}: the adapter decodes greedily only")
     until = kwargs.get("until")
     until = [until] if isinstance(until, str) else list(until or [])
-    eos = tok.sp.id_to_piece(tok.eos_id) if tok.kind == "sentencepiece" else tok.decode([tok.eos_id])
+    eos = (tok.sp.id_to_piece(tok.eos_id) if tok.kind == "sentencepiece"
+           else tok.decode([tok.eos_id]))
     until += [] if eos in until else [eos]
-    max_gen = next((kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens") if k in kwargs), 256)
+    max_gen = next((kwargs[k] for k in ("max_gen_toks", "max_new_tokens", "max_tokens")
+                    if k in kwargs), 256)
     keep = model.config.max_seq_len - max_gen
     if keep <= 0:
-        raise EvalError(f"max_gen_toks={max_gen} must be below the model's context of {model.config.max_seq_len}")
-    ids = (([tok.prefix_id] if tok.add_bos else []) + tok.encode(context))[-keep:] or [tok.prefix_id]
-    out = model.generate(torch.tensor([ids], device=model.tok_emb.weight.device), max_gen)[0, len(ids):].tolist()
+        raise EvalError(f"max_gen_toks={max_gen} must be below the model's context of "
+                        f"{model.config.max_seq_len}")
+    ids = (([tok.prefix_id] if tok.add_bos else [])
+           + tok.encode(context))[-keep:] or [tok.prefix_id]
+    out = model.generate(torch.tensor([ids], device=model.tok_emb.weight.device),
+                         max_gen)[0, len(ids):].tolist()
     text = tok.decode(out[: out.index(tok.eos_id)] if tok.eos_id in out else out)
     for stop in until:
         if stop:
@@ -542,18 +596,18 @@ def generate_until(model, tok, context, kwargs):
     return text
 
 
+@functools.cache
 def register_lm_eval():
     """Register model "llm360" with lm_eval (optional dependency); once per process."""
-    global _LM_CLASS
-    if _LM_CLASS is not None:
-        return _LM_CLASS
     try:
         from lm_eval.api.model import LM
         from lm_eval.api.registry import register_model
     except ImportError:
-        raise EvalError("the lm_eval adapter needs lm-evaluation-harness: pip install -r requirements-eval.txt") from None
+        raise EvalError("the lm_eval adapter needs lm-evaluation-harness: pip install -r "
+                        "requirements-eval.txt") from None
 
-    load = checkpoint.load  # lm_eval passes model_args="checkpoint=PATH": the parameter hides the module
+    # lm_eval passes model_args="checkpoint=PATH": the parameter hides the module
+    load = checkpoint.load
 
     @register_model("llm360")
     class LLM360LM(LM):
@@ -575,7 +629,6 @@ def register_lm_eval():
         def generate_until(self, requests, disable_tqdm=False):
             return [generate_until(self.model, self.tok, *r.args) for r in requests]
 
-    _LM_CLASS = LLM360LM
     return LLM360LM
 
 
@@ -591,16 +644,19 @@ def _whole_number(text, what):
 def main(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python evaluate.py RUN_DIR --tasks=ppl,arc_challenge,... [--task_dir=DIR] "
-                 "[--checkpoints=a,b] [--limit=N] [--text=FILE] [--device=cpu] [--allow_code_execution=True]")
+                 "[--checkpoints=a,b] [--limit=N] [--text=FILE] [--device=cpu] "
+                 "[--allow_code_execution=True]")
     with one_line_errors():
-        opts = parse_options(argv[1:], {"tasks": str, "task_dir": str, "checkpoints": str, "limit": str, "text": str,
-                                        "device": torch_device, "allow_code_execution": as_bool}, EvalError)
-        rank, world_size, device = init_distributed()  # one process: rank 0 of 1, on a GPU if there is one
+        opts = parse_options(argv[1:], {"tasks": str, "task_dir": str, "checkpoints": str,
+                                        "limit": str, "text": str, "device": torch_device,
+                                        "allow_code_execution": as_bool}, EvalError)
+        # one process: rank 0 of 1, on a GPU if there is one
+        rank, world_size, device = init_distributed()
         sweep(argv[0], opts.get("tasks", "ppl").split(","), opts.get("task_dir"),
               checkpoints=opts["checkpoints"].split(",") if "checkpoints" in opts else None,
-              limit=_whole_number(opts["limit"], "--limit") if "limit" in opts else None, text=opts.get("text"),
-              device=opts.get("device", device), rank=rank, world_size=world_size,
-              allow_code_execution=opts.get("allow_code_execution", False))
+              limit=_whole_number(opts["limit"], "--limit") if "limit" in opts else None,
+              text=opts.get("text"), device=opts.get("device", device), rank=rank,
+              world_size=world_size, allow_code_execution=opts.get("allow_code_execution", False))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-LOSS_CHUNK = {"cpu": 2**21, "cuda": 2**28}  # logits per chunk: 8 MB on a CPU, 1 GiB on a GPU (float32)
+# logits per chunk: 8 MB on a CPU, 1 GiB on a GPU (float32)
+LOSS_CHUNK = {"cpu": 2**21, "cuda": 2**28}
 
 
 class SwiGLU(torch.autograd.Function):
@@ -73,7 +74,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 logits.mul_(scale)
             target_logit = logits.gather(1, safe).squeeze(1)  # (r,)
             peak = logits.amax(dim=-1, keepdim=True)  # (r, 1)
-            sumexp = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)  # logits now hold exp(l - peak)
+            # logits now hold exp(l - peak)
+            sumexp = logits.sub_(peak).exp_().sum(dim=-1, keepdim=True)
             lse = (peak + sumexp.log()).squeeze(1)  # log-sum-exp, (r,)
             total += ((lse - target_logit) * counted).sum()
             if want_grad:
@@ -99,7 +101,8 @@ def chunked_loss(model, chunk, x, targets):
     weight = model.lm_head.weight
     want_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     rows = max(1, chunk // weight.shape[0])
-    return LinearCrossEntropy.apply(x.flatten(0, 1), weight, targets.reshape(-1), model.logit_mult, rows, want_grad)
+    return LinearCrossEntropy.apply(x.flatten(0, 1), weight, targets.reshape(-1), model.logit_mult,
+                                    rows, want_grad)
 
 
 def apply(model, device, swiglu=True, loss=True):

@@ -35,7 +35,7 @@ from config import ConfigError, load_config
 from machine import peak_flops, peak_memory_gb
 from memory import per_rank
 from model import Transformer
-from parallelize import shard, speed_up
+from parallelize import build_model, speed_up
 
 VARIANTS = [(False, False, False), (False, True, False), (False, False, True), (False, True, True),
             (True, False, False), (True, True, False)]  # (FSDP2, compile, activation checkpointing)
@@ -52,21 +52,13 @@ def flash_kernel(cfg, device):
 
     B, T = cfg.micro_batch_size, cfg.seq_len
     q = torch.randn(B, cfg.model.n_head, T, cfg.model.head_dim, device=device, dtype=torch.bfloat16)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), profile(activities=[ProfilerActivity.CPU]) as prof:
-        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)  # raises without flash
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), \
+            profile(activities=[ProfilerActivity.CPU]) as prof:
+        # raises without flash
+        torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
     kernels = sorted({e.key for e in prof.key_averages() if "flash" in e.key.lower()})
     assert kernels, "the flash kernel did not run"
     return kernels[0]
-
-
-def build(cfg, device, fsdp):
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    if fsdp:
-        shard(model, torch.bfloat16)
-    model.to_empty(device=device)
-    model.init_weights(cfg.seed)
-    return model
 
 
 def train_variant(cfg, device, fsdp, x, y, peak, steps):
@@ -74,10 +66,10 @@ def train_variant(cfg, device, fsdp, x, y, peak, steps):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    model = build(cfg, device, fsdp)
+    model = build_model(cfg, device, torch.bfloat16, fsdp)
     speed_up(model, cfg, device)
-    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                            fused=True)  # as train.make_optimizer
+    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr,  # as train.py's
+                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not fsdp)
 
     def step():
@@ -102,9 +94,11 @@ def train_variant(cfg, device, fsdp, x, y, peak, steps):
     tok_s = x.numel() / dt
     with torch.device("meta"):
         meta_model = Transformer(cfg.model)
-    planned = per_rank(dataclasses.replace(cfg, dtype="bfloat16"), meta_model, 1, False, 1.0)[2]["memory_gib"]
-    row = {"fsdp": fsdp, "compile": cfg.compile, "activation_checkpointing": cfg.activation_checkpointing,
-           "tok_s": tok_s, "mfu": tok_s * model.flops_per_token(x.shape[1]) / peak,
+    planned = per_rank(dataclasses.replace(cfg, dtype="bfloat16"), meta_model, 1, False,
+                       1.0)[2]["memory_gib"]
+    row = {"fsdp": fsdp, "compile": cfg.compile,
+           "activation_checkpointing": cfg.activation_checkpointing, "tok_s": tok_s,
+           "mfu": tok_s * model.flops_per_token(x.shape[1]) / peak,
            "peak_memory_gib": peak_memory_gb(device), "planned_memory_gib": sum(planned.values()),
            "warm_up_s": warm, "loss": loss}
     return row, model, opt
@@ -129,13 +123,14 @@ def checkpoint_round_trip(model, opt, folder):
     dcp.load({"model": msd, "optim": osd}, checkpoint_id=folder)
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     load_s = time.perf_counter() - t0
-    same = all(torch.equal(before[k], v.full_tensor()) for k, v in get_state_dict(model, opt)[0].items())
+    same = all(torch.equal(before[k], v.full_tensor())
+               for k, v in get_state_dict(model, opt)[0].items())
     return {"bytes": size, "save_s": save_s, "load_s": load_s, "weights_equal": same}
 
 
 def decoding(cfg, device, batch, g):
     """Memorization decoding as memorize.py runs it (k = l = 32, bf16): eager and compiled."""
-    model = build(cfg, device, fsdp=False).eval()
+    model = build_model(cfg, device, torch.bfloat16, fsdp=False).eval()
     prompts = torch.randint(0, cfg.model.vocab_size, (batch, 32), generator=g).to(device)
     rows, outs = [], {}
     for compiled in (False, True):
@@ -158,27 +153,32 @@ def init_one_rank(device):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
+        os.environ.update(MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def main(argv):
     smoke = "--smoke" in argv
-    opts = parse_options([a for a in argv if a.startswith("--") and a != "--smoke"], error=ConfigError)
+    opts = parse_options([a for a in argv if a.startswith("--") and a != "--smoke"],
+                         error=ConfigError)
     device = torch.device(opts.pop("device", "cuda"))
     out_path = opts.pop("out", "runs/gpu_check.json")
-    args = [a for a in argv if not a.startswith("--")] or ["configs/tiny.py" if smoke else "configs/one_gpu_1b.py"]
+    args = [a for a in argv if not a.startswith("--")] or ["configs/tiny.py" if smoke
+                                                           else "configs/one_gpu_1b.py"]
     cfg = load_config(args + [f"--{k}={v}" for k, v in opts.items()])
     if smoke:
         cfg = dataclasses.replace(cfg, seq_len=64, micro_batch_size=2)
     steps, decode_batch = (2, 8) if smoke else (8, 1024)
     B, T = cfg.micro_batch_size, cfg.seq_len
     t_start = time.perf_counter()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)" if smoke else "CPU"
-    report = {"device": name, "torch": torch.__version__, "config": args[0], "micro_batch": B, "seq_len": T,
-              "model": {"n_layer": cfg.model.n_layer, "dim": cfg.model.dim}, "training": []}
-    say(f"GPU check on {name}: model {cfg.model.n_layer}L x {cfg.model.dim}, micro-batch {B} x {T}, bf16, "
-        f"torch {torch.__version__}")
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (smoke)" if smoke
+            else "CPU")
+    report = {"device": name, "torch": torch.__version__, "config": args[0], "micro_batch": B,
+              "seq_len": T, "model": {"n_layer": cfg.model.n_layer, "dim": cfg.model.dim},
+              "training": []}
+    say(f"GPU check on {name}: model {cfg.model.n_layer}L x {cfg.model.dim}, micro-batch {B} x "
+        f"{T}, bf16, torch {torch.__version__}")
 
     report["flash_kernel"] = flash_kernel(cfg, device)
     say(f"1. attention (bf16, causal) runs the flash kernel: {report['flash_kernel']}")
@@ -187,16 +187,19 @@ def main(argv):
     peak = peak_flops(cfg, device, torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, cfg.model.vocab_size, (B, T + 1), generator=g).to(device)
-    say(f"2. {steps} training steps each (after 2 warm-up steps), bf16 peak {peak / 1e12:.1f} TFLOP/s; "
-        "'planned' is the dry run's memory for the same run (python train.py CONFIG --dry_run=True)")
+    say(f"2. {steps} training steps each (after 2 warm-up steps), bf16 peak {peak / 1e12:.1f} "
+        "TFLOP/s; 'planned' is the dry run's memory for the same run (python train.py CONFIG "
+        "--dry_run=True)")
     kept = None
     for fsdp, compiled, checkpointing in VARIANTS:
         vcfg = dataclasses.replace(cfg, compile=compiled, activation_checkpointing=checkpointing)
-        row, model, opt = train_variant(vcfg, device, fsdp, batch[:, :-1], batch[:, 1:], peak, steps)
+        row, model, opt = train_variant(vcfg, device, fsdp, batch[:, :-1], batch[:, 1:], peak,
+                                        steps)
         report["training"].append(row)
-        say(f"   {'FSDP2, 1 rank' if fsdp else 'plain        '} compile {'on ' if compiled else 'off'} "
-            f"AC {'on ' if checkpointing else 'off'}: {row['tok_s']:10,.0f} tok/s  MFU {100 * row['mfu']:5.1f}%  "
-            f"peak memory {row['peak_memory_gib']:6.2f} GiB (planned {row['planned_memory_gib']:6.2f})  "
+        say(f"   {'FSDP2, 1 rank' if fsdp else 'plain        '} compile "
+            f"{'on ' if compiled else 'off'} AC {'on ' if checkpointing else 'off'}: "
+            f"{row['tok_s']:10,.0f} tok/s  MFU {100 * row['mfu']:5.1f}%  peak memory "
+            f"{row['peak_memory_gib']:6.2f} GiB (planned {row['planned_memory_gib']:6.2f})  "
             f"(warm-up {row['warm_up_s']:.1f} s, loss {row['loss']:.3f})")
         kept = (model, opt) if fsdp and not compiled else kept
         model = opt = None  # freed before the next variant
@@ -204,9 +207,9 @@ def main(argv):
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
     with tempfile.TemporaryDirectory(dir=os.path.dirname(out_path) or ".") as folder:
         report["dcp"] = d = checkpoint_round_trip(*kept, folder)
-    say(f"3. distributed checkpoint of the FSDP2 model and AdamW: {d['bytes'] / 1e9:.2f} GB saved in {d['save_s']:.1f} s "
-        f"({d['bytes'] / d['save_s'] / 1e9:.2f} GB/s), loaded in {d['load_s']:.1f} s; weights "
-        f"{'equal' if d['weights_equal'] else 'DIFFERENT'}")
+    say(f"3. distributed checkpoint of the FSDP2 model and AdamW: {d['bytes'] / 1e9:.2f} GB saved "
+        f"in {d['save_s']:.1f} s ({d['bytes'] / d['save_s'] / 1e9:.2f} GB/s), loaded in "
+        f"{d['load_s']:.1f} s; weights {'equal' if d['weights_equal'] else 'DIFFERENT'}")
     kept = None
     dist.destroy_process_group()
 

@@ -40,7 +40,8 @@ def _engine_class():
     try:
         from infini_gram.engine import InfiniGramEngine
     except ImportError:
-        raise TraceError("tracing.py needs infini-gram: pip install -r requirements-trace.txt") from None
+        raise TraceError("tracing.py needs infini-gram: pip install -r "
+                         "requirements-trace.txt") from None
     return InfiniGramEngine
 
 
@@ -50,7 +51,8 @@ def data_dirs(path):
         return [path]
     newest = checkpoint.find_checkpoint(path, chunk_ends_only=False)
     if newest is None:
-        raise TraceError(f"{path} is neither a data dir (manifest.json) nor a run dir with a checkpoint")
+        raise TraceError(f"{path} is neither a data dir (manifest.json) nor a run dir with a "
+                         "checkpoint")
     return data.stage_dirs(checkpoint.read_state(newest)["config"])
 
 
@@ -61,7 +63,8 @@ def data_dirs(path):
 def _shards(data_dir, manifest):
     """[(shard name, manifest entry)]: every chunk, then the held-out split."""
     out = [(f"chunk_{c:03d}", e) for c, e in enumerate(manifest["chunks"])]
-    return out + ([("val", manifest["val"])] if manifest.get("val") and manifest["val"]["sequences"] else [])
+    return out + ([("val", manifest["val"])] if manifest.get("val")
+                  and manifest["val"]["sequences"] else [])
 
 
 def build_shard(data_dir, entry, folder, mem_gb=2, cpus=1, block=4096):
@@ -71,13 +74,14 @@ def build_shard(data_dir, entry, folder, mem_gb=2, cpus=1, block=4096):
     tokens, _ = data.open_split(data_dir, entry, verify=True)
     width = tokens.dtype.itemsize
     if tokens.dtype.kind != "u" or width not in (2, 4):
-        raise TraceError(f"{data_dir}: tokens of dtype {tokens.dtype} cannot be indexed (uint16 or uint32 only; "
-                         "fine-tuning data is not pre-training data)")
+        raise TraceError(f"{data_dir}: tokens of dtype {tokens.dtype} cannot be indexed (uint16 or "
+                         "uint32 only; fine-tuning data is not pre-training data)")
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     L = tokens.shape[1] + 1
-    with open(os.path.join(tmp, "tokenized.0"), "wb") as f, open(os.path.join(tmp, "offset.0"), "wb") as o:
+    with open(os.path.join(tmp, "tokenized.0"), "wb") as f, open(os.path.join(tmp, "offset.0"),
+                                                                 "wb") as o:
         for start in range(0, len(tokens), block):  # a block of rows at a time: memory holds one
             rows = np.asarray(tokens[start : start + block])
             out = np.full((len(rows), L), np.iinfo(tokens.dtype).max, dtype=tokens.dtype)
@@ -86,20 +90,25 @@ def build_shard(data_dir, entry, folder, mem_gb=2, cpus=1, block=4096):
             o.write((np.arange(start, start + len(rows), dtype=np.uint64) * (L * width)).tobytes())
     import resource
 
-    if L * width * len(tokens) < SMALL_SHARD:  # its parallel jobs overlap by 100 kB, and a small shard gets
-        cpus = 1  # suffixes twice (a wrong table, then a crashed query): measured with infini-gram 2.6.0
-    cmd = [sys.executable, "-m", "infini_gram.indexing", "--data_dir", os.path.abspath(tmp), "--save_dir",
-           os.path.abspath(tmp), "--token_dtype", f"u{8 * width}", "--mem", str(mem_gb), "--cpus", str(cpus),
-           "--ulimit", str(resource.getrlimit(resource.RLIMIT_NOFILE)[1])]
+    # its parallel jobs overlap by 100 kB, and a small shard gets
+    if L * width * len(tokens) < SMALL_SHARD:
+        # suffixes twice (a wrong table, then a crashed query): measured with infini-gram 2.6.0
+        cpus = 1
+    cmd = [sys.executable, "-m", "infini_gram.indexing", "--data_dir", os.path.abspath(tmp),
+           "--save_dir", os.path.abspath(tmp), "--token_dtype", f"u{8 * width}", "--mem",
+           str(mem_gb), "--cpus", str(cpus), "--ulimit",
+           str(resource.getrlimit(resource.RLIMIT_NOFILE)[1])]
     returncode, tail = _run_indexer(cmd, tmp, folder)
     size = L * width * len(tokens)
     want = size // width * int(np.ceil(np.log2(size) / 8))  # a pointer of `ratio` bytes per token
     if returncode or not os.path.exists(os.path.join(tmp, "table.0")) or \
             os.path.getsize(os.path.join(tmp, "table.0")) != want:
         raise TraceError(f"infini-gram's indexer failed on {folder}: {tail}")
-    write_json_atomic(os.path.join(tmp, "shard.json"), {"format": INDEX_FORMAT, "sha256": entry["sha256"],
+    write_json_atomic(os.path.join(tmp, "shard.json"),
+                      {"format": INDEX_FORMAT, "sha256": entry["sha256"],
                                                         "rows": len(tokens), "row_length": L - 1,
-                                                        "dtype": tokens.dtype.name, "table_bytes": want,
+                                                        "dtype": tokens.dtype.name,
+                       "table_bytes": want,
                                                         "chunk_file": _file_stamp(data_dir, entry)})
     shutil.rmtree(folder, ignore_errors=True)
     os.rename(tmp, folder)
@@ -128,8 +137,9 @@ def _run_indexer(cmd, tmp, folder):
             if time.monotonic() - grown > STALL_S:
                 proc.kill()
                 proc.wait()
-                raise TraceError(f"infini-gram's indexer wrote nothing for {STALL_S} s on {folder} and was stopped "
-                                 "(too little --mem_gb for the shard?); run tracing.py index again, with more --mem_gb")
+                raise TraceError(f"infini-gram's indexer wrote nothing for {STALL_S} s on {folder} "
+                                 "and was stopped (too little --mem_gb for the shard?); run "
+                                 "tracing.py index again, with more --mem_gb")
             time.sleep(0.2)
         log.seek(0)
         lines = log.read().decode(errors="replace").strip().splitlines()
@@ -149,8 +159,10 @@ def build(path, workers=1, chunks=None, mem_gb=2, progress=True):
     from tqdm import tqdm
 
     _engine_class()  # infini-gram installed, or one line that says what to install
-    if not (isinstance(mem_gb, int) and mem_gb >= 1) or not (isinstance(workers, int) and workers >= 1):
-        raise TraceError(f"--mem_gb={mem_gb} --workers={workers}: each must be a whole number of at least 1")
+    if not (isinstance(mem_gb, int) and mem_gb >= 1) or not (isinstance(workers, int)
+                                                             and workers >= 1):
+        raise TraceError(f"--mem_gb={mem_gb} --workers={workers}: each must be a whole number of "
+                         "at least 1")
     dirs = data_dirs(path)
     chunks = data.chunk_ids(chunks, max(len(data.load_manifest(d)["chunks"]) for d in dirs))
     jobs = []
@@ -170,8 +182,10 @@ def build(path, workers=1, chunks=None, mem_gb=2, progress=True):
                 build_shard(d, entry, folder, mem_gb, cpus)
                 bar.update(1)
         else:
-            with multiprocessing.Pool(workers, initializer=worker_signals) as pool:  # its exit terminates the workers
-                for _ in pool.imap_unordered(_build_job, [(d, e, f, mem_gb, cpus) for d, e, f in jobs]):
+            # its exit terminates the workers
+            with multiprocessing.Pool(workers, initializer=worker_signals) as pool:
+                for _ in pool.imap_unordered(_build_job,
+                                             [(d, e, f, mem_gb, cpus) for d, e, f in jobs]):
                     bar.update(1)
     return [f for _, _, f in jobs]
 
@@ -232,17 +246,20 @@ class Index:
         self.tok = None
         if manifest["tokenizer"]["kind"] == "tiktoken" or manifest["tokenizer"].get("file"):
             self.tok = data.load_tokenizer(self.table[0][0], manifest)
-        self.state = checkpoint.read_state(checkpoint.find_checkpoint(self.run)) if self.run else None
+        self.state = (checkpoint.read_state(checkpoint.find_checkpoint(self.run)) if self.run
+                      else None)
         self._orders, self._configs = {}, {}
 
     def _checked(self, data_dir, name, entry):
         folder = os.path.join(data_dir, "index", name)
         record = _shard_record(folder)
         if not record:
-            raise TraceError(f"{data_dir} has no index of {name}; build it: python tracing.py index {self.path}")
+            raise TraceError(f"{data_dir} has no index of {name}; build it: python tracing.py "
+                             f"index {self.path}")
         if not fresh(folder, entry):
-            raise TraceError(f"{folder} was built from other data than {data_dir}'s {name} (its sha256, or the "
-                             f"chunk file changed since); build it again: python tracing.py index {self.path}")
+            raise TraceError(f"{folder} was built from other data than {data_dir}'s {name} (its "
+                             "sha256, or the chunk file changed since); build it again: python "
+                             f"tracing.py index {self.path}")
         return os.path.abspath(folder)
 
     def count(self, ids, val=False):
@@ -288,11 +305,13 @@ class Index:
             steps = data.chunk_steps(m_c, l_c, G)
             if c == chunk:
                 chunk_step, slot = divmod(self._place(chunk, cfg["seed"], row), G)
-                done = pos < self.state["pos"] or (self.state["reader"] and pos == self.state["pos"] and
-                                                   chunk_step < self.state["reader"]["step"])
+                done = pos < self.state["pos"] or (self.state["reader"]
+                                                   and pos == self.state["pos"]
+                                                   and chunk_step < self.state["reader"]["step"])
                 if chunk_step < steps and done:
-                    out.append({"pos": pos, "step": base + chunk_step + 1, "chunk_step": chunk_step, "slot": slot,
-                                "checkpoint": f"ckpt_{pos:03d}" if pos < self.state["pos"] else "ckpt_rolling"})
+                    out.append({"pos": pos, "step": base + chunk_step + 1, "chunk_step": chunk_step,
+                                "slot": slot, "checkpoint": f"ckpt_{pos:03d}"
+                                if pos < self.state["pos"] else "ckpt_rolling"})
             base += steps
         return out
 
@@ -300,7 +319,8 @@ class Index:
         """The config that trained schedule position pos: the one its chunk-end checkpoint
         recorded (in a branch's run dir, the parent's, linked), else the newest state's."""
         if pos not in self._configs:
-            done = pos < self.state["pos"] and checkpoint.read_state(os.path.join(self.run, f"ckpt_{pos:03d}"))
+            done = (pos < self.state["pos"]
+                    and checkpoint.read_state(os.path.join(self.run, f"ckpt_{pos:03d}")))
             self._configs[pos] = (done or self.state)["config"]
         return self._configs[pos]
 
@@ -308,7 +328,8 @@ class Index:
         """A row's place in its chunk's shuffled order under a seed."""
         if (chunk, seed) not in self._orders:
             d, manifest, local = self.table[chunk]
-            order = np.random.default_rng([seed, local]).permutation(manifest["chunks"][local]["sequences"])
+            n_rows = manifest["chunks"][local]["sequences"]
+            order = np.random.default_rng([seed, local]).permutation(n_rows)
             self._orders[chunk, seed] = np.argsort(order)  # row -> its place in the chunk's order
         return int(self._orders[chunk, seed][row])
 

@@ -37,22 +37,24 @@ def determinism(cfg, device):
 
 def run_info(device, world_size):
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+        here = os.path.dirname(os.path.abspath(__file__))
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, cwd=here).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         commit = "unknown"
     import sentencepiece
 
     return {"git_commit": commit, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "sentencepiece": sentencepiece.__version__, "world_size": world_size,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "numpy": np.__version__, "sentencepiece": sentencepiece.__version__,
+            "world_size": world_size, "device": torch.cuda.get_device_name(device)
+            if device.type == "cuda" else platform.processor() or "cpu",
             "host": platform.node()}
 
 
 # dense bf16 tensor-core FLOP/s by the name torch reports, the more specific names first
 # ("NVIDIA H100 PCIe" is not an SXM H100; "NVIDIA L40S" is not an L4)
-GPU_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
-                 "L40S": 362e12, "L4": 121e12, "A10G": 125e12}
+GPU_BF16_PEAK = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                 "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12}
 
 
 def peak_flops(cfg, device, dtype, measured=None):
@@ -94,7 +96,8 @@ def matmul_rate(device, dtype=torch.float32, n=1024, tries=3, min_s=0.05, budget
     return 2 * n**3 * reps / min(run(reps) for _ in range(tries))
 
 
-BF16_CPU_MARGIN = 1.5  # dtype="auto" takes bf16 on a CPU when its measured matmul rate is this much faster
+# dtype="auto" takes bf16 on a CPU when its measured matmul rate is this much faster
+BF16_CPU_MARGIN = 1.5
 
 
 def choose_dtype(cfg, device, rank=0, world_size=1):
@@ -104,17 +107,20 @@ def choose_dtype(cfg, device, rank=0, world_size=1):
     measures and broadcasts, so every rank decides alike. Weights, optimizer state and
     checkpoints stay float32 whatever this says."""
     if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype), {"reason": f"dtype={cfg.dtype!r} in the config", "matmul_gflops": {}}
+        return getattr(torch, cfg.dtype), {"reason": f"dtype={cfg.dtype!r} in the config",
+                                           "matmul_gflops": {}}
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return (torch.bfloat16 if ok else torch.float32), {
             "reason": "a GPU with bf16" if ok else "a GPU without bf16", "matmul_gflops": {}}
     r = broadcast0({"float32": matmul_rate(device, torch.float32) / 1e9,
-                    "bfloat16": matmul_rate(device, torch.bfloat16) / 1e9} if rank == 0 else None, world_size)
+                    "bfloat16": matmul_rate(device, torch.bfloat16) / 1e9} if rank == 0 else None,
+                   world_size)
     ratio = r["bfloat16"] / r["float32"]
     dtype = torch.bfloat16 if ratio >= BF16_CPU_MARGIN else torch.float32
     return dtype, {"reason": f"measured on this CPU: bf16 matmul {ratio:.2f}x float32 (bf16 from "
-                             f"{BF16_CPU_MARGIN}x)", "matmul_gflops": {k: round(v, 1) for k, v in r.items()}}
+                             f"{BF16_CPU_MARGIN}x)",
+                   "matmul_gflops": {k: round(v, 1) for k, v in r.items()}}
 
 
 def peak_memory_gb(device):
@@ -130,8 +136,10 @@ def torch_device(name):
         device = torch.device(name)
     except (RuntimeError, TypeError):
         raise UserError(f"--device={name!r}: not a device (cpu, cuda, cuda:1, mps)") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UserError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); use --device=cpu")
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise UserError(f"--device={name}: this machine has {torch.cuda.device_count()} CUDA "
+                        "GPU(s); use --device=cpu")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"--device={name}: this machine has no Apple GPU; use --device=cpu")
     return device

@@ -5,9 +5,10 @@ sequence, generate exactly l tokens greedily, and score the share of them that
 equal the data. A sequence with score 1 is k-extractible.
 
     python memorize.py RUN_DIR [--k=32] [--l=32] [--samples=1000] [--checkpoints=ckpt_003,...]
-                               [--unseen=True] [--data_dir=DIR] [--batch_size=64] [--seed=0] [--compile=auto]
-    torchrun --nproc_per_node=8 memorize.py RUN_DIR --prompt_len=32 --gen_len=32 ...   (pairs split across
-                               ranks; torchrun itself claims --l, so --prompt_len / --gen_len name k / l)
+        [--unseen=True] [--data_dir=DIR] [--batch_size=64] [--seed=0] [--compile=auto]
+    torchrun --nproc_per_node=8 memorize.py RUN_DIR --prompt_len=32 --gen_len=32 ...
+        (pairs split across ranks; torchrun itself claims --l, so --prompt_len / --gen_len
+        name k / l)
 
 RUN_DIR is a run of ours, or a folder of Hugging Face checkpoints ckpt_000 ...
 ckpt_359 (AMBER's release; checkpoint i has seen chunks 0..i) with --data_dir
@@ -15,9 +16,9 @@ pointing at chunks converted by `python convert_amber.py`. For every
 checkpoint and every chunk it has trained on (and, with --unseen, the others, as
 a baseline), the same --samples sequences of the chunk, chosen by the seed and
 recorded by index, are scored. Each (checkpoint, chunk) pair is written to
-RUN_DIR/memorization/kK_lL/ (results at other k and l never mix) as soon as it is done, so an interrupted analysis resumes
-where it stopped and a rerun recomputes nothing. Then the summaries: per
-checkpoint the score distribution and k-extractible share (Figure 7), the
+RUN_DIR/memorization/kK_lL/ (results at other k and l never mix) as soon as it is done,
+so an interrupted analysis resumes where it stopped and a rerun recomputes nothing.
+Then the summaries: per checkpoint the score distribution and k-extractible share (Figure 7), the
 checkpoint x chunk matrix of mean scores (Figure 8), and the correlation of
 per-sequence scores and of k-extractibility between checkpoints (Figure 9), as
 printed tables, CSV files, and PNG figures. --compile=auto compiles the decoding
@@ -36,8 +37,8 @@ import checkpoint
 import data
 import model as model_module
 import sweeping
-from common import (UserError, as_bool, hold_lock, init_distributed, one_line_errors, parse_options, rank_token, wait_for_ranks,
-                    write_json_atomic)
+from common import (UserError, as_bool, hold_lock, init_distributed, one_line_errors, parse_options,
+                    rank_token, wait_for_ranks, write_json_atomic)
 from plot import plot_memorization
 
 
@@ -58,15 +59,16 @@ def checkpoints_of(run_dir):
         if checkpoint.kind(path) == "ours":
             st = checkpoint.read_state(path)
             if st is None:
-                raise MemorizeError(f"{path}/state.json is not valid: the checkpoint is damaged; move it aside (or "
-                                    "leave it out with --checkpoints=...)")
+                raise MemorizeError(f"{path}/state.json is not valid: the checkpoint is damaged; "
+                                    "move it aside (or leave it out with --checkpoints=...)")
             skipped = {(s["pos"]) for s in st["skipped"]}
             seen = [c for p, c in enumerate(st["schedule"][: st["pos"]]) if p not in skipped]
             out.append((name, path, seen, data.stage_dirs(st["config"])))
         elif checkpoint.kind(path) == "hf":  # AMBER's release: ckpt_i has seen chunks 0..i
             out.append((name, path, list(range(int(name[5:]) + 1)), None))
     if not out:
-        raise MemorizeError(f"{run_dir} holds no checkpoints (ckpt_NNN folders with state.json or config.json)")
+        raise MemorizeError(f"{run_dir} holds no checkpoints (ckpt_NNN folders with state.json or "
+                            "config.json)")
     return out
 
 
@@ -85,7 +87,10 @@ def greedy_continuations(model, prompts, l, batch_size, device, compile=False):
     """Exactly l greedy tokens after each prompt (n, k), batched, with the KV cache (its
     decoding step compiled with compile=True)."""
     out = []
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    if device.type == "cuda":
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        autocast = torch.autocast("cpu", enabled=False)
     for i in range(0, len(prompts), batch_size):
         x = torch.as_tensor(prompts[i : i + batch_size], dtype=torch.long, device=device)
         with autocast:
@@ -108,8 +113,8 @@ def score_pair(model, tokens, sources, indices, k, l, *, batch_size, device, com
 # the analysis
 
 
-def run(run_dir, *, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_dir=None, batch_size=64, seed=0,
-        rank=0, world_size=1, device=None, compile="auto"):
+def run(run_dir, *, k=32, l=32, samples=1000, checkpoints=None, unseen=False, data_dir=None,
+        batch_size=64, seed=0, rank=0, world_size=1, device=None, compile="auto"):
     """Score every (checkpoint, chunk) pair not yet on disk; returns the result files' paths.
     compile: True, False, or "auto": compile the decoding step for a checkpoint whose pairs
     here take sweeping.COMPILE_MIN_STEPS steps or more (a compile takes seconds to a minute)."""
@@ -120,21 +125,26 @@ def run(run_dir, *, k=32, l=32, samples=1000, checkpoints=None, unseen=False, da
     ckpts = checkpoints_of(run_dir)
     picked = sweeping.pick(run_dir, [c[0] for c in ckpts], checkpoints, MemorizeError)
     ckpts = [c for c in ckpts if c[0] in picked]
-    dirs = [data_dir] if data_dir else ckpts[-1][3]  # the newest: a branch's stages extend its parent's
+    # the newest: a branch's stages extend its parent's
+    dirs = [data_dir] if data_dir else ckpts[-1][3]
     if dirs is None:
-        raise MemorizeError("these checkpoints do not name their data: give --data_dir (converted AMBER chunks)")
+        raise MemorizeError("these checkpoints do not name their data: give --data_dir (converted "
+                            "AMBER chunks)")
     table = data.chunk_table(dirs)
     L = min(m["seq_len"] for _, m, _ in table) + 1
     if k + l > L:
-        raise MemorizeError(f"k + l = {k + l} is longer than the {L} tokens of each stored sequence; lower k or l")
+        raise MemorizeError(f"k + l = {k + l} is longer than the {L} tokens of each stored "
+                            "sequence; lower k or l")
     out_dir = results_dir(run_dir, k, l)
     os.makedirs(out_dir, exist_ok=True)
     if rank == 0:
-        hold_lock(os.path.join(run_dir, ".memorization.lock"), "a memorize.py analysis")  # beside the results
+        # beside the results
+        hold_lock(os.path.join(run_dir, ".memorization.lock"), "a memorize.py analysis")
     n_chunks = len(table)
     pairs = []
     for name, path, seen, _ in ckpts:
-        chunks = list(dict.fromkeys(seen)) + ([c for c in range(n_chunks) if c not in seen] if unseen else [])
+        chunks = list(dict.fromkeys(seen)) + ([c for c in range(n_chunks) if c not in seen]
+                                              if unseen else [])
         pairs += [(name, path, c, c in seen) for c in chunks]
     files, model_for, verified, weights = [], {}, set(), {}
     steps = {}  # decoding steps each checkpoint takes on this rank
@@ -160,19 +170,21 @@ def run(run_dir, *, k=32, l=32, samples=1000, checkpoints=None, unseen=False, da
         data.check_vocab(manifest, model_for[name].config, where=f"{path}: ", error=MemorizeError)
         # a chunk's sha256 is checked once per process, not once per checkpoint: at AMBER's
         # 360 checkpoints that is 7 GB read once instead of up to 360 times
-        tokens, sources = data.open_split(d, manifest["chunks"][local], verify=(d, local) not in verified)
+        tokens, sources = data.open_split(d, manifest["chunks"][local],
+                                          verify=(d, local) not in verified)
         verified.add((d, local))
         indices = sample_indices(len(tokens), samples, seed, chunk)
         use_compile = sweeping.compile_decoding(compile, steps[name])
-        scores, srcs = score_pair(model_for[name], tokens, sources, indices, k, l, batch_size=batch_size, device=device,
-                                  compile=use_compile)
+        scores, srcs = score_pair(model_for[name], tokens, sources, indices, k, l,
+                                  batch_size=batch_size, device=device, compile=use_compile)
         names = [s["name"] for s in manifest["sources"]]
-        write_json_atomic(file, {"checkpoint": name, "chunk": chunk, "seen": was_seen, "k": k, "l": l, "samples": samples,
+        write_json_atomic(file, {"checkpoint": name, "chunk": chunk, "seen": was_seen, "k": k,
+                                 "l": l, "samples": samples,
                            "seed": seed, "key": key, "data_dir": d, "chunk_in_data_dir": local,
                            "indices": indices.tolist(),
                            "sources": [names[i] for i in srcs.tolist()], "scores": scores.tolist()})
-        print(f"{name} chunk {chunk:3d}{'' if was_seen else ' (unseen)'}: mean score {scores.mean():.4f}, "
-              f"k-extractible {np.mean(scores == 1.0):.4f}", flush=True)
+        print(f"{name} chunk {chunk:3d}{'' if was_seen else ' (unseen)'}: mean score "
+              f"{scores.mean():.4f}, k-extractible {np.mean(scores == 1.0):.4f}", flush=True)
     return files
 
 
@@ -180,7 +192,8 @@ def result_key(weights, chunk_sha256, k, l, samples, seed):
     """What a (checkpoint, chunk) result depends on: the checkpoint's weights (their
     fingerprint, checkpoint.identity), the chunk's sha256, k, l, the samples and their
     seed, and the code that computes the scores (this file and model.py)."""
-    parts = {"weights": weights, "chunk_sha256": chunk_sha256, "k": k, "l": l, "samples": samples, "seed": seed}
+    parts = {"weights": weights, "chunk_sha256": chunk_sha256, "k": k, "l": l, "samples": samples,
+             "seed": seed}
     return sweeping.result_key(parts, __file__, model_module.__file__)
 
 
@@ -196,7 +209,8 @@ def read_result(path):
             return result
     except (OSError, ValueError):
         pass
-    print(f"{path} is unreadable (cut short?): not used, computed again when its pair is run", flush=True)
+    print(f"{path} is unreadable (cut short?): not used, computed again when its pair is run",
+          flush=True)
     return None
 
 
@@ -221,12 +235,16 @@ def summarize(out_dir):
 
     # Figure 7: distribution per checkpoint, over the chunks it has seen
     with open(os.path.join(out_dir, "per_checkpoint.csv"), "w") as f:
-        f.write("checkpoint,sequences,mean_score,k_extractible," + ",".join(f"score_{i}/{l}" for i in range(l + 1)) + "\n")
+        f.write("checkpoint,sequences,mean_score,k_extractible,"
+                + ",".join(f"score_{i}/{l}" for i in range(l + 1)) + "\n")
         for c in ckpts:
-            s = np.concatenate([r["scores"] for r in results if r["checkpoint"] == c and r["seen"]] or [np.zeros(0)])
-            hist = np.bincount(np.rint(s * l).astype(int), minlength=l + 1) if len(s) else np.zeros(l + 1, int)
+            s = np.concatenate([r["scores"] for r in results if r["checkpoint"] == c and r["seen"]]
+                               or [np.zeros(0)])
+            hist = np.bincount(np.rint(s * l).astype(int),
+                               minlength=l + 1) if len(s) else np.zeros(l + 1, int)
             f.write(f"{c},{len(s)},{s.mean() if len(s) else float('nan'):.6f},"
-                    f"{np.mean(s == 1.0) if len(s) else float('nan'):.6f}," + ",".join(map(str, hist)) + "\n")
+                    f"{np.mean(s == 1.0) if len(s) else float('nan'):.6f},"
+                    + ",".join(map(str, hist)) + "\n")
             lines.append(f"{c}: {len(s)} seen sequences, mean score {s.mean():.4f}, k-extractible "
                          f"{np.mean(s == 1.0):.4f}" if len(s) else f"{c}: no seen sequences")
 
@@ -241,12 +259,13 @@ def summarize(out_dir):
     with open(os.path.join(out_dir, "matrix.csv"), "w") as f:
         f.write("checkpoint," + ",".join(f"chunk_{c}" for c in chunks) + ",newest_seen_chunk\n")
         for i, c in enumerate(ckpts):
-            f.write(c + "," + ",".join("" if np.isnan(v) else f"{v:.6f}" for v in matrix[i]) + f",{newest[c]}\n")
+            f.write(c + "," + ",".join("" if np.isnan(v) else f"{v:.6f}" for v in matrix[i])
+                    + f",{newest[c]}\n")
     lines.append("mean score, checkpoint x chunk (* = newest chunk seen):")
     lines.append(" " * 10 + "".join(f"{c:>8d}" for c in chunks))
     for i, c in enumerate(ckpts):
-        cells = "".join(("" if np.isnan(v) else f"{v:.3f}").rjust(7) + ("*" if chunks[j] == newest[c] else " ")
-                        for j, v in enumerate(matrix[i]))
+        cells = "".join(("" if np.isnan(v) else f"{v:.3f}").rjust(7)
+                        + ("*" if chunks[j] == newest[c] else " ") for j, v in enumerate(matrix[i]))
         lines.append(f"{c:>10s}{cells}")
 
     # Figure 9: correlations between checkpoints, over the sequences both scored
@@ -271,7 +290,8 @@ def summarize(out_dir):
                          f"k-extractible {np.mean(np.array(v) == 1.0):.4f}")
     plot_memorization(out_dir)
     print("\n".join(lines))
-    return {"checkpoints": ckpts, "chunks": chunks, "matrix": matrix, "score_corr": corr_s, "extractible_corr": corr_x}
+    return {"checkpoints": ckpts, "chunks": chunks, "matrix": matrix, "score_corr": corr_s,
+            "extractible_corr": corr_x}
 
 
 def correlations(results, ckpts):
@@ -311,15 +331,18 @@ _auto_or_bool.what = "auto, True or False"
 
 def main(argv):
     if not argv or argv[0].startswith("--"):
-        sys.exit("usage: python memorize.py RUN_DIR [--k=32] [--l=32] [--samples=1000] [--checkpoints=a,b] "
-                 "[--unseen=True] [--data_dir=DIR] [--batch_size=64] [--seed=0] [--compile=auto|True|False]")
+        sys.exit("usage: python memorize.py RUN_DIR [--k=32] [--l=32] [--samples=1000] "
+                 "[--checkpoints=a,b] [--unseen=True] [--data_dir=DIR] [--batch_size=64] "
+                 "[--seed=0] [--compile=auto|True|False]")
     ints = {"k": 32, "l": 32, "samples": 1000, "batch_size": 64, "seed": 0}
     with one_line_errors():
-        # torchrun takes --l for its own --log-dir, so --prompt_len / --gen_len are the same as --k / --l
-        opts = parse_options(argv[1:], {**dict.fromkeys(ints, int), "prompt_len": int, "gen_len": int,
-                                        "checkpoints": str, "unseen": as_bool, "data_dir": str,
-                                        "compile": _auto_or_bool}, MemorizeError)
-        opts["k"], opts["l"] = opts.pop("prompt_len", opts.get("k", 32)), opts.pop("gen_len", opts.get("l", 32))
+        # torchrun takes --l for its own --log-dir, so --prompt_len / --gen_len are the same as --k
+        # / --l
+        opts = parse_options(argv[1:], {**dict.fromkeys(ints, int), "prompt_len": int,
+                                        "gen_len": int, "checkpoints": str, "unseen": as_bool,
+                                        "data_dir": str, "compile": _auto_or_bool}, MemorizeError)
+        opts["k"], opts["l"] = opts.pop("prompt_len",
+                                        opts.get("k", 32)), opts.pop("gen_len", opts.get("l", 32))
         kw = {key: opts.get(key, default) for key, default in ints.items()}
         rank, world_size, device = init_distributed()
         token = rank_token(world_size)

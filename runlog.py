@@ -28,8 +28,8 @@ def first_event(out_dir):
     except ValueError:
         first = None
     if not isinstance(first, dict):
-        raise ConfigError(f"{path}:1: not a JSON object ({line[:40]!r}); the run dir's history is damaged: restore "
-                          "it from a copy")
+        raise ConfigError(f"{path}:1: not a JSON object ({line[:40]!r}); the run dir's history is "
+                          "damaged: restore it from a copy")
     return first
 
 
@@ -37,7 +37,8 @@ def _wandb_id(path):
     """The W&B run id kept in a run dir's wandb.json."""
     record = read_json(path, "remove it: the run then logs to a new W&B run")
     if not (isinstance(record, dict) and isinstance(record.get("id"), str)):
-        raise ConfigError(f"{path}: no W&B run id in it; remove it: the run then logs to a new W&B run")
+        raise ConfigError(f"{path}: no W&B run id in it; remove it: the run then logs to a new W&B "
+                          "run")
     return record["id"]
 
 
@@ -59,17 +60,18 @@ class RunLog:
         try:
             import wandb  # optional: only when asked for
         except ImportError:
-            raise ConfigError("wandb_project is set and wandb is not installed: pip install wandb, or set "
-                              "wandb_project=''") from None
+            raise ConfigError("wandb_project is set and wandb is not installed: pip install wandb, "
+                              "or set wandb_project=''") from None
         path = os.path.join(cfg.out_dir, "wandb.json")
         if not os.path.exists(path):
             write_json_atomic(path, {"id": os.urandom(6).hex(), "project": cfg.wandb_project})
         run_id = _wandb_id(path)
         parent = os.path.join(parent_dir, "wandb.json") if parent_dir else ""
         extra = {"wandb_parent_id": _wandb_id(parent)} if parent and os.path.exists(parent) else {}
-        self.wandb = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow", dir=cfg.out_dir,
-                                config=config_to_dict(cfg) | extra,
-                                notes=f"a branch of {parent_dir}, from {cfg.branch_from}" if parent_dir else None)
+        self.wandb = wandb.init(project=cfg.wandb_project, id=run_id, resume="allow",
+                                dir=cfg.out_dir, config=config_to_dict(cfg) | extra,
+                                notes=f"a branch of {parent_dir}, from {cfg.branch_from}"
+                                if parent_dir else None)
 
     def _append(self, path, record):
         if self.rank == 0:
@@ -80,10 +82,12 @@ class RunLog:
     def metric(self, record):
         self._append(self.metrics_path, record)
         if self.wandb:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))},
+                           step=record["step"])
 
     def event(self, event, **fields):
-        self._append(self.ledger_path, {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **fields})
+        self._append(self.ledger_path, {"event": event, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                        **fields})
 
     def truncate_metrics(self, n_lines):
         """On resume: keep the lines the checkpoint had seen, drop those written after it."""

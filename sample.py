@@ -3,7 +3,7 @@ Text from a checkpoint, as nanoGPT's sample.py: the prompt, then what the model
 writes after it, printed token by token as it comes.
 
     python sample.py CKPT_DIR --prompt="def fib(n):" [--max_new_tokens=200] [--temperature=0.8]
-                     [--top_k=200] [--seed=1337] [--device=cuda|cpu] [--chat=True] [--trace=True --min_len=8]
+        [--top_k=200] [--seed=1337] [--device=cuda|cpu] [--chat=True] [--trace=True --min_len=8]
 
 CKPT_DIR is a checkpoint of ours (runs/tiny/ckpt_007) or a Hugging Face folder with
 a tokenizer.model (one of AMBER's, or an export). The prompt follows EOS, the start
@@ -27,8 +27,8 @@ from common import UserError, as_bool, one_line_errors, parse_options
 from config import Config
 from machine import torch_device
 
-OPTIONS = {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "seed": int, "device": str,
-           "chat": as_bool, "trace": as_bool, "min_len": int}
+OPTIONS = {"prompt": str, "max_new_tokens": int, "temperature": float, "top_k": int, "seed": int,
+           "device": str, "chat": as_bool, "trace": as_bool, "min_len": int}
 
 
 def check_sampling(max_new_tokens, temperature, top_k, min_len):
@@ -44,8 +44,8 @@ def check_sampling(max_new_tokens, temperature, top_k, min_len):
         raise UserError(f"min_len={min_len}: give at least 1")
 
 
-def sample_text(ckpt_dir, prompt="", *, max_new_tokens=200, temperature=0.8, top_k=200, seed=1337, device=None,
-                out=None, chat=False, trace=False, min_len=8):
+def sample_text(ckpt_dir, prompt="", *, max_new_tokens=200, temperature=0.8, top_k=200, seed=1337,
+                device=None, out=None, chat=False, trace=False, min_len=8):
     """Write the prompt and what the checkpoint writes after it to `out` (default stdout),
     piece by piece, until EOS or max_new_tokens; return the new text. trace=True then lists
     the spans of the new text (min_len tokens or more) that occur verbatim in the training
@@ -55,7 +55,8 @@ def sample_text(ckpt_dir, prompt="", *, max_new_tokens=200, temperature=0.8, top
         prompt.encode("utf-8")
     except UnicodeEncodeError:  # bytes of another encoding, passed through by the shell
         raise UserError("--prompt is not valid UTF-8 text; give it in UTF-8") from None
-    device = torch_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))  # a GPU when there is one
+    # a GPU when there is one
+    device = torch_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if chat:
         prompt = data.chat_turn(prompt, Config().system_prompt)
     out = sys.stdout if out is None else out
@@ -67,7 +68,8 @@ def sample_text(ckpt_dir, prompt="", *, max_new_tokens=200, temperature=0.8, top
     g = torch.Generator(device=device).manual_seed(seed)
     printed, new = tok.decode(ids), []
     out.write(prompt)
-    for t in model.stream(torch.tensor([ids], device=device), max_new_tokens, temperature, top_k, g):
+    for t in model.stream(torch.tensor([ids], device=device), max_new_tokens, temperature, top_k,
+                          g):
         if int(t) == tok.eos_id:
             break
         new.append(int(t))
@@ -79,7 +81,8 @@ def sample_text(ckpt_dir, prompt="", *, max_new_tokens=200, temperature=0.8, top
     out.write(tok.decode(ids + new)[len(printed):] + "\n")
     if trace:
         for start, end, n, last in traced_spans(ckpt_dir, new, min_len):
-            out.write(f"  [{n} in the training data, last trained at step {last}] {tok.decode(new[start:end])!r}\n")
+            out.write(f"  [{n} in the training data, last trained at step {last}] "
+                      f"{tok.decode(new[start:end])!r}\n")
     return tok.decode(ids + new)[len(tok.decode(ids)):]
 
 
@@ -91,12 +94,14 @@ def traced_spans(ckpt_dir, ids, min_len=8, max_rows=100):
 
     state = checkpoint.read_state(ckpt_dir)
     if state is None:
-        raise UserError(f"--trace=True needs a checkpoint of a run (state.json): {ckpt_dir} has none")
+        raise UserError(f"--trace=True needs a checkpoint of a run (state.json): {ckpt_dir} has "
+                        "none")
     found = index.Index(os.path.dirname(os.path.abspath(ckpt_dir)))
     out = []
     for start, end, n in found.spans(ids, min_len):
         rows, _ = found.occurrences(ids[start:end], limit=max_rows)
-        steps = [t["step"] for c, r, _ in rows for t in found.trained(c, r) if t["step"] <= state["step"]]
+        steps = [t["step"] for c, r, _ in rows for t in found.trained(c, r)
+                 if t["step"] <= state["step"]]
         if steps:
             out.append((start, end, n, max(steps)))
     return out

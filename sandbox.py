@@ -50,8 +50,9 @@ class SandboxError(UserError):
 # runs before the sample in the child process: no processes, no shell, no deleting files
 _GUARD = """
 import builtins, os, shutil, subprocess, sys
-for _name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "execve", "execvp", "spawnl",
-              "spawnv", "remove", "unlink", "rmdir", "removedirs", "rename", "replace", "putenv", "chmod"):
+for _name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "execv", "execve", "execvp",
+              "spawnl", "spawnv", "remove", "unlink", "rmdir", "removedirs", "rename", "replace",
+              "putenv", "chmod"):
     setattr(os, _name, None)
 shutil.rmtree = shutil.move = None
 subprocess.Popen = subprocess.run = subprocess.call = subprocess.check_output = None
@@ -100,15 +101,16 @@ done
 for hide in "$@"; do mount -t tmpfs -o size=64k,mode=0555 tmpfs "$hide" || exit 97; done
 i=0
 for keep in $KEEP; do
-  mkdir -p "$keep" 2>/dev/null; mount --bind "$dir/.keep$i" "$keep" || exit 97; umount "$dir/.keep$i"
-  rmdir "$dir/.keep$i"; i=$((i + 1))
+  mkdir -p "$keep" 2>/dev/null; mount --bind "$dir/.keep$i" "$keep" || exit 97
+  umount "$dir/.keep$i"; rmdir "$dir/.keep$i"; i=$((i + 1))
 done
 mount -t tmpfs -o "size=${BOX_MB}m,mode=0700" tmpfs "$dir/w" || exit 97
 cp "$dir/sample.py" "$dir/runner.py" "$dir/w/" && chown -R "$OWNER" "$dir/w" || exit 97
 for shm in /dev/shm /dev/mqueue; do
   if [ -d "$shm" ]; then mount -t tmpfs -o size=64k,mode=0700 tmpfs "$shm" || exit 97; fi
 done
-writable() {  # the mounts that stay writable: the sample's folder, the private tmpfs, /proc (made read-only below)
+# the mounts that stay writable: the sample's folder, the private tmpfs, /proc (read-only below)
+writable() {
   case "$1" in "$dir/w"|/dev/shm|/dev/mqueue|/proc) return 0;; esac; return 1
 }
 top() {  # each mount point's topmost mount (a later line covers an earlier one): "point options"
@@ -117,7 +119,8 @@ top() {  # each mount point's topmost mount (a later line covers an earlier one)
 while read -r _ _ _ _ mp _; do
   writable "$mp" || mount -o remount,bind,ro "$mp" 2>/dev/null
 done < /proc/self/mountinfo
-top | while read -r mp opts; do  # one that refuses to be read-only is covered by an empty read-only tmpfs
+# a mount that refuses to be read-only is covered by an empty read-only tmpfs
+top | while read -r mp opts; do
   if ! writable "$mp" && [ "$mp" != / ]; then
     case "$opts" in rw*) mount -t tmpfs -o ro,size=4k tmpfs "$mp" 2>/dev/null;; esac
   fi
@@ -129,9 +132,11 @@ done || exit 97
 cd "$dir/w" || exit 97
 $DROP unshare --user --map-user=1000 --map-group=1000 --keep-caps --mount sh -c '
   echo 0 > /proc/sys/user/max_user_namespaces && mount -o remount,bind,ro /proc || exit 97
-  exec setpriv --bounding-set=-all --inh-caps=-all --ambient-caps=-all --no-new-privs "$PYTHON" -I -S runner.py'
+  exec setpriv --bounding-set=-all --inh-caps=-all --ambient-caps=-all --no-new-privs \
+    "$PYTHON" -I -S runner.py'
 """
-_NAMESPACES = ["--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "--net", "--uts", "--ipc"]
+_NAMESPACES = ["--pid", "--fork", "--kill-child", "--mount", "--mount-proc", "--net", "--uts",
+               "--ipc"]
 
 
 def _command(box):
@@ -143,8 +148,8 @@ def _command(box):
     install = os.path.realpath(sys.base_prefix)
     keep = {install} if any(install.startswith(d + os.sep) for d in hide) else set()
     root = os.geteuid() == 0
-    env = {"PATH": "/usr/bin:/bin", "PYTHON": python, "BOX_MB": str(BOX_MB), "KEEP": " ".join(sorted(keep)),
-           "OWNER": f"{NOBODY}:{NOBODY}" if root else "0:0",
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": python, "BOX_MB": str(BOX_MB),
+           "KEEP": " ".join(sorted(keep)), "OWNER": f"{NOBODY}:{NOBODY}" if root else "0:0",
            "DROP": f"setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups" if root else ""}
     user = [] if root else ["--user", "--map-root-user"]  # root needs no user namespace to mount
     return ["unshare"] + user + _NAMESPACES + ["sh", "-c", _SETUP, "sh", box] + hide, env
@@ -175,22 +180,24 @@ def _launch(program, timeout, memory_mb, output_limit, isolated):
         resource.setrlimit(resource.RLIMIT_AS, (memory_mb * 2**20, memory_mb * 2**20))
         resource.setrlimit(resource.RLIMIT_CPU, (int(timeout) + 1, int(timeout) + 1))
         resource.setrlimit(resource.RLIMIT_FSIZE, (output_limit, output_limit))
-        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))  # the kernel holds root to it only as nobody
+        # the kernel holds root to it only as nobody
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 
     token = secrets.token_hex(16)
     with tempfile.TemporaryDirectory(dir="/tmp") as folder, tempfile.TemporaryFile() as out, \
             tempfile.TemporaryFile() as err:
         box = os.path.join(folder, "box")
         os.makedirs(os.path.join(box, "w"))  # the sample's folder, a tmpfs once isolated
-        for path in (folder, box):  # a path the sample (nobody, when root runs this) can walk, not list
+        # a path the sample (nobody, when root runs this) can walk, not list
+        for path in (folder, box):
             os.chmod(path, 0o711)
         with open(os.path.join(box, "sample.py"), "w") as f:
             f.write(_GUARD + "\n" + program)
         with open(os.path.join(box, "runner.py"), "w") as f:
             f.write(_RUNNER)
         cmd, env = _command(box) if isolated else ([sys.executable, "-I", "-S", "runner.py"], {})
-        proc = subprocess.Popen(cmd, cwd=box, env=env, stdin=subprocess.PIPE, stdout=out, stderr=err,
-                                preexec_fn=limits, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=box, env=env, stdin=subprocess.PIPE, stdout=out,
+                                stderr=err, preexec_fn=limits, start_new_session=True)
         try:
             proc.communicate((token + "\n").encode(), timeout=timeout)
             result = "passed" if proc.returncode == 0 and _last_line(out) == token else "failed"
@@ -226,7 +233,8 @@ def isolation():
         if not shutil.which(tool):
             return f"{tool} (util-linux) not found"
     try:
-        result, err = _launch("pass\n", timeout=20, memory_mb=512, output_limit=2**20, isolated=True)
+        result, err = _launch("pass\n", timeout=20, memory_mb=512, output_limit=2**20,
+                              isolated=True)
     except OSError as e:
         return str(e)
     return None if result == "passed" else (err or f"a trivial sample: {result}")
@@ -237,11 +245,12 @@ def run(program, timeout=10.0, memory_mb=512, allow_unisolated=False, output_lim
     Isolated as the module's docstring says; without isolation only if allow_unisolated."""
     reason = isolation()
     if reason and not allow_unisolated:
-        raise SandboxError("HumanEval / MBPP run generated code, and this machine cannot isolate it ("
-                           f"{reason}); rerun with --allow_code_execution=True to run it with resource limits and a "
-                           "guard only: no protection of the network, the file system or other processes")
+        raise SandboxError("HumanEval / MBPP run generated code, and this machine cannot isolate "
+                           f"it ({reason}); rerun with --allow_code_execution=True to run it with "
+                           "resource limits and a guard only: no protection of the network, the "
+                           "file system or other processes")
     result, _ = _launch(program, timeout, memory_mb, output_limit, isolated=reason is None)
     if result == "setup failed":
-        raise SandboxError("the sandbox could not be set up (a mount could not be made read-only, or a tmpfs not "
-                           "mounted); nothing was run. See sandbox._SETUP")
+        raise SandboxError("the sandbox could not be set up (a mount could not be made read-only, "
+                           "or a tmpfs not mounted); nothing was run. See sandbox._SETUP")
     return result

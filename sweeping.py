@@ -11,7 +11,8 @@ import os
 
 from common import code_version
 
-COMPILE_MIN_STEPS = 10_000  # decoding steps per checkpoint from which compile="auto" compiles the step
+# decoding steps per checkpoint from which compile="auto" compiles the step
+COMPILE_MIN_STEPS = 10_000
 
 
 def pick(run_dir, names, wanted, error):

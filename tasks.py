@@ -13,7 +13,8 @@ import os
 
 from common import UserError
 
-FEWSHOT = {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "truthfulqa_mc": 0}  # the leaderboard's shots
+# the leaderboard's shots
+FEWSHOT = {"arc_challenge": 25, "hellaswag": 10, "mmlu": 5, "truthfulqa_mc": 0}
 FEWSHOT_SPLIT = {"mmlu": "dev"}  # the split few-shot examples come from, where not "train"
 
 
@@ -25,13 +26,16 @@ def _strs(x):
     return isinstance(x, list) and all(isinstance(t, str) for t in x)
 
 
-ROW_SCHEMA = {  # what a row of each task must hold: the public datasets' fields, as evaluate.py reads them
+# what a row of each task must hold: the public datasets' fields, as evaluate.py reads them
+ROW_SCHEMA = {
     "arc_challenge": {"question": str, "answerKey": str,
-                      "choices": lambda c: isinstance(c, dict) and _strs(c.get("text")) and isinstance(c.get("label"),
-                                                                                                      list)},
-    "hellaswag": {"ctx_a": str, "ctx_b": str, "activity_label": str, "endings": _strs, "label": (str, int)},
+                      "choices": lambda c: isinstance(c, dict) and _strs(c.get("text"))
+                      and isinstance(c.get("label"), list)},
+    "hellaswag": {"ctx_a": str, "ctx_b": str, "activity_label": str, "endings": _strs,
+                  "label": (str, int)},
     "mmlu": {"question": str, "choices": _strs, "answer": int},
-    "truthfulqa_mc": {"question": str, "mc1_targets": lambda t: isinstance(t, dict) and _strs(t.get("choices"))},
+    "truthfulqa_mc": {"question": str, "mc1_targets": lambda t: isinstance(t, dict)
+                      and _strs(t.get("choices"))},
     "humaneval": {"task_id": str, "prompt": str, "test": str, "entry_point": str},
     "mbpp": {"task_id": (int, str), "text": str, "test_list": _strs},
 }
@@ -44,10 +48,13 @@ def _check_row(task, row, where):
     for key, want in ROW_SCHEMA.get(task, {}).items():
         if key not in row:
             raise TaskError(f"{where}: no {key!r}; a {task} row has {', '.join(ROW_SCHEMA[task])}")
-        ok = want(row[key]) if callable(want) and not isinstance(want, type) else isinstance(row[key], want)
+        if callable(want) and not isinstance(want, type):
+            ok = want(row[key])
+        else:
+            ok = isinstance(row[key], want)
         if not ok or isinstance(row[key], bool):
-            raise TaskError(f"{where}: {key!r} is {type(row[key]).__name__} {str(row[key])[:40]!r}, not what the "
-                            f"{task} dataset holds there")
+            raise TaskError(f"{where}: {key!r} is {type(row[key]).__name__} "
+                            f"{str(row[key])[:40]!r}, not what the {task} dataset holds there")
     return row
 
 
@@ -62,7 +69,8 @@ def read_rows(path, task=None):
         try:
             table = pyarrow.parquet.read_table(path).to_pylist()
         except Exception as e:  # pyarrow's errors are its own classes
-            raise TaskError(f"{path}: not a readable parquet file ({str(e).splitlines()[0][:120]})") from None
+            raise TaskError(f"{path}: not a readable parquet file "
+                            f"({str(e).splitlines()[0][:120]})") from None
         rows = [_check_row(task, row, f"{path} row {i}") for i, row in enumerate(table)]
     else:
         with open(path, "rb") as f:
@@ -72,7 +80,8 @@ def read_rows(path, task=None):
                 try:
                     row = json.loads(line)
                 except ValueError as e:  # not JSON, or not UTF-8
-                    raise TaskError(f"{path}:{lineno}: not a JSON object ({e}); fix or remove the line") from None
+                    raise TaskError(f"{path}:{lineno}: not a JSON object ({e}); fix or remove the "
+                                    "line") from None
                 rows.append(_check_row(task, row, f"{path}:{lineno}"))
     if not rows:
         raise TaskError(f"{path} holds no rows; save the task's rows there")
@@ -89,7 +98,8 @@ def task_file(task_dir, name):
 def task_sha256(task_dir, task):
     """The sha256 of a task's files (its rows, then its few-shot split): what a result records."""
     h = hashlib.sha256()
-    for p in (task_file(task_dir, task), task_file(task_dir, f"{task}_{FEWSHOT_SPLIT.get(task, 'train')}")):
+    for p in (task_file(task_dir, task),
+              task_file(task_dir, f"{task}_{FEWSHOT_SPLIT.get(task, 'train')}")):
         if p:
             with open(p, "rb") as f:
                 while block := f.read(1 << 20):
@@ -101,9 +111,11 @@ def load_task(task_dir, task):
     """(eval rows, few-shot rows, sha256 of the files) of a task."""
     path = task_file(task_dir, task)
     if path is None:
-        raise TaskError(f"no {task}.jsonl or {task}.parquet in {task_dir}: save the task's rows there")
+        raise TaskError(f"no {task}.jsonl or {task}.parquet in {task_dir}: save the task's rows "
+                        "there")
     shots_path = task_file(task_dir, f"{task}_{FEWSHOT_SPLIT.get(task, 'train')}")
     if FEWSHOT.get(task) and shots_path is None:
         raise TaskError(f"{task} is {FEWSHOT[task]}-shot: save its few-shot split as "
                         f"{task}_{FEWSHOT_SPLIT.get(task, 'train')}.jsonl in {task_dir}")
-    return read_rows(path, task), read_rows(shots_path, task) if shots_path else [], task_sha256(task_dir, task)
+    return read_rows(path, task), read_rows(shots_path,
+                                            task) if shots_path else [], task_sha256(task_dir, task)

@@ -4,9 +4,10 @@ measured on the exact training data, through infini-gram's suffix-array index of
 token ids (OLMoTrace's engine; requirements-trace.txt).
 
     python tracing.py index RUN_DIR|DATA_DIR [--workers=2] [--chunks=0-99] [--mem_gb=2]
-    python tracing.py RUN_DIR --text="And God said" | --ids=1,2,3 [--max=10] [--spans=True --min_len=8]
+    python tracing.py RUN_DIR --text="And God said" | --ids=1,2,3 [--max=10]
+        [--spans=True --min_len=8]
     python tracing.py contamination RUN_DIR --task_dir=DIR [--n=13]
-    python tracing.py memorization RUN_DIR [--k=32 --l=32]    memorize.py's scores against duplication
+    python tracing.py memorization RUN_DIR [--k=32 --l=32]  memorize.py's scores by duplication
 
 `index` writes one shard per chunk, DATA_DIR/index/chunk_NNN/, and one for the held-out
 split, DATA_DIR/index/val/, straight from the chunk files (never from raw text): each
@@ -42,7 +43,8 @@ import checkpoint
 import data
 import index as suffix
 import tasks
-from common import as_bool, atomic_write, iter_jsonl, one_line_errors, parse_options, read_json, write_text_atomic
+from common import (as_bool, atomic_write, iter_jsonl, one_line_errors, parse_options, read_json,
+                    write_text_atomic)
 from index import Index, TraceError
 
 
@@ -50,7 +52,8 @@ from index import Index, TraceError
 # contamination: benchmark rows found in the training data
 
 
-# the text of a benchmark row, from the fields of the schemas evaluate.py reads: question, choices, answer, code
+# the text of a benchmark row, from the fields of the schemas evaluate.py reads: question, choices,
+# answer, code
 ROW_TEXT = {
     "arc_challenge": lambda d: [d["question"], *d["choices"]["text"]],
     "hellaswag": lambda d: [d["ctx_a"] + " " + d["ctx_b"], *d["endings"]],
@@ -78,37 +81,48 @@ def contamination(run_dir, task_dir, n=13, out=print):
     (from evals.jsonl's per-row items), to contamination.csv. Returns the summary rows."""
     index = Index(run_dir)
     if index.tok is None:
-        raise TraceError(f"{run_dir}'s data has no tokenizer: benchmark text cannot be encoded for it")
+        raise TraceError(f"{run_dir}'s data has no tokenizer: benchmark text cannot be encoded for "
+                         "it")
     summary, per_row = [], []
     for task in ROW_TEXT:
         path = tasks.task_file(task_dir, task)
         if path is None:
             continue
         dirty, sha = [], tasks.task_sha256(task_dir, task)
-        for i, doc in enumerate(tasks.read_rows(path, task)):  # evaluate.py's reader, and its checks
+        # evaluate.py's reader, and its checks
+        for i, doc in enumerate(tasks.read_rows(path, task)):
             ids = index.tok.encode("\n".join(ROW_TEXT[task](doc)))
             longest, is_dirty = row_overlap(index, ids, n)
-            per_row.append({"task": task, "row": i, "tokens": len(ids), "longest_span": longest, "dirty": is_dirty})
+            per_row.append({"task": task, "row": i, "tokens": len(ids), "longest_span": longest,
+                            "dirty": is_dirty})
             dirty.append(is_dirty)
-        line = {"task": task, "rows": len(dirty), "dirty": sum(dirty), "dirty_share": sum(dirty) / len(dirty)}
+        line = {"task": task, "rows": len(dirty), "dirty": sum(dirty),
+                "dirty_share": sum(dirty) / len(dirty)}
         summary.append(line | {"checkpoint": "", "metric": "", "clean": "", "dirty_score": ""})
-        newest = {}  # (checkpoint, metric) -> its newest (clean, dirty) scores; evals.jsonl is streamed
-        for r in iter_jsonl(os.path.join(run_dir, "evals.jsonl")):  # results of these very rows only
+        # (checkpoint, metric) -> its newest (clean, dirty) scores; evals.jsonl is streamed
+        newest = {}
+        # results of these very rows only
+        for r in iter_jsonl(os.path.join(run_dir, "evals.jsonl")):
             if r["task"] == task and r.get("items") and r.get("task_sha256") == sha:
                 items = np.array(r["items"], dtype=float)
                 flags = np.array(dirty[: len(items)])
-                newest[(r["checkpoint"], r["metric"])] = (float(items[~flags].mean()) if (~flags).any() else "",
-                                                          float(items[flags].mean()) if flags.any() else "")
+                newest[(r["checkpoint"], r["metric"])] = (float(items[~flags].mean())
+                                                          if (~flags).any() else "",
+                                                          float(items[flags].mean()) if flags.any()
+                                                          else "")
         for (ckpt, metric), (clean, dirty_score) in newest.items():
-            summary.append(line | {"checkpoint": ckpt, "metric": metric, "clean": clean, "dirty_score": dirty_score})
-        out(f"{task}: {sum(dirty)} of {len(dirty)} rows dirty ({100 * line['dirty_share']:.1f}%, an {n}-gram in the "
-            "training data)")
+            summary.append(line | {"checkpoint": ckpt, "metric": metric, "clean": clean,
+                                   "dirty_score": dirty_score})
+        out(f"{task}: {sum(dirty)} of {len(dirty)} rows dirty ({100 * line['dirty_share']:.1f}%, "
+            f"an {n}-gram in the training data)")
     if not summary:
         raise TraceError(f"{task_dir} holds none of {', '.join(ROW_TEXT)} (.jsonl or .parquet)")
-    write_text_atomic(os.path.join(run_dir, "contamination_rows.jsonl"), "".join(json.dumps(r) + "\n" for r in per_row))
+    write_text_atomic(os.path.join(run_dir, "contamination_rows.jsonl"),
+                      "".join(json.dumps(r) + "\n" for r in per_row))
     keys = ["task", "rows", "dirty", "dirty_share", "checkpoint", "metric", "clean", "dirty_score"]
     write_text_atomic(os.path.join(run_dir, "contamination.csv"),
-                      ",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in summary))
+                      ",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n"
+                                                      for r in summary))
     return summary
 
 
@@ -127,14 +141,16 @@ def _ranks(x):
 
 
 def spearman(x, y):
-    """Spearman's rank correlation (Pearson's over ranks, ties averaged); nan when one is constant."""
+    """Spearman's rank correlation (Pearson's over ranks, ties averaged); nan when one is
+    constant."""
     if len(x) < 2:
         return float("nan")
     rx, ry = _ranks(x), _ranks(y)
     return float("nan") if rx.std() == 0 or ry.std() == 0 else float(np.corrcoef(rx, ry)[0, 1])
 
 
-BUCKETS = [(0, 0), (1, 1), (2, 2), (3, 4), (5, 8), (9, 16), (17, 10**12)]  # times a sequence was trained on
+# times a sequence was trained on
+BUCKETS = [(0, 0), (1, 1), (2, 2), (3, 4), (5, 8), (9, 16), (17, 10**12)]
 
 
 def duplication(run_dir, k=32, l=32, max_rows=1000, out=print):
@@ -153,28 +169,32 @@ def duplication(run_dir, k=32, l=32, max_rows=1000, out=print):
     names = sorted(n for n in os.listdir(folder) if "__chunk_" in n and n.endswith(".json")) \
         if os.path.isdir(folder) else []
     if not names:
-        raise TraceError(f"{folder} holds no memorization results; run python memorize.py {run_dir} --k={k} --l={l} "
-                         "first")
+        raise TraceError(f"{folder} holds no memorization results; run python memorize.py "
+                         f"{run_dir} --k={k} --l={l} first")
     by_ckpt = {}
     for name in names:
         by_ckpt.setdefault(name.split("__chunk_")[0], []).append(name)
-    keys = ["checkpoint", "chunk", "index", "score", "occurrences", "trained_before", "continuation_occurrences",
-            "steps_since_last"]
+    keys = ["checkpoint", "chunk", "index", "score", "occurrences", "trained_before",
+            "continuation_occurrences", "steps_since_last"]
     summary, rho, cache = [], {}, {}
 
     def write(tmp):
         with open(tmp, "w") as f:
             f.write(",".join(keys) + "\n")
             for ckpt, files in by_ckpt.items():
-                mine = [_duplication_rows(index, run_dir, folder, name, cache, max_rows) for name in files]
+                mine = [_duplication_rows(index, run_dir, folder, name, cache, max_rows)
+                        for name in files]
                 mine = [r for rows in mine for r in rows]
                 f.writelines(",".join(str(r[k]) for k in keys) + "\n" for r in mine)
                 summary.extend(_by_bucket(ckpt, mine))
                 seen = [r for r in mine if r["trained_before"]]
-                rho[ckpt] = (spearman([r["score"] for r in seen], [r["trained_before"] for r in seen]),
-                             spearman([r["score"] for r in seen], [-r["steps_since_last"] for r in seen]))
-                out(f"{ckpt}: {len(seen)} sequences it trained on; Spearman's rho of the score with the times "
-                    f"trained on {rho[ckpt][0]:.3f}, with recency (fewer steps since last seen) {rho[ckpt][1]:.3f}")
+                rho[ckpt] = (spearman([r["score"] for r in seen],
+                                      [r["trained_before"] for r in seen]),
+                             spearman([r["score"] for r in seen],
+                                      [-r["steps_since_last"] for r in seen]))
+                out(f"{ckpt}: {len(seen)} sequences it trained on; Spearman's rho of the score "
+                    f"with the times trained on {rho[ckpt][0]:.3f}, with recency (fewer steps "
+                    f"since last seen) {rho[ckpt][1]:.3f}")
 
     atomic_write(os.path.join(folder, "duplication.csv"), write)
     write_text_atomic(os.path.join(folder, "duplication_summary.csv"),
@@ -190,7 +210,8 @@ def _duplication_rows(index, run_dir, folder, name, cache, max_rows):
     k, l = res["k"], res["l"]
     state = checkpoint.read_state(os.path.join(run_dir, res["checkpoint"]))
     if state is None:
-        raise TraceError(f"{run_dir}/{res['checkpoint']}: no readable state.json; python train.py verify {run_dir}")
+        raise TraceError(f"{run_dir}/{res['checkpoint']}: no readable state.json; python train.py "
+                         f"verify {run_dir}")
     at = state["step"]
     d, local = res["data_dir"], res["chunk_in_data_dir"]
     tokens = np.load(os.path.join(d, data.load_manifest(d)["chunks"][local]["file"]), mmap_mode="r")
@@ -200,13 +221,14 @@ def _duplication_rows(index, run_dir, folder, name, cache, max_rows):
         if key not in cache:  # the same sequences are scored at every checkpoint: looked up once
             seq = np.asarray(tokens[i][: k + l]).tolist()
             found, total = index.occurrences(seq, limit=max_rows)
-            cache[key] = (sorted(t["step"] for c, r, _ in found for t in index.trained(c, r)), total,
-                          index.count(seq[k:]))
+            cache[key] = (sorted(t["step"] for c, r, _ in found for t in index.trained(c, r)),
+                          total, index.count(seq[k:]))
         steps, total, cont = cache[key]
         before = [s for s in steps if s <= at]
-        rows.append({"checkpoint": res["checkpoint"], "chunk": res["chunk"], "index": i, "score": score,
-                     "occurrences": total, "trained_before": len(before), "continuation_occurrences": cont,
-                     "steps_since_last": at - before[-1] if before else ""})
+        rows.append({"checkpoint": res["checkpoint"], "chunk": res["chunk"], "index": i,
+                     "score": score, "occurrences": total, "trained_before": len(before),
+                     "continuation_occurrences": cont, "steps_since_last": at - before[-1]
+                     if before else ""})
     return rows
 
 
@@ -231,17 +253,20 @@ def encode(index, text=None, ids=None):
         try:
             out = [int(i) for i in ids.split(",")]
         except ValueError:
-            raise TraceError(f"--ids={ids!r}: write token ids separated by commas, e.g. --ids=1,2,3") from None
+            raise TraceError(f"--ids={ids!r}: write token ids separated by commas, e.g. "
+                             "--ids=1,2,3") from None
         bad = [i for i in out if not 0 <= i < index.vocab_size]
         if bad:
-            raise TraceError(f"--ids: {bad[0]} is not a token id; the vocabulary is 0..{index.vocab_size - 1}")
+            raise TraceError(f"--ids: {bad[0]} is not a token id; the vocabulary is "
+                             f"0..{index.vocab_size - 1}")
         return out
     if index.tok is None:
         raise TraceError("the data dir has no tokenizer to encode --text with; give --ids=1,2,3")
     try:
         (text or "").encode("utf-8")
     except UnicodeEncodeError:
-        raise TraceError("--text is not valid UTF-8; give the text in UTF-8 (or its token ids with --ids)") from None
+        raise TraceError("--text is not valid UTF-8; give the text in UTF-8 (or its token ids with "
+                         "--ids)") from None
     out = index.tok.encode(text or "")
     if not out:
         raise TraceError(f"--text={text!r} tokenizes to nothing; give some text")
@@ -261,15 +286,18 @@ def query(path, text=None, ids=None, limit=10, spans=False, min_len=8, out=print
                 + (f", e.g. at step {steps[0]}" if steps else "") + f": {piece!r}")
         return found
     found, total = index.occurrences(q, limit)
-    out(f"{len(q)} tokens: {total} occurrence(s) in the training data, {index.count(q, val=True)} in the held-out "
-        f"split" + (f"; the first {len(found)} shown" if total > len(found) else ""))
+    out(f"{len(q)} tokens: {total} occurrence(s) in the training data, {index.count(q, val=True)} "
+        f"in the held-out split" + (f"; the first {len(found)} shown" if total > len(found)
+                                    else ""))
     rows = []
     for c, r, i in found:
         where = index.trained(c, r)
-        rows.append({"chunk": c, "row": r, "position": i, "source": index.source(c, r), "trained": where})
-        steps = ", ".join(f"step {t['step']} (chunk step {t['chunk_step']}, slot {t['slot']}, first in "
-                          f"{t['checkpoint']})" for t in where) or "not trained"
-        out(f"chunk {c} row {r} token {i} [{rows[-1]['source']}]: {steps}: {index.context(c, r, i, len(q))!r}")
+        rows.append({"chunk": c, "row": r, "position": i, "source": index.source(c, r),
+                     "trained": where})
+        steps = ", ".join(f"step {t['step']} (chunk step {t['chunk_step']}, slot {t['slot']}, "
+                          f"first in {t['checkpoint']})" for t in where) or "not trained"
+        out(f"chunk {c} row {r} token {i} [{rows[-1]['source']}]: {steps}: "
+            f"{index.context(c, r, i, len(q))!r}")
     return rows, total
 
 
@@ -281,15 +309,18 @@ def main(argv):
         if argv[0] == "index":
             if len(argv) < 2 or argv[1].startswith("--"):
                 sys.exit(usage)
-            opts = parse_options(argv[2:], {"workers": int, "chunks": str, "mem_gb": int}, TraceError)
-            built = suffix.build(argv[1], opts.get("workers", 1), opts.get("chunks"), opts.get("mem_gb", 2))
+            opts = parse_options(argv[2:], {"workers": int, "chunks": str, "mem_gb": int},
+                                 TraceError)
+            built = suffix.build(argv[1], opts.get("workers", 1), opts.get("chunks"),
+                                 opts.get("mem_gb", 2))
             print(f"{argv[1]}: {len(built)} shard(s) built, the others were up to date")
         elif argv[0] == "contamination":
             if len(argv) < 2 or argv[1].startswith("--"):
                 sys.exit(usage)
             opts = parse_options(argv[2:], {"task_dir": str, "n": int}, TraceError)
             if "task_dir" not in opts:
-                raise TraceError("contamination needs --task_dir=DIR, the benchmark rows evaluate.py reads")
+                raise TraceError("contamination needs --task_dir=DIR, the benchmark rows "
+                                 "evaluate.py reads")
             contamination(argv[1], opts["task_dir"], opts.get("n", 13))
         elif argv[0] == "memorization":
             if len(argv) < 2 or argv[1].startswith("--"):
@@ -297,10 +328,11 @@ def main(argv):
             opts = parse_options(argv[2:], {"max_rows": int, "k": int, "l": int}, TraceError)
             duplication(argv[1], opts.get("k", 32), opts.get("l", 32), opts.get("max_rows", 1000))
         else:
-            opts = parse_options(argv[1:], {"text": str, "ids": str, "max": int, "spans": as_bool, "min_len": int},
+            opts = parse_options(argv[1:], {"text": str, "ids": str, "max": int, "spans": as_bool,
+                                            "min_len": int},
                                  TraceError)
-            query(argv[0], opts.get("text"), opts.get("ids"), opts.get("max", 10), opts.get("spans", False),
-                  opts.get("min_len", 8))
+            query(argv[0], opts.get("text"), opts.get("ids"), opts.get("max", 10),
+                  opts.get("spans", False), opts.get("min_len", 8))
 
 
 if __name__ == "__main__":

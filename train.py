@@ -1,10 +1,10 @@
 """
 The pre-training run: a loop over data chunks, one checkpoint after each.
 
-    python train.py CONFIG [--key=value ...]                 one process (CPU or one GPU)
-    torchrun --nproc_per_node=N train.py CONFIG              data parallel: DDP, or FSDP2 (parallel="fsdp")
-    python train.py CONFIG --dry_run=True                    the plan, without allocating the model
-    python train.py verify RUN_DIR                           check checkpoints, metrics and data; change nothing
+    python train.py CONFIG [--key=value ...]      one process (CPU or one GPU)
+    torchrun --nproc_per_node=N train.py CONFIG   data parallel: DDP, or FSDP2 (parallel="fsdp")
+    python train.py CONFIG --dry_run=True         the plan, without allocating the model
+    python train.py verify RUN_DIR                check checkpoints, metrics, data; change nothing
 
 Running the same command again resumes from the newest intact checkpoint, bitwise
 as if the run had not stopped (on a CPU with one thread: docs/reproducibility.md).
@@ -26,7 +26,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 import torch
@@ -40,16 +40,18 @@ import data
 import memory
 import plot
 import prepare
-from checkpoint import (FORMAT_VERSION, check_metrics, check_resumable, find_checkpoint, load_checkpoint,
-                        load_init_from, metrics_digest, read_state, resume_point, save_checkpoint, verify_run)
-from common import (all_reduce_sum, barrier, broadcast0, close_distributed, gather, hold_lock, init_distributed,
-                    one_line_errors, print0, write_json_atomic)
+from checkpoint import (check_metrics, check_resumable, find_checkpoint, load_checkpoint,
+                        load_init_from, metrics_digest, read_state, resume_point, save_checkpoint,
+                        verify_run)
+from common import (all_reduce_sum, barrier, broadcast0, close_distributed, gather, hold_lock,
+                    init_distributed, one_line_errors, print0, write_json_atomic)
 from config import Config, ConfigError, format_config, load_config, save_config
 from machine import choose_dtype, determinism, peak_flops, peak_memory_gb, run_info
 from model import Transformer, summary
 from model_config import hf_config
-from parallelize import shard, speed_up
+from parallelize import build_model, speed_up
 from runlog import RunLog
+from runstate import FORMAT_VERSION, new_state
 
 # -----------------------------------------------------------------------------
 # the schedule
@@ -72,8 +74,9 @@ def get_lr(step, cfg, total_steps):
 def grad_accum(cfg, world_size):
     per_step = cfg.micro_batch_size * world_size
     if cfg.global_batch_size % per_step:
-        raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not divisible by micro_batch_size x world "
-                          f"size = {cfg.micro_batch_size} x {world_size}; change global_batch_size or micro_batch_size")
+        raise ConfigError(f"global_batch_size={cfg.global_batch_size} is not divisible by "
+                          f"micro_batch_size x world size = {cfg.micro_batch_size} x {world_size}; "
+                          "change global_batch_size or micro_batch_size")
     return cfg.global_batch_size // per_step
 
 
@@ -91,7 +94,8 @@ def make_optimizer(groups, cfg, device):
 # -----------------------------------------------------------------------------
 # the objectives: next-token loss, or DPO on pairs (finetune.py)
 
-DPO_STATS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy", "ref_preference")
+DPO_STATS = ("reward_chosen", "reward_rejected", "reward_margin", "reward_accuracy",
+             "ref_preference")
 
 
 def sequence_logps(logits, targets):
@@ -109,7 +113,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta):
     chosen, rejected = beta * (policy_chosen - ref_chosen), beta * (policy_rejected - ref_rejected)
     margin = chosen - rejected
     stats = {"reward_chosen": chosen, "reward_rejected": rejected, "reward_margin": margin,
-             "reward_accuracy": (margin > 0).float(), "ref_preference": (ref_chosen > ref_rejected).float()}
+             "reward_accuracy": (margin > 0).float(),
+             "ref_preference": (ref_chosen > ref_rejected).float()}
     return -F.logsigmoid(margin).mean(), {k: v.detach() for k, v in stats.items()}
 
 
@@ -126,7 +131,8 @@ def dpo_objective(model, x, y, *, ref_model, seq_len, beta):
     frozen reference model (the starting checkpoint) scores both without gradients, in the
     same forward shape."""
     n, L = x.shape[0], seq_len
-    xs, ys = torch.cat([x[:, :L], x[:, L + 1 :]]), torch.cat([y[:, :L], y[:, L + 1 :]])  # chosen rows, then rejected
+    xs = torch.cat([x[:, :L], x[:, L + 1 :]])  # chosen rows, then rejected
+    ys = torch.cat([y[:, :L], y[:, L + 1 :]])
     policy = sequence_logps(model(xs)[0], ys)
     with torch.no_grad():
         ref = sequence_logps(ref_model(xs)[0], ys)
@@ -138,14 +144,20 @@ def objective_of(cfg, ref_model=None):
     its statistics), chosen once per run: the training step never asks which it is."""
     if cfg.objective == "lm":
         return lm_objective, ()
-    return partial(dpo_objective, ref_model=ref_model, seq_len=cfg.seq_len, beta=cfg.dpo_beta), DPO_STATS
+    return partial(dpo_objective, ref_model=ref_model, seq_len=cfg.seq_len,
+                   beta=cfg.dpo_beta), DPO_STATS
 
 
-_VAL_VERIFIED = set()
+@cache
+def check_val_split(data_dir, rank, world_size):
+    """The held-out split's sha256, checked once per process by rank 0 (the others wait): a
+    damaged val.npy would give wrong numbers silently."""
+    data.check_split(data_dir, data.load_manifest(data_dir)["val"], rank, world_size)
 
 
 @torch.no_grad()
-def validation_loss(model, data_dir, manifest, cfg, *, rank, world_size, device, autocast, ref_model=None):
+def validation_loss(model, data_dir, manifest, cfg, *, rank, world_size, device, autocast,
+                    ref_model=None):
     """{"val_loss": mean loss over a seeded sample of val_sequences rows of the whole held-out
     split (the counted tokens' mean for "lm", the pairs' for "dpo"), "val_loss/<source>":
     over val_sequences rows of each source (data.validation_rows), and for "dpo" each
@@ -155,17 +167,15 @@ def validation_loss(model, data_dir, manifest, cfg, *, rank, world_size, device,
     same number of forwards (FSDP)."""
     if not manifest.get("val") or manifest["val"]["sequences"] == 0 or cfg.val_sequences == 0:
         return None
-    # the split's sha256 is checked once per run, by rank 0 (a damaged val.npy gives wrong numbers silently)
-    if data_dir not in _VAL_VERIFIED:
-        data.check_split(data_dir, manifest["val"], rank, world_size)
-        _VAL_VERIFIED.add(data_dir)
+    check_val_split(data_dir, rank, world_size)
     tokens, sources = data.open_split(data_dir, manifest["val"], verify=False)
     mix, extra = data.validation_rows(sources, cfg.val_sequences, cfg.seed)
-    groups = [(s, True, mix[sources[mix] == s]) for s in extra] + [(s, False, rows) for s, rows in extra.items()]
+    groups = [(s, True, mix[sources[mix] == s]) for s in extra] + [(s, False, rows)
+                                                                   for s, rows in extra.items()]
     batches = [(g, rows[i : i + cfg.micro_batch_size]) for g, (_, _, rows) in enumerate(groups)
                for i in range(0, len(rows), cfg.micro_batch_size)]
     objective, names = objective_of(cfg, ref_model)
-    total = torch.zeros(len(groups), 2 + len(names), dtype=torch.float64, device=device)  # loss sum, count, stats
+    total = torch.zeros(len(groups), 2 + len(names), dtype=torch.float64, device=device)  # loss, n
     model.eval()
     for i in range(rank, -(-len(batches) // world_size) * world_size, world_size):
         g, rows = batches[i] if i < len(batches) else batches[0]
@@ -174,7 +184,8 @@ def validation_loss(model, data_dir, manifest, cfg, *, rank, world_size, device,
             loss, stats = objective(model, x, y)
         counted = int((y != -1).sum()) if cfg.objective == "lm" else len(x)  # tokens, or pairs
         if i < len(batches):
-            total[g] += torch.tensor([loss.item() * counted, counted] + [stats[k].sum().item() for k in names],
+            total[g] += torch.tensor([loss.item() * counted, counted]
+                                     + [stats[k].sum().item() for k in names],
                                      dtype=torch.float64, device=device)
     model.train()
     all_reduce_sum(total, world_size)
@@ -207,9 +218,11 @@ def plan(cfg, world_size):
         steps = [cfg.dry_run_sequences_per_chunk // G] * cfg.n_chunks
         source = f"from dry_run_sequences_per_chunk={cfg.dry_run_sequences_per_chunk:,}"
     else:
-        raise ConfigError(f"{manifest_path} not found: prepare the data, or set dry_run_sequences_per_chunk")
-    # the world size the config is laid out for; by default one micro-batch per device, no accumulation
-    planned_world = cfg.dry_run_world_size or (world_size if world_size > 1 else max(1, G // cfg.micro_batch_size))
+        raise ConfigError(f"{manifest_path} not found: prepare the data, or set "
+                          "dry_run_sequences_per_chunk")
+    # the world size the config is laid out for; by default one micro-batch per device
+    planned_world = cfg.dry_run_world_size or (world_size if world_size > 1
+                                               else max(1, G // cfg.micro_batch_size))
     grad_accum(cfg, planned_world)
     accum = G // (cfg.micro_batch_size * planned_world)
     fsdp = cfg.parallel == "fsdp" and planned_world > 1
@@ -225,37 +238,41 @@ def plan(cfg, world_size):
         f"model            {n:,} parameters, {fpt / 1e9:.2f} GFLOP per token (training)",
         f"batch            {G:,} sequences x {T:,} tokens = {G * T:,} tokens per step; micro-batch "
         f"{cfg.micro_batch_size} on {planned_world} devices, {accum} accumulation step(s)",
-        f"data             {len(steps)} chunks, {min(steps):,}-{max(steps):,} steps per chunk ({source}), "
-        f"{sum(steps):,} steps, {total_tokens / 1e9:,.2f}B tokens",
+        f"data             {len(steps)} chunks, {min(steps):,}-{max(steps):,} steps per chunk "
+        f"({source}), {sum(steps):,} steps, {total_tokens / 1e9:,.2f}B tokens",
     ]
     lines += mem_lines
     for name, flops in [("A100 bf16", 312e12), ("H100 bf16", 989e12)]:
         seconds = total_tokens * fpt / (planned_world * flops * 0.36)
         lines.append(f"time at 36% MFU  {seconds / 86400:,.1f} days on {planned_world} x {name}")
-    # disk: the chunks as stored (seq_len + 1 ids a row, and a source id), and a checkpoint per chunk
-    # with fp32 weights and both AdamW moments (12 bytes a parameter; gradients are not saved)
-    sequences = manifest["totals"]["train_sequences"] if os.path.exists(manifest_path) else \
-        cfg.dry_run_sequences_per_chunk * cfg.n_chunks
-    data_bytes = sequences * ((T + 1) * np.dtype(data.token_dtype(cfg.model.vocab_size)).itemsize + 1)
-    ckpt_bytes = 12 * n
-    cores = os.cpu_count() or 1
-    hours = sequences * (T + 1) / convert_amber.CONVERT_TOKENS_PER_S_PER_WORKER / 3600
+    # disk: the chunks as stored (seq_len + 1 ids a row, and a source id), and a checkpoint per
+    # chunk with fp32 weights and both AdamW moments (12 bytes a parameter; no gradients)
+    sequences = cfg.dry_run_sequences_per_chunk * cfg.n_chunks
+    if os.path.exists(manifest_path):
+        sequences = manifest["totals"]["train_sequences"]
+    id_bytes = np.dtype(data.token_dtype(cfg.model.vocab_size)).itemsize
+    data_bytes, ckpt_bytes = sequences * ((T + 1) * id_bytes + 1), 12 * n
+    cores, rate = os.cpu_count() or 1, convert_amber.CONVERT_TOKENS_PER_S_PER_WORKER
+    hours = sequences * (T + 1) / rate / 3600
     lines += [
-        f"disk, data       {data_bytes / 1e12:,.3f} TB of chunks ({sequences:,} rows of {T + 1:,} ids)",
-        f"disk, ckpts      {ckpt_bytes / 1e9:,.1f} GB per checkpoint (fp32 weights + AdamW moments), "
-        f"{len(steps) * ckpt_bytes / 1e12:,.2f} TB for all {len(steps)}",
-        f"conversion       {hours / 64:,.1f} h on 64 cores ({hours / cores:,.1f} h on this machine's {cores}) from "
-        f"a JSON-lines release like AMBER's, at {convert_amber.CONVERT_TOKENS_PER_S_PER_WORKER / 1e6:.1f}M tokens/s per "
-        "worker (python bench.py convert)",
+        f"disk, data       {data_bytes / 1e12:,.3f} TB of chunks ({sequences:,} rows of "
+        f"{T + 1:,} ids)",
+        f"disk, ckpts      {ckpt_bytes / 1e9:,.1f} GB per checkpoint (fp32 weights + AdamW "
+        f"moments), {len(steps) * ckpt_bytes / 1e12:,.2f} TB for all {len(steps)}",
+        f"conversion       {hours / 64:,.1f} h on 64 cores ({hours / cores:,.1f} h on this "
+        f"machine's {cores}) from a JSON-lines release like AMBER's, at {rate / 1e6:.1f}M "
+        "tokens/s per worker (python bench.py convert)",
     ]
-    out = {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T, "planned_world": planned_world, **mem}
+    out = {"params": n, "steps_per_chunk": steps, "tokens_per_step": G * T,
+           "planned_world": planned_world, **mem}
     if cfg.branch_from:  # where the branch starts, and what is left of its schedule
         first, left, total, where = branch.plan(cfg, steps)
         seconds = left * G * T * fpt / (planned_world * 312e12 * 0.36)
-        lines.append(f"branch           from {where}: {left:,} steps left (step {first + left:,} at the end), LR at "
-                     f"the branch point {get_lr(first, cfg, cfg.lr_steps or total):.3g} of a schedule of "
-                     f"{cfg.lr_steps or total:,} steps, {seconds / 86400:,.1f} days on {planned_world} x A100 bf16 at "
-                     "36% MFU")
+        lines.append(f"branch           from {where}: {left:,} steps left (step {first + left:,} "
+                     "at the end), LR at the branch point "
+                     f"{get_lr(first, cfg, cfg.lr_steps or total):.3g} of a schedule of "
+                     f"{cfg.lr_steps or total:,} steps, {seconds / 86400:,.1f} days on "
+                     f"{planned_world} x A100 bf16 at 36% MFU")
         out |= {"branch_step": first, "steps_left": left}
     print("\n".join(lines))
     if problems:
@@ -275,16 +292,16 @@ class Run:
     world_size: int
     device: torch.device
     fsdp: bool
-    autocast: object  # torch.autocast, or a nullcontext in float32 (and under FSDP, whose policy casts)
+    autocast: object  # torch.autocast, or a nullcontext (float32, and FSDP, whose policy casts)
     log: RunLog
     dirs: list  # the data dirs (stages) in order
     table: list  # (data dir, manifest, chunk) of every chunk over all stages: the schedule's ids
-    raw_model: Transformer  # what is saved: never a DDP / compile wrapper, so no prefix leaks into a checkpoint
+    raw_model: Transformer  # what is saved: never a DDP / compile wrapper (no prefix leaks)
     model: torch.nn.Module  # raw_model, or its DDP wrapper
     optimizer: torch.optim.Optimizer
     params: list
     ref_model: Transformer | None  # DPO's frozen reference
-    objective: object  # fn(model, x, y) -> (loss, stats) of one micro-batch (objective_of), chosen once
+    objective: object  # fn(model, x, y) -> (loss, stats) of a micro-batch, chosen once
     stat_names: tuple  # the statistics it returns (DPO's), averaged over the step
     accum: int  # micro-batches per optimizer step on each rank
     total_steps: int  # the LR schedule's length (state["total_steps"])
@@ -292,7 +309,8 @@ class Run:
 
 
 def check_folders(cfg):
-    for key, folder in [("out_dir", cfg.out_dir), ("data_dir", cfg.data_dir)] + [("stages", d) for d in cfg.stages]:
+    folders = [("out_dir", cfg.out_dir), ("data_dir", cfg.data_dir)]
+    for key, folder in folders + [("stages", d) for d in cfg.stages]:
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise ConfigError(f"{key}={folder!r} is a file, not a folder; give a folder")
 
@@ -301,8 +319,8 @@ def prepare_data(cfg, rank, world_size):
     """(dirs, chunk table, data sha256): the main job prepares the built-in corpus when it
     is not there yet (rank 0, the others wait; never for a branch, whose data must be its
     parent's or prepared), then every check of data.training_data."""
-    if rank == 0 and not cfg.stages and not cfg.branch_from and not os.path.exists(os.path.join(cfg.data_dir,
-                                                                                               "manifest.json")):
+    prepared = os.path.exists(os.path.join(cfg.data_dir, "manifest.json"))
+    if rank == 0 and not cfg.stages and not cfg.branch_from and not prepared:
         if not cfg.sources:
             raise data.DataError(f"{cfg.data_dir} is not prepared and the config has no sources; "
                                  "run `python prepare.py CONFIG` with a config that has them")
@@ -311,26 +329,10 @@ def prepare_data(cfg, rank, world_size):
     return data.training_data(cfg)
 
 
-def build_model(cfg, device, dtype, fsdp, init=True):
-    """The Transformer built on the meta device, sharded (FSDP2) before it is materialized,
-    then initialized from the seed on the device: a 7B model never exists whole on one
-    rank. init=False (a resume: the checkpoint overwrites every weight) draws nothing."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    if fsdp:
-        shard(model, dtype)
-    model.to_empty(device=device)
-    if cfg.model.tie_embeddings:
-        model.lm_head.weight = model.tok_emb.weight  # to_empty() unties shared parameters
-    if init:
-        model.init_weights(cfg.seed)
-    return model
-
-
 def reference_model(cfg, device, dtype, fsdp, data_sha, rank):
     """DPO's frozen reference: the starting checkpoint, sharded like the policy under FSDP."""
     if not cfg.init_from:
-        raise ConfigError("objective='dpo' needs init_from: the checkpoint it starts from is its reference model")
+        raise ConfigError("objective='dpo' needs init_from, the checkpoint that is its reference")
     ref = build_model(cfg, device, dtype, fsdp)
     load_init_from(replace(cfg, init_optimizer=False), ref, None, data_sha, rank, fsdp)
     return ref.eval().requires_grad_(False)
@@ -341,19 +343,23 @@ def setup(cfg, rank, world_size, device):
     reached the end of its schedule or max_steps."""
     check_folders(cfg)
     if cfg.branch_from:
-        cfg = branch.resolved(cfg)  # before the lock: a branch never writes into its parent's run dir
+        cfg = branch.resolved(cfg)  # before the lock: it never writes into its parent's run dir
     accum = grad_accum(cfg, world_size)
     fsdp = cfg.parallel == "fsdp" and world_size > 1
-    if rank == 0:  # one writer per run dir: a second train.py on it (a requeued job) stops here, changing nothing
+    if rank == 0:  # one writer per run dir: a second train.py (a requeued job) stops here
         hold_lock(os.path.join(cfg.out_dir, ".lock"), "a train.py run")
     repeat = determinism(cfg, device)  # before the first matmul
     dtype, precision = choose_dtype(cfg, device, rank, world_size)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 and not fsdp else nullcontext()
+    autocast = nullcontext()  # float32, or FSDP2, whose policy casts
+    if dtype != torch.float32 and not fsdp:
+        autocast = torch.autocast(device.type, dtype=dtype)
     parent = first = None
     if cfg.branch_from:  # a branch: the parent's schedule goes on, with the data of the config
         first = branch.started(cfg)
-        if first and branch.own_checkpoint(find_checkpoint(cfg.out_dir, chunk_ends_only=False), first):
-            cfg = branch.config_of_started(cfg, first)  # it resumes: the parent is not read (it may be gone)
+        if first and branch.own_checkpoint(find_checkpoint(cfg.out_dir, chunk_ends_only=False),
+                                           first):
+            # it resumes: the parent is not read (it may be gone)
+            cfg = branch.config_of_started(cfg, first)
         else:
             parent = branch.parent_of(cfg)
             cfg = branch.branch_config(cfg, parent)
@@ -369,15 +375,16 @@ def setup(cfg, rank, world_size, device):
     changes = {}
     if resume:
         saved = read_state(resume)
-        changes = check_resumable(saved, cfg, data_sha, resume)  # what the resume may change: recorded
+        changes = check_resumable(saved, cfg, data_sha, resume)  # what may change: recorded
         check_metrics(cfg.out_dir, saved, resume, rank, world_size)
         if saved.get("finished") or (cfg.max_steps and saved["step"] >= cfg.max_steps):
-            print0(f"{cfg.out_dir} has reached {'the end of its schedule' if saved.get('finished') else 'max_steps'} "
+            print0(f"{cfg.out_dir} has reached "
+                   f"{'the end of its schedule' if saved.get('finished') else 'max_steps'} "
                    f"({saved['step']} steps); nothing to do", rank=rank)
             return None, saved
 
     if rank == 0:
-        plot.warm_up_in_background()  # matplotlib's import and first draw, while the first chunk trains
+        plot.warm_up_in_background()  # matplotlib's import and first draw, while chunk 1 trains
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     raw_model = build_model(cfg, device, dtype, fsdp, init=resume is None)
@@ -387,21 +394,25 @@ def setup(cfg, rank, world_size, device):
         model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     groups = raw_model.param_groups(cfg.weight_decay)
     optimizer = make_optimizer(groups, cfg, device)
-    ref_model = reference_model(cfg, device, dtype, fsdp, data_sha, rank) if cfg.objective == "dpo" else None
+    ref_model = None
+    if cfg.objective == "dpo":
+        ref_model = reference_model(cfg, device, dtype, fsdp, data_sha, rank)
     objective, stat_names = objective_of(cfg, ref_model)
-    run = Run(cfg=cfg, rank=rank, world_size=world_size, device=device, fsdp=fsdp, autocast=autocast, log=log,
-              dirs=dirs, table=table, raw_model=raw_model, model=model, optimizer=optimizer,
-              params=[p for g in groups for p in g["params"]], ref_model=ref_model, objective=objective,
-              stat_names=stat_names, accum=accum, total_steps=0,
-              peak=peak_flops(cfg, device, dtype, precision["matmul_gflops"]))
+    run = Run(cfg=cfg, rank=rank, world_size=world_size, device=device, fsdp=fsdp,
+              autocast=autocast, log=log, dirs=dirs, table=table, raw_model=raw_model, model=model,
+              optimizer=optimizer, params=[p for g in groups for p in g["params"]],
+              ref_model=ref_model, objective=objective, stat_names=stat_names, accum=accum,
+              total_steps=0, peak=peak_flops(cfg, device, dtype, precision["matmul_gflops"]))
 
-    info = run_info(device, world_size) | {"dtype": str(dtype).removeprefix("torch."), **precision, **repeat}
+    info = run_info(device, world_size) | {"dtype": str(dtype).removeprefix("torch."),
+                                           **precision, **repeat}
     log.open_wandb(cfg, parent.run_dir if parent else first["parent_run"] if first else None)
     state = start(run, resume, parent, data_sha, info, changes)
     run.total_steps = state["total_steps"]
-    print0(f"git {info['git_commit'][:12]} | torch {info['torch']} | {world_size} x {info['device']} | "
-           f"{'FSDP2' if fsdp else 'DDP' if world_size > 1 else 'one process'} | {dtype} ({precision['reason']}"
-           + (f"; matmul GFLOP/s {precision['matmul_gflops']}" if precision["matmul_gflops"] else "") + ")", rank=rank)
+    layout = "FSDP2" if fsdp else "DDP" if world_size > 1 else "one process"
+    rate = f"; matmul GFLOP/s {precision['matmul_gflops']}" if precision["matmul_gflops"] else ""
+    print0(f"git {info['git_commit'][:12]} | torch {info['torch']} | {world_size} x "
+           f"{info['device']} | {layout} | {dtype} ({precision['reason']}{rate})", rank=rank)
     print0(format_config(cfg), rank=rank)
     return run, state
 
@@ -414,12 +425,6 @@ def mfu(flops_per_step, seconds, world_size, peak):
     return value if value <= 1.0 else None
 
 
-def planned_steps(table, global_batch_size):
-    """The steps of every planned chunk: the LR schedule's length unless lr_steps says
-    otherwise (a replacement chunk fills the steps of a skipped one)."""
-    return sum(data.chunk_steps(m, c, global_batch_size) for _, m, c in table)
-
-
 def start(run, resume, parent, data_sha, info, changes):
     """The state the run starts from: its newest intact checkpoint's (weights, AdamW, RNG),
     its parent's (a branch, branch.py), or a fresh one (with init_from's weights); a run
@@ -429,32 +434,33 @@ def start(run, resume, parent, data_sha, info, changes):
     precision = {k: info[k] for k in ("dtype", "reason", "matmul_gflops")}
     if resume:
         state = load_checkpoint(resume, run.raw_model, run.optimizer, rank, run.fsdp)
-        state.setdefault("total_steps", planned_steps(run.table, cfg.global_batch_size))  # written before it was saved
         log.truncate_metrics(state["metrics_lines"])
-        log.event("resume", checkpoint=os.path.basename(resume), step=state["step"], pos=state["pos"],
-                  changes=changes, **precision)  # the machine may have changed
-        print0(f"resuming from {resume}: step {state['step']}, schedule position {state['pos']}", rank=rank)
+        log.event("resume", checkpoint=os.path.basename(resume), step=state["step"],
+                  pos=state["pos"], changes=changes, **precision)  # the machine may have changed
+        print0(f"resuming from {resume}: step {state['step']}, schedule position {state['pos']}",
+               rank=rank)
         return state
     if parent:
         state = branch.start(run, parent, data_sha, precision)
     else:
-        state = {"step": 0, "tokens": 0, "pos": 0, "schedule": list(range(len(run.table))),
-                 "skipped": [], "reader": None, "data_manifest_sha256": data_sha, "metrics_lines": 0,
-                 "total_steps": cfg.lr_steps or planned_steps(run.table, cfg.global_batch_size)}
-        log.truncate_metrics(0)  # lines of a run killed before its first checkpoint: they are redone
+        state = new_state(cfg, run.table, data_sha)
+        log.truncate_metrics(0)  # lines of a run killed before its first checkpoint: redone
         if cfg.init_from:
             load_init_from(cfg, run.raw_model, run.optimizer, data_sha, rank, run.fsdp)
-            log.event("init_from", checkpoint=os.path.abspath(cfg.init_from), optimizer=cfg.init_optimizer)
+            log.event("init_from", checkpoint=os.path.abspath(cfg.init_from),
+                      optimizer=cfg.init_optimizer)
             first_dir, first_manifest, _ = run.table[state["schedule"][0]]
             vals = validate(run, first_dir, first_manifest)  # where fine-tuning starts from
             if vals:
-                log.metric({"step": 0, "pos": 0, "chunk": state["schedule"][0], "tokens": 0, **vals})
+                log.metric({"step": 0, "pos": 0, "chunk": state["schedule"][0], "tokens": 0,
+                            **vals})
     if rank == 0:
         save_config(cfg, os.path.join(cfg.out_dir, "config.json"))
         write_json_atomic(os.path.join(cfg.out_dir, "run.json"), info)
     if not parent:
         log.event("start", world_size=run.world_size, checkpoint_format=FORMAT_VERSION,
-                  parallel="fsdp" if run.fsdp else "ddp" if run.world_size > 1 else "single", **precision)
+                  parallel="fsdp" if run.fsdp else "ddp" if run.world_size > 1 else "single",
+                  **precision)
     return state
 
 
@@ -463,9 +469,10 @@ def start(run, resume, parent, data_sha, info, changes):
 
 
 def train_step(run, reader, lr):
-    """One optimizer step at learning rate lr: accum micro-batches, the true global gradient norm (DTensor-aware under FSDP),
-    clipped when grad_clip > 0, then AdamW. Returns (loss, grad norm, DPO statistics), the
-    same on every rank; a non-finite loss or norm leaves the weights as they were."""
+    """One optimizer step at learning rate lr: accum micro-batches, the true global gradient
+    norm (DTensor-aware under FSDP), clipped when grad_clip > 0, then AdamW. Returns (loss,
+    grad norm, DPO statistics), the same on every rank; a non-finite loss or norm leaves the
+    weights as they were."""
     cfg, model = run.cfg, run.model
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
@@ -477,18 +484,22 @@ def train_step(run, reader, lr):
         last = micro == run.accum - 1
         # DDP reduces on the last micro-batch only; FSDP2 reduce-scatters every one (as torchtitan
         # does), so no rank ever holds an unsharded float32 gradient (27 GB at 7B)
-        sync = model.no_sync() if (run.world_size > 1 and not run.fsdp and not last) else nullcontext()
+        ddp_waits = run.world_size > 1 and not run.fsdp and not last
+        sync = model.no_sync() if ddp_waits else nullcontext()
         with sync, run.autocast:
             loss, stats = run.objective(model, x, y)
             (loss / run.accum).backward()
         loss_sum += loss.detach()
         if stats:
             stat_sums += torch.stack([stats[k].mean() for k in run.stat_names])
-    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
     n = run.accum * run.world_size
     loss_avg = (all_reduce_sum(loss_sum, run.world_size) / n).item()
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    stats = dict(zip(run.stat_names, (all_reduce_sum(stat_sums, run.world_size) / n).tolist())) if len(stat_sums) else {}
+    stats = {}
+    if run.stat_names:
+        stats = dict(zip(run.stat_names, (all_reduce_sum(stat_sums, run.world_size) / n).tolist()))
     if math.isfinite(loss_avg) and math.isfinite(norm):
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
@@ -498,8 +509,9 @@ def train_step(run, reader, lr):
 
 
 def validate(run, data_dir, manifest):
-    return validation_loss(run.model, data_dir, manifest, run.cfg, rank=run.rank, world_size=run.world_size,
-                           device=run.device, autocast=run.autocast, ref_model=run.ref_model)
+    return validation_loss(run.model, data_dir, manifest, run.cfg, rank=run.rank,
+                           world_size=run.world_size, device=run.device, autocast=run.autocast,
+                           ref_model=run.ref_model)
 
 
 def save(run, state, name, reader=None):
@@ -508,15 +520,19 @@ def save(run, state, name, reader=None):
     of the weights, so a stop fits a scheduler's grace period). Returns what the ledger
     records of it: the seconds of each part, the bytes, and every rank's peak memory so far."""
     state["reader"] = reader.state_dict() if reader else None
-    digest = metrics_digest(run.log.metrics_path) if run.rank == 0 else None  # the metrics up to this checkpoint
+    # the metrics up to this checkpoint
+    digest = metrics_digest(run.log.metrics_path) if run.rank == 0 else None
     state["metrics_lines"], state["metrics_sha256"] = broadcast0(digest, run.world_size)
-    info = save_checkpoint(os.path.join(run.cfg.out_dir, name), run.raw_model, run.optimizer, state, run.cfg,
-                           rank=run.rank, world_size=run.world_size, fsdp=run.fsdp, consolidated=reader is None)
-    return info | {"peak_mem_gb": [round(m, 2) for m in gather(peak_memory_gb(run.device), run.world_size)]}
+    info = save_checkpoint(os.path.join(run.cfg.out_dir, name), run.raw_model, run.optimizer, state,
+                           run.cfg, rank=run.rank, world_size=run.world_size, fsdp=run.fsdp,
+                           consolidated=reader is None)
+    peaks = gather(peak_memory_gb(run.device), run.world_size)
+    return info | {"peak_mem_gb": [round(m, 2) for m in peaks]}
 
 
 def remove_rolling(run):
-    """The rolling checkpoint goes once a chunk ends (it is older) or is skipped (it holds part of it)."""
+    """The rolling checkpoint goes once a chunk ends (it is older) or is skipped (it holds
+    part of it)."""
     if run.rank == 0 and os.path.exists(os.path.join(run.cfg.out_dir, "ckpt_rolling")):
         shutil.rmtree(os.path.join(run.cfg.out_dir, "ckpt_rolling"))
     barrier(run.world_size)
@@ -527,7 +543,8 @@ def end_chunk(run, state, pos, chunk, data_dir, manifest):
     vals = validate(run, data_dir, manifest)
     val = vals["val_loss"] if vals else None
     if vals:
-        run.log.metric({"step": state["step"], "pos": pos, "chunk": chunk, "tokens": state["tokens"], **vals})
+        run.log.metric({"step": state["step"], "pos": pos, "chunk": chunk,
+                        "tokens": state["tokens"], **vals})
     state["pos"] = pos + 1
     state["finished"] = state["pos"] >= len(state["schedule"])
     t0 = time.perf_counter()
@@ -540,10 +557,12 @@ def end_chunk(run, state, pos, chunk, data_dir, manifest):
             plot.plot_run(run.cfg.out_dir)
         except Exception as e:  # a figure never stops a run
             run.log.event("figure_failed", error=f"{type(e).__name__}: {e}")
-    run.log.event("checkpoint", name=f"ckpt_{pos:03d}", chunk=chunk, step=state["step"], tokens=state["tokens"],
-                  val_loss=val, seconds=seconds, figure_seconds=round(time.perf_counter() - t0, 3), **info)
-    print0(f"chunk {chunk} done: step {state['step']}, val loss {val if val is None else round(val, 4)}, "
-           f"ckpt_{pos:03d} written in {seconds:.2f} s", rank=run.rank)
+    run.log.event("checkpoint", name=f"ckpt_{pos:03d}", chunk=chunk, step=state["step"],
+                  tokens=state["tokens"], val_loss=val, seconds=seconds,
+                  figure_seconds=round(time.perf_counter() - t0, 3), **info)
+    print0(f"chunk {chunk} done: step {state['step']}, val loss "
+           f"{val if val is None else round(val, 4)}, ckpt_{pos:03d} written in {seconds:.2f} s",
+           rank=run.rank)
 
 
 def skip_chunk(run, state, pos, chunk, nonfinite):
@@ -556,9 +575,10 @@ def skip_chunk(run, state, pos, chunk, nonfinite):
     last_good = find_checkpoint(cfg.out_dir, chunk_ends_only=True)  # a state without this chunk
     where = os.path.basename(last_good) if last_good else "the initial weights"
     if cfg.nan_policy == "stop":
-        raise SystemExit(f"error: non-finite loss {nonfinite['loss']} / grad norm {nonfinite['grad_norm']} "
-                         f"at step {nonfinite['step']} in chunk {chunk}; stopped. The last good checkpoint is "
-                         f"{where}. Set nan_policy='skip_chunk' to skip such chunks automatically.")
+        raise SystemExit(f"error: non-finite loss {nonfinite['loss']} / grad norm "
+                         f"{nonfinite['grad_norm']} at step {nonfinite['step']} in chunk {chunk}; "
+                         f"stopped. The last good checkpoint is {where}. Set "
+                         "nan_policy='skip_chunk' to skip such chunks automatically.")
     remove_rolling(run)
     skipped = state["skipped"] + [{"chunk": chunk, "pos": pos, "step": nonfinite["step"],
                                    "reason": f"non-finite loss {nonfinite['loss']} or grad norm "
@@ -573,13 +593,15 @@ def skip_chunk(run, state, pos, chunk, nonfinite):
     state["skipped"], state["reader"] = skipped, None
     bad = {s["chunk"] for s in skipped}
     used = len(skipped) - 1  # replacements appended so far: one for each chunk skipped before
-    candidates = [c for c in dict.fromkeys(schedule) if c not in bad]  # the planned chunks, in their order
+    # the planned chunks, in their order
+    candidates = [c for c in dict.fromkeys(schedule) if c not in bad]
     state["schedule"] = schedule + ([candidates[used % len(candidates)]] if candidates else [])
     state["pos"] = pos + 1
     log.event("skip_chunk", chunk=chunk, pos=pos, step=nonfinite["step"], rolled_back_to=where,
               replacement=state["schedule"][-1] if candidates else None)
-    print0(f"chunk {chunk} gave a non-finite loss at step {nonfinite['step']}: skipped, rolled back to "
-           f"{where}, chunk {state['schedule'][-1]} appended to finish the LR schedule", rank=run.rank)
+    print0(f"chunk {chunk} gave a non-finite loss at step {nonfinite['step']}: skipped, rolled "
+           f"back to {where}, chunk {state['schedule'][-1]} appended to finish the LR schedule",
+           rank=run.rank)
     return state
 
 
@@ -615,16 +637,18 @@ class Preemption:
     def _note(self, signum, frame):
         if self.signal is None:
             self.signal = signal.Signals(signum).name
-            print(f"{self.signal}: stopping after this step, with a checkpoint", file=sys.stderr, flush=True)
+            print(f"{self.signal}: stopping after this step, with a checkpoint", file=sys.stderr,
+                  flush=True)
 
     def requested(self, run):
         flag = torch.tensor([1.0 if self.signal else 0.0], device=run.device)
         return bool(all_reduce_sum(flag, run.world_size).item())
 
     def stop(self, run, state, name):
-        run.log.event("preempted", signal=self.signal or "another rank's", step=state["step"], checkpoint=name)
-        raise SystemExit(f"stopped by {self.signal or 'a signal to another rank'} after step {state['step']}: {name} "
-                         "written; run the same command to resume")
+        run.log.event("preempted", signal=self.signal or "another rank's", step=state["step"],
+                      checkpoint=name)
+        raise SystemExit(f"stopped by {self.signal or 'a signal to another rank'} after step "
+                         f"{state['step']}: {name} written; run the same command to resume")
 
     def close(self):
         for s, handler in self.previous.items():
@@ -652,12 +676,14 @@ def _train(run, state, preemption):
         pos, chunk = state["pos"], state["schedule"][state["pos"]]
         data_dir, manifest, local = run.table[chunk]  # `chunk` counts over all stages
         data.check_split(data_dir, manifest["chunks"][local], rank, run.world_size)
-        reader = data.ChunkReader(data_dir, local, cfg.seed, cfg.global_batch_size, cfg.micro_batch_size,
-                                  rank=rank, world_size=run.world_size, verify=False, manifest=manifest)
+        reader = data.ChunkReader(data_dir, local, cfg.seed, cfg.global_batch_size,
+                                  cfg.micro_batch_size, rank=rank, world_size=run.world_size,
+                                  verify=False, manifest=manifest)
         if state["reader"]:
             reader.load_state_dict(state["reader"])
-        bar = tqdm(total=reader.steps, initial=reader.step, desc=f"chunk {chunk} ({pos + 1}/{len(state['schedule'])})",
-                   disable=rank != 0, leave=False, dynamic_ncols=True)
+        bar = tqdm(total=reader.steps, initial=reader.step,
+                   desc=f"chunk {chunk} ({pos + 1}/{len(state['schedule'])})", disable=rank != 0,
+                   leave=False, dynamic_ncols=True)
         nonfinite = stopping = None
         while reader.step < reader.steps:
             # one optimizer step
@@ -672,8 +698,9 @@ def _train(run, state, preemption):
             state["tokens"] += tokens_per_step
 
             # log it: metrics.jsonl, the progress line, validation every val_interval steps
-            record = {"step": state["step"], "pos": pos, "chunk": chunk, "stage": run.dirs.index(data_dir),
-                      "chunk_step": reader.step, "tokens": state["tokens"], "loss": loss, "grad_norm": norm, "lr": lr,
+            record = {"step": state["step"], "pos": pos, "chunk": chunk,
+                      "stage": run.dirs.index(data_dir), "chunk_step": reader.step,
+                      "tokens": state["tokens"], "loss": loss, "grad_norm": norm, "lr": lr,
                       "step_time": dt, "tok_per_s": tokens_per_step * seqs_per_row / dt,
                       "tok_per_s_device": tokens_per_step * seqs_per_row / dt / run.world_size,
                       "mfu": mfu(flops_per_step, dt, run.world_size, run.peak),
@@ -683,8 +710,8 @@ def _train(run, state, preemption):
             log.metric(record)
             bar.update(1)
             if rank == 0:
-                bar.write(f"step {state['step']:6d} | chunk {chunk} | loss {loss:.4f} | lr {lr:.2e} | "
-                          f"norm {norm:.3f} | tok/s {record['tok_per_s']:,.0f} | mfu "
+                bar.write(f"step {state['step']:6d} | chunk {chunk} | loss {loss:.4f} | lr "
+                          f"{lr:.2e} | norm {norm:.3f} | tok/s {record['tok_per_s']:,.0f} | mfu "
                           + (f"{100 * record['mfu']:.0f}%" if record["mfu"] is not None else "?")
                           + (f" | val {record['val_loss']:.4f}" if record.get("val_loss") else ""))
 
@@ -692,7 +719,8 @@ def _train(run, state, preemption):
             stopping = preemption.requested(run)
             if stopping or (cfg.max_steps and state["step"] >= cfg.max_steps):
                 break
-            if cfg.ckpt_interval and state["step"] % cfg.ckpt_interval == 0 and reader.step < reader.steps:
+            mid_chunk = reader.step < reader.steps
+            if cfg.ckpt_interval and state["step"] % cfg.ckpt_interval == 0 and mid_chunk:
                 save(run, state, "ckpt_rolling", reader)
         bar.close()
 
@@ -709,18 +737,22 @@ def _train(run, state, preemption):
             return state
         # the chunk is done: validation loss, then the checkpoint of this schedule position
         end_chunk(run, state, pos, chunk, data_dir, manifest)
-        if (stopping or preemption.requested(run)) and not state["finished"]:  # a signal came during end_chunk
+        stopping = stopping or preemption.requested(run)  # a signal during end_chunk
+        if stopping and not state["finished"]:
             preemption.stop(run, state, f"ckpt_{pos:03d}")
         if cfg.max_steps and state["step"] >= cfg.max_steps and not state["finished"]:
             log.event("max_steps", step=state["step"], checkpoint=f"ckpt_{pos:03d}")
             return state
 
     if len(state["skipped"]) == len(state["schedule"]):
-        log.event("failed", reason="every chunk was skipped", skipped=[s["chunk"] for s in state["skipped"]])
-        raise SystemExit(f"error: every chunk of the schedule ({len(state['schedule'])}) gave a non-finite loss and was "
-                         "skipped; nothing was trained and no checkpoint written. Lower lr, or look at the data with "
-                         "`python data.py inspect CONFIG --chunk=C --step=S`")
-    log.event("finish", step=state["step"], tokens=state["tokens"], skipped=[s["chunk"] for s in state["skipped"]])
+        log.event("failed", reason="every chunk was skipped",
+                  skipped=[s["chunk"] for s in state["skipped"]])
+        raise SystemExit(f"error: every chunk of the schedule ({len(state['schedule'])}) gave a "
+                         "non-finite loss and was skipped; nothing was trained and no checkpoint "
+                         "written. Lower lr, or look at the data with `python data.py inspect "
+                         "CONFIG --chunk=C --step=S`")
+    log.event("finish", step=state["step"], tokens=state["tokens"],
+              skipped=[s["chunk"] for s in state["skipped"]])
     return state
 
 

@@ -2,11 +2,12 @@
 
 import dataclasses
 import glob
+import json
 import os
 
 import pytest
 
-from config import Config, ConfigError, config_to_dict, load_config, load_saved_config, save_config
+from config import Config, ConfigError, config_to_dict, load_config, save_config, saved_config
 from model_config import PRESETS
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
@@ -76,7 +77,7 @@ def test_config_is_frozen_printable_and_round_trips(tmp_path):
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 1.0
     save_config(cfg, tmp_path / "config.json")
-    assert load_saved_config(tmp_path / "config.json") == cfg
+    assert saved_config(json.loads((tmp_path / "config.json").read_text())) == cfg
     assert "mup_width_scale = 0.0625" in "\n".join(f"{k} = {v!r}" for k, v in config_to_dict(cfg).items())
 
 
@@ -160,3 +161,11 @@ def test_every_module_name_the_docs_mention_exists():
             if m[1] in modules and m[2] not in files and not hasattr(importlib.import_module(m[1]), m[2]):
                 missing.append(f"{os.path.basename(path)}: {m[0]}`")
     assert not missing, missing
+
+
+def test_no_line_of_the_modules_is_over_100_characters():
+    """The house rule the README states: a line of a module holds at most 100 characters."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    wide = [f"{name}:{i}" for name in sorted(os.listdir(root)) if name.endswith(".py")
+            for i, line in enumerate(open(os.path.join(root, name)), 1) if len(line.rstrip("\n")) > 100]
+    assert not wide, wide

@@ -31,7 +31,9 @@ def tok():
 
 
 def test_vicuna_text_and_mask_equal_a_hand_built_conversation(tok):
-    assert ft.vicuna_text(SYS, TURNS) == ("A chat. USER: What is two plus two? ASSISTANT: It is four.</s>"
+    # the turns as sft_row tokenizes them (SentencePiece's leading "▁" is the space before a reply)
+    rendered = "".join(f"{data.chat_turn(q, SYS if i == 0 else '')} {a}</s>" for i, (q, a) in enumerate(TURNS))
+    assert rendered == ("A chat. USER: What is two plus two? ASSISTANT: It is four.</s>"
                                           "USER: And three plus three? ASSISTANT: Six.</s>"
                                           "USER: Thanks ASSISTANT: You are welcome.</s>")  # FastChat's vicuna_v1.1
     e = tok.encode

@@ -1086,3 +1086,41 @@ def test_wandb_logs_every_metric_at_its_step_and_a_resume_keeps_its_run(corpus, 
     (branch_id, config, _), = wandb_runs(branch)
     assert branch_id != run_id and config["wandb_parent_id"] == run_id
     assert config["branch_from"] == str(corpus / "wb" / "ckpt_000")
+
+
+def test_one_optimizer_step_runs_the_core_files_only(corpus, reference, tmp_path):
+    """What a reader follows through one pre-training step (sys.setprofile around
+    train.train_step): the core files and fused.py's kernels, functions of under 300 lines
+    in all, and nothing of DPO, fine-tuning, checkpoints or logging on the way."""
+    import ast
+
+    import data
+
+    cfg = config_from_dict(run_values(corpus, "step", out_dir=str(tmp_path / "step")))
+    run, state = train_py.setup(cfg, 0, 1, torch.device("cpu"))
+    d, manifest, local = run.table[state["schedule"][0]]
+    reader = data.ChunkReader(d, local, cfg.seed, cfg.global_batch_size, cfg.micro_batch_size,
+                              verify=False, manifest=manifest)
+    called = set()
+
+    def record(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and os.path.dirname(code.co_filename) == ROOT:
+            called.add((os.path.basename(code.co_filename), code.co_name, code.co_firstlineno))
+
+    sys.setprofile(record)
+    try:
+        train_py.train_step(run, reader, 1e-3)
+    finally:
+        sys.setprofile(None)
+    lines = 0
+    for name, func, first in called:
+        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+        node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)
+                    and min([n.lineno] + [d.lineno for d in n.decorator_list]) == first)
+        lines += node.end_lineno - node.lineno + 1
+    files = {name for name, _, _ in called}
+    assert files <= {"train.py", "data.py", "model.py", "model_config.py", "fused.py", "common.py"}, files
+    assert {"train_step", "lm_objective", "batch", "forward"} <= {f for _, f, _ in called}
+    assert not [f for _, f, _ in called if "dpo" in f or "mask" in f], called
+    assert lines < 300, (lines, sorted(called))
