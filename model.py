@@ -318,37 +318,46 @@ class Transformer(nn.Module):
         CrystalCoder (init_std 0.073, width scale 0.0625, 32 layers) gives
         0.073, 0.01825 and 0.00228125, its released values.
         """
-        cfg = self.config
-        if cfg.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
+        if self.config.tie_embeddings and self.lm_head.weight is not self.tok_emb.weight:
             self.lm_head.weight = self.tok_emb.weight  # module.to_empty() unties shared parameters
-        device = self.tok_emb.weight.device
-        g = torch.Generator(device=device).manual_seed(seed)
-        hidden_std = cfg.init_std * math.sqrt(cfg.mup_width_scale if cfg.mup else 1.0)
-        out_std = hidden_std / math.sqrt(2 * cfg.n_layer)
-
-        def normal(w, std):
-            # one tensor at a time (at 7B at most 0.5 GB)
-            full = torch.empty(w.shape, device=device)
-            nn.init.trunc_normal_(full, mean=0.0, std=std, a=-2 * std, b=2 * std, generator=g)
+        params = dict(self.named_parameters())
+        for name, full in self.init_values(seed, self.tok_emb.weight.device):
+            w = params[name]
             if isinstance(w, DTensor):  # sharded: each rank keeps its shard of the same full tensor
                 full = distribute_tensor(full, w.device_mesh, w.placements, src_data_rank=None)
             w.copy_(full)
 
-        normal(self.tok_emb.weight, cfg.init_std)
+    def init_values(self, seed, device):
+        """(name, full tensor) of every parameter as init_weights draws it, one at a time and
+        in its order, on `device`: a model on the meta device gives a run's initialization
+        tensor by tensor (dynamics.py), at most 0.5 GB at a time at 7B."""
+        cfg = self.config
+        g = torch.Generator(device=device).manual_seed(seed)
+        hidden_std = cfg.init_std * math.sqrt(cfg.mup_width_scale if cfg.mup else 1.0)
+        out_std = hidden_std / math.sqrt(2 * cfg.n_layer)
+
+        def normal(shape, std):
+            full = torch.empty(shape, device=device)
+            return nn.init.trunc_normal_(full, mean=0.0, std=std, a=-2 * std, b=2 * std,
+                                         generator=g)
+
+        yield "tok_emb.weight", normal(self.tok_emb.weight.shape, cfg.init_std)
         if not cfg.tie_embeddings:
-            normal(self.lm_head.weight, cfg.init_std)
+            yield "lm_head.weight", normal(self.lm_head.weight.shape, cfg.init_std)
         for name, p in self.layers.named_parameters():
             if "norm" in name:
-                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
+                fill = torch.ones if name.endswith("weight") else torch.zeros
+                value = fill(p.shape, device=device)
             elif name.endswith("bias"):
-                nn.init.zeros_(p)
+                value = torch.zeros(p.shape, device=device)
             elif name.endswith(("wo.weight", "w_down.weight")):
-                normal(p, out_std)
+                value = normal(p.shape, out_std)
             else:
-                normal(p, hidden_std)
-        nn.init.ones_(self.norm.weight)
+                value = normal(p.shape, hidden_std)
+            yield f"layers.{name}", value
+        yield "norm.weight", torch.ones(self.norm.weight.shape, device=device)
         if getattr(self.norm, "bias", None) is not None:
-            nn.init.zeros_(self.norm.bias)
+            yield "norm.bias", torch.zeros(self.norm.bias.shape, device=device)
 
     def param_groups(self, weight_decay):
         """AdamW parameter groups, each with an `lr_mult` that train.py applies to the LR.

@@ -12,6 +12,7 @@ drawn again at any time:
                               tokens/s against tokens seen (train.py redraws it at every
                               checkpoint, in about 0.1 s)
     evals.png                 one curve per task and metric over training (evaluate.py)
+    dynamics.png              per statistic, layers x checkpoints (dynamics.py)
     memorization/kK_lL/scores.png   the score distribution of each checkpoint (paper Figure 7)
     memorization/kK_lL/matrix.png   mean score, checkpoint x chunk (Figure 8)
     memorization/kK_lL/correlation.png  score correlation between checkpoints (Figure 9)
@@ -22,6 +23,7 @@ written atomically.
 
 import csv
 import glob
+import itertools
 import json
 import math
 import os
@@ -210,6 +212,34 @@ def plot_memorization(out_dir):
         save_figure(fig, os.path.join(out_dir, name), dpi=100)
 
 
+def plot_dynamics(run_dir):
+    """dynamics.png from dynamics.csv (dynamics.py): per statistic, the layers (embeddings
+    first, the head last) x checkpoints, one line of the CSV read at a time."""
+    stats = ("init_distance", "update", "update_cos", "stable_rank", "eps_share")
+    rows, checkpoints, cells = [], [], {}
+    with open(os.path.join(run_dir, "dynamics.csv"), newline="") as f:
+        for ckpt, _, _, tensor, stat, value in itertools.islice(csv.reader(f), 1, None):
+            summary = tensor in ("embed", "final_norm", "head") or (
+                tensor.startswith("layer.") and tensor.count(".") == 1)
+            if stat in stats and summary:
+                cells[stat, tensor, ckpt] = float(value)
+                checkpoints += [] if checkpoints and checkpoints[-1] == ckpt else [ckpt]
+                rows += [] if tensor in rows else [tensor]
+    order = {"embed": -1, "final_norm": 10**6, "head": 10**6 + 1}
+    rows.sort(key=lambda t: order.get(t, int(t.split(".")[-1]) if t[-1].isdigit() else 0))
+    shown = [s for s in stats if any(k[0] == s for k in cells)]
+    fig, axes = new_figure(1, max(1, len(shown)), (3.2 * max(1, len(shown)), 0.25 * len(rows) + 2))
+    for ax, stat in zip(axes[0], shown):
+        m = np.array([[cells.get((stat, r, c), np.nan) for c in checkpoints] for r in rows])
+        im = ax.imshow(m, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set_title(stat, fontsize=9)
+        ax.set_yticks(range(len(rows)), rows, fontsize=6)
+        ax.set_xticks(range(len(checkpoints)), checkpoints, fontsize=5, rotation=90)
+        fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(run_dir, "dynamics.png"), dpi=100)
+
+
 def plot_duplication(folder):
     """duplication.png from duplication_summary.csv (tracing.py memorization): the mean
     memorization score and the k-extractible share by how often a sequence was trained on,
@@ -347,6 +377,9 @@ def _draw(runs, opts):
     if os.path.exists(os.path.join(run_dir, "evals.csv")):
         plot_evals(run_dir)
         drawn.append("evals.png")
+    if os.path.exists(os.path.join(run_dir, "dynamics.csv")):
+        plot_dynamics(run_dir)
+        drawn.append("dynamics.png")
     # one per (k, l)
     for folder in sorted(glob.glob(os.path.join(glob.escape(run_dir), "memorization", "k*_l*"))):
         name = os.path.relpath(folder, run_dir)

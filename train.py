@@ -26,7 +26,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
-from functools import cache, partial
+from functools import partial
 
 import numpy as np
 import torch
@@ -148,11 +148,9 @@ def objective_of(cfg, ref_model=None):
                    beta=cfg.dpo_beta), DPO_STATS
 
 
-@cache
-def check_val_split(data_dir, rank, world_size):
-    """The held-out split's sha256, checked once per process by rank 0 (the others wait): a
-    damaged val.npy would give wrong numbers silently."""
-    data.check_split(data_dir, data.load_manifest(data_dir)["val"], rank, world_size)
+# the data dirs whose held-out split this process has checked (a collective: not a cache of
+# a value, so a set rather than functools.cache, whose key would hold the rank)
+_VAL_CHECKED = set()
 
 
 @torch.no_grad()
@@ -167,7 +165,9 @@ def validation_loss(model, data_dir, manifest, cfg, *, rank, world_size, device,
     same number of forwards (FSDP)."""
     if not manifest.get("val") or manifest["val"]["sequences"] == 0 or cfg.val_sequences == 0:
         return None
-    check_val_split(data_dir, rank, world_size)
+    if data_dir not in _VAL_CHECKED:  # a damaged val.npy would give wrong numbers silently
+        data.check_split(data_dir, manifest["val"], rank, world_size)
+        _VAL_CHECKED.add(data_dir)
     tokens, sources = data.open_split(data_dir, manifest["val"], verify=False)
     mix, extra = data.validation_rows(sources, cfg.val_sequences, cfg.seed)
     groups = [(s, True, mix[sources[mix] == s]) for s in extra] + [(s, False, rows)

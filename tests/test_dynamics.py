@@ -1,0 +1,119 @@
+"""dynamics.py over a checkpoint series: its values equal a direct computation from the
+checkpoint files, the initialization it re-draws is train.py's, a rerun reads only what is
+new, and its memory stays flat as the series grows."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import checkpoint
+import dynamics
+from config import saved_config
+from conftest import trained_run
+from model import Transformer
+from parallelize import build_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return trained_run(tmp_path_factory.mktemp("dynamics"), max_seq_len=64) / "run"
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return {(r["checkpoint"], r["tensor"], r["stat"]): float(r["value"]) for r in csv.DictReader(f)}
+
+
+def close(a, b, rel=1e-4):
+    return abs(a - float(b)) <= rel * max(abs(a), abs(float(b)), 1e-12)
+
+
+def test_values_equal_a_direct_computation_from_the_checkpoint_files(run):
+    dynamics.run(str(run), iters=200)
+    got = read_csv(run / "dynamics.csv")
+    cfg = saved_config(checkpoint.read_state(str(run / "ckpt_000"))["config"])
+    init = build_model(cfg, torch.device("cpu"), torch.float32, fsdp=False).state_dict()  # train.py's
+    with torch.device("meta"):
+        redrawn = dict(Transformer(cfg.model).init_values(cfg.seed, torch.device("cpu")))
+    assert redrawn.keys() == init.keys() and all(torch.equal(redrawn[k], init[k]) for k in init)
+
+    w = {n: load_file(run / n / "model.safetensors") for n in ("ckpt_001", "ckpt_002", "ckpt_003")}
+    for t in ("layers.1.attn.wqkv.weight", "tok_emb.weight", "layers.0.mlp_norm.weight"):
+        a, b, c = (w[n][t] for n in ("ckpt_001", "ckpt_002", "ckpt_003"))
+        u, before = c - b, b - a
+        assert close(got["init", t, "norm"], init[t].norm())
+        assert close(got["ckpt_003", t, "norm"], c.norm())
+        assert close(got["ckpt_003", t, "init_distance"], (c - init[t]).norm() / init[t].norm())
+        assert close(got["ckpt_003", t, "update"], u.norm() / c.norm())
+        assert close(got["ckpt_003", t, "update_cos"], (u * before).sum() / (u.norm() * before.norm()))
+        if c.ndim == 2:
+            assert close(got["ckpt_003", t, "stable_rank"],
+                         c.norm() ** 2 / torch.linalg.matrix_norm(c, ord=2) ** 2, rel=1e-3)
+    # the first checkpoint's update is from the initialization
+    t = "layers.0.attn.wo.weight"
+    first = load_file(run / "ckpt_000" / "model.safetensors")[t]
+    assert close(got["ckpt_000", t, "update"], (first - init[t]).norm() / first.norm())
+    # a layer's summary sums its tensors
+    layer = [k for k in w["ckpt_003"] if k.startswith("layers.1.")]
+    assert close(got["ckpt_003", "layer.1", "norm"], sum(w["ckpt_003"][k].square().sum() for k in layer) ** 0.5)
+    # AdamW's moments, from optimizer.pt by the index train.py's param groups give them
+    model = build_model(cfg, torch.device("cpu"), torch.float32, fsdp=False)
+    order = [p for g in model.param_groups(cfg.weight_decay) for p in g["params"]]
+    index = next(i for i, p in enumerate(order) if p is dict(model.named_parameters())[t])
+    state = torch.load(run / "ckpt_003" / "optimizer.pt", weights_only=True)["state"][index]
+    v_hat = state["exp_avg_sq"] / (1 - cfg.beta2 ** float(state["step"]))
+    assert close(got["ckpt_003", t, "adam_m"], state["exp_avg"].norm())
+    assert close(got["ckpt_003", t, "adam_v"], state["exp_avg_sq"].norm())
+    assert close(got["ckpt_003", t, "eps_share"], (v_hat.sqrt() < cfg.eps).float().mean(), rel=1e-6)
+
+
+def test_a_rerun_reads_only_what_is_not_cached(run, monkeypatch):
+    dynamics.run(str(run))
+    before = (run / "dynamics.csv").read_text()
+    calls = []
+    real = dynamics.analyse
+    monkeypatch.setattr(dynamics, "analyse", lambda chain, cfg, todo, iters: calls.append(todo) or
+                        real(chain, cfg, todo, iters))
+    dynamics.run(str(run))
+    (run / "dynamics" / "ckpt_002.json").unlink()
+    dynamics.run(str(run))
+    assert calls == [[3]]  # init, ckpt_000, ckpt_001, ckpt_002: only the one whose cache went
+    assert (run / "dynamics.csv").read_text() == before
+    assert (run / "dynamics.png").stat().st_size > 0
+
+
+def hf_series(folder, n, seed=0):
+    """n Hugging Face checkpoints of one 36,000 x 256 embedding and two matrices, each a random
+    walk step from the one before. 37 MB, above glibc's 32 MB mmap threshold as a 7B
+    model's tensors are: below it, freed copies stay in the heap and blur the measure."""
+    g = torch.Generator().manual_seed(seed)
+    w = {"model.embed_tokens.weight": torch.randn(36000, 256, generator=g),
+         "model.layers.0.self_attn.q_proj.weight": torch.randn(256, 256, generator=g),
+         "model.layers.0.mlp.down_proj.weight": torch.randn(256, 512, generator=g)}
+    for i in range(n):
+        w = {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in w.items()}
+        os.makedirs(folder / f"ckpt_{i:03d}")
+        save_file(w, folder / f"ckpt_{i:03d}" / "model.safetensors")
+        (folder / f"ckpt_{i:03d}" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+
+
+def test_memory_stays_flat_as_the_series_grows_4x(tmp_path):
+    peaks = {}
+    for n in (3, 12):
+        hf_series(tmp_path / f"s{n}", n)
+        code = ("import resource, sys, dynamics; dynamics.run(sys.argv[1]); "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        out = subprocess.run([sys.executable, "-c", code, str(tmp_path / f"s{n}")], cwd=ROOT, check=True,
+                             capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+        peaks[n] = int(out.stdout.split()[-1]) / 1024  # MB
+    got = read_csv(tmp_path / "s12" / "dynamics.csv")
+    assert got["ckpt_011", "layer.0.attn_qkv", "init_distance"] > 0 and ("ckpt_000", "embed", "update") not in got
+    # holding the series would add 9 checkpoints x 37 MB; one tensor's copies are all it keeps
+    assert peaks[12] - peaks[3] < 60, peaks
