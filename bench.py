@@ -72,7 +72,7 @@ from model import to_hf_state_dict
 from model_config import hf_config
 from machine import matmul_rate
 from parallelize import build_model, speed_up
-from train import make_optimizer
+from step import make_optimizer
 
 BATCH = 8  # sequences per training step (of the config's seq_len)
 ROUNDS = 5  # alternating timing rounds

@@ -4,6 +4,7 @@ checkpoints for ("understand what happens during LLM pre-training"): how each we
 tensor moves from checkpoint to checkpoint, and where AdamW's state sits.
 
     python dynamics.py RUN_DIR [--checkpoints=ckpt_000,...] [--power_iters=10]
+    python dynamics.py spikes RUN_DIR ...      loss spikes traced to their rows (spikes.py)
 
 RUN_DIR is a run of ours or a folder of Hugging Face checkpoints ckpt_000 ... (AMBER's
 release, weights only). For every checkpoint, every weight tensor (by its state-dict
@@ -342,6 +343,10 @@ def write_csv(path, cache_files):
 
 
 def main(argv):
+    if argv and argv[0] == "spikes":
+        import spikes
+
+        return spikes.main(argv[1:])
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python dynamics.py RUN_DIR [--checkpoints=ckpt_000,...] "
                  "[--power_iters=10]")

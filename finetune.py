@@ -20,7 +20,7 @@ state, exact resume, metrics, the NaN policy, all as in pre-training. What is di
     packing would let a reply attend to another conversation. A conversation longer
     than seq_len + 1 keeps its first whole turns, never half of one;
   - DPO (objective = "dpo") stores each pair as one row, [chosen | rejected], the prompt
-    uncounted; the reference is the starting checkpoint, frozen (train.dpo_objective);
+    uncounted; the reference is the starting checkpoint, frozen (step.dpo_objective);
   - each epoch is one chunk (the same rows, shuffled by (seed, epoch)), so each ends in
     a checkpoint, and the held-out examples are the validation split, scored before
     the first step too.

@@ -36,6 +36,7 @@ from machine import peak_flops, peak_memory_gb
 from memory import per_rank
 from model import Transformer
 from parallelize import build_model, speed_up
+from step import make_optimizer
 
 VARIANTS = [(False, False, False), (False, True, False), (False, False, True), (False, True, True),
             (True, False, False), (True, True, False)]  # (FSDP2, compile, activation checkpointing)
@@ -68,8 +69,7 @@ def train_variant(cfg, device, fsdp, x, y, peak, steps):
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(cfg, device, torch.bfloat16, fsdp)
     speed_up(model, cfg, device)
-    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr,  # as train.py's
-                            betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    opt = make_optimizer(model.param_groups(cfg.weight_decay), cfg, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=not fsdp)
 
     def step():

@@ -240,6 +240,23 @@ def plot_dynamics(run_dir):
     save_figure(fig, os.path.join(run_dir, "dynamics.png"), dpi=100)
 
 
+def plot_spikes(run_dir, records, spike_steps):
+    """spikes.png: the loss and the gradient norm over steps, the spikes spikes.py found
+    marked."""
+    steps = [r["step"] for r in records]
+    at = {r["step"]: r for r in records}
+    fig, axes = new_figure(1, 2, (10, 3))
+    for ax, key in zip(axes[0], ("loss", "grad_norm")):
+        ax.plot(*_binned(steps, [r[key] for r in records]), lw=0.8)
+        ax.scatter(spike_steps, [at[s][key] for s in spike_steps], color="red", zorder=3,
+                   label=f"{len(spike_steps)} spike(s)")
+        ax.set_xlabel("step")
+        ax.set_title(key, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(run_dir, "spikes.png"), dpi=100)
+
+
 def plot_duplication(folder):
     """duplication.png from duplication_summary.csv (tracing.py memorization): the mean
     memorization score and the k-extractible share by how often a sequence was trained on,

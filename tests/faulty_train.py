@@ -19,6 +19,7 @@ import sys
 
 import checkpoint
 import data
+import step
 import train
 
 
@@ -49,7 +50,7 @@ elif kind == "save":
     checkpoint.hash_files = die_on_nth_save
 
 elif kind == "sigterm":
-    forward, calls = train.lm_objective, [0]
+    forward, calls = step.lm_objective, [0]
 
     def objective_then_term(*args, **kwargs):
         calls[0] += 1
@@ -57,7 +58,7 @@ elif kind == "sigterm":
             os.kill(os.getpid(), signal.SIGTERM)  # under torchrun: to one rank only (LLM360_FAULT_RANK, default 0)
         return forward(*args, **kwargs)
 
-    train.lm_objective = objective_then_term
+    step.lm_objective = objective_then_term
 elif kind == "sigterm_in_save":
     hash_files = checkpoint.hash_files
 
@@ -70,7 +71,7 @@ elif kind == "sigterm_in_save":
 
 nan_chunks = {int(c) for c in os.environ.get("LLM360_NAN_CHUNKS", "").split(",") if c}
 if nan_chunks:
-    reading, reader_init, objective = {}, data.ChunkReader.__init__, train.lm_objective
+    reading, reader_init, objective = {}, data.ChunkReader.__init__, step.lm_objective
 
     def init_and_note(self, data_dir, chunk, *args, **kwargs):
         reading["chunk"] = chunk
@@ -81,7 +82,7 @@ if nan_chunks:
         return (loss * float("nan") if reading.get("chunk") in nan_chunks else loss), stats
 
     data.ChunkReader.__init__ = init_and_note
-    train.lm_objective = diverging
+    step.lm_objective = diverging
 
 if os.environ.get("LLM360_HASH_LOG"):
     sha256_file = data.sha256_file

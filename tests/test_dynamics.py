@@ -117,3 +117,49 @@ def test_memory_stays_flat_as_the_series_grows_4x(tmp_path):
     assert got["ckpt_011", "layer.0.attn_qkv", "init_distance"] > 0 and ("ckpt_000", "embed", "update") not in got
     # holding the series would add 9 checkpoints x 37 MB; one tensor's copies are all it keeps
     assert peaks[12] - peaks[3] < 60, peaks
+
+
+def test_a_planted_spike_is_found_and_its_rows_ranked_first(run, tmp_path):
+    """Rows of random ids written over 3 of the 8 rows of one step of the last chunk (the
+    data file edited, its sha256 in the manifest updated): spikes.py finds that step and
+    nothing else, and the replay ranks the 3 rows first by their share of its gradient.
+    The unplanted run of the same shape has no spike."""
+    import numpy as np
+
+    import data
+    import prepare
+    import spikes
+    from common import sha256_file, write_json_atomic
+    from config import config_from_dict
+    from conftest import corpus_values, make_corpus, write_config
+
+    assert spikes.detect(spikes.training_records(str(run))) == []
+    root = make_corpus(tmp_path)
+    values = corpus_values(root, "data", dim=64, n_layer=2, n_head=4, intermediate_size=128,
+                           out_dir=str(root / "run"), warmup_steps=5, lr=1e-2, min_lr=1e-3, seq_len=64,
+                           max_seq_len=64)
+    cfg = config_from_dict(values)
+    prepare.prepare(cfg, progress=False)
+    manifest = data.load_manifest(cfg.data_dir)
+    chunk, step = len(manifest["chunks"]) - 1, 5
+    reader = data.ChunkReader(cfg.data_dir, chunk, cfg.seed, cfg.global_batch_size, cfg.global_batch_size)
+    planted = reader.step_rows(step)[:3].tolist()
+    path = os.path.join(cfg.data_dir, manifest["chunks"][chunk]["file"])
+    rows = np.load(path, mmap_mode="r+")
+    rows[planted] = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (3, rows.shape[1]))
+    rows.flush()
+    del rows, reader
+    manifest["chunks"][chunk]["sha256"] = sha256_file(path)
+    write_json_atomic(os.path.join(cfg.data_dir, "manifest.json"), manifest)
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), write_config(root / "cfg.py", values)],
+                   check=True, capture_output=True, cwd=root)
+
+    found = spikes.run(str(root / "run"))
+    assert [(r["chunk"], r["chunk_step"]) for r, _ in found] == [(chunk, step + 1)]
+    with open(root / "run" / "spikes.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    assert len(lines) == cfg.global_batch_size
+    assert {int(r["row"]) for r in lines[:3]} == set(planted)
+    assert sum(float(r["grad_share"]) for r in lines) == pytest.approx(1.0, abs=1e-4)
+    logged = next(r for r, _ in found)["loss"]
+    assert float(lines[0]["replayed_loss"]) == pytest.approx(logged, rel=1e-4)

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 import checkpoint
 import data
 import prepare
+import step
 import finetune as ft
-import train
 from conftest import trained_run, write_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +82,7 @@ def test_dpo_loss_and_gradient_equal_a_direct_computation():
     pc, pr, rc, rr = (torch.randn(6, generator=g, dtype=torch.float64) * 5 for _ in range(4))
     pc.requires_grad_(True), pr.requires_grad_(True)
     beta = 0.1
-    loss, stats = train.dpo_loss(pc, pr, rc, rr, beta)
+    loss, stats = step.dpo_loss(pc, pr, rc, rr, beta)
     m = beta * ((pc - rc) - (pr - rr))
     direct = torch.tensor([-math.log(1 / (1 + math.exp(-v))) for v in m.tolist()], dtype=torch.float64).mean()
     assert loss.item() == pytest.approx(direct.item(), rel=1e-12)
@@ -96,7 +96,7 @@ def test_dpo_loss_and_gradient_equal_a_direct_computation():
     y = torch.tensor([[1, -1, 3, 4, -1], [-1, -1, -1, 6, 0]])
     lp = torch.log_softmax(logits, -1)
     want = [sum(lp[b, t, y[b, t]].item() for t in range(5) if y[b, t] >= 0) for b in range(2)]
-    assert train.sequence_logps(logits, y).tolist() == pytest.approx(want, rel=1e-6)
+    assert step.sequence_logps(logits, y).tolist() == pytest.approx(want, rel=1e-6)
 
 
 @pytest.fixture(scope="module")

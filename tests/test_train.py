@@ -1090,7 +1090,7 @@ def test_wandb_logs_every_metric_at_its_step_and_a_resume_keeps_its_run(corpus, 
 
 def test_one_optimizer_step_runs_the_core_files_only(corpus, reference, tmp_path):
     """What a reader follows through one pre-training step (sys.setprofile around
-    train.train_step): the core files and fused.py's kernels, functions of under 300 lines
+    step.train_step): the core files and fused.py's kernels, functions of under 300 lines
     in all, and nothing of DPO, fine-tuning, checkpoints or logging on the way."""
     import ast
 
@@ -1120,7 +1120,7 @@ def test_one_optimizer_step_runs_the_core_files_only(corpus, reference, tmp_path
                     and min([n.lineno] + [d.lineno for d in n.decorator_list]) == first)
         lines += node.end_lineno - node.lineno + 1
     files = {name for name, _, _ in called}
-    assert files <= {"train.py", "data.py", "model.py", "model_config.py", "fused.py", "common.py"}, files
+    assert files <= {"step.py", "data.py", "model.py", "model_config.py", "fused.py", "common.py"}, files
     assert {"train_step", "lm_objective", "batch", "forward"} <= {f for _, f, _ in called}
     assert not [f for _, f, _ in called if "dpo" in f or "mask" in f], called
     assert lines < 300, (lines, sorted(called))
