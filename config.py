@@ -54,6 +54,9 @@ class Config:
     val_sequences: int = 64  # held-out sequences per validation (the first ones of the val split)
     # non-finite loss or grad norm: "skip_chunk" (roll back, skip, replace) | "stop"
     nan_policy: str = "skip_chunk"
+    # optimizer steps (numbered as in metrics.jsonl) whose batch is read and not trained on, the
+    # LR schedule going on: a branch that skips a spike's step (spikes.py); () skips none
+    skip_steps: tuple[int, ...] = ()
     # stop (with a checkpoint) after this many optimizer steps; 0: run the whole schedule
     max_steps: int = 0
     # start a new run from another run's checkpoint (weights and AdamW state), new data
@@ -136,12 +139,11 @@ class Config:
             "seq_len": (1, "tokens per sequence"), "n_chunks": (1, "chunks"),
             "global_batch_size": (1, "sequences"), "micro_batch_size": (1, "sequences"),
             "epochs": (1, "passes"), "val_sequences": (0, "sequences"),
-            "max_steps": (0, "steps (0: no limit)"), "lr_steps": (0, "steps (0: the planned "
-                                                                  "chunks')"),
+            "max_steps": (0, "steps (0: no limit)"),
+            "lr_steps": (0, "steps (0: the planned chunks')"),
             "ckpt_interval": (0, "steps (0: per chunk only)"),
             "val_interval": (0, "steps (0: per chunk only)"), "warmup_steps": (0, "steps"),
-            "num_workers": (0,
-            "processes (0: one per core)"), "lr": (0.0, "learning rate"),
+            "num_workers": (0, "processes (0: one per core)"), "lr": (0.0, "learning rate"),
             "min_lr": (0.0, "learning rate"), "weight_decay": (0.0, "decay"),
             "grad_clip": (0.0, "norm (0: off)"), "eps": (0.0, "epsilon"), "dpo_beta": (0.0, "beta"),
             "peak_flops": (0.0, "FLOP/s (0: measured)"), "plan_gpu_memory_gb": (0.0, "GiB"),

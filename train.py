@@ -526,6 +526,15 @@ def _train(run, state, preemption):
                    leave=False, dynamic_ncols=True)
         nonfinite = stopping = None
         while reader.step < reader.steps:
+            if state["step"] + 1 in cfg.skip_steps:  # its batch is read, not trained on
+                for _ in range(run.accum):
+                    next(reader)
+                state["step"] += 1
+                state["tokens"] += tokens_per_step
+                log.event("skip_step", step=state["step"], chunk=chunk,
+                          chunk_step=reader.step)
+                bar.update(1)
+                continue
             # one optimizer step
             t0 = time.perf_counter()
             lr = get_lr(state["step"], cfg, run.total_steps)

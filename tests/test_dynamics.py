@@ -163,3 +163,16 @@ def test_a_planted_spike_is_found_and_its_rows_ranked_first(run, tmp_path):
     assert sum(float(r["grad_share"]) for r in lines) == pytest.approx(1.0, abs=1e-4)
     logged = next(r for r, _ in found)["loss"]
     assert float(lines[0]["replayed_loss"]) == pytest.approx(logged, rel=1e-4)
+
+    # the remedy: a branch from the checkpoint before that skips the step, in its ledger
+    spike = found[0][0]["step"]
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), str(root / "cfg.py"),
+                    f"--branch_from={root / 'run' / f'ckpt_{chunk - 1:03d}'}",
+                    f"--out_dir={root / 'branch'}", f"--skip_steps=({spike},)"],
+                   check=True, capture_output=True, cwd=root)
+    events = [json.loads(line) for line in open(root / "branch" / "ledger.jsonl")]
+    assert events[0]["changes"]["skip_steps"] == [[], [spike]]
+    assert [e["step"] for e in events if e["event"] == "skip_step"] == [spike]
+    branch = {r["step"]: r["loss"] for r in spikes.training_records(str(root / "branch"))}
+    trunk = {r["step"]: r["loss"] for r in spikes.training_records(str(root / "run"))}
+    assert spike not in branch and branch[spike + 1] < trunk[spike] - 0.5
