@@ -559,7 +559,8 @@ RESUME_MAY_CHANGE = {"out_dir", "data_dir", "stages", "num_workers", "max_steps"
                      "val_interval", "val_sequences", "wandb_project", "peak_flops", "dry_run",
                      "dry_run_sequences_per_chunk", "dry_run_world_size", "plan_gpu",
                      "plan_gpu_memory_gb", "stop_grace_s", "micro_batch_size", "parallel",
-                     "compile", "activation_checkpointing", "dtype", "deterministic"}
+                     "compile", "activation_checkpointing", "dtype", "deterministic",
+                     "layer_stats_interval"}
 
 
 def config_changes(saved, cfg):

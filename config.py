@@ -52,6 +52,9 @@ class Config:
     ckpt_interval: int = 0
     val_interval: int = 0  # optimizer steps between validation losses; 0: at every checkpoint only
     val_sequences: int = 64  # held-out sequences per validation (the first ones of the val split)
+    # every this many optimizer steps, each layer's gradient, update and weight norms go to
+    # metrics.jsonl (grad_norm/layer.3, ...); 0: never
+    layer_stats_interval: int = 0
     # non-finite loss or grad norm: "skip_chunk" (roll back, skip, replace) | "stop"
     nan_policy: str = "skip_chunk"
     # optimizer steps (numbered as in metrics.jsonl) whose batch is read and not trained on, the
@@ -142,6 +145,7 @@ class Config:
             "max_steps": (0, "steps (0: no limit)"),
             "lr_steps": (0, "steps (0: the planned chunks')"),
             "ckpt_interval": (0, "steps (0: per chunk only)"),
+            "layer_stats_interval": (0, "steps (0: off)"),
             "val_interval": (0, "steps (0: per chunk only)"), "warmup_steps": (0, "steps"),
             "num_workers": (0, "processes (0: one per core)"), "lr": (0.0, "learning rate"),
             "min_lr": (0.0, "learning rate"), "weight_decay": (0.0, "decay"),

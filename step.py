@@ -11,6 +11,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from common import all_reduce_sum
 from config import Config, ConfigError
@@ -140,11 +141,12 @@ class Run:
     peak: float  # FLOP/s of one device in the run's dtype, for MFU
 
 
-def train_step(run, reader, lr):
+def train_step(run, reader, lr, layers=False):
     """One optimizer step at learning rate lr: accum micro-batches, the true global gradient
     norm (DTensor-aware under FSDP), clipped when grad_clip > 0, then AdamW. Returns (loss,
     grad norm, DPO statistics), the same on every rank; a non-finite loss or norm leaves the
-    weights as they were."""
+    weights as they were. layers=True adds each layer's gradient, update and weight norms
+    (layer_norms)."""
     cfg, model = run.cfg, run.model
     for group in run.optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
@@ -164,17 +166,52 @@ def train_step(run, reader, lr):
         loss_sum += loss.detach()
         if stats:
             stat_sums += torch.stack([stats[k].mean() for k in run.stat_names])
+    if layers:  # the gradient before clipping, as the global norm
+        stats = layer_norms(run, "grad_norm", [p.grad for p in run.params])
+        before = [local(p).detach().clone() for p in run.params]
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
     norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
     n = run.accum * run.world_size
     loss_avg = (all_reduce_sum(loss_sum, run.world_size) / n).item()
     norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    stats = {}
+    stats = stats if layers else {}
     if run.stat_names:
-        stats = dict(zip(run.stat_names, (all_reduce_sum(stat_sums, run.world_size) / n).tolist()))
+        stats |= dict(zip(run.stat_names, (all_reduce_sum(stat_sums, run.world_size) / n).tolist()))
     if math.isfinite(loss_avg) and math.isfinite(norm):
         run.optimizer.step()
+    if layers:
+        stats |= layer_norms(run, "update_norm",
+                             [local(p).detach() - b for p, b in zip(run.params, before)])
+        stats |= layer_norms(run, "weight_norm", run.params)
     run.optimizer.zero_grad(set_to_none=True)
     if run.device.type == "cuda":
         torch.cuda.synchronize()
     return loss_avg, norm, stats
+
+
+def local(t):
+    """This rank's part of a tensor: its shard under FSDP2, the tensor otherwise."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def layer_of(name):
+    """The summary a parameter counts in: its block (layer.i), or embed, final_norm, head."""
+    first = name.split(".")[0]
+    if first == "layers":
+        return "layer." + name.split(".")[1]
+    return {"tok_emb": "embed", "lm_head": "head"}.get(first, "final_norm")
+
+
+def layer_norms(run, what, tensors):
+    """{"what/layer": norm} of tensors parallel to run.params, per layer_of: each rank's
+    squared sums, added over the ranks under FSDP2 (each holds a shard; under DDP each
+    holds the whole, the same). Their root sum of squares is the whole model's norm."""
+    name_of = {id(p): n for n, p in run.raw_model.named_parameters()}
+    names = [layer_of(name_of[id(p)]) for p in run.params]
+    keys = list(dict.fromkeys(names))
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=run.device)
+    for name, t in zip(names, tensors):
+        sums[keys.index(name)] += local(t).detach().double().square().sum()
+    if run.fsdp:
+        sums = all_reduce_sum(sums, run.world_size)
+    return {f"{what}/{k}": v for k, v in zip(keys, sums.sqrt().tolist())}

@@ -538,7 +538,9 @@ def _train(run, state, preemption):
             # one optimizer step
             t0 = time.perf_counter()
             lr = get_lr(state["step"], cfg, run.total_steps)
-            loss, norm, stats = train_step(run, reader, lr)
+            every = cfg.layer_stats_interval
+            layers = bool(every) and (state["step"] + 1) % every == 0
+            loss, norm, stats = train_step(run, reader, lr, layers=layers)
             if not (math.isfinite(loss) and math.isfinite(norm)):  # the same values on every rank
                 nonfinite = {"step": state["step"], "loss": loss, "grad_norm": norm}
                 break

@@ -406,8 +406,9 @@ def assert_same_training(a_dir, b_dir, tol):
 @pytest.fixture(scope="module")
 def short_reference(corpus):
     """12 steps in one process, stopped mid-chunk by max_steps: AdamW magnifies float
-    reordering over long runs, so data-parallel equality is checked over a short one."""
-    train(corpus, "short", max_steps=12, lr=1e-3)
+    reordering over long runs, so data-parallel equality is checked over a short one. Every
+    4th step logs each layer's norms (layer_stats_interval)."""
+    train(corpus, "short", max_steps=12, lr=1e-3, layer_stats_interval=4)
     return corpus / "short"
 
 
@@ -430,8 +431,19 @@ def test_ddp_matches_one_process_and_resumes_bitwise(corpus, short_reference):
 
 @pytest.mark.slow
 def test_fsdp_matches_one_process_and_resumes_bitwise(corpus, short_reference):
-    train(corpus, "fsdp_short", nproc=2, parallel="fsdp", max_steps=12, lr=1e-3)
+    train(corpus, "fsdp_short", nproc=2, parallel="fsdp", max_steps=12, lr=1e-3, layer_stats_interval=4)
     assert_same_training(short_reference, corpus / "fsdp_short", tol=1e-6)
+    # each layer's gradient, update and weight norms: 2 sharded ranks (2 micro-batches each)
+    # give one process's (4 micro-batches), and the layers' gradient norms make up the global one
+    one, two = ([r for r in metrics_full(d) if "grad_norm/embed" in r]
+                for d in (short_reference, corpus / "fsdp_short"))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [4, 8, 12]
+    for a, b in zip(one, two):
+        keys = [k for k in a if "/layer." in k or k.split("/")[-1] in ("embed", "head", "final_norm")]
+        assert len(keys) == 3 * (SMALL_MODEL["n_layer"] + 3) and keys == [k for k in b if k in keys]
+        assert all(abs(a[k] - b[k]) <= 1e-5 * a[k] for k in keys), [(k, a[k], b[k]) for k in keys]
+        grads = [a[k] ** 2 for k in keys if k.startswith("grad_norm/")]
+        assert sum(grads) ** 0.5 == pytest.approx(a["grad_norm"], rel=1e-5)
     train(corpus, "fsdp", nproc=2, parallel="fsdp")
     assert os.path.isdir(corpus / "fsdp" / "ckpt_002" / "optimizer")  # distributed checkpoint, sharded
     # a resume under FSDP from its sharded checkpoint: test_slurms_early_warning_stops_fsdp_ranks...
