@@ -405,6 +405,15 @@ def end_chunk(run, state, pos, chunk, data_dir, manifest):
            rank=run.rank)
 
 
+def skip_step(run, state, reader, chunk):
+    """A step of skip_steps: its batch is read and not trained on; the schedule goes on."""
+    for _ in range(run.accum):
+        next(reader)
+    state["step"] += 1
+    state["tokens"] += run.cfg.global_batch_size * run.cfg.seq_len
+    run.log.event("skip_step", step=state["step"], chunk=chunk, chunk_step=reader.step)
+
+
 def skip_chunk(run, state, pos, chunk, nonfinite):
     """The NaN policy (the paper's four NaN chunks, skipped by hand there): "stop" ends the
     run naming the last good checkpoint; "skip_chunk" rolls back to the last chunk-end
@@ -526,13 +535,8 @@ def _train(run, state, preemption):
                    leave=False, dynamic_ncols=True)
         nonfinite = stopping = None
         while reader.step < reader.steps:
-            if state["step"] + 1 in cfg.skip_steps:  # its batch is read, not trained on
-                for _ in range(run.accum):
-                    next(reader)
-                state["step"] += 1
-                state["tokens"] += tokens_per_step
-                log.event("skip_step", step=state["step"], chunk=chunk,
-                          chunk_step=reader.step)
+            if state["step"] + 1 in cfg.skip_steps:
+                skip_step(run, state, reader, chunk)
                 bar.update(1)
                 continue
             # one optimizer step
