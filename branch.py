@@ -234,9 +234,9 @@ def _link_parent(out_dir, parent):
     """The parent's checkpoints before the branch point, hard-linked into out_dir, and its
     metrics.jsonl lines up to it, copied (the branch appends to its own); the bytes copied.
     A Hugging Face parent's folders stay where they are: the release is that series."""
-    names = [n for n in checkpoint.checkpoint_names(parent.run_dir) if int(n[5:]) < parent.pos and
-             # the branch point: linked
-             os.path.join(parent.run_dir, n) != parent.ckpt] if parent.state else []
+    names = checkpoint.checkpoint_names(parent.run_dir) if parent.state else []
+    point = os.path.basename(parent.ckpt)  # linked on its own; after it: not the branch's past
+    names = names[: names.index(point)] if point in names else names
     copied = sum(link_tree(os.path.join(parent.run_dir, n), os.path.join(out_dir, n))
                  for n in names)
     lines = parent.state["metrics_lines"] if parent.state else 0

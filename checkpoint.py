@@ -9,6 +9,7 @@ A run dir (train.py's out_dir) holds:
     training.png               the curves (plot.py)
     ckpt_000 ... ckpt_N        one checkpoint after each schedule position (a chunk)
     ckpt_rolling               the newest mid-chunk checkpoint (ckpt_interval > 0, max_steps)
+    ckpt_stepSSSSSS            permanent ones at the steps of ckpt_steps (step 0: the init)
 
 A checkpoint folder holds:
 
@@ -40,6 +41,7 @@ read and written by hf_format.py, and read through here like one of ours.
 import hashlib
 import itertools
 import json
+import math
 import os
 import random
 import re
@@ -71,14 +73,38 @@ HASH_BYTES_PER_S = 1.0e9
 
 
 def checkpoint_names(run_dir, rolling=False):
-    """The checkpoint folders of a run dir in training order: ckpt_NNN, and ckpt_rolling
-    last when rolling=True; never *.tmp (being written) or *.damaged-TIME (moved aside)."""
+    """The checkpoint folders of a run dir in training order: ckpt_NNN (the end of schedule
+    position NNN) and ckpt_stepSSSSSS (an extra one at step S, ckpt_steps) by the (position,
+    step) their state.json records, and ckpt_rolling last when rolling=True; never *.tmp
+    (being written) or *.damaged-TIME (moved aside)."""
     if not os.path.isdir(run_dir):
         return []
-    return sorted(n for n in os.listdir(run_dir) if n.startswith("ckpt_")
-                  and (re.fullmatch(r"[0-9]+", n[5:]) or
-                  (rolling and n == "ckpt_rolling")) and os.path.isdir(os.path.join(run_dir, n))
-                  and not os.path.islink(os.path.join(run_dir, n)))
+    names = [n for n in os.listdir(run_dir)
+             if (re.fullmatch(r"ckpt_[0-9]+", n) or STEP_NAME.fullmatch(n)
+                 or rolling and n == "ckpt_rolling")
+             and os.path.isdir(os.path.join(run_dir, n))
+             and not os.path.islink(os.path.join(run_dir, n))]
+    return sorted(names, key=lambda n: training_order(run_dir, n))
+
+
+STEP_NAME = re.compile(r"ckpt_step([0-9]+)")
+
+
+def step_name(step):
+    return f"ckpt_step{step:06d}"
+
+
+def training_order(run_dir, name):
+    """(schedule position, step) of a checkpoint name, for sorting: read from the name for
+    ckpt_NNN (the end of position NNN comes before any step of position NNN + 1), from
+    state.json for a step checkpoint (unreadable: by its step, first)."""
+    if name == "ckpt_rolling":
+        return (math.inf, math.inf)
+    step = STEP_NAME.fullmatch(name)
+    if step is None:
+        return (int(name[5:]) + 1, -1)
+    state = read_state(os.path.join(run_dir, name))
+    return (state["pos"], state["step"]) if state else (-1, int(step[1]))
 
 
 def linked_checkpoints(run_dir):
@@ -290,11 +316,11 @@ def hash_files(folder, rank=0, world_size=1):
 def find_checkpoint(out_dir, chunk_ends_only=False):
     """The newest complete checkpoint of a run dir, or None. Folders without a readable
     state.json are left out (resume_point moves the newer of them aside). chunk_ends_only:
-    leave out the rolling mid-chunk checkpoint."""
+    leave out the mid-chunk checkpoints (ckpt_rolling, ckpt_stepSSSSSS)."""
     best, best_key = None, None
     for name in checkpoint_names(out_dir, rolling=True):
         st = read_state(os.path.join(out_dir, name))
-        if st is None or (chunk_ends_only and name == "ckpt_rolling"):
+        if st is None or chunk_ends_only and (name == "ckpt_rolling" or STEP_NAME.fullmatch(name)):
             continue
         # positions only grow; a rolling checkpoint is ahead of the last chunk's
         key = (st["pos"], st["step"])
@@ -347,12 +373,14 @@ def resume_point(out_dir, log, rank=0, world_size=1):
                               "then run this again")
     while True:
         best = find_checkpoint(out_dir)
-        best_pos = read_state(best)["pos"] if best else -1
+        state = read_state(best) if best else {"pos": -1, "step": -1}
+        best_key, best_step = (state["pos"], state["step"]), state["step"]
         damaged = {}
         for name in checkpoint_names(out_dir, rolling=True):  # unreadable: newer by its name?
-            path = os.path.join(out_dir, name)
-            if read_state(path) is None and (name == "ckpt_rolling"
-                                             or int(name[5:]) + 1 > best_pos):
+            path, step = os.path.join(out_dir, name), STEP_NAME.fullmatch(name)
+            newer = int(step[1]) > best_step if step else \
+                training_order(out_dir, name) > best_key
+            if read_state(path) is None and newer:
                 damaged[path] = ["state.json is missing or not valid JSON"]
         if best and not damaged:
             problems = verify_checkpoint(best, rank, world_size)
@@ -373,41 +401,6 @@ def resume_point(out_dir, log, rank=0, world_size=1):
         barrier(world_size)
 
 
-def verify_metrics(out_dir, states):
-    """metrics.jsonl in one pass: every line JSON, and its first lines those each checkpoint
-    recorded (their count and sha256); one line, and 1 when something is wrong."""
-    path = os.path.join(out_dir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return 0
-    recorded = {}  # lines -> [(checkpoint, sha256)]
-    for name, st in states.items():
-        if st and "metrics_sha256" in st:
-            recorded.setdefault(st["metrics_lines"], []).append((name, st["metrics_sha256"]))
-    h, n, broken, differ = hashlib.sha256(), 0, [], []
-    differ += [name for name, sha in recorded.get(0, []) if sha != h.hexdigest()]
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, 1):
-            h.update(line)
-            try:
-                json.loads(line)
-            except ValueError:
-                broken.append(n)
-            differ += [name for name, sha in recorded.get(n, []) if sha != h.hexdigest()]
-    short = [name for lines, recs in recorded.items() if lines > n for name, _ in recs]
-    newest = max((st["metrics_lines"] for st in states.values() if st), default=0)
-    if not (broken or differ or short or n < newest):
-        print(f"metrics.jsonl  ok ({n} lines)")
-        return 0
-    line = f"metrics.jsonl  DAMAGED: {n} lines"
-    if broken:
-        line += f"; lines {broken[:5]} are not JSON"
-    if differ or short:
-        line += f"; its first lines are not those {', '.join(sorted(differ + short))} recorded"
-    print(line + (" (edited or cut since)" if differ or short else
-                  f"; the newest checkpoint counted {newest}"))
-    return 1
-
-
 def check_metrics(out_dir, state, path, rank=0, world_size=1):
     """A resume refuses a metrics.jsonl whose first lines are not those its checkpoint
     recorded. Rank 0 reads the file (300k lines at AMBER's size) and tells the others."""
@@ -422,45 +415,6 @@ def check_metrics(out_dir, state, path, rank=0, world_size=1):
                               "(edited or cut since); restore the file, or move the checkpoints it "
                               "no longer matches out of the run dir to retrain from an older one "
                               f"(python train.py verify {out_dir} names them)")
-
-
-def verify_run(out_dir):
-    """python train.py verify RUN_DIR: every checkpoint against the sizes and sha256 its
-    state.json recorded, metrics.jsonl line by line, and every chunk of the data dirs
-    against its manifest; one line each. Returns the number of problems (the exit status
-    is 1 when there are any). Nothing is changed."""
-    bad = 0
-    if not os.path.isdir(out_dir):
-        raise CheckpointError(f"{out_dir}: no such run dir")
-    names = checkpoint_names(out_dir, rolling=True)
-    for name in names:
-        path = os.path.join(out_dir, name)
-        problems = verify_checkpoint(path)
-        st = read_state(path)
-        if problems:
-            bad += 1
-            print(f"{name:14s} DAMAGED: {'; '.join(problems)}")
-        elif st.get("format_version", 1) < 2:
-            print(f"{name:14s} not checked: format 1, from before checkpoints recorded files")
-        else:
-            print(f"{name:14s} ok ({len(st['files'])} files, "
-                  f"{sum(r['bytes'] for r in st['files'].values()) / 1e6:,.1f} MB)")
-    for name in linked_checkpoints(out_dir):
-        bad += 1
-        print(f"{name:14s} DAMAGED: a symbolic link (to "
-              f"{os.readlink(os.path.join(out_dir, name))}), not a folder of this run")
-    bad += verify_metrics(out_dir, {n: read_state(os.path.join(out_dir, n)) for n in names})
-    config_path = os.path.join(out_dir, "config.json")
-    if os.path.exists(config_path):
-        for d in data.stage_dirs(read_json(config_path)):
-            try:
-                print(f"{d}  ok ({data.verify_dir(d)} chunks)")
-            except data.DataError as e:
-                bad += 1
-                print(f"{d}  DAMAGED: {e}")
-    if not names:
-        print(f"{out_dir} holds no checkpoints")
-    return bad
 
 
 # -----------------------------------------------------------------------------
@@ -560,7 +514,7 @@ RESUME_MAY_CHANGE = {"out_dir", "data_dir", "stages", "num_workers", "max_steps"
                      "dry_run_sequences_per_chunk", "dry_run_world_size", "plan_gpu",
                      "plan_gpu_memory_gb", "stop_grace_s", "micro_batch_size", "parallel",
                      "compile", "activation_checkpointing", "dtype", "deterministic",
-                     "layer_stats_interval"}
+                     "layer_stats_interval", "ckpt_steps"}
 
 
 def config_changes(saved, cfg):

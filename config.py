@@ -50,6 +50,9 @@ class Config:
     out_dir: str = "runs/tiny"
     # optimizer steps between rolling mid-chunk checkpoints; 0: after each chunk only
     ckpt_interval: int = 0
+    # extra permanent checkpoints ckpt_stepSSSSSS at these steps, or "log": 0 (the
+    # initialization), 1, 2, 4, ..., 512, Pythia's early checkpoints
+    ckpt_steps: tuple[int, ...] | str = ()
     val_interval: int = 0  # optimizer steps between validation losses; 0: at every checkpoint only
     val_sequences: int = 64  # held-out sequences per validation (the first ones of the val split)
     # every this many optimizer steps, each layer's gradient, update and weight norms go to
@@ -135,6 +138,8 @@ class Config:
         except TypeError as e:
             raise ConfigError("sources: must hold only str, numbers, lists and dicts "
                               f"({e})") from None
+        if isinstance(self.ckpt_steps, str) and self.ckpt_steps != "log":
+            raise ConfigError(f"ckpt_steps={self.ckpt_steps!r}: give a list of steps, or 'log'")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction={self.val_fraction}: must be in [0, 1)")
         # key: (lowest allowed, what it means): a run that would silently do nothing is refused

@@ -40,7 +40,7 @@ import plot
 import prepare
 from checkpoint import (check_metrics, check_resumable, find_checkpoint, load_checkpoint,
                         load_init_from, metrics_digest, read_state, resume_point, save_checkpoint,
-                        verify_run)
+                        step_name)
 from common import (all_reduce_sum, barrier, broadcast0, close_distributed, gather, hold_lock,
                     init_distributed, one_line_errors, print0, write_json_atomic)
 from config import ConfigError, format_config, load_config, save_config
@@ -51,6 +51,7 @@ from parallelize import build_model, speed_up
 from runlog import RunLog
 from runstate import FORMAT_VERSION, new_state
 from step import Run, get_lr, grad_accum, make_optimizer, objective_of, train_step
+from verify import verify_run
 
 # the data dirs whose held-out split this process has checked (a collective: not a cache of
 # a value, so a set rather than functools.cache, whose key would hold the rank)
@@ -156,13 +157,17 @@ def plan(cfg, world_size):
         sequences = manifest["totals"]["train_sequences"]
     id_bytes = np.dtype(data.token_dtype(cfg.model.vocab_size)).itemsize
     data_bytes, ckpt_bytes = sequences * ((T + 1) * id_bytes + 1), 12 * n
+    chunk_ends = set(np.cumsum(steps).tolist())
+    n_ckpts = len(steps) + len({s for s in checkpoint_steps(cfg)
+                                if s <= sum(steps) and s not in chunk_ends})
     cores, rate = os.cpu_count() or 1, convert_amber.CONVERT_TOKENS_PER_S_PER_WORKER
     hours = sequences * (T + 1) / rate / 3600
     lines += [
         f"disk, data       {data_bytes / 1e12:,.3f} TB of chunks ({sequences:,} rows of "
         f"{T + 1:,} ids)",
         f"disk, ckpts      {ckpt_bytes / 1e9:,.1f} GB per checkpoint (fp32 weights + AdamW "
-        f"moments), {len(steps) * ckpt_bytes / 1e12:,.2f} TB for all {len(steps)}",
+        f"moments), {n_ckpts * ckpt_bytes / 1e12:,.2f} TB for all {n_ckpts}"
+        + (f" ({n_ckpts - len(steps)} of them at ckpt_steps)" if n_ckpts > len(steps) else ""),
         f"conversion       {hours / 64:,.1f} h on 64 cores ({hours / cores:,.1f} h on this "
         f"machine's {cores}) from a JSON-lines release like AMBER's, at {rate / 1e6:.1f}M "
         "tokens/s per worker (python bench.py convert)",
@@ -354,20 +359,35 @@ def validate(run, data_dir, manifest):
                            ref_model=run.ref_model)
 
 
-def save(run, state, name, reader=None):
+def save(run, state, name, reader=None, consolidated=None):
     """Checkpoint `name` of the run dir at this state; `reader` for a mid-chunk one (its
     position inside the chunk is saved with it; under FSDP each rank writes its own shard
-    of the weights, so a stop fits a scheduler's grace period). Returns what the ledger
-    records of it: the seconds of each part, the bytes, and every rank's peak memory so far."""
+    of the weights unless `consolidated`, so a stop fits a scheduler's grace period).
+    Returns what the ledger records of it: the seconds of each part, the bytes, and every
+    rank's peak memory so far."""
     state["reader"] = reader.state_dict() if reader else None
     # the metrics up to this checkpoint
     digest = metrics_digest(run.log.metrics_path) if run.rank == 0 else None
     state["metrics_lines"], state["metrics_sha256"] = broadcast0(digest, run.world_size)
     info = save_checkpoint(os.path.join(run.cfg.out_dir, name), run.raw_model, run.optimizer, state,
                            run.cfg, rank=run.rank, world_size=run.world_size, fsdp=run.fsdp,
-                           consolidated=reader is None)
+                           consolidated=reader is None if consolidated is None else consolidated)
     peaks = gather(peak_memory_gb(run.device), run.world_size)
     return info | {"peak_mem_gb": [round(m, 2) for m in peaks]}
+
+
+def checkpoint_steps(cfg):
+    """The steps of cfg.ckpt_steps: its list, or for "log" 0 (the initialization) and the
+    powers of two up to 512, Pythia's early checkpoints."""
+    return {0, *(2**i for i in range(10))} if cfg.ckpt_steps == "log" else set(cfg.ckpt_steps)
+
+
+def save_step(run, state, reader=None):
+    """An extra permanent checkpoint at this step (ckpt_steps): whole (model.safetensors, as
+    evaluation reads it) and resumable, its reader's place inside the chunk with it."""
+    name = step_name(state["step"])
+    info = save(run, state, name, reader, consolidated=True)
+    run.log.event("checkpoint", name=name, step=state["step"], tokens=state["tokens"], **info)
 
 
 def remove_rolling(run):
@@ -521,6 +541,10 @@ def _train(run, state, preemption):
     seqs_per_row = 2 if cfg.objective == "dpo" else 1
     flops_per_step = run.raw_model.flops_per_token(cfg.seq_len) * tokens_per_step * seqs_per_row * \
         (4 / 3 if cfg.objective == "dpo" else 1)
+    extra_steps = checkpoint_steps(cfg)
+    first = os.path.join(cfg.out_dir, step_name(0))
+    if 0 in extra_steps and state["step"] == 0 and not os.path.isdir(first):  # initialization
+        save_step(run, state)
     while state["pos"] < len(state["schedule"]):
         pos, chunk = state["pos"], state["schedule"][state["pos"]]
         data_dir, manifest, local = run.table[chunk]  # `chunk` counts over all stages
@@ -575,6 +599,8 @@ def _train(run, state, preemption):
             if stopping or (cfg.max_steps and state["step"] >= cfg.max_steps):
                 break
             mid_chunk = reader.step < reader.steps
+            if state["step"] in extra_steps and mid_chunk:  # ckpt_steps (a chunk end has its own)
+                save_step(run, state, reader)
             if cfg.ckpt_interval and state["step"] % cfg.ckpt_interval == 0 and mid_chunk:
                 save(run, state, "ckpt_rolling", reader)
         bar.close()

@@ -23,7 +23,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    return trained_run(tmp_path_factory.mktemp("dynamics"), max_seq_len=64) / "run"
+    """A tiny run (4 chunks of 18 steps) with Pythia's early checkpoints (ckpt_steps="log")."""
+    return trained_run(tmp_path_factory.mktemp("dynamics"), max_seq_len=64, ckpt_steps="log") / "run"
 
 
 def read_csv(path):
@@ -44,9 +45,10 @@ def test_values_equal_a_direct_computation_from_the_checkpoint_files(run):
         redrawn = dict(Transformer(cfg.model).init_values(cfg.seed, torch.device("cpu")))
     assert redrawn.keys() == init.keys() and all(torch.equal(redrawn[k], init[k]) for k in init)
 
-    w = {n: load_file(run / n / "model.safetensors") for n in ("ckpt_001", "ckpt_002", "ckpt_003")}
+    last3 = checkpoint.checkpoint_names(str(run))[-3:]  # ckpt_002, ckpt_step000064, ckpt_003
+    w = {n: load_file(run / n / "model.safetensors") for n in last3}
     for t in ("layers.1.attn.wqkv.weight", "tok_emb.weight", "layers.0.mlp_norm.weight"):
-        a, b, c = (w[n][t] for n in ("ckpt_001", "ckpt_002", "ckpt_003"))
+        a, b, c = (w[n][t] for n in last3)
         u, before = c - b, b - a
         assert close(got["init", t, "norm"], init[t].norm())
         assert close(got["ckpt_003", t, "norm"], c.norm())
@@ -58,8 +60,8 @@ def test_values_equal_a_direct_computation_from_the_checkpoint_files(run):
                          c.norm() ** 2 / torch.linalg.matrix_norm(c, ord=2) ** 2, rel=1e-3)
     # the first checkpoint's update is from the initialization
     t = "layers.0.attn.wo.weight"
-    first = load_file(run / "ckpt_000" / "model.safetensors")[t]
-    assert close(got["ckpt_000", t, "update"], (first - init[t]).norm() / first.norm())
+    first = load_file(run / "ckpt_step000001" / "model.safetensors")[t]
+    assert close(got["ckpt_step000001", t, "update"], (first - init[t]).norm() / first.norm())
     # a layer's summary sums its tensors
     layer = [k for k in w["ckpt_003"] if k.startswith("layers.1.")]
     assert close(got["ckpt_003", "layer.1", "norm"], sum(w["ckpt_003"][k].square().sum() for k in layer) ** 0.5)
@@ -84,7 +86,8 @@ def test_a_rerun_reads_only_what_is_not_cached(run, monkeypatch):
     dynamics.run(str(run))
     (run / "dynamics" / "ckpt_002.json").unlink()
     dynamics.run(str(run))
-    assert calls == [[3]]  # init, ckpt_000, ckpt_001, ckpt_002: only the one whose cache went
+    chain = ["init"] + checkpoint.checkpoint_names(str(run))
+    assert calls == [[chain.index("ckpt_002")]]  # only the one whose cache went
     assert (run / "dynamics.csv").read_text() == before
     assert (run / "dynamics.png").stat().st_size > 0
 
@@ -176,3 +179,37 @@ def test_a_planted_spike_is_found_and_its_rows_ranked_first(run, tmp_path):
     branch = {r["step"]: r["loss"] for r in spikes.training_records(str(root / "branch"))}
     trunk = {r["step"]: r["loss"] for r in spikes.training_records(str(root / "run"))}
     assert spike not in branch and branch[spike + 1] < trunk[spike] - 0.5
+
+
+def test_early_checkpoints_are_in_training_order_and_resumable(run, tmp_path):
+    """ckpt_steps="log": ckpt_step000000 holds the initialization dynamics.py re-draws; the
+    step checkpoints sort between the chunk ends by the steps they were written at, and
+    evaluate.py lists them; a run resumed from ckpt_step000016 ends bit for bit as the
+    uninterrupted one."""
+    import evaluate
+    from common import link_tree
+
+    names = checkpoint.checkpoint_names(str(run))
+    assert names == ["ckpt_step000000", "ckpt_step000001", "ckpt_step000002", "ckpt_step000004",
+                     "ckpt_step000008", "ckpt_step000016", "ckpt_000", "ckpt_step000032",
+                     "ckpt_001", "ckpt_002", "ckpt_step000064", "ckpt_003"]
+    assert [os.path.basename(p) for p in evaluate.checkpoints_to_evaluate(str(run))] == names
+    cfg = saved_config(checkpoint.read_state(str(run / "ckpt_000"))["config"])
+    with torch.device("meta"):
+        redrawn = dict(Transformer(cfg.model).init_values(cfg.seed, torch.device("cpu")))
+    first = load_file(run / "ckpt_step000000" / "model.safetensors")
+    assert first.keys() == redrawn.keys() and all(torch.equal(first[k], redrawn[k]) for k in first)
+
+    copy = tmp_path / "resumed"
+    link_tree(str(run), str(copy))
+    for name in names[names.index("ckpt_step000016") + 1:]:
+        import shutil
+
+        shutil.rmtree(copy / name)
+    subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), str(run.parent / "cfg.py"),
+                    f"--out_dir={copy}"], check=True, capture_output=True, cwd=run.parent)
+    events = [json.loads(line) for line in open(copy / "ledger.jsonl")]
+    assert [e["checkpoint"] for e in events if e["event"] == "resume"] == ["ckpt_step000016"]
+    assert checkpoint.checkpoint_names(str(copy)) == names
+    a, b = (load_file(d / "ckpt_003" / "model.safetensors") for d in (run, copy))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -16,6 +16,7 @@ from config import ConfigError, config_from_dict
 from model import Transformer
 from model_config import ModelConfig
 import checkpoint
+import verify
 import parallelize
 import train as train_py
 from train import get_lr
@@ -358,7 +359,7 @@ def test_a_stripped_state_json_is_damaged_and_a_format_1_checkpoint_reads_as_it_
         path.write_text(json.dumps({k: v for k, v in state.items() if k not in keys}, indent=1))
 
     def verify(run_dir):  # python train.py verify RUN_DIR, in this process: (problems, {name: its line})
-        bad = checkpoint.verify_run(str(run_dir))
+        bad = verify.verify_run(str(run_dir))
         return bad, {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
 
     run = tmp_path / "stripped"
@@ -563,13 +564,13 @@ def test_tampering_that_keeps_the_shapes_is_found(corpus, killed_after_two_chunk
         path.write_text(json.dumps(json.loads(path.read_text()) | changes, indent=1))
 
     log = train_py.RunLog(str(tmp_path), 0)
-    assert checkpoint.verify_run(str(killed_after_two_chunks)) == 0
+    assert verify.verify_run(str(killed_after_two_chunks)) == 0
     # state.json edited: step 192 -> 100 in the newest (the resume rolls back past it), pos in an older one
     run = copy("state")
     edit_json(run / "ckpt_001" / "state.json", step=100)
     edit_json(run / "ckpt_000" / "state.json", pos=0)
     capsys.readouterr()
-    assert checkpoint.verify_run(str(run)) == 2
+    assert verify.verify_run(str(run)) == 2
     out = capsys.readouterr().out
     assert out.count("state.json was changed after it was written") == 2, out
     run = copy("step")
@@ -587,7 +588,7 @@ def test_tampering_that_keeps_the_shapes_is_found(corpus, killed_after_two_chunk
             del lines[n0 + 1]
         (run / "metrics.jsonl").write_text("".join(lines))
         capsys.readouterr()
-        assert checkpoint.verify_run(str(run)) == 1
+        assert verify.verify_run(str(run)) == 1
         out = capsys.readouterr().out
         recorded = "ckpt_000, ckpt_001" if how == "edit" else "ckpt_001"
         assert f"its first lines are not those {recorded} recorded" in out, out
@@ -601,7 +602,7 @@ def test_tampering_that_keeps_the_shapes_is_found(corpus, killed_after_two_chunk
     with pytest.raises(checkpoint.CheckpointError, match="ckpt_001 is a symbolic link"):
         checkpoint.resume_point(str(run), log)
     capsys.readouterr()
-    assert checkpoint.verify_run(str(run)) == 1 and "ckpt_001       DAMAGED: a symbolic link" in capsys.readouterr().out
+    assert verify.verify_run(str(run)) == 1 and "ckpt_001       DAMAGED: a symbolic link" in capsys.readouterr().out
     proc = train(corpus, "linked_run", expect_ok=False, out_dir=str(run))
     assert proc.returncode == 1 and "is a symbolic link" in proc.stderr and proc.stderr.strip().count("\n") == 0
 
