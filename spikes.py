@@ -4,6 +4,10 @@ Loss spikes traced to the rows that caused them (AMBER's NaN chunks came from
 
     python spikes.py RUN_DIR [--window=50] [--z=8] [--min_rise=0.1] [--max_spikes=5]
     python dynamics.py spikes RUN_DIR ...      the same
+    python spikes.py plant CONFIG --chunk=C --step=S [--rows=3] [--seed=0]
+                                               a controlled spike: rows of random ids written
+                                               over rows of step S of chunk C of the config's
+                                               data dir, its manifest updated (experiments)
 
 Detection, from metrics.jsonl: a step's loss, or its gradient norm, against the median
 of the `window` steps before it. A spike rises more than z robust standard deviations
@@ -35,8 +39,9 @@ import data
 import plot
 import runstate
 import step
-from common import UserError, atomic_write, iter_jsonl, one_line_errors, parse_options, read_json
-from config import saved_config
+from common import (UserError, atomic_write, iter_jsonl, one_line_errors, parse_options, read_json,
+                    sha256_file, write_json_atomic)
+from config import load_config, saved_config
 from parallelize import build_model, speed_up
 
 COLUMNS = ["step", "chunk", "chunk_step", "lr", "loss", "grad_norm", "replayed_loss", "rank",
@@ -210,7 +215,44 @@ def run(run_dir, *, window=50, z=8.0, min_rise=0.1, max_spikes=5):
     return chosen
 
 
+def plant(cfg, chunk, step, rows=3, seed=0):
+    """Rows of uniformly random ids written over the first `rows` rows that optimizer step
+    `step` (0-based, in the chunk) of `chunk` trains on, in cfg's data dir; the chunk's
+    sha256 in the manifest is updated, so the data dir stays consistent (a run trained on
+    it before is refused: its data changed). Returns the rows."""
+    manifest = data.load_manifest(cfg.data_dir)
+    reader = data.ChunkReader(cfg.data_dir, chunk, cfg.seed, cfg.global_batch_size,
+                              cfg.global_batch_size, manifest=manifest)
+    if not 0 <= step < reader.steps:
+        raise SpikeError(f"--step={step}: chunk {chunk} has steps 0..{reader.steps - 1}")
+    chosen = reader.step_rows(step)[:rows].tolist()
+    path = os.path.join(cfg.data_dir, manifest["chunks"][chunk]["file"])
+    del reader
+    table = np.load(path, mmap_mode="r+")
+    shape = (len(chosen), table.shape[1])
+    ids = np.random.default_rng(seed).integers(0, cfg.model.vocab_size, shape)
+    table[chosen] = ids.astype(table.dtype)
+    table.flush()
+    del table
+    manifest["chunks"][chunk]["sha256"] = sha256_file(path)
+    write_json_atomic(os.path.join(cfg.data_dir, "manifest.json"), manifest)
+    return chosen
+
+
 def main(argv):
+    if argv and argv[0] == "plant":
+        known = {"chunk": int, "step": int, "rows": int, "seed": int}
+        with one_line_errors():
+            mine = [a for a in argv[1:] if a.split("=")[0].lstrip("-") in known]
+            opts = parse_options(mine, known, SpikeError)
+            if "chunk" not in opts or "step" not in opts:
+                raise SpikeError("plant needs --chunk=C and --step=S")
+            cfg = load_config([a for a in argv[1:] if a not in mine])
+            rows = plant(cfg, opts["chunk"], opts["step"], opts.get("rows", 3),
+                         opts.get("seed", 0))
+            print(f"{cfg.data_dir}: rows {rows} of chunk {opts['chunk']}, its step "
+                  f"{opts['step']}, are random ids now")
+        return
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python spikes.py RUN_DIR [--window=50] [--z=8] [--min_rise=0.1] "
                  "[--max_spikes=5]")

@@ -376,6 +376,14 @@ def save(run, state, name, reader=None, consolidated=None):
     return info | {"peak_mem_gb": [round(m, 2) for m in peaks]}
 
 
+def progress_line(record):
+    mfu = f"{100 * record['mfu']:.0f}%" if record["mfu"] is not None else "?"
+    val = f" | val {record['val_loss']:.4f}" if record.get("val_loss") else ""
+    return (f"step {record['step']:6d} | chunk {record['chunk']} | loss {record['loss']:.4f} | "
+            f"lr {record['lr']:.2e} | norm {record['grad_norm']:.3f} | tok/s "
+            f"{record['tok_per_s']:,.0f} | mfu {mfu}{val}")
+
+
 def checkpoint_steps(cfg):
     """The steps of cfg.ckpt_steps: its list, or for "log" 0 (the initialization) and the
     powers of two up to 512, Pythia's early checkpoints."""
@@ -567,8 +575,8 @@ def _train(run, state, preemption):
             t0 = time.perf_counter()
             lr = get_lr(state["step"], cfg, run.total_steps)
             every = cfg.layer_stats_interval
-            layers = bool(every) and (state["step"] + 1) % every == 0
-            loss, norm, stats = train_step(run, reader, lr, layers=layers)
+            loss, norm, stats = train_step(run, reader, lr,
+                                           layers=bool(every) and (state["step"] + 1) % every == 0)
             if not (math.isfinite(loss) and math.isfinite(norm)):  # the same values on every rank
                 nonfinite = {"step": state["step"], "loss": loss, "grad_norm": norm}
                 break
@@ -589,10 +597,7 @@ def _train(run, state, preemption):
             log.metric(record)
             bar.update(1)
             if rank == 0:
-                bar.write(f"step {state['step']:6d} | chunk {chunk} | loss {loss:.4f} | lr "
-                          f"{lr:.2e} | norm {norm:.3f} | tok/s {record['tok_per_s']:,.0f} | mfu "
-                          + (f"{100 * record['mfu']:.0f}%" if record["mfu"] is not None else "?")
-                          + (f" | val {record['val_loss']:.4f}" if record.get("val_loss") else ""))
+                bar.write(progress_line(record))
 
             # stop at max_steps or on a signal; a rolling checkpoint every ckpt_interval steps
             stopping = preemption.requested(run)

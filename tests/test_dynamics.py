@@ -132,7 +132,6 @@ def test_a_planted_spike_is_found_and_its_rows_ranked_first(run, tmp_path):
     import data
     import prepare
     import spikes
-    from common import sha256_file, write_json_atomic
     from config import config_from_dict
     from conftest import corpus_values, make_corpus, write_config
 
@@ -145,15 +144,12 @@ def test_a_planted_spike_is_found_and_its_rows_ranked_first(run, tmp_path):
     prepare.prepare(cfg, progress=False)
     manifest = data.load_manifest(cfg.data_dir)
     chunk, step = len(manifest["chunks"]) - 1, 5
-    reader = data.ChunkReader(cfg.data_dir, chunk, cfg.seed, cfg.global_batch_size, cfg.global_batch_size)
-    planted = reader.step_rows(step)[:3].tolist()
-    path = os.path.join(cfg.data_dir, manifest["chunks"][chunk]["file"])
-    rows = np.load(path, mmap_mode="r+")
-    rows[planted] = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (3, rows.shape[1]))
-    rows.flush()
-    del rows, reader
-    manifest["chunks"][chunk]["sha256"] = sha256_file(path)
-    write_json_atomic(os.path.join(cfg.data_dir, "manifest.json"), manifest)
+    before = np.load(os.path.join(cfg.data_dir, manifest["chunks"][chunk]["file"]))
+    planted = spikes.plant(cfg, chunk, step, rows=3)
+    after = np.load(os.path.join(cfg.data_dir, manifest["chunks"][chunk]["file"]))
+    assert data.verify_dir(cfg.data_dir) == len(manifest["chunks"])  # consistent: sha256 updated
+    changed = np.flatnonzero((before != after).any(axis=1)).tolist()
+    assert sorted(planted) == changed and len(changed) == 3
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), write_config(root / "cfg.py", values)],
                    check=True, capture_output=True, cwd=root)
 
