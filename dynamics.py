@@ -4,6 +4,7 @@ checkpoints for ("understand what happens during LLM pre-training"): how each we
 tensor moves from checkpoint to checkpoint, and where AdamW's state sits.
 
     python dynamics.py RUN_DIR [--checkpoints=ckpt_000,...] [--power_iters=10]
+    torchrun --nproc_per_node=8 dynamics.py RUN_DIR      the tensors split over the ranks
     python dynamics.py spikes RUN_DIR ...      loss spikes traced to their rows (spikes.py)
 
 RUN_DIR is a run of ours or a folder of Hugging Face checkpoints ckpt_000 ... (AMBER's
@@ -49,8 +50,8 @@ from safetensors import safe_open
 import checkpoint
 import plot
 import sweeping
-from common import (UserError, atomic_write, one_line_errors, parse_options, read_json,
-                    write_json_atomic)
+from common import (UserError, atomic_write, broadcast0, gather, init_distributed, one_line_errors,
+                    parse_options, print0, read_json, write_json_atomic)
 from config import saved_config
 from model import Transformer
 
@@ -260,18 +261,23 @@ def cache_key(chain, i, iters):
                                *CODE)
 
 
-def analyse(chain, cfg, todo, iters):
+def analyse(chain, cfg, todo, iters, rank=0, world_size=1):
     """{index: {tensor: raw sums}} of the chain's entries `todo`: the tensors in the order
     the initialization draws them, and for each the entries it needs in turn (each of
-    `todo`, and the two before it)."""
+    `todo`, and the two before it). Under torchrun each rank takes every world_size-th
+    tensor (every rank draws the whole initialization, to keep its generator in step), and
+    the ranks' results are gathered."""
     needed = sorted({j for i in todo for j in (i - 2, i - 1, i) if j >= 0})
     where = {j: weight_files(chain[j][1]) for j in needed if chain[j][1]}
     if cfg is not None:
         draws = initialization(cfg)
     else:
         draws = ((name, read_tensor(where[0], name)) for name in where[0])
-    out = {i: {} for i in todo}
-    for name, init in draws:
+    out, order = {i: {} for i in todo}, {}
+    for k, (name, init) in enumerate(draws):
+        order[name] = k
+        if k % world_size != rank:
+            continue
         prev = prev_update = prev_j = None
         for j in needed:
             if chain[j][1] is None:
@@ -293,12 +299,18 @@ def analyse(chain, cfg, todo, iters):
         saved = saved_config(checkpoint.read_state(path)["config"])
         with moments(path, optimizer_names(saved)) as mom:
             for tensor, (m, v, step) in mom.items():
-                out[i][tensor] |= adam_sums(m, v, step, saved.beta2, saved.eps)
-    return out
+                if tensor in out[i]:  # this rank's tensors
+                    out[i][tensor] |= adam_sums(m, v, step, saved.beta2, saved.eps)
+    merged = {i: {} for i in todo}
+    for part in gather(out, world_size):
+        for i, tensors in part.items():
+            merged[i] |= tensors
+    return {i: dict(sorted(t.items(), key=lambda kv: order[kv[0]])) for i, t in merged.items()}
 
 
-def run(run_dir, wanted=None, iters=10):
-    """dynamics.csv and dynamics.png of a run dir; returns the csv's path."""
+def run(run_dir, wanted=None, iters=10, rank=0, world_size=1):
+    """dynamics.csv and dynamics.png of a run dir (written by rank 0); returns the csv's
+    path."""
     chain, cfg = chain_of(series(run_dir, wanted))
     cache = os.path.join(run_dir, "dynamics")
     os.makedirs(cache, exist_ok=True)
@@ -308,16 +320,19 @@ def run(run_dir, wanted=None, iters=10):
         path = os.path.join(cache, f"{chain[i][0]}.json")
         return os.path.exists(path) and read_json(path).get("key") == keys[i]
 
-    todo = [i for i in range(len(chain)) if not cached(i)]
+    todo = broadcast0([i for i in range(len(chain)) if not cached(i)], world_size)
     if todo:
-        print(f"{run_dir}: {len(todo)} of {len(chain)} checkpoints to analyse "
-              f"({', '.join(chain[i][0] for i in todo[:5])}{' ...' if len(todo) > 5 else ''})",
-              flush=True)
-        for i, tensors in analyse(chain, cfg, todo, iters).items():
+        print0(f"{run_dir}: {len(todo)} of {len(chain)} checkpoints to analyse "
+               f"({', '.join(chain[i][0] for i in todo[:5])}{' ...' if len(todo) > 5 else ''})"
+               f"{f' on {world_size} ranks' if world_size > 1 else ''}", rank=rank)
+        results = analyse(chain, cfg, todo, iters, rank, world_size)
+        for i, tensors in results.items() if rank == 0 else ():
             name, _, ident, _ = chain[i]
             write_json_atomic(os.path.join(cache, f"{name}.json"),
                               {"key": keys[i], "checkpoint": name, "step": ident["step"],
                                "tokens": ident["tokens"], "tensors": tensors})
+    if rank != 0:
+        return None
     out = os.path.join(run_dir, "dynamics.csv")
     write_csv(out, [os.path.join(cache, f"{entry[0]}.json") for entry in chain])
     plot.plot_dynamics(run_dir)
@@ -356,8 +371,10 @@ def main(argv):
             raise DynamicsError(f"{argv[0]}: no such folder; give a run dir or a folder of "
                                 "Hugging Face checkpoints")
         wanted = opts["checkpoints"].split(",") if "checkpoints" in opts else None
-        out = run(argv[0], wanted, opts.get("power_iters", 10))
-        print(f"wrote {out} and {os.path.join(argv[0], 'dynamics.png')}")
+        rank, world_size, _ = init_distributed()
+        out = run(argv[0], wanted, opts.get("power_iters", 10), rank, world_size)
+        if rank == 0:
+            print(f"wrote {out} and {os.path.join(argv[0], 'dynamics.png')}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ model card that links every part of it.
         logs/                     config.py (train.py takes it as it is), run.json, metrics.jsonl,
                                   ledger.jsonl, training.png
         evals/, memorization/     what evaluate.py and memorize.py wrote into the run
+        dynamics/                 dynamics.csv and spikes.csv with their figures
         release.json              what each checkpoint folder was exported from
 
 Everything but the exported weights is a hard link to the run's file where the
@@ -48,8 +49,10 @@ from model import Transformer
 from model_config import hf_config
 
 CARD_FIGURES = [("logs/training.png", "training"), ("evals/evals.png", "evaluations over training"),
-                ("memorization/*/scores.png", "memorization scores"), ("memorization/*/matrix.png",
-                                                                        "memorization by chunk")]
+                ("dynamics/dynamics.png", "the weights over the checkpoints (dynamics.py)"),
+                ("dynamics/spikes.png", "loss spikes (spikes.py)"),
+                ("memorization/*/scores.png", "memorization scores"),
+                ("memorization/*/matrix.png", "memorization by chunk")]
 
 
 class ReleaseError(UserError):
@@ -164,6 +167,9 @@ def release(run_dir, out_dir=None):
               "contamination_rows.jsonl"):
         if os.path.exists(os.path.join(run_dir, f)):
             copied += link(os.path.join(run_dir, f), os.path.join(out_dir, "evals", f))
+    for f in ("dynamics.csv", "dynamics.png", "spikes.csv", "spikes.png"):
+        if os.path.exists(os.path.join(run_dir, f)):
+            copied += link(os.path.join(run_dir, f), os.path.join(out_dir, "dynamics", f))
     if os.path.isdir(os.path.join(run_dir, "memorization")):
         copied += link_tree(os.path.join(run_dir, "memorization"),
                             os.path.join(out_dir, "memorization"))

@@ -22,8 +22,10 @@ them (each replayed loss beside the one logged: equal bit for bit on one thread)
 at the spike's step, every row of its batch on its own: its loss, and its share of the
 step's gradient, <g_row, g> / ||g||^2 with g the step's gradient, the mean of the rows'
 (the shares sum to 1). Rows ranked by share go to RUN_DIR/spikes.csv, one line per spike
-and row, with their source and their first words; RUN_DIR/spikes.png marks the spikes
-on the loss curve. One process, the model whole in memory: at 7B a GPU of 80 GB or more.
+and row, with their source, how often each occurs whole in the training data (when the
+run's index is built: python tracing.py index) and their first words; spikes.png marks
+the spikes on the loss curve. One process, the model whole in memory: at 7B a GPU of 80 GB
+or more.
 """
 
 import csv
@@ -36,6 +38,7 @@ import torch
 
 import checkpoint
 import data
+import index
 import plot
 import runstate
 import step
@@ -45,7 +48,7 @@ from config import load_config, saved_config
 from parallelize import build_model, speed_up
 
 COLUMNS = ["step", "chunk", "chunk_step", "lr", "loss", "grad_norm", "replayed_loss", "rank",
-           "row", "source", "row_loss", "grad_share", "text"]
+           "row", "source", "row_loss", "grad_share", "occurrences", "text"]
 
 
 class SpikeError(UserError):
@@ -156,6 +159,16 @@ def row_gradients(run, rows, tokens):
     return losses, shares
 
 
+def occurrences(run_dir, rows):
+    """How often each row occurs whole in the training data, from the run's index (python
+    tracing.py index RUN_DIR); None for each when there is no index."""
+    try:
+        found = index.Index(run_dir)
+    except index.TraceError:
+        return [None] * len(rows)
+    return [found.count(r) for r in rows]
+
+
 def replay(run_dir, record):
     """(replayed losses of the chunk's steps before the spike and of the spike, the rows of
     the spike's step ranked by their share of its gradient)."""
@@ -172,9 +185,10 @@ def replay(run_dir, record):
     names = [s["name"] for s in manifest["sources"]]
     has_tok = manifest["tokenizer"].get("file") or manifest["tokenizer"]["kind"] == "tiktoken"
     tok = data.load_tokenizer(data_dir, manifest) if has_tok else None
+    counts = dict(zip(rows, occurrences(run_dir, [reader.tokens[r] for r in rows])))
     ranked = sorted(zip(rows, losses, shares), key=lambda t: -t[2])
     out = [{"row": int(r), "source": names[reader.sources[r]], "row_loss": loss,
-            "grad_share": share,
+            "grad_share": share, "occurrences": counts[r],
             "text": tok.decode(reader.tokens[r][:24].tolist())[:80] if tok else ""}
            for r, loss, share in ranked]
     worst = max((abs(replayed[s] - logged[s]) for s in replayed if s in logged), default=0.0)

@@ -130,6 +130,7 @@ def test_a_planted_spike_is_found_and_its_rows_ranked_first(run, tmp_path):
     import numpy as np
 
     import data
+    import index
     import prepare
     import spikes
     from config import config_from_dict
@@ -153,12 +154,14 @@ def test_a_planted_spike_is_found_and_its_rows_ranked_first(run, tmp_path):
     subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), write_config(root / "cfg.py", values)],
                    check=True, capture_output=True, cwd=root)
 
+    index.build(str(root / "run"), progress=False)  # for each row's occurrences
     found = spikes.run(str(root / "run"))
     assert [(r["chunk"], r["chunk_step"]) for r, _ in found] == [(chunk, step + 1)]
     with open(root / "run" / "spikes.csv", newline="") as f:
         lines = list(csv.DictReader(f))
     assert len(lines) == cfg.global_batch_size
     assert {int(r["row"]) for r in lines[:3]} == set(planted)
+    assert [int(r["occurrences"]) for r in lines[:3]] == [1, 1, 1]  # random ids: once, there
     assert sum(float(r["grad_share"]) for r in lines) == pytest.approx(1.0, abs=1e-4)
     logged = next(r for r, _ in found)["loss"]
     assert float(lines[0]["replayed_loss"]) == pytest.approx(logged, rel=1e-4)
@@ -209,3 +212,23 @@ def test_early_checkpoints_are_in_training_order_and_resumable(run, tmp_path):
     assert checkpoint.checkpoint_names(str(copy)) == names
     a, b = (load_file(d / "ckpt_003" / "model.safetensors") for d in (run, copy))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_ranks_write_what_one_process_writes(run, tmp_path):
+    """Under torchrun the tensors are split over the ranks: the same dynamics.csv, byte for
+    byte, as one process (one thread each: a reduction's order depends on the threads)."""
+    from common import link_tree
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    out = {}
+    for n in (1, 2):
+        copy = tmp_path / f"ranks{n}"
+        link_tree(str(run), str(copy))
+        for cached in ("dynamics", "dynamics.csv", "dynamics.png"):
+            subprocess.run(["rm", "-rf", str(copy / cached)], check=True)
+        cmd = [sys.executable, os.path.join(ROOT, "dynamics.py"), str(copy)] if n == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+             f"--master_port={29500 + os.getpid() % 1000}", os.path.join(ROOT, "dynamics.py"), str(copy)]
+        subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=300)
+        out[n] = (copy / "dynamics.csv").read_bytes()
+    assert out[1] == out[2] and out[1].count(b"\n") > 1000
