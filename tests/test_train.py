@@ -358,7 +358,7 @@ def test_a_stripped_state_json_is_damaged_and_a_format_1_checkpoint_reads_as_it_
         path.unlink()  # a hard link of the reference's: replaced, not written through
         path.write_text(json.dumps({k: v for k, v in state.items() if k not in keys}, indent=1))
 
-    def verify(run_dir):  # python train.py verify RUN_DIR, in this process: (problems, {name: its line})
+    def verified(run_dir):  # python train.py verify RUN_DIR, in this process: (problems, {name: its line})
         bad = verify.verify_run(str(run_dir))
         return bad, {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
 
@@ -366,7 +366,7 @@ def test_a_stripped_state_json_is_damaged_and_a_format_1_checkpoint_reads_as_it_
     link_tree(str(reference), str(run))
     strip(run, "ckpt_001", ("files", "state_sha256", "metrics_sha256"))
     strip(run, "ckpt_002", ("files", "state_sha256", "metrics_sha256", "format_version"))
-    _, lines = verify(run)
+    _, lines = verified(run)
     assert "DAMAGED: state.json lacks files, state_sha256, metrics_sha256" in lines["ckpt_001"]
     assert "DAMAGED: state.json says format 1, but its run dir was started by code that writes format 2" \
         in lines["ckpt_002"]
@@ -378,7 +378,7 @@ def test_a_stripped_state_json_is_damaged_and_a_format_1_checkpoint_reads_as_it_
     (old / "ledger.jsonl").write_text("\n".join([json.dumps(first)] + events[1:]) + "\n")
     for name in ("ckpt_000", "ckpt_001", "ckpt_002"):
         strip(old, name, ("files", "state_sha256", "metrics_sha256", "format_version", "total_steps"))
-    bad, lines = verify(old)
+    bad, lines = verified(old)
     assert bad == 0 and sum("not checked: format 1" in line for line in lines.values()) == 3, lines
     log = train_py.RunLog(str(old), 0)
     assert checkpoint.resume_point(str(old), log) == str(old / "ckpt_002")
