@@ -81,8 +81,8 @@ def test_a_rerun_reads_only_what_is_not_cached(run, monkeypatch):
     before = (run / "dynamics.csv").read_text()
     calls = []
     real = dynamics.analyse
-    monkeypatch.setattr(dynamics, "analyse", lambda chain, cfg, todo, iters: calls.append(todo) or
-                        real(chain, cfg, todo, iters))
+    monkeypatch.setattr(dynamics, "analyse", lambda chain, cfg, todo, *rest: calls.append(todo) or
+                        real(chain, cfg, todo, *rest))
     dynamics.run(str(run))
     (run / "dynamics" / "ckpt_002.json").unlink()
     dynamics.run(str(run))
