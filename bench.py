@@ -12,6 +12,7 @@ Benchmark of model.py against transformers on this machine, in float32.
     python bench.py gpu [CONFIG] [--device=cpu --smoke]   the GPU check (gpu_check.py)
     python bench.py fused [CONFIG]                        model.py's steps against fused.py's
     python bench.py ckpt [FOLDER] [--gb=2]                a rank's checkpoint write and sha256 rates
+    python bench.py layers [CONFIG]                       a step with layer_stats_interval's norms
 
 `model` times, in one run and on the same weights and batch:
   1. one training step (forward + backward + AdamW) of our model and of
@@ -61,6 +62,7 @@ import shutil
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 
 import numpy as np
@@ -72,7 +74,7 @@ from model import to_hf_state_dict
 from model_config import hf_config
 from machine import matmul_rate
 from parallelize import build_model, speed_up
-from step import make_optimizer
+import step
 
 BATCH = 8  # sequences per training step (of the config's seq_len)
 ROUNDS = 5  # alternating timing rounds
@@ -118,7 +120,7 @@ def main(cfg):
 
     # 1. training step: ours as train.py sets it up (param groups, fused AdamW); transformers with
     # torch.optim.AdamW's defaults, as its Trainer's "adamw_torch"
-    opt_ours = make_optimizer(ours.param_groups(0.1), cfg, torch.device("cpu"))
+    opt_ours = step.make_optimizer(ours.param_groups(0.1), cfg, torch.device("cpu"))
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                 weight_decay=0.1)
 
@@ -308,9 +310,9 @@ def bench_data(cfg):
                               cfg.micro_batch_size)
     steps = min(reader.steps, 20)
     t0 = time.perf_counter()
-    for step in range(steps):
+    for s in range(steps):
         for micro in range(reader.accum):
-            reader.batch(step, micro)
+            reader.batch(s, micro)
     t_read = (time.perf_counter() - t0) / steps
     model = build_model(cfg, torch.device("cpu"), torch.float32, fsdp=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -742,11 +744,38 @@ def bench_rehearsal(folder="runs/rehearsal"):
     return 0 if same else 1
 
 
+def bench_layers(cfg, rounds=7, steps=5):
+    """A training step (step.train_step) with and without the per-layer norms of
+    layer_stats_interval, alternating, on random rows: medians and their ratio."""
+    device = torch.device("cpu")
+    model = build_model(cfg, device, torch.float32, fsdp=False)
+    speed_up(model, cfg, device)
+    groups = model.param_groups(cfg.weight_decay)
+    run = step.Run(cfg=cfg, rank=0, world_size=1, device=device, fsdp=False, autocast=nullcontext(),
+                   log=None, dirs=[], table=[], raw_model=model, model=model,
+                   optimizer=step.make_optimizer(groups, cfg, device),
+                   params=[p for g in groups for p in g["params"]], ref_model=None,
+                   objective=step.lm_objective, stat_names=(),
+                   accum=cfg.global_batch_size // cfg.micro_batch_size, total_steps=1, peak=None)
+    ids = torch.randint(0, cfg.model.vocab_size, (cfg.micro_batch_size, cfg.seq_len + 1))
+    batches = iter(lambda: (ids[:, :-1], ids[:, 1:]), None)
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for layers in (False, True):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step.train_step(run, batches, 1e-4, layers=layers)
+            times[layers].append((time.perf_counter() - t0) / steps)
+    plain, with_layers = (statistics.median(times[k]) for k in (False, True))
+    print(f"a step {plain * 1e3:.1f} ms, with the layers' norms {with_layers * 1e3:.1f} ms "
+          f"({with_layers / plain:.3f}x; medians of {rounds} alternating rounds of {steps})")
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
     mode = args.pop(0) if args and args[0] in ("model", "data", "eval", "convert", "prepare",
                                                "figures", "gpu", "trace", "rehearsal", "fused",
-                                               "ckpt") else "model"
+                                               "ckpt", "layers") else "model"
     if mode == "trace":
         sys.exit(bench_trace(*args))
     if mode == "rehearsal":
@@ -756,10 +785,9 @@ if __name__ == "__main__":
 
         sys.exit(gpu_check.main(args))
     if mode == "ckpt":
+        opts = parse_options([a for a in args if a.startswith("--")])
         sys.exit(bench_ckpt(*[a for a in args if not a.startswith("--")],
-                            **{k: float(v)
-                               for k, v
-                               in parse_options([a for a in args if a.startswith("--")]).items()}))
+                            **{k: float(v) for k, v in opts.items()}))
     if mode == "figures":
         sys.exit(bench_figures(*args))
     if mode in ("convert", "prepare"):
@@ -768,4 +796,5 @@ if __name__ == "__main__":
         cfg = load_config([a for a in args if a != "--compile"] or ["configs/tiny.py"])
     except ConfigError as e:
         sys.exit(f"error: {e}")
-    {"model": main, "data": bench_data, "eval": bench_eval, "fused": bench_fused}[mode](cfg)
+    {"model": main, "data": bench_data, "eval": bench_eval, "fused": bench_fused,
+     "layers": bench_layers}[mode](cfg)
