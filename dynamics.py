@@ -19,7 +19,8 @@ name) and, summed, every layer and kind (`layer.3.attn_qkv`, `layer.3`, `embed`,
     update_cos       the cosine between this update and the one before
     stable_rank      ||W||^2 / sigma_max^2 of a matrix, sigma_max by power iteration
                      (a summary: the mean over its matrices)
-    adam_m, adam_v   ||m|| and ||v||, AdamW's moments (our checkpoints' optimizer.pt)
+    adam_m, adam_v   ||m|| and ||v||, AdamW's moments (our checkpoints: optimizer.pt, or
+                     an FSDP run's sharded optimizer/)
     eps_share        the share of entries whose bias-corrected sqrt(v) is below AdamW's
                      eps: there the step is m / eps rather than m / sqrt(v)
 
@@ -42,7 +43,7 @@ import dataclasses
 import math
 import os
 import sys
-from contextlib import contextmanager
+import warnings
 
 import torch
 from safetensors import safe_open
@@ -208,19 +209,35 @@ def summed(tensors):
 # AdamW's moments, one checkpoint at a time
 
 
-@contextmanager
-def moments(path, names):
-    """{tensor name: (exp_avg, exp_avg_sq, step)} of a checkpoint's optimizer.pt, memory-mapped
-    (read as they are used), or {} when it has none (a Hugging Face folder, a DCP shard)."""
-    f = os.path.join(path, "optimizer.pt")
-    if checkpoint.kind(path) != "ours" or not os.path.exists(f):
-        yield {}
+def moments(path, names, wanted):
+    """(name, exp_avg, exp_avg_sq, step) of each tensor of `wanted`, one at a time: from
+    optimizer.pt (memory-mapped, `names` in its index order), or from an FSDP run's
+    torch.distributed.checkpoint shards (optimizer/, each tensor loaded whole on its own);
+    nothing for a Hugging Face folder."""
+    f, folder = os.path.join(path, "optimizer.pt"), os.path.join(path, "optimizer")
+    if checkpoint.kind(path) != "ours":
         return
-    osd = torch.load(f, mmap=True, weights_only=True, map_location="cpu")
-    order = [i for g in osd["param_groups"] for i in g["params"]]
-    yield {names[i]: (s["exp_avg"], s["exp_avg_sq"], float(s["step"]))
-           for i, s in osd["state"].items() if i < len(names)} if len(order) == len(names) else {}
-    del osd
+    if os.path.exists(f):
+        osd = torch.load(f, mmap=True, weights_only=True, map_location="cpu")
+        if sum(len(g["params"]) for g in osd["param_groups"]) == len(names):
+            for i, s in osd["state"].items():
+                if names[i] in wanted:
+                    yield names[i], s["exp_avg"], s["exp_avg_sq"], float(s["step"])
+        return
+    if not os.path.isdir(folder):
+        return
+    import torch.distributed.checkpoint as dcp
+
+    meta = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    for name in names:
+        keys = [f"state.{name}.{k}" for k in ("exp_avg", "exp_avg_sq", "step")]
+        if name not in wanted or not all(k in meta for k in keys):
+            continue
+        sd = {k: torch.empty(meta[k].size, dtype=meta[k].properties.dtype) for k in keys}
+        with warnings.catch_warnings():  # "torch.distributed is disabled...": one process reads
+            warnings.simplefilter("ignore")
+            dcp.load(sd, checkpoint_id=folder, no_dist=True)
+        yield name, sd[keys[0]], sd[keys[1]], float(sd[keys[2]])
 
 
 def adam_sums(m, v, step, beta2, eps):
@@ -297,10 +314,8 @@ def analyse(chain, cfg, todo, iters, rank=0, world_size=1):
         if path is None or checkpoint.kind(path) != "ours":
             continue
         saved = saved_config(checkpoint.read_state(path)["config"])
-        with moments(path, optimizer_names(saved)) as mom:
-            for tensor, (m, v, step) in mom.items():
-                if tensor in out[i]:  # this rank's tensors
-                    out[i][tensor] |= adam_sums(m, v, step, saved.beta2, saved.eps)
+        for tensor, m, v, step in moments(path, optimizer_names(saved), set(out[i])):
+            out[i][tensor] |= adam_sums(m, v, step, saved.beta2, saved.eps)
     merged = {i: {} for i in todo}
     for part in gather(out, world_size):
         for i, tensors in part.items():

@@ -473,6 +473,17 @@ def test_a_resume_may_change_parallel_and_the_number_of_processes(corpus, short_
     train(corpus, "switch", nproc=2, parallel="fsdp", max_steps=12, lr=1e-3)
     assert (corpus / "switch" / "ckpt_rolling" / "optimizer").is_dir()
     assert_same_training(short_reference, corpus / "switch", tol=1e-6)
+    # dynamics.py reads AdamW's moments from the DCP shards as from the one-process optimizer.pt
+    import dynamics
+
+    cfg = config_from_dict(run_values(corpus, "switch", lr=1e-3))
+    names = dynamics.optimizer_names(cfg)
+    sharded, whole = ({n: (m.norm().item(), v.norm().item(), step)
+                       for n, m, v, step in dynamics.moments(str(d / "ckpt_rolling"), names, set(names))}
+                      for d in (corpus / "switch", short_reference))
+    assert sharded.keys() == whole.keys() == set(names)
+    assert all(a[2] == b[2] == 12 and a[0] == pytest.approx(b[0], rel=1e-4) and a[1] == pytest.approx(b[1], rel=1e-4)
+               for a, b in ((sharded[n], whole[n]) for n in names)), (sharded, whole)
     train(corpus, "switch", max_steps=14, lr=1e-3)
     assert [r["step"] for r in metrics(corpus / "switch") if "loss" in r][-1] == 14
     assert [e["event"] for e in ledger(corpus / "switch")].count("resume") == 2
