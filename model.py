@@ -59,8 +59,8 @@ def rope_tables(cfg, positions):
     model.to(bfloat16) nor autocast lowers their precision (AMBER's lesson).
     """
     d = cfg.rot_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, device=positions.device,
-                                                      dtype=torch.int64).float() / d))
+    exponents = torch.arange(0, d, 2, device=positions.device, dtype=torch.int64).float() / d
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
     freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, d/2)
     return torch.cat((freqs, freqs), dim=-1).cos(), torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
 
@@ -91,8 +91,8 @@ class KVCache:
         return self.k[layer], self.v[layer]
 
     def update(self, layer, k, v, pos):
-        """Store k, v (B, nkv, T, hs) at [pos, pos + T); return all keys and values up to pos +
-        T."""
+        """Store k, v (B, nkv, T, hs) at [pos, pos + T); return all keys and values up to
+        pos + T."""
         if self.k[layer] is None:  # in the dtype of the keys: bf16 under autocast
             self.k[layer] = torch.zeros(self.shape, dtype=k.dtype, device=k.device)
             self.v[layer] = torch.zeros(self.shape, dtype=v.dtype, device=v.device)
@@ -116,8 +116,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cache=None, pos=0, mask=None):
         B, T, _ = x.shape
-        qkv = self.wqkv(x).view(B, T, self.n_head + 2 * self.n_kv_head,
-                                self.head_dim).transpose(1, 2)
+        heads = self.n_head + 2 * self.n_kv_head
+        qkv = self.wqkv(x).view(B, T, heads, self.head_dim).transpose(1, 2)
         # split: one cat in backward
         qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
         qk = apply_rope(qk, cos, sin)  # queries and keys in one go
@@ -134,10 +134,9 @@ class Attention(nn.Module):
         if mask is None and pos > 0 and T > 1:
             mask = torch.ones(T, pos + T, dtype=torch.bool, device=x.device).tril(diagonal=pos)
             causal = False
+        gqa = self.n_kv_head != self.n_head
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           # (B, nh, T, hs)
-                                           scale=self.scale, enable_gqa=self.n_kv_head
-                                           != self.n_head)
+                                           scale=self.scale, enable_gqa=gqa)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)
         return self.wo(y)
 
