@@ -425,10 +425,21 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, *, limit=None, text=No
     else:
         metrics, per_doc = multiple_choice(model, tok, task, docs, shots)
     # items: each row's value, in the task file's order (tracing.py contamination splits them clean
-    # / dirty)
+    # / dirty); stderr: of every metric that is their mean (not the count of timeouts)
     return [{"metric": k, "value": v, "n": len(docs), "task_sha256": sha,
+             "stderr": mean_stderr([d[k] for d in per_doc]) if k != "timeouts" else None,
              "items": [d[k] for d in per_doc]}
             for k, v in metrics.items()]
+
+
+def mean_stderr(values):
+    """The standard error of a mean of per-item values as lm-evaluation-harness computes it
+    (its mean_stderr: the sample standard deviation over sqrt(n)); None under 2 items."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((x - mean) ** 2 for x in values) / (n - 1)) / math.sqrt(n)
 
 
 def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=None, device="cpu",
@@ -547,12 +558,17 @@ def column(r):
 
 
 def write_table(run_dir, rows):
-    """evals.csv (checkpoint x task/metric; the newest result of each) and evals.png (plot.py)."""
+    """evals.csv (checkpoint x task/metric, each mean with its standard error beside it as
+    task/metric:stderr; the newest result of each) and evals.png (plot.py)."""
     if not rows:
         return
     keys = sorted({column(r) for r in rows})
+    with_err = {column(r) for r in rows if r.get("stderr") is not None}
+    keys = [c for k in keys for c in ([k, f"{k}:stderr"] if k in with_err else [k])]
     ckpts = list(dict.fromkeys(r["checkpoint"] for r in rows))
     table = {(r["checkpoint"], column(r)): r["value"] for r in rows}
+    table |= {(r["checkpoint"], f"{column(r)}:stderr"): r["stderr"] for r in rows
+              if r.get("stderr") is not None}
     tokens = {r["checkpoint"]: r["tokens"] for r in rows}
     lines = [",".join(["checkpoint", "tokens"] + keys)]
     lines += [",".join([c, str(tokens[c])] + [f"{table[(c, k)]:.6g}" if (c, k) in table else ""

@@ -163,14 +163,20 @@ def _number(text):
 
 
 def plot_evals(run_dir):
-    """evals.png from evals.csv (checkpoint, tokens, one column per task/metric)."""
+    """evals.png from evals.csv (checkpoint, tokens, one column per task/metric, and its
+    standard error, drawn as a band of one either side)."""
     header, *rows = _read_csv(os.path.join(run_dir, "evals.csv"))
-    keys = header[2:]
+    keys = [k for k in header[2:] if not k.endswith(":stderr")]
     fig, axes = new_figure(1, len(keys), (4 * len(keys), 3))
-    for j, (ax, k) in enumerate(zip(axes[0], keys)):
-        points = [(_number(r[1]) if r[1] != "None" else i, float(r[2 + j]))
-                  for i, r in enumerate(rows) if r[2 + j]]
-        ax.plot([x for x, _ in points], [y for _, y in points], marker="o")
+    for ax, k in zip(axes[0], keys):
+        j, e = header.index(k), header.index(f"{k}:stderr") if f"{k}:stderr" in header else None
+        points = [(_number(r[1]) if r[1] != "None" else i, float(r[j]),
+                   _number(r[e]) if e is not None else math.nan)
+                  for i, r in enumerate(rows) if r[j]]
+        x, y, err = (np.array(v, dtype=float) for v in zip(*points)) if points else ([], [], [])
+        ax.plot(x, y, marker="o")
+        if e is not None and len(x):  # one standard error either side
+            ax.fill_between(x, y - err, y + err, alpha=0.25)
         ax.set_title(k, fontsize=9)
         ax.set_xlabel("tokens seen")
     fig.tight_layout()
@@ -315,8 +321,9 @@ def plot_compare(run_dirs, out_dir):
         if os.path.exists(os.path.join(d, "evals.csv")):
             header, *rows = _read_csv(os.path.join(d, "evals.csv"))
             for j, key in enumerate(header[2:]):
-                evals.setdefault(key, {})[d] = [(_number(r[1]), float(r[2 + j])) for r in rows
-                                                if r[2 + j]]
+                if not key.endswith(":stderr"):
+                    evals.setdefault(key, {})[d] = [(_number(r[1]), float(r[2 + j]))
+                                                    for r in rows if r[2 + j]]
     panels = ["loss", *val_keys, "lr", *evals]
     cols = 3
     fig, axes = new_figure(-(-len(panels) // cols), cols, (4.2 * cols, 3 * -(-len(panels) // cols)))

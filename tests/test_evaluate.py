@@ -100,7 +100,7 @@ def test_prompts_and_scores_equal_the_harness(run, tmp_path, monkeypatch):
     LM = ev.register_lm_eval()
     lm = LM(checkpoint=str(run / "run" / "ckpt_001"))
     out = lm_eval.simple_evaluate(model=lm, tasks=list(names.values()), num_fewshot=0, log_samples=True,
-                                  task_manager=TaskManager(include_path=str(tasks)), bootstrap_iters=0)
+                                  task_manager=TaskManager(include_path=str(tasks)), bootstrap_iters=100)
     for ours, theirs in names.items():
         docs, _, _ = ev.load_task(str(tasks), ours)
         samples = out["samples"][theirs]
@@ -114,8 +114,10 @@ def test_prompts_and_scores_equal_the_harness(run, tmp_path, monkeypatch):
             assert [a[1] for a in s["arguments"]] == [" " + c for c in choices]  # the continuations
             ours_ll = [ll for ll, _ in ev.loglikelihoods(lm.model, lm.tok, [(ctxs[doc_id], " " + c) for c in choices])]
             assert [r[0][0] for r in s["resps"]] == pytest.approx(ours_ll, abs=1e-6)  # what lm_eval got
-        metrics, _ = ev.multiple_choice(lm.model, lm.tok, ours, docs, [], n_shots=0)
+        metrics, per_doc = ev.multiple_choice(lm.model, lm.tok, ours, docs, [], n_shots=0)
         res = out["results"][theirs]
+        key = "mc2" if ours == "truthfulqa_mc" else "acc"  # and the standard error, as the harness's
+        assert res["acc_stderr,none"] == pytest.approx(ev.mean_stderr([d[key] for d in per_doc]), abs=1e-9)
         if ours == "truthfulqa_mc":
             assert res["acc,none"] == pytest.approx(metrics["mc2"], abs=1e-9)
         else:
