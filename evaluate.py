@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import data
+import emergence
 import model as model_module
 import sandbox
 import sweeping
@@ -548,6 +549,7 @@ def _merge(run_dir, out_path, tasks):
     # the table's values
     rows = [{k: v for k, v in r.items() if k != "items"} for r in iter_jsonl(out_path)]
     write_table(run_dir, rows)
+    emergence.write(run_dir)
     return rows
 
 

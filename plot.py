@@ -13,6 +13,7 @@ drawn again at any time:
                               checkpoint, in about 0.1 s)
     evals.png                 one curve per task and metric over training (evaluate.py)
     dynamics.png              per statistic, layers x checkpoints (dynamics.py)
+    emergence.png             items answered right and learned for good (emergence.py)
     memorization/kK_lL/scores.png   the score distribution of each checkpoint (paper Figure 7)
     memorization/kK_lL/matrix.png   mean score, checkpoint x chunk (Figure 8)
     memorization/kK_lL/correlation.png  score correlation between checkpoints (Figure 9)
@@ -244,6 +245,30 @@ def plot_dynamics(run_dir):
         fig.colorbar(im, ax=ax)
     fig.tight_layout()
     save_figure(fig, os.path.join(run_dir, "dynamics.png"), dpi=100)
+
+
+def plot_emergence(run_dir, series, table):
+    """emergence.png (emergence.py): per task and metric over the checkpoints, the share of
+    items answered right and the share learned for good by then, clean and dirty apart."""
+    fig, axes = new_figure(1, len(series), (4 * len(series), 3))
+    for ax, ((task, metric), (ckpts, _, values)) in zip(axes[0], sorted(series.items())):
+        x = np.arange(len(ckpts))
+        rows = table[task, metric]
+        at = np.array([ckpts.index(r["learned_at"]) if r["learned_at"] else len(ckpts)
+                       for r in rows])
+        ax.plot(x, values.mean(axis=1), marker="o", label="right")
+        groups = {"learned": np.ones(len(rows), bool)}
+        dirty = np.array([r["dirty"] is True for r in rows])
+        if any(r["dirty"] != "" for r in rows) and dirty.any() and (~dirty).any():
+            groups = {"learned, clean": ~dirty, "learned, dirty": dirty}
+        for label, mask in groups.items():
+            ax.plot(x, [(at[mask] <= i).mean() for i in x], marker=".", ls="--", label=label)
+        ax.set_xticks(x, ckpts, fontsize=5, rotation=90)
+        ax.set_title(f"{task}/{metric}", fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    save_figure(fig, os.path.join(run_dir, "emergence.png"), dpi=100)
 
 
 def plot_spikes(run_dir, records, spike_steps):
