@@ -62,13 +62,14 @@ class EvalError(UserError):
 SCORER_FILES = tuple(os.path.abspath(f) for f in (__file__, model_module.__file__, tasks.__file__))
 
 
-def result_key(task, task_sha, limit, tokenizer, weights=None):
+def result_key(task, task_sha, limit, tokenizer, weights=None, sampling=None):
     """What a result depends on: the checkpoint's weights (checkpoint.identity's
     fingerprint), the task's files (or text, or validation split), how many rows
     (--limit), the few-shot count, the tokenizer and the scoring code (this file, model.py
-    and tasks.py). evals.jsonl rows are reused only when all of these are equal."""
+    and tasks.py), and for a code task the samples and temperature of pass@k. evals.jsonl
+    rows are reused only when all of these are equal."""
     parts = {"task": task, "task_sha256": task_sha, "limit": limit, "n_shots": FEWSHOT.get(task),
-             "tokenizer": tokenizer, "weights": weights}
+             "tokenizer": tokenizer, "weights": weights, "sampling": sampling}
     return sweeping.result_key(parts, *SCORER_FILES)
 
 
@@ -355,42 +356,68 @@ def multiple_choice(model, tok, task, docs, shots_from, n_shots=None):
 
 HUMANEVAL_STOP = ["\nclass ", "\ndef ", "\n#", "\nif __name__", "\nprint("]
 
-def complete(model, tok, prompt, max_new_tokens, stop, compile=False):
+def complete(model, tok, prompt, max_new_tokens, stop, compile=False, *, temperature=0.0,
+             generator=None):
+    """The model's continuation of prompt, cut at the first stop string: greedy, or sampled
+    at `temperature` from `generator`."""
     # the prompt's last tokens that fit beside the answer
     keep = max(1, model.config.max_seq_len - max_new_tokens)
     ids = ([tok.prefix_id] + tok.encode(prompt))[-keep:]
+    cache_len = max(model.config.max_seq_len, len(ids) + max_new_tokens) if compile else None
     out = model.generate(torch.tensor([ids], device=model.tok_emb.weight.device), max_new_tokens,
-                         compile=compile, cache_len=max(model.config.max_seq_len,
-                                                        len(ids) + max_new_tokens) if compile
-                         else None)
+                         temperature=temperature, generator=generator, compile=compile,
+                         cache_len=cache_len)
     text = tok.decode(out[0, len(ids):].tolist())
     cut = min([text.find(s) for s in stop if s in text] or [len(text)])
     return text[:cut]
 
 
-def code_task(model, tok, task, docs, *, max_new_tokens=128, timeout=10.0, compile="auto",
-              allow_code_execution=False):
-    """pass@1 of HumanEval or MBPP rows; compile: True, False, or "auto" (sweeping.compile_decoding
-    of the tokens the task generates)."""
-    compile = sweeping.compile_decoding(compile, len(docs) * max_new_tokens)
+def code_task(model, tok, task, docs, *, samples=1, temperature=0.8, max_new_tokens=128,
+              timeout=10.0, compile="auto", allow_code_execution=False):
+    """pass@k of HumanEval or MBPP rows: one greedy answer a row (pass@1), or `samples`
+    answers sampled at `temperature` (seeded by the row and the sample) and pass@k by the
+    unbiased estimator for k = 1, 10, 100 up to samples; each answer runs in the sandbox.
+    compile: True, False, or "auto" (sweeping.compile_decoding of the tokens generated)."""
+    compile = sweeping.compile_decoding(compile, len(docs) * samples * max_new_tokens)
+    device = model.tok_emb.weight.device
     per_doc = []
-    for doc in docs:
+    for i, doc in enumerate(docs):
         if task == "humaneval":
-            body = complete(model, tok, doc["prompt"], max_new_tokens, HUMANEVAL_STOP, compile)
-            program = (doc["prompt"] + body + "\n\n" + doc["test"]
-                       + f"\n\ncheck({doc['entry_point']})\n")
+            prompt, stop = doc["prompt"], HUMANEVAL_STOP
         else:  # mbpp: the problem and its first test as a docstring, as in the MBPP paper
             prompt = f'"""\n{doc["text"]}\n{doc["test_list"][0]}\n"""\n'
-            body = complete(model, tok, prompt, max_new_tokens,
-                            ['\n"""', "\nassert", "\nif __name__", "\nprint("], compile)
-            program = body + "\n" + doc.get("test_setup_code",
-                                            "") + "\n" + "\n".join(doc["test_list"]) + "\n"
-        per_doc.append({"task_id": doc["task_id"],
-                        "result": sandbox.run(program, timeout,
-                                              allow_unisolated=allow_code_execution)})
-    n = len(per_doc)
-    return {"pass@1": sum(d["result"] == "passed" for d in per_doc) / max(1, n),
-            "timeouts": sum(d["result"] == "timeout" for d in per_doc)}, per_doc
+            stop = ['\n"""', "\nassert", "\nif __name__", "\nprint("]
+        results = []
+        for s in range(samples):
+            sampling = {} if samples == 1 else {
+                "temperature": temperature,
+                "generator": torch.Generator(device).manual_seed(1_000_003 * i + s)}
+            body = complete(model, tok, prompt, max_new_tokens, stop, compile, **sampling)
+            if task == "humaneval":
+                program = (prompt + body + "\n\n" + doc["test"]
+                           + f"\n\ncheck({doc['entry_point']})\n")
+            else:
+                program = "\n".join([body, doc.get("test_setup_code", ""), *doc["test_list"], ""])
+            results.append(sandbox.run(program, timeout, allow_unisolated=allow_code_execution))
+        passed = results.count("passed")
+        per_doc.append({"task_id": doc["task_id"], "result": results[0], "results": results}
+                       | {f"pass@{k}": pass_at_k(samples, passed, k) for k in ks(samples)})
+    n = max(1, len(per_doc))
+    metrics = {f"pass@{k}": sum(d[f"pass@{k}"] for d in per_doc) / n for k in ks(samples)}
+    return metrics | {"timeouts": sum(r == "timeout" for d in per_doc for r in d["results"])}, \
+        per_doc
+
+
+def ks(samples):
+    return [k for k in (1, 10, 100) if k <= samples]
+
+
+def pass_at_k(n, c, k):
+    """The unbiased pass@k of Chen et al. 2021 (Codex) from n samples of which c passed,
+    1 - C(n - c, k) / C(n, k), as their numerically stable product."""
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
 # -----------------------------------------------------------------------------
@@ -398,7 +425,7 @@ def code_task(model, tok, task, docs, *, max_new_tokens=128, timeout=10.0, compi
 
 
 def evaluate_checkpoint(model, tok, info, task, task_dir, *, limit=None, text=None,
-                        allow_code_execution=False):
+                        allow_code_execution=False, samples=1, temperature=0.8):
     """[{metric, value, n, task_sha256, items}] of one task on one model (items: each row's value,
     for the multiple-choice and code tasks)."""
     if task == "ppl":
@@ -418,11 +445,11 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, *, limit=None, text=No
     docs, shots, sha = load_task(task_dir, task)
     docs = docs[:limit] if limit else docs
     if task in ("humaneval", "mbpp"):
-        metrics, per_doc = code_task(model, tok, task, docs,
+        metrics, per_doc = code_task(model, tok, task, docs, samples=samples,
+                                     temperature=temperature,
                                      allow_code_execution=allow_code_execution)
-        per_doc = [{"pass@1": float(d["result"] == "passed"),
-                    "timeouts": float(d["result"] == "timeout")}
-                   for d in per_doc]
+        per_doc = [{k: d[k] for k in metrics if k.startswith("pass@")}
+                   | {"timeouts": float(d["results"].count("timeout"))} for d in per_doc]
     else:
         metrics, per_doc = multiple_choice(model, tok, task, docs, shots)
     # items: each row's value, in the task file's order (tracing.py contamination splits them clean
@@ -444,7 +471,7 @@ def mean_stderr(values):
 
 
 def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=None, device="cpu",
-          rank=0, world_size=1, allow_code_execution=False):
+          rank=0, world_size=1, allow_code_execution=False, samples=1, temperature=0.8):
     """Evaluate every checkpoint x task not yet in RUN_DIR/evals.jsonl; return all rows.
 
     Under torchrun, rank r takes checkpoints r, r + world_size, ... Each rank appends its
@@ -477,8 +504,8 @@ def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=N
     for path in paths[rank::world_size]:
         try:
             _sweep_checkpoint(path, tasks, task_dir, limit=limit, text=text, device=device,
-                              done=done, mine=mine,
-                          allow_code_execution=allow_code_execution)
+                              done=done, mine=mine, allow_code_execution=allow_code_execution,
+                              samples=samples, temperature=temperature)
         # a damaged checkpoint stops nothing else: it is named at the end
         except checkpoint.CheckpointError as e:
             if len(paths) == 1:
@@ -496,7 +523,7 @@ def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=N
 
 
 def _sweep_checkpoint(path, tasks, task_dir, *, limit, text, device, done, mine,
-                      allow_code_execution):
+                      allow_code_execution, samples, temperature):
     """The tasks of one checkpoint that are not done, appended to the rank's file."""
     name = os.path.basename(os.path.normpath(path))
     model = tok = None
@@ -512,13 +539,16 @@ def _sweep_checkpoint(path, tasks, task_dir, *, limit, text, device, done, mine,
         else:
             raise EvalError(f"{path}: ppl of a Hugging Face folder needs --text=FILE (it has no "
                             "data dir)")
-        key = result_key(task, sha, limit, info["tokenizer"], info["weights"])
+        key = result_key(task, sha, limit, info["tokenizer"], info["weights"],
+                         sampling=[samples, temperature] if task in ("humaneval", "mbpp")
+                         and samples > 1 else None)
         if (name, task, key) in done:
             continue
         if model is None:
             model, tok, info = checkpoint.load(path, device)
         rows = evaluate_checkpoint(model, tok, info, task, task_dir, limit=limit, text=text,
-                                           allow_code_execution=allow_code_execution)
+                                   allow_code_execution=allow_code_execution, samples=samples,
+                                   temperature=temperature)
         with open(mine, "a") as f:
             for r in rows:
                 f.write(json.dumps({"checkpoint": name, "step": info["step"],
@@ -663,18 +693,20 @@ def main(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python evaluate.py RUN_DIR --tasks=ppl,arc_challenge,... [--task_dir=DIR] "
                  "[--checkpoints=a,b] [--limit=N] [--text=FILE] [--device=cpu] "
-                 "[--allow_code_execution=True]")
+                 "[--allow_code_execution=True] [--samples=N --temperature=0.8]")
     with one_line_errors():
         opts = parse_options(argv[1:], {"tasks": str, "task_dir": str, "checkpoints": str,
                                         "limit": str, "text": str, "device": torch_device,
-                                        "allow_code_execution": as_bool}, EvalError)
+                                        "allow_code_execution": as_bool, "samples": int,
+                                        "temperature": float}, EvalError)
         # one process: rank 0 of 1, on a GPU if there is one
         rank, world_size, device = init_distributed()
         sweep(argv[0], opts.get("tasks", "ppl").split(","), opts.get("task_dir"),
               checkpoints=opts["checkpoints"].split(",") if "checkpoints" in opts else None,
               limit=_whole_number(opts["limit"], "--limit") if "limit" in opts else None,
               text=opts.get("text"), device=opts.get("device", device), rank=rank,
-              world_size=world_size, allow_code_execution=opts.get("allow_code_execution", False))
+              world_size=world_size, allow_code_execution=opts.get("allow_code_execution", False),
+              samples=opts.get("samples", 1), temperature=opts.get("temperature", 0.8))
 
 
 if __name__ == "__main__":

@@ -234,6 +234,34 @@ def test_code_task_reports_timeouts_and_goes_on(run, monkeypatch):
     assert metrics == {"pass@1": 1 / 3, "timeouts": 1}
 
 
+def test_pass_at_k_is_the_unbiased_estimator_over_sampled_answers(run, monkeypatch):
+    """pass@k equals 1 - C(n - c, k) / C(n, k) computed directly, and with 10 sampled answers
+    a row (4 right for the first row, 0 and 10 for the others) the task's pass@1 and pass@10
+    are the rows' means of it; each sample draws from its own seeded generator."""
+    import math
+
+    for n, c, k in [(1, 0, 1), (1, 1, 1), (10, 3, 1), (10, 3, 10), (20, 5, 10), (200, 7, 100), (10, 0, 10)]:
+        assert ev.pass_at_k(n, c, k) == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-12)
+    model, tok, _ = checkpoint.load(str(run / "run" / "ckpt_001"))
+    right, wrong = "    return a + b\n", "    return a - b\n"
+    answers = iter([right] * 4 + [wrong] * 6 + [wrong] * 10 + [right] * 10)
+    seeds = []
+
+    def sampled(*args, temperature=0.0, generator=None):
+        seeds.append((temperature, generator.initial_seed()))
+        return next(answers)
+
+    monkeypatch.setattr(ev, "complete", sampled)
+    docs = [{"task_id": f"T/{i}", "prompt": "def add(a, b):\n", "test": "def check(f):\n    assert f(1, 2) == 3\n",
+             "entry_point": "add"} for i in range(3)]
+    metrics, per_doc = ev.code_task(model, tok, "humaneval", docs, samples=10, temperature=0.6,
+                                    allow_code_execution=True)
+    assert [d["results"].count("passed") for d in per_doc] == [4, 0, 10]
+    assert metrics["pass@1"] == pytest.approx((0.4 + 0 + 1) / 3)
+    assert metrics["pass@10"] == pytest.approx((1 + 0 + 1) / 3) and metrics["timeouts"] == 0
+    assert len(set(seeds)) == 30 and {t for t, _ in seeds} == {0.6}
+
+
 # -----------------------------------------------------------------------------
 # the sweep
 
