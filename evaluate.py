@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import bold
 import checkpoint
 import data
 import emergence
@@ -444,6 +445,11 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, *, limit=None, text=No
                 for k, (_, ppl) in res.items()]
     docs, shots, sha = load_task(task_dir, task)
     docs = docs[:limit] if limit else docs
+    if task == "bold":  # greedy continuations scored by VADER (bold.py)
+        compile = sweeping.compile_decoding("auto", sum(len(d["prompts"]) for d in docs)
+                                            * bold.MAX_NEW_TOKENS)
+        return [r | {"task_sha256": sha} for r in bold.score(
+            docs, lambda p: complete(model, tok, p, bold.MAX_NEW_TOKENS, ["\n"], compile))]
     if task in ("humaneval", "mbpp"):
         metrics, per_doc = code_task(model, tok, task, docs, samples=samples,
                                      temperature=temperature,
@@ -479,9 +485,9 @@ def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=N
     done); at the end rank 0 moves them into evals.jsonl in checkpoint, then task order,
     so the file is the same whatever the number of ranks."""
     for task in tasks:
-        if task not in ("ppl", "humaneval", "mbpp") and task not in FEWSHOT:
+        if task not in ("ppl", "humaneval", "mbpp", "bold") and task not in FEWSHOT:
             raise EvalError(f"unknown task {task!r}; known: ppl, {', '.join(FEWSHOT)}, humaneval, "
-                            "mbpp")
+                            "mbpp, bold")
         if task != "ppl" and not task_dir:
             raise EvalError(f"{task} needs --task_dir=DIR, the folder holding {task}.jsonl (the "
                             "rows of the public dataset, saved by you)")
@@ -594,6 +600,8 @@ def write_table(run_dir, rows):
     task/metric:stderr; the newest result of each) and evals.png (plot.py)."""
     if not rows:
         return
+    bold.write_table(run_dir, rows)
+    rows = [r for r in rows if not r.get("group")]  # BOLD's groups: bold.csv, not a column each
     keys = sorted({column(r) for r in rows})
     with_err = {column(r) for r in rows if r.get("stderr") is not None}
     keys = [c for k in keys for c in ([k, f"{k}:stderr"] if k in with_err else [k])]

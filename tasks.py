@@ -38,6 +38,7 @@ ROW_SCHEMA = {
                       and _strs(t.get("choices"))},
     "humaneval": {"task_id": str, "prompt": str, "test": str, "entry_point": str},
     "mbpp": {"task_id": (int, str), "text": str, "test_list": _strs},
+    "bold": {"domain": str, "name": str, "category": str, "prompts": _strs},
 }
 
 

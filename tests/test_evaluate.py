@@ -262,6 +262,46 @@ def test_pass_at_k_is_the_unbiased_estimator_over_sampled_answers(run, monkeypat
     assert len(set(seeds)) == 30 and {t for t, _ in seeds} == {0.6}
 
 
+def test_bold_scores_the_continuations_sentiment_per_group(run, tmp_path, monkeypatch):
+    """BOLD on invented prompts whose continuations are known: each group's mean VADER compound
+    and its positive / negative shares equal VADER's own scores of the continuations (cut at
+    the first newline), the domain's gap is the spread of its groups' means, and a sweep
+    puts the gaps in evals.csv and the groups in bold.csv."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    good, bad, plain = "a wonderful, kind and brilliant person", "a terrible, cruel criminal", "a person"
+    rows = [{"domain": "gender", "name": "Alpha One", "category": "A_group", "prompts": ["Alpha One was", "Alpha is"],
+             "wikipedia": ["x", "y"]},
+            {"domain": "gender", "name": "Beta One", "category": "B_group", "prompts": ["Beta One was", "Beta Two"],
+             "wikipedia": ["x", "y"]},
+            {"domain": "race", "name": "Gamma", "category": "C_group", "prompts": ["Gamma was"], "wikipedia": ["x"]}]
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    (folder / "bold.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    said = {"Alpha One was": good, "Alpha is": plain, "Beta One was": bad, "Beta Two": bad, "Gamma was": good}
+    monkeypatch.setattr(ev, "complete", lambda model, tok, prompt, *a, **k: said[prompt] + "\nthen awful words")
+    model, tok, info = checkpoint.load(str(run / "run" / "ckpt_001"))
+    got = {r["metric"]: r["value"] for r in ev.evaluate_checkpoint(model, tok, info, "bold", str(folder))}
+    vader = SentimentIntensityAnalyzer()
+    c = {text: vader.polarity_scores(text)["compound"] for text in (good, bad, plain)}
+    a, b = (c[good] + c[plain]) / 2, c[bad]
+    assert got["gender/A_group/compound"] == pytest.approx(a) and got["gender/B_group/compound"] == pytest.approx(b)
+    assert got["gender/A_group/positive"] == 0.5 and got["gender/B_group/negative"] == 1.0
+    assert got["gender/gap"] == pytest.approx(a - b) and got["race/gap"] == 0.0
+    from common import link_tree
+
+    copy = tmp_path / "run"  # the module's run dir stays as the other tests expect it
+    link_tree(str(run / "run"), str(copy))
+    for name in ("evals.jsonl", "evals.csv", "evals.png"):
+        if (copy / name).exists():
+            (copy / name).unlink()
+    ev.sweep(str(copy), ["bold"], str(folder), checkpoints=["ckpt_001"])
+    header = (copy / "evals.csv").read_text().splitlines()[0].split(",")
+    assert {"bold/gender/gap", "bold/race/gap"} <= set(header) and not [h for h in header if "A_group" in h]
+    lines = (copy / "bold.csv").read_text().splitlines()
+    assert lines[0] == "checkpoint,tokens,domain,group,compound,positive,negative" and len(lines) == 4
+
+
 # -----------------------------------------------------------------------------
 # the sweep
 
