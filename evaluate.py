@@ -20,8 +20,10 @@ With lm_eval installed, `import evaluate; evaluate.register_lm_eval()` registers
 model "llm360" (model_args="checkpoint=PATH"), to run any harness task.
 """
 
+import difflib
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
@@ -426,7 +428,8 @@ def pass_at_k(n, c, k):
 
 
 def evaluate_checkpoint(model, tok, info, task, task_dir, *, limit=None, text=None,
-                        allow_code_execution=False, samples=1, temperature=0.8):
+                        allow_code_execution=False, samples=1, temperature=0.8,
+                        lm_eval_tasks_dir=None):
     """[{metric, value, n, task_sha256, items}] of one task on one model (items: each row's value,
     for the multiple-choice and code tasks)."""
     if task == "ppl":
@@ -443,6 +446,10 @@ def evaluate_checkpoint(model, tok, info, task, task_dir, *, limit=None, text=No
         sha = data.manifest_sha256(info["data_dir"])
         return [{"metric": f"ppl/{k}", "value": ppl, "n": None, "task_sha256": sha}
                 for k, (_, ppl) in res.items()]
+    if task.startswith("lm_eval:"):  # any task of lm-evaluation-harness, by name
+        sha = harness_sha(task[8:], lm_eval_tasks_dir)
+        return [r | {"task_sha256": sha}
+                for r in harness_task(model, tok, task[8:], lm_eval_tasks_dir)]
     docs, shots, sha = load_task(task_dir, task)
     docs = docs[:limit] if limit else docs
     if task == "bold":  # greedy continuations scored by VADER (bold.py)
@@ -477,7 +484,8 @@ def mean_stderr(values):
 
 
 def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=None, device="cpu",
-          rank=0, world_size=1, allow_code_execution=False, samples=1, temperature=0.8):
+          rank=0, world_size=1, allow_code_execution=False, samples=1, temperature=0.8,
+          lm_eval_tasks_dir=None):
     """Evaluate every checkpoint x task not yet in RUN_DIR/evals.jsonl; return all rows.
 
     Under torchrun, rank r takes checkpoints r, r + world_size, ... Each rank appends its
@@ -485,6 +493,9 @@ def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=N
     done); at the end rank 0 moves them into evals.jsonl in checkpoint, then task order,
     so the file is the same whatever the number of ranks."""
     for task in tasks:
+        if task.startswith("lm_eval:"):
+            harness_config(task[8:], lm_eval_tasks_dir)  # an unknown name stops here
+            continue
         if task not in ("ppl", "humaneval", "mbpp", "bold") and task not in FEWSHOT:
             raise EvalError(f"unknown task {task!r}; known: ppl, {', '.join(FEWSHOT)}, humaneval, "
                             "mbpp, bold")
@@ -511,7 +522,8 @@ def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=N
         try:
             _sweep_checkpoint(path, tasks, task_dir, limit=limit, text=text, device=device,
                               done=done, mine=mine, allow_code_execution=allow_code_execution,
-                              samples=samples, temperature=temperature)
+                              samples=samples, temperature=temperature,
+                              lm_eval_tasks_dir=lm_eval_tasks_dir)
         # a damaged checkpoint stops nothing else: it is named at the end
         except checkpoint.CheckpointError as e:
             if len(paths) == 1:
@@ -529,14 +541,16 @@ def sweep(run_dir, tasks, task_dir=None, *, checkpoints=None, limit=None, text=N
 
 
 def _sweep_checkpoint(path, tasks, task_dir, *, limit, text, device, done, mine,
-                      allow_code_execution, samples, temperature):
+                      allow_code_execution, samples, temperature, lm_eval_tasks_dir):
     """The tasks of one checkpoint that are not done, appended to the rank's file."""
     name = os.path.basename(os.path.normpath(path))
     model = tok = None
     # no weights read: a rerun over 360 done checkpoints loads none
     info = checkpoint.identity(path)
     for task in tasks:
-        if task != "ppl":
+        if task.startswith("lm_eval:"):
+            sha = harness_sha(task[8:], lm_eval_tasks_dir)
+        elif task != "ppl":
             sha = load_task(task_dir, task)[2]
         elif text:
             sha = sha256_file(text)
@@ -554,7 +568,7 @@ def _sweep_checkpoint(path, tasks, task_dir, *, limit, text, device, done, mine,
             model, tok, info = checkpoint.load(path, device)
         rows = evaluate_checkpoint(model, tok, info, task, task_dir, limit=limit, text=text,
                                    allow_code_execution=allow_code_execution, samples=samples,
-                                   temperature=temperature)
+                                   temperature=temperature, lm_eval_tasks_dir=lm_eval_tasks_dir)
         with open(mine, "a") as f:
             for r in rows:
                 f.write(json.dumps({"checkpoint": name, "step": info["step"],
@@ -667,9 +681,9 @@ def register_lm_eval():
 
     @register_model("llm360")
     class LLM360LM(LM):
-        def __init__(self, checkpoint, device="cpu", **kwargs):
-            super().__init__()
-            self.model, self.tok, _ = load(checkpoint, device)
+        def __init__(self, checkpoint=None, device="cpu", loaded=None, **kwargs):
+            super().__init__()  # loaded: (model, tokenizer) already in memory (the sweep's)
+            self.model, self.tok = loaded or load(checkpoint, device)[:2]
 
         def loglikelihood(self, requests, disable_tqdm=False):
             return loglikelihoods(self.model, self.tok, [r.args for r in requests])
@@ -688,6 +702,64 @@ def register_lm_eval():
     return LLM360LM
 
 
+@functools.cache
+def harness_manager(tasks_dir):
+    """lm_eval's TaskManager over its own tasks and the YAMLs of tasks_dir (its include_path),
+    built once a process: it indexes thousands of YAML files."""
+    register_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=tasks_dir) if tasks_dir else TaskManager()
+
+
+def harness_config(name, tasks_dir):
+    """(the TaskManager, the resolved config of its task `name`)."""
+    manager = harness_manager(tasks_dir)
+    entry = manager.task_index.get(name)
+    if entry is None or entry.cfg is None:
+        close = difflib.get_close_matches(name, list(manager.task_index), n=3)
+        raise EvalError(f"lm_eval:{name}: no such task of lm-evaluation-harness"
+                        + (f"; did you mean {', '.join(close)}?" if close else ""))
+    return manager, entry.cfg
+
+
+def harness_sha(name, tasks_dir):
+    """sha256 of what a harness task's scores depend on: its resolved config, and the local
+    data files it names (a task whose dataset_path points at files of one's own)."""
+    cfg = harness_config(name, tasks_dir)[1]
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
+    files = (cfg.get("dataset_kwargs") or {}).get("data_files") or {}
+    for path in sorted(files.values() if isinstance(files, dict) else [files]):
+        if isinstance(path, str) and os.path.isfile(path):
+            h.update(sha256_file(path).encode())
+    return h.hexdigest()
+
+
+def harness_task(model, tok, name, tasks_dir):
+    """Result rows of a task of lm-evaluation-harness, scored by simple_evaluate through the
+    adapter on the model in memory: its metrics with the harness's standard errors (100
+    bootstrap iterations where it bootstraps), and each document's value as items."""
+    import lm_eval
+
+    manager, _ = harness_config(name, tasks_dir)
+    out = lm_eval.simple_evaluate(model=register_lm_eval()(loaded=(model, tok)), tasks=[name],
+                                  task_manager=manager, log_samples=True, bootstrap_iters=100)
+    results = out["results"][name]
+    samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+    rows = []
+    for key, value in results.items():
+        metric, _, kind = key.partition(",")
+        if metric.endswith("_stderr") or isinstance(value, (str, bool)) or not kind:
+            continue
+        stderr = results.get(f"{metric}_stderr,{kind}")
+        rows.append({"metric": metric if kind == "none" else f"{metric},{kind}",
+                     "value": float(value), "n": len(samples),
+                     "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                     "items": [float(s[metric]) for s in samples] if samples
+                     and isinstance(samples[0].get(metric), (int, float)) else None})
+    return rows
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -701,12 +773,14 @@ def main(argv):
     if not argv or argv[0].startswith("--"):
         sys.exit("usage: python evaluate.py RUN_DIR --tasks=ppl,arc_challenge,... [--task_dir=DIR] "
                  "[--checkpoints=a,b] [--limit=N] [--text=FILE] [--device=cpu] "
-                 "[--allow_code_execution=True] [--samples=N --temperature=0.8]")
+                 "[--allow_code_execution=True] [--samples=N --temperature=0.8] "
+                 "[--lm_eval_tasks_dir=DIR]   (--tasks=lm_eval:NAME: any harness task)")
     with one_line_errors():
         opts = parse_options(argv[1:], {"tasks": str, "task_dir": str, "checkpoints": str,
                                         "limit": str, "text": str, "device": torch_device,
                                         "allow_code_execution": as_bool, "samples": int,
-                                        "temperature": float}, EvalError)
+                                        "temperature": float, "lm_eval_tasks_dir": str},
+                             EvalError)
         # one process: rank 0 of 1, on a GPU if there is one
         rank, world_size, device = init_distributed()
         sweep(argv[0], opts.get("tasks", "ppl").split(","), opts.get("task_dir"),
@@ -714,7 +788,8 @@ def main(argv):
               limit=_whole_number(opts["limit"], "--limit") if "limit" in opts else None,
               text=opts.get("text"), device=opts.get("device", device), rank=rank,
               world_size=world_size, allow_code_execution=opts.get("allow_code_execution", False),
-              samples=opts.get("samples", 1), temperature=opts.get("temperature", 0.8))
+              samples=opts.get("samples", 1), temperature=opts.get("temperature", 0.8),
+              lm_eval_tasks_dir=opts.get("lm_eval_tasks_dir"))
 
 
 if __name__ == "__main__":

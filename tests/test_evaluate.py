@@ -262,6 +262,42 @@ def test_pass_at_k_is_the_unbiased_estimator_over_sampled_answers(run, monkeypat
     assert len(set(seeds)) == 30 and {t for t, _ in seeds} == {0.6}
 
 
+def test_any_harness_task_sweeps_with_the_harness_scores(run, tmp_path, monkeypatch):
+    """--tasks=lm_eval:NAME with --lm_eval_tasks_dir: a task YAML of our own whose dataset_path
+    points at invented rows; the sweep's values, standard errors and per-document items equal
+    lm_eval's own simple_evaluate through the adapter, land in evals.csv, and a rerun scores
+    nothing again."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from common import link_tree
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tasks = make_tasks(tmp_path / "tasks")
+    name = local_harness_task(tasks, "arc_challenge")
+    copy = tmp_path / "run"
+    link_tree(str(run / "run"), str(copy))
+    for f in ("evals.jsonl", "evals.csv", "evals.png"):
+        if (copy / f).exists():
+            (copy / f).unlink()
+    rows = ev.sweep(str(copy), [f"lm_eval:{name}"], checkpoints=["ckpt_001"], lm_eval_tasks_dir=str(tasks))
+    lm = ev.register_lm_eval()(checkpoint=str(run / "run" / "ckpt_001"))
+    out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=TaskManager(include_path=str(tasks)),
+                                  log_samples=True, bootstrap_iters=100)
+    theirs = out["results"][name]
+    got = {r["metric"]: r for r in rows}
+    assert set(got) == {"acc", "acc_norm"}
+    for metric in got:
+        assert got[metric]["value"] == pytest.approx(theirs[f"{metric},none"], abs=1e-9)
+        assert got[metric]["stderr"] == pytest.approx(theirs[f"{metric}_stderr,none"], abs=1e-9)
+    items = next(json.loads(line) for line in open(copy / "evals.jsonl"))["items"]
+    assert items == [s["acc"] for s in sorted(out["samples"][name], key=lambda s: s["doc_id"])]
+    assert f"lm_eval:{name}/acc" in (copy / "evals.csv").read_text().splitlines()[0].split(",")
+    monkeypatch.setattr(ev, "harness_task", lambda *a, **k: pytest.fail("a cached result was scored again"))
+    ev.sweep(str(copy), [f"lm_eval:{name}"], checkpoints=["ckpt_001"], lm_eval_tasks_dir=str(tasks))
+
+
 def test_bold_scores_the_continuations_sentiment_per_group(run, tmp_path, monkeypatch):
     """BOLD on invented prompts whose continuations are known: each group's mean VADER compound
     and its positive / negative shares equal VADER's own scores of the continuations (cut at
