@@ -7,6 +7,9 @@ drawn again at any time:
     python plot.py RUN_DIR RUN_DIR ... [--out_dir=DIR]
                                   compare.png and compare.csv: runs on one token axis
                                   (a trunk and its branches), each branch point marked
+    python plot.py NAME=DIR,DIR,... NAME=DIR,DIR,... [--out_dir=DIR]
+                                  arms.png and arms.csv: replicated runs per arm (seeds),
+                                  each arm's mean and spread, differences with their errors
 
     training.png              loss and validation loss, learning rate, gradient norm and
                               tokens/s against tokens seen (train.py redraws it at every
@@ -393,6 +396,57 @@ def plot_compare(run_dirs, out_dir):
     return [header] + rows
 
 
+def plot_arms(arms, out_dir):
+    """arms.png and arms.csv: replicated runs per arm ({name: [run dirs]}), each validation
+    loss at the first run's validation points (interpolated as in compare.csv), as the arm's
+    mean with one sample standard deviation either side. Returns the table: per key the
+    arms' mean +- std at the last common point, and each arm's difference from the first
+    arm with its standard error (sqrt(s1^2/n1 + s2^2/n2))."""
+    series = {name: [read_metrics(d)[1] for d in dirs] for name, dirs in arms.items()}
+    first = next(iter(series.values()))[0]
+    points = np.array(first.get("val_loss", ([], []))[0], dtype=float)
+    keys = sorted({k for runs in series.values() for val in runs for k in val},
+                  key=lambda k: (k != "val_loss", k))
+    stats = {}  # (arm, key) -> (mean, std, n) arrays over the points
+    for name, runs in series.items():
+        for k in keys:
+            ys = np.array([[np.interp(t, *val[k]) if k in val and val[k][0][0] <= t <= val[k][0][-1]
+                            else np.nan for t in points] for val in runs])
+            n = (~np.isnan(ys)).sum(0)
+            std = np.nanstd(ys, 0, ddof=1) if len(runs) > 1 else np.zeros(len(points))
+            stats[name, k] = (np.nanmean(ys, 0), std, n)
+    fig, axes = new_figure(1, len(keys), (4.2 * len(keys), 3))
+    for ax, k in zip(axes[0], keys):
+        for i, name in enumerate(arms):
+            mean, std, n = stats[name, k]
+            ax.plot(points, mean, "o-", ms=3, color=f"C{i}", label=f"{name} (n={len(arms[name])})")
+            ax.fill_between(points, mean - std, mean + std, color=f"C{i}", alpha=0.2)
+        ax.set_title(k.replace("val_loss/", "validation loss, "), fontsize=9)
+        ax.set_xlabel("tokens seen", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(out_dir, exist_ok=True)
+    save_figure(fig, os.path.join(out_dir, "arms.png"), dpi=90)
+    lines = [",".join(["tokens"] + [f"{a}:{k}:{s}" for a in arms for k in keys
+                                    for s in ("mean", "std", "n")])]
+    lines += [",".join([str(int(t))] + [f"{stats[a, k][j][p]:.6f}" for a in arms for k in keys
+                                        for j in range(3)]) for p, t in enumerate(points)]
+    atomic_write(os.path.join(out_dir, "arms.csv"),
+                 lambda tmp: open(tmp, "w").write("\n".join(lines) + "\n"))
+    last = int(np.max(np.nonzero(np.all([~np.isnan(stats[a, "val_loss"][0]) for a in arms], 0))))
+    base = next(iter(arms))
+    table = [["key"] + [f"{a} mean +- std" for a in arms]
+             + [f"{a} - {base} +- se" for a in list(arms)[1:]]]
+    for k in keys:
+        m0, s0, n0 = (v[last] for v in stats[base, k])
+        row = [k] + [f"{stats[a, k][0][last]:.4f} +- {stats[a, k][1][last]:.4f}" for a in arms]
+        for a in list(arms)[1:]:
+            m, s, n = (v[last] for v in stats[a, k])
+            row.append(f"{m - m0:+.4f} +- {np.sqrt(s ** 2 / n + s0 ** 2 / n0):.4f}")
+        table.append(row)
+    return table
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -401,16 +455,27 @@ def main(argv):
     if not runs:
         sys.exit("usage: python plot.py RUN_DIR                 redraws the figures of a run from "
                  "its files\n       python plot.py RUN_DIR RUN_DIR ... [--out_dir=DIR]   "
-                 "compare.png and compare.csv of runs (default DIR: compare/ beside the first run)")
+                 "compare.png and compare.csv of runs (default DIR: compare/ beside the first run)"
+                 "\n       python plot.py NAME=DIR,DIR,... NAME=DIR,DIR,... [--out_dir=DIR]   "
+                 "arms.png and arms.csv: replicated runs per arm, mean and spread")
     with one_line_errors():
         opts = parse_options([a for a in argv if a.startswith("--")], {"out_dir"})
-        missing = [r for r in runs if not os.path.isdir(r)]
+        missing = [d for r in runs for d in r.split("=", 1)[-1].split(",") if not os.path.isdir(d)]
         if missing:
             raise UserError(f"{missing[0]}: no such run dir; give the out_dir of a train.py run")
         _draw(runs, opts)
 
 
 def _draw(runs, opts):
+    if any("=" in r for r in runs):  # arms of replicated runs: NAME=DIR,DIR,...
+        arms = {r.split("=", 1)[0]: r.split("=", 1)[1].split(",") for r in runs}
+        out = opts.get("out_dir") or os.path.join(os.path.dirname(os.path.normpath(
+            next(iter(arms.values()))[0])), "arms")
+        table = plot_arms(arms, out)
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        print("\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in table))
+        print(f"wrote {out}/arms.png and arms.csv")
+        return
     if len(runs) > 1:
         out = opts.get("out_dir") or os.path.join(os.path.dirname(os.path.normpath(runs[0])),
                                                   "compare")
