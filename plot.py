@@ -349,9 +349,11 @@ def plot_compare(run_dirs, out_dir):
         if os.path.exists(os.path.join(d, "evals.csv")):
             header, *rows = _read_csv(os.path.join(d, "evals.csv"))
             for j, key in enumerate(header[2:]):
-                if not key.endswith(":stderr"):
-                    evals.setdefault(key, {})[d] = [(_number(r[1]), float(r[2 + j]))
-                                                    for r in rows if r[2 + j]]
+                if not key.endswith(":stderr"):  # (tokens, value, its standard error)
+                    e = header.index(f"{key}:stderr") if f"{key}:stderr" in header else None
+                    evals.setdefault(key, {})[d] = [
+                        (_number(r[1]), float(r[2 + j]), _number(r[e]) if e else math.nan)
+                        for r in rows if r[2 + j]]
     panels = ["loss", *val_keys, "lr", *evals]
     cols = 3
     fig, axes = new_figure(-(-len(panels) // cols), cols, (4.2 * cols, 3 * -(-len(panels) // cols)))
@@ -364,7 +366,9 @@ def plot_compare(run_dirs, out_dir):
             elif key in val:
                 ax.plot(*val[key], "o-", ms=3, color=color, label=name)
             elif key in evals and run_dirs[i] in evals[key]:
-                ax.plot(*zip(*evals[key][run_dirs[i]]), "s-", ms=3, color=color, label=name)
+                x, y, err = (np.array(v) for v in zip(*evals[key][run_dirs[i]]))
+                ax.plot(x, y, "s-", ms=3, color=color, label=name)
+                ax.fill_between(x, y - err, y + err, color=color, alpha=0.2)  # one stderr
             if at is not None:
                 ax.axvline(at, ls=":", lw=0.8, color=color)
         ax.set_title({"loss": "training loss", "lr": "learning rate", "val_loss": "validation loss "

@@ -62,3 +62,9 @@ def test_arms_of_replicated_runs_give_mean_spread_and_differences_with_errors(tm
     header, first, last = (tmp_path / "out" / "arms.csv").read_text().splitlines()
     assert header.startswith("tokens,base:val_loss:mean,base:val_loss:std,base:val_loss:n")
     assert last.startswith("200,3.200000,") and (tmp_path / "out" / "arms.png").exists()
+    # compare.png draws evals.csv's standard errors as bands, and leaves their columns out
+    for d in (arms["base"][0], arms["books"][0]):
+        (tmp_path / d / "evals.csv").write_text("checkpoint,tokens,arc_challenge/acc,arc_challenge/acc:stderr\n"
+                                                "ckpt_000,100,0.25,0.04\nckpt_001,200,0.3,0.05\n")
+    plot.plot_compare([arms["base"][0], arms["books"][0]], str(tmp_path / "cmp"))
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 0
