@@ -49,6 +49,7 @@ from model import Transformer
 from model_config import hf_config
 
 CARD_FIGURES = [("logs/training.png", "training"), ("evals/evals.png", "evaluations over training"),
+                ("evals/emergence.png", "items learned over training (emergence.py)"),
                 ("dynamics/dynamics.png", "the weights over the checkpoints (dynamics.py)"),
                 ("dynamics/spikes.png", "loss spikes (spikes.py)"),
                 ("memorization/*/scores.png", "memorization scores"),
@@ -164,7 +165,7 @@ def release(run_dir, out_dir=None):
         if os.path.exists(os.path.join(run_dir, f)):
             copied += link(os.path.join(run_dir, f), os.path.join(logs, f))
     for f in ("evals.jsonl", "evals.csv", "evals.png", "contamination.csv",
-              "contamination_rows.jsonl"):
+              "contamination_rows.jsonl", "emergence.csv", "emergence.png", "bold.csv"):
         if os.path.exists(os.path.join(run_dir, f)):
             copied += link(os.path.join(run_dir, f), os.path.join(out_dir, "evals", f))
     for f in ("dynamics.csv", "dynamics.png", "spikes.csv", "spikes.png"):
