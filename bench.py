@@ -750,13 +750,7 @@ def bench_layers(cfg, rounds=7, steps=5):
     device = torch.device("cpu")
     model = build_model(cfg, device, torch.float32, fsdp=False)
     speed_up(model, cfg, device)
-    groups = model.param_groups(cfg.weight_decay)
-    run = step.Run(cfg=cfg, rank=0, world_size=1, device=device, fsdp=False, autocast=nullcontext(),
-                   log=None, dirs=[], table=[], raw_model=model, model=model,
-                   optimizer=step.make_optimizer(groups, cfg, device),
-                   params=[p for g in groups for p in g["params"]], ref_model=None,
-                   objective=step.lm_objective, stat_names=(),
-                   accum=cfg.global_batch_size // cfg.micro_batch_size, total_steps=1, peak=None)
+    run = step.one_process_run(cfg, model, device, nullcontext())
     ids = torch.randint(0, cfg.model.vocab_size, (cfg.micro_batch_size, cfg.seq_len + 1))
     batches = iter(lambda: (ids[:, :-1], ids[:, 1:]), None)
     times = {False: [], True: []}

@@ -72,11 +72,16 @@ def detect(records, window=50, z=8.0, min_rise=0.1):
     return [(records[i], score) for i, score in sorted(found.items())]
 
 
+KEPT = ("step", "pos", "chunk", "chunk_step", "loss", "grad_norm", "lr")
+
+
 def training_records(run_dir):
+    """metrics.jsonl's training steps, read a line at a time, each kept with KEPT only (AMBER
+    logs 300k steps, with per-layer norms on some)."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise SpikeError(f"{path} not found: give the run dir of a train.py run")
-    return [r for r in iter_jsonl(path) if "loss" in r]
+    return [{k: r[k] for k in KEPT} for r in iter_jsonl(path) if "loss" in r]
 
 
 # -----------------------------------------------------------------------------
@@ -107,24 +112,17 @@ def replay_run(run_dir, record):
     device = torch.device("cpu")
     dtype = getattr(torch, info.get("dtype", "float32"))
     model = build_model(cfg, device, dtype, fsdp=False)
-    groups = model.param_groups(cfg.weight_decay)
-    optimizer = step.make_optimizer(groups, cfg, device)
-    start = checkpoint_before(run_dir, record)
-    if start:
-        checkpoint.load_checkpoint(start, model, optimizer, 0, False)
-    speed_up(model, cfg, device)
     dirs = data.stage_dirs(cfg)
     table = data.chunk_table(dirs)
-    data_dir, manifest, local = table[record["chunk"]]
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+    start = checkpoint_before(run_dir, record)
     state = checkpoint.read_state(start) if start else runstate.new_state(cfg, table, None)
-    run = step.Run(cfg=cfg, rank=0, world_size=1, device=device, fsdp=False, autocast=autocast,
-                    log=None, dirs=dirs, table=table, raw_model=model, model=model,
-                    optimizer=optimizer, params=[p for g in groups for p in g["params"]],
-                    ref_model=None, objective=step.lm_objective, stat_names=(),
-                    accum=cfg.global_batch_size // cfg.micro_batch_size,
-                    total_steps=state["total_steps"],
-                    peak=None)
+    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+    run = step.one_process_run(cfg, model, device, autocast, dirs=dirs, table=table,
+                               total_steps=state["total_steps"])
+    if start:
+        checkpoint.load_checkpoint(start, model, run.optimizer, 0, False)
+    speed_up(model, cfg, device)
+    data_dir, manifest, local = table[record["chunk"]]
     reader = data.ChunkReader(data_dir, local, cfg.seed, cfg.global_batch_size,
                               cfg.micro_batch_size, manifest=manifest)
     return run, reader, data_dir, manifest
@@ -169,11 +167,10 @@ def occurrences(run_dir, rows):
     return [found.count(r) for r in rows]
 
 
-def replay(run_dir, record):
+def replay(run_dir, record, logged):
     """(replayed losses of the chunk's steps before the spike and of the spike, the rows of
-    the spike's step ranked by their share of its gradient)."""
+    the spike's step ranked by their share of its gradient). logged: {step: logged loss}."""
     run, reader, data_dir, manifest = replay_run(run_dir, record)
-    logged = {r["step"]: r["loss"] for r in training_records(run_dir)}
     first = record["step"] - record["chunk_step"]  # steps done when the chunk began
     replayed = {}
     for s in range(first, record["step"] - 1):
@@ -198,11 +195,12 @@ def replay(run_dir, record):
 def run(run_dir, *, window=50, z=8.0, min_rise=0.1, max_spikes=5):
     """spikes.csv and spikes.png of a run; returns the spikes found [(record, score)]."""
     records = training_records(run_dir)
+    logged = {r["step"]: r["loss"] for r in records}
     found = detect(records, window, z, min_rise)
     chosen = sorted(sorted(found, key=lambda t: -t[1])[:max_spikes], key=lambda t: t[0]["step"])
     lines = []
     for record, score in chosen:
-        replayed, worst, rows = replay(run_dir, record)
+        replayed, worst, rows = replay(run_dir, record, logged)
         print(f"step {record['step']} (chunk {record['chunk']}, its step {record['chunk_step']}):"
               f" loss {record['loss']:.4f}, grad norm {record['grad_norm']:.3f}, "
               f"{score:.1f} robust std above the {window} steps before; replayed "

@@ -141,6 +141,19 @@ class Run:
     peak: float  # FLOP/s of one device in the run's dtype, for MFU
 
 
+def one_process_run(cfg, model, device, autocast, *, dirs=(), table=(), total_steps=1):
+    """A Run of one process, no log and no wrapper, training `model` with AdamW and the
+    next-token loss as train.py does: what spikes.py replays and bench.py times."""
+    groups = model.param_groups(cfg.weight_decay)
+    return Run(cfg=cfg, rank=0, world_size=1, device=device, fsdp=False, autocast=autocast,
+               log=None, dirs=list(dirs), table=list(table), raw_model=model, model=model,
+               optimizer=make_optimizer(groups, cfg, device),
+               params=[p for g in groups for p in g["params"]], ref_model=None,
+               objective=lm_objective, stat_names=(),
+               accum=cfg.global_batch_size // cfg.micro_batch_size, total_steps=total_steps,
+               peak=None)
+
+
 def train_step(run, reader, lr, layers=False):
     """One optimizer step at learning rate lr: accum micro-batches, the true global gradient
     norm (DTensor-aware under FSDP), clipped when grad_clip > 0, then AdamW. Returns (loss,
